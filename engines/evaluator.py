@@ -1,0 +1,95 @@
+"""
+The one val_bpb evaluator. Every engine and every run scores the same fixed
+val rows (prepared once, verified by sha256) with the same host arithmetic:
+
+    val_bpb = sum(nats over target tokens with bytes > 0) / (ln 2 * sum(bytes of those tokens))
+
+The model only ever sees inputs x; the engine adapter (fixed code) turns its
+logits into nats against targets the model never receives.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+EVALUATOR_VERSION = 1
+
+LogitsFn = Callable[[Any], Any]   # device int array (B, T) -> logits (B, T, V)
+
+
+@dataclass
+class EvalResult:
+    val_bpb: float
+    nats: float
+    bytes: int
+    tokens: int
+    seconds: float
+
+
+class CausalityError(Exception):
+    """The model's logits at position t depend on tokens after t."""
+
+
+def bpb_from_sums(nats: float, nbytes: int) -> float:
+    return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
+
+
+def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray | None = None,
+                 token_bytes: np.ndarray | None = None) -> EvalResult:
+    """Scores every fixed val row once. The last batch is padded with copies of row 0
+    (and ignored) so compiled models see one shape."""
+    if rows is None or token_bytes is None:
+        from prepare import PreparedData
+        data = PreparedData.open()
+        rows = data.val_rows() if rows is None else rows
+        token_bytes = data.token_bytes() if token_bytes is None else token_bytes
+    t0 = time.perf_counter()
+    total_nats, total_bytes, total_tokens = 0.0, 0, 0
+    n = rows.shape[0]
+    batch_size = max(1, min(batch_size, n))
+    for start in range(0, n, batch_size):
+        batch = rows[start:start + batch_size]
+        real = batch.shape[0]
+        if real < batch_size:
+            batch = np.concatenate([batch, np.repeat(rows[:1], batch_size - real, axis=0)])
+        x = np.ascontiguousarray(batch[:, :-1])
+        y = np.ascontiguousarray(batch[:real, 1:])
+        logits = logits_fn(engine.to_device(x))
+        nats = engine.token_nats(logits[:real] if real < batch_size else logits, y).astype(np.float64)
+        nbytes = token_bytes[y].astype(np.int64)
+        mask = nbytes > 0
+        if not np.all(np.isfinite(nats[mask])):
+            return EvalResult(float("nan"), float("nan"), int(nbytes.sum()), total_tokens, time.perf_counter() - t0)
+        total_nats += float(nats[mask].sum())
+        total_bytes += int(nbytes.sum())
+        total_tokens += int(mask.sum())
+    return EvalResult(bpb_from_sums(total_nats, total_bytes), total_nats, total_bytes, total_tokens,
+                      time.perf_counter() - t0)
+
+
+def check_causality(engine, logits_fn: LogitsFn, rows: np.ndarray, batch_size: int,
+                    vocab_size: int, seed: int = 0) -> float:
+    """
+    Changes every token after a cut position and requires the logits up to the
+    cut to stay the same. A model that looks ahead (say, a missing causal mask)
+    raises CausalityError. Returns the largest prefix change seen.
+    """
+    rng = np.random.default_rng(seed)
+    take = rows[np.arange(batch_size) % rows.shape[0], :-1].astype(np.int32)
+    T = take.shape[1]
+    cut = max(1, T // 2)
+    altered = take.copy()
+    altered[:, cut:] = rng.integers(0, vocab_size, size=altered[:, cut:].shape, dtype=np.int32)
+    a = engine.to_numpy(logits_fn(engine.to_device(take)))[:, :cut].astype(np.float64)
+    b = engine.to_numpy(logits_fn(engine.to_device(altered)))[:, :cut].astype(np.float64)
+    diff = float(np.max(np.abs(a - b)))
+    tol = 1e-2 * (1.0 + float(np.max(np.abs(a))))
+    if not np.isfinite(diff) or diff > tol:
+        raise CausalityError(f"logits before position {cut} changed by {diff:.3g} when later tokens changed "
+                             f"(tolerance {tol:.3g}): the model looks ahead")
+    return diff

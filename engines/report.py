@@ -1,0 +1,54 @@
+"""End-of-run summary in upstream's format, plus the machine-readable result JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+SUMMARY_FIELDS = [
+    ("val_bpb", "{:.6f}"),
+    ("training_seconds", "{:.1f}"),
+    ("total_seconds", "{:.1f}"),
+    ("peak_vram_mb", "{:.1f}"),
+    ("mfu_percent", "{:.2f}"),
+    ("total_tokens_M", "{:.1f}"),
+    ("num_steps", "{}"),
+    ("num_params_M", "{:.1f}"),
+    ("depth", "{}"),
+]
+
+
+def summary_text(result: dict) -> str:
+    """The block agents written for upstream grep: `grep "^val_bpb:" run.log`."""
+    lines = ["---"]
+    for name, fmt in SUMMARY_FIELDS:
+        value = result.get(name)
+        text = "nan" if value is None else fmt.format(value)
+        lines.append(f"{name + ':':<18}{text}")
+    return "\n".join(lines)
+
+
+def atomic_write_json(path: Path | str, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=float)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def finish(result: dict) -> dict:
+    """Prints the summary and, when the harness asked for one ($ARUN_RESULT_JSON), writes the result JSON."""
+    print(summary_text(result), flush=True)
+    path = os.environ.get("ARUN_RESULT_JSON")
+    if path:
+        atomic_write_json(path, result)
+    return result
