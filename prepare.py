@@ -77,6 +77,8 @@ CLIMBMIX_VAL_SHARD = CLIMBMIX_MAX_SHARD        # pinned validation shard, as ups
 TINYSTORIES_REPO = "karpathy/tinystories-gpt4-clean"
 TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
 TINYSTORIES_VAL_DOCS = 120_000                 # the first stories are validation, pinned
+DOWNLOAD_ATTEMPTS = 5                          # per file, with exponential backoff between tries
+DOWNLOAD_BACKOFF = 1.0                         # seconds before the second try
 
 
 class PrepareError(Exception):
@@ -150,7 +152,8 @@ def _hub_files(repo: str, files: list[str], dest: Path, workers: int) -> list[Pa
     dest.mkdir(parents=True, exist_ok=True)
     jobs = [(hf_dataset_url(repo, f), dest / f) for f in files]
     try:
-        return download_many(jobs, workers=workers, validate=validate_parquet)
+        return download_many(jobs, workers=workers, validate=validate_parquet,
+                             attempts=DOWNLOAD_ATTEMPTS, backoff=DOWNLOAD_BACKOFF)
     except DownloadError as e:
         raise PrepareError(str(e)) from e
 
