@@ -1,0 +1,136 @@
+"""
+The append-only experiment ledger, bench/<tag>/ledger.jsonl.
+
+Every append is one write() of one line under an exclusive flock, followed by
+fsync, so two processes never interleave and a completed record is on disk.
+A writer killed mid-line leaves a torn tail; the next append cuts it off
+(keeping the bytes in ledger.jsonl.torn) before writing. Readers skip lines
+that do not parse rather than fail.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from arun.errors import ArunError
+
+
+def new_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def ledger_path(repo_dir: Path | str, tag: str) -> Path:
+    return Path(repo_dir) / "bench" / tag / "ledger.jsonl"
+
+
+def _warn(msg: str) -> None:
+    print(f"arun: {msg}", file=sys.stderr)
+
+
+def parse_lines(text: str, source: str) -> list[dict]:
+    records, bad = [], 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        _warn(f"{source}: skipped {bad} unreadable line(s)")
+    return records
+
+
+class Ledger:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return parse_lines(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path))
+
+    def _repair(self, fd: int) -> None:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return
+        tail_len = min(size, 1 << 16)
+        os.lseek(fd, size - tail_len, os.SEEK_SET)
+        tail = os.read(fd, tail_len)
+        if tail.endswith(b"\n"):
+            return
+        cut = tail.rfind(b"\n")
+        keep = size - tail_len + cut + 1 if cut >= 0 else 0
+        torn = tail[cut + 1:] if cut >= 0 else tail
+        with open(self.path.with_name(self.path.name + ".torn"), "ab") as f:
+            f.write(torn + b"\n")
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        _warn(f"{self.path}: repaired a torn last line ({len(torn)} bytes) left by a killed writer")
+
+    def append(self, record: dict) -> dict:
+        record = dict(record)
+        record.setdefault("id", new_id())
+        record.setdefault("time", now_iso())
+        line = (json.dumps(record, default=str) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._repair(fd)
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, size)  # never leave half a record
+                why = "disk full" if e.errno == errno.ENOSPC else e.strerror
+                raise ArunError(f"could not write {self.path} ({why}); free space and rerun, the ledger is unchanged") from e
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return record
+
+
+def ledgers_in(repo_dir: Path | str) -> list[Path]:
+    return sorted((Path(repo_dir) / "bench").glob("*/ledger.jsonl"))
+
+
+def all_records(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) -> list[dict]:
+    """Every record under bench/, plus those in bench/*/ledger.jsonl on the given git refs (deduplicated by id)."""
+    seen: dict[str, dict] = {}
+    for path in ledgers_in(repo_dir):
+        for rec in Ledger(path).records():
+            seen.setdefault(rec.get("id") or json.dumps(rec, sort_keys=True), rec)
+    for ref in refs:
+        try:
+            names = subprocess.run(["git", "ls-tree", "-r", "--name-only", ref, "--", "bench"], cwd=repo_dir,
+                                   capture_output=True, text=True, check=True).stdout.split()
+        except subprocess.CalledProcessError as e:
+            raise ArunError(f"git ref {ref!r} not found ({e.stderr.strip()}); fetch it first, e.g. git fetch origin") from e
+        for name in names:
+            if name.endswith("/ledger.jsonl"):
+                text = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=repo_dir, capture_output=True,
+                                      text=True, check=True).stdout
+                for rec in parse_lines(text, f"{ref}:{name}"):
+                    seen.setdefault(rec.get("id") or json.dumps(rec, sort_keys=True), rec)
+    return sorted(seen.values(), key=lambda r: (r.get("time", ""), r.get("id", "")))
