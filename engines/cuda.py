@@ -7,105 +7,161 @@ for CUDA on a machine without it is an error that says what was found.
 from __future__ import annotations
 
 import os
+import re
 import resource
+import subprocess
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
 
 from engines.hardware import Hardware, cpu_count, cpu_model, slug, total_memory_gb
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, matched on the device name.
+INSTALL_HINT = "pip install 'arun[cuda]'"
+
+# Dense bf16 tensor-core peaks (no sparsity, fp32 accumulate), FLOP/s, matched on the
+# device name as a whole token: "A10" does not match "A10G", "H200" does not match "GH200".
 # More specific names first: "H100 PCIe" must win over "H100".
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("GB200", 2500e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
     ("GH200", 989.5e12),
     ("H200", 989.5e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
-    ("H100", 989.5e12),          # SXM
+    ("H100", 989.5e12),          # SXM: "NVIDIA H100 80GB HBM3"
     ("H800", 989.5e12),
-    ("B200", 2250e12),
+    ("H20", 148e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362.05e12),
-    ("L40", 181e12),
+    ("L40", 181.05e12),
     ("L4", 121e12),
     ("A10G", 70e12),
     ("A10", 125e12),
-    ("RTX 4090", 165.2e12),
+    ("RTX 6000 Ada", 364.2e12),
+    ("RTX A6000", 154.8e12),
+    ("RTX 5090", 209.5e12),
+    ("RTX 4090", 165.2e12),      # 330.3 with sparsity; dense is the honest MFU denominator
     ("RTX 4080", 97.5e12),
     ("RTX 3090", 71e12),
-    ("RTX A6000", 154.8e12),
     ("V100", 125e12),            # fp16 tensor cores; V100 has no bf16
 ]
 
+# Marketed memory sizes: a name without its size ("NVIDIA H100 PCIe") gets the nearest one at or
+# above what the driver reports (drivers report a little less than the marketed figure).
+MEMORY_BUCKETS_GB = (4, 6, 8, 10, 11, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 141, 144, 180, 192, 288)
+
 
 def peak_flops_for(name: str) -> float | None:
-    upper = name.upper()
+    upper = " ".join(name.upper().replace("-", " ").split())
     for key, flops in PEAK_BF16_FLOPS:
-        if key.upper() in upper:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key.upper())}(?![A-Z0-9])", upper):
             return flops
     return None
+
+
+def memory_bucket_gb(gib: float) -> int:
+    for size in MEMORY_BUCKETS_GB:
+        if size >= gib - 0.6:
+            return size
+    return round(gib)
+
+
+def gpu_tag(name: str, memory_gib: float) -> str:
+    """'NVIDIA H100 80GB HBM3' -> cuda-nvidia-h100-80gb-hbm3; 'NVIDIA H100 PCIe' (80 GB) -> cuda-nvidia-h100-pcie-80gb."""
+    tag = slug("cuda", name)
+    if not re.search(r"\d+\s*gb", name.lower()):  # e.g. "NVIDIA A10G", "NVIDIA GeForce RTX 4090"
+        tag = slug(tag, f"{memory_bucket_gb(memory_gib)}gb")
+    return tag
 
 
 class TorchEngine:
     name = "cuda"
     train_file = "train_cuda.py"
 
+    RING = 4  # pinned staging buffers per batch shape: a buffer is refilled only after its copy is done
+
     def __init__(self) -> None:
-        self._pinned: dict[tuple, Any] = {}
+        self._pinned: dict[tuple, list] = {}
+        self._next_slot: dict[tuple, int] = {}
+        self._copy_stream: Any = None
+        self._hardware: dict[str, Hardware] = {}
+        self._peak: dict[str, float | None] = {}
 
     # -- which device -------------------------------------------------------------
     @property
     def device_kind(self) -> str:
-        want = os.environ.get("ARUN_DEVICE", "cuda").lower()
+        """'cuda' (default) or 'cpu', from $ARUN_DEVICE; anything else is an error, never a guess."""
+        want = (os.environ.get("ARUN_DEVICE") or "cuda").strip().lower()
         if want not in ("cuda", "cpu"):
-            raise ValueError(f"ARUN_DEVICE={want!r}: use cuda or cpu")
+            raise ValueError(f"ARUN_DEVICE={want!r} is not a torch engine device; use cuda or cpu")
         return want
 
     def available(self) -> tuple[bool, str]:
         try:
+            kind = self.device_kind
+        except ValueError as e:
+            return False, str(e)
+        try:
             import torch
-        except ImportError:
-            return False, "torch is not installed; pip install -e '.[cuda]'"
-        if self.device_kind == "cpu":
+        except ImportError as e:
+            return False, f"torch is not importable ({e}); {INSTALL_HINT}"
+        if kind == "cpu":
             return True, f"torch {torch.__version__} on the CPU (ARUN_DEVICE=cpu)"
         if torch.version.cuda is None:
-            return False, (f"torch {torch.__version__} is a CPU build and sees no GPU; use --backend mlx, "
-                           f"or --device cpu (ARUN_DEVICE=cpu) for the torch CPU engine")
-        if not torch.cuda.is_available():
-            count = torch.cuda.device_count() if hasattr(torch.cuda, "device_count") else 0
-            return False, (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU ({count} devices; "
-                           f"driver missing or too old for this CUDA); update the driver, or use --device cpu")
-        return True, f"{torch.cuda.get_device_name(0)}"
+            return False, (f"no CUDA device: torch {torch.__version__} is a CPU build; use --backend mlx, "
+                           f"or --device cpu (ARUN_DEVICE=cpu) to run the torch engine on the CPU")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            usable = torch.cuda.is_available()
+            count = _device_count(torch)
+        if not usable:
+            # torch explains a missing or too-old driver in a warning; pass its first line on
+            said = next((str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()), "")
+            return False, (f"no usable CUDA device: torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
+                           f"sees {count} GPUs" + (f" ({said})" if said else "")
+                           + "; install or update the NVIDIA driver, or use --device cpu (ARUN_DEVICE=cpu)")
+        return True, torch.cuda.get_device_name(0)
 
     def device(self) -> Any:
         import torch
-        return torch.device("cuda" if self.device_kind == "cuda" else "cpu")
+        return torch.device(self.device_kind)
 
     # -- description ----------------------------------------------------------------
     def hardware(self) -> Hardware:
+        kind = self.device_kind
+        if kind not in self._hardware:
+            self._hardware[kind] = self._describe(kind)
+        return self._hardware[kind]
+
+    def _describe(self, kind: str) -> Hardware:
         import torch
-        versions = {"torch": torch.__version__, "python": sys.version.split()[0]}
-        if self.device_kind == "cpu":
-            name, mem = cpu_model(), total_memory_gb()
-            return Hardware(backend=self.name, device=name, memory_gb=round(mem, 1), cores=cpu_count(), kind="cpu",
-                            versions=versions, tag=slug("torch-cpu", name))
+        versions = {"torch": torch.__version__, "python": sys.version.split()[0], "numpy": np.__version__}
+        if kind == "cpu":
+            name = cpu_model()
+            return Hardware(backend=self.name, device=name, memory_gb=round(total_memory_gb(), 1), cores=cpu_count(),
+                            kind="cpu", versions=versions, tag=slug("torch-cpu", name))
         props = torch.cuda.get_device_properties(0)
-        name = props.name
-        mem_gb = props.total_memory / 2**30
-        versions.update(cuda=torch.version.cuda or "", driver=_driver_version())
-        tag = slug("cuda", name)
-        if "gb" not in name.lower():  # e.g. "NVIDIA A100-SXM4" comes in 40 and 80 GB
-            tag = slug(tag, f"{round(mem_gb)}gb")
-        return Hardware(backend=self.name, device=name, memory_gb=round(mem_gb, 1), cores=props.multi_processor_count,
-                        kind="gpu", versions=versions, tag=tag)
+        mem_gib = props.total_memory / 2**30
+        versions.update(cuda=torch.version.cuda or "", driver=_driver_version(),
+                        capability=f"{props.major}.{props.minor}")
+        if torch.backends.cudnn.is_available():
+            versions["cudnn"] = str(torch.backends.cudnn.version())
+        return Hardware(backend=self.name, device=props.name, memory_gb=round(mem_gib, 1),
+                        cores=props.multi_processor_count, kind="gpu", versions=versions,
+                        tag=gpu_tag(props.name, mem_gib))
 
     def peak_flops(self) -> float | None:
-        if self.device_kind == "cpu":
+        kind = self.device_kind
+        if kind == "cpu":
             return None
-        import torch
-        return peak_flops_for(torch.cuda.get_device_name(0))
+        if kind not in self._peak:
+            import torch
+            self._peak[kind] = peak_flops_for(torch.cuda.get_device_name(0))
+        return self._peak[kind]
 
     # -- runtime ----------------------------------------------------------------------
     def sync(self) -> None:
@@ -117,45 +173,66 @@ class TorchEngine:
         if self.device_kind == "cuda":
             import torch
             return torch.cuda.max_memory_allocated() / 2**20
-        rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
     def to_device(self, a: np.ndarray) -> Any:
-        """Host batch -> device. On CUDA through a reused pinned buffer, asynchronously."""
+        """
+        Host batch -> device, dtype kept (int32 tokens stay int32; embeddings accept them).
+        On CUDA: staged through reused pinned buffers and copied on a side stream, so the
+        copy neither waits behind queued compute nor makes the host wait for it; the
+        compute stream waits for the copy before using the result.
+        """
         import torch
         t = torch.from_numpy(np.ascontiguousarray(a))
         if self.device_kind == "cpu":
             return t
         key = (tuple(t.shape), t.dtype)
-        if key not in self._pinned:
-            self._pinned[key] = (torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event())
-        pinned, copied = self._pinned[key]
-        copied.synchronize()  # the previous async copy out of this buffer must finish before we overwrite it
+        ring = self._pinned.setdefault(key, [])
+        slot = self._next_slot.get(key, 0)
+        self._next_slot[key] = (slot + 1) % self.RING
+        if slot == len(ring):
+            ring.append((torch.empty(t.shape, dtype=t.dtype, pin_memory=True), torch.cuda.Event()))
+        pinned, copied = ring[slot]
+        copied.synchronize()  # the last copy out of this buffer must be done before we overwrite it
         pinned.copy_(t)
-        # A new device tensor per batch: the previous one may still be in use by queued kernels.
-        out = pinned.to("cuda", non_blocking=True)
-        copied.record()
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream()
+        compute = torch.cuda.current_stream()
+        with torch.cuda.stream(self._copy_stream):
+            out = pinned.to("cuda", non_blocking=True)
+            copied.record(self._copy_stream)
+        compute.wait_stream(self._copy_stream)
+        out.record_stream(compute)  # allocated on the copy stream, used on the compute stream
         return out
 
     def to_numpy(self, a: Any) -> np.ndarray:
         return a.detach().float().cpu().numpy()
 
     def token_nats(self, logits: Any, targets: np.ndarray) -> np.ndarray:
+        """Per-token cross-entropy in nats (fp32 on the device, float64 on the host); targets stay on the host until here."""
         import torch
         import torch.nn.functional as F
         with torch.no_grad():
             y = torch.from_numpy(np.ascontiguousarray(targets)).to(logits.device).long()
             nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-            return nats.reshape(y.shape).double().cpu().numpy()
+            return nats.reshape(y.shape).cpu().numpy().astype(np.float64)
+
+
+def _device_count(torch: Any) -> int:
+    try:
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - a broken driver can raise anything here; 0 is the honest answer
+        return 0
 
 
 def _driver_version() -> str:
     try:
-        import subprocess
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-    except (OSError, subprocess.SubprocessError, IndexError):
+        lines = out.stdout.strip().splitlines()
+        return lines[0].strip() if out.returncode == 0 and lines else ""
+    except (OSError, subprocess.SubprocessError):
         return ""
 
 
