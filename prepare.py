@@ -454,14 +454,24 @@ class PreparedData:
         return path
 
     def verify(self) -> None:
-        """Checks every file the metric depends on against the manifest."""
+        """Checks every file the metric depends on against the manifest: hashes, and the shapes the
+        evaluator relies on (a manifest edited to match swapped files is caught here, before a run,
+        not at its end)."""
         self.verify_file("tokenizer.pkl", self.manifest["tokenizer_sha256"])
-        self.verify_file("token_bytes.npy", self.manifest["token_bytes_sha256"])
-        self.verify_file("val_rows.npy", self.manifest["val_rows_sha256"])
+        self.token_bytes()
+        self.val_rows()
+
+    @staticmethod
+    def _load_array(path: Path) -> np.ndarray:
+        try:
+            return np.load(path)  # allow_pickle stays False: an object array is refused, never unpickled
+        except (ValueError, OSError, EOFError) as e:
+            raise PrepareError(f"{path}: unreadable array ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                               f"rerun prepare with --force") from e
 
     def val_rows(self) -> np.ndarray:
         path = self.verify_file("val_rows.npy", self.manifest["val_rows_sha256"])
-        rows = np.load(path)
+        rows = self._load_array(path)
         want = tuple(self.manifest["val_rows_shape"])
         if rows.shape != want or rows.dtype != np.int32:
             raise PrepareError(f"{path}: val rows are {rows.dtype}{rows.shape}, manifest says int32{want}; rerun prepare with --force")
@@ -469,9 +479,9 @@ class PreparedData:
 
     def token_bytes(self) -> np.ndarray:
         path = self.verify_file("token_bytes.npy", self.manifest["token_bytes_sha256"])
-        tb = np.load(path)
+        tb = self._load_array(path)
         if tb.shape != (self.manifest["vocab_size"],):
-            raise PrepareError(f"{path}: {tb.shape[0]} entries, vocab is {self.manifest['vocab_size']}; rerun prepare with --force")
+            raise PrepareError(f"{path}: shape {tb.shape}, vocab is {self.manifest['vocab_size']}; rerun prepare with --force")
         return tb
 
     def train_shards(self) -> list[tuple[np.ndarray, np.ndarray]]:

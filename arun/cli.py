@@ -17,12 +17,186 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def experiment_options(f):
+    """The options of one experiment, shared by `arun --backend X` and `arun run`."""
+    for option in reversed([
+        click.option("--backend", metavar="NAME", help="engine: mlx (Apple GPU / CPU) or cuda (PyTorch; --device cpu without a GPU)"),
+        click.option("-m", "--message", "description", default="", help="what this experiment tried"),
+        click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)"),
+        click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
+                     help="torch engine device; cpu is explicit, never a fallback"),
+        click.option("--timeout", "hard_timeout", type=float, default=None,
+                     help="hard kill after this many seconds (default: budget + max(120, budget), 600 s at 300)"),
+        click.option("--seeds", type=int, default=1, show_default=True, help="score the change over N seeds"),
+        click.option("--confidence", type=float, default=None,
+                     help="with --seeds: keep only when better at this confidence (e.g. 0.95)"),
+        click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
+    ]):
+        f = option(f)
+    return f
+
+
+def run_one(backend: str | None, description: str, budget: float | None, device: str | None,
+            hard_timeout: float | None, seeds: int, confidence: float | None, wait: float) -> dict:
+    from pathlib import Path
+
+    from arun.errors import ArunError
+    from arun.experiment import run_experiment
+    if backend is None:
+        fail("no backend given; use arun --backend mlx or arun --backend cuda")
+    decide_fn = None
+    if confidence:  # the significance gate (arun.stats); with one seed it needs `arun noise` for the key
+        from arun.stats import significance_decider
+        try:
+            decide_fn = significance_decider(confidence, log=lambda s: console.print(s, markup=False, highlight=False))
+        except ValueError as e:
+            fail(str(e))
+    try:
+        return run_experiment(Path.cwd(), backend, description, budget=budget, seeds=seeds, device=device,
+                              hard_timeout=hard_timeout, confidence=confidence, wait=wait, decide_fn=decide_fn,
+                              log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
+    except ArunError as e:
+        fail(str(e))
+    except KeyboardInterrupt as e:
+        if e.args:  # raised by run_experiment after it recorded the interrupted run
+            fail(f"interrupted ({e.args[0]}): the run was recorded as crash and the train file is as it was "
+                 "before the run", code=130)
+        fail("interrupted before the experiment started; nothing was recorded or changed", code=130)
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@experiment_options
 @click.pass_context
-def cli(ctx: click.Context) -> None:
-    """arun: autonomous ML research on a fixed time budget, on MLX or PyTorch/CUDA."""
-    if ctx.invoked_subcommand is None:
+def cli(ctx: click.Context, backend: str | None, **opts) -> None:
+    """arun: autonomous ML research on a fixed time budget, on MLX or PyTorch/CUDA.
+
+    `arun --backend mlx -m "what I tried"` runs one experiment (same as `arun run`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if backend is None:
         click.echo(ctx.get_help())
+        return
+    record = run_one(backend, **opts)
+    sys.exit(0 if record["status"] in ("keep", "discard") else 2)
+
+
+@cli.command("run")
+@experiment_options
+def run_cmd(backend: str | None, **opts) -> None:
+    """Run one experiment on the current train file: record it, keep it or revert it."""
+    record = run_one(backend, **opts)
+    sys.exit(0 if record["status"] in ("keep", "discard") else 2)
+
+
+@cli.command("start")
+@click.argument("name")
+def start_cmd(name: str) -> None:
+    """Create (or switch to) the run branch autoresearch/NAME."""
+    from pathlib import Path
+
+    from arun import gitops
+    from arun.errors import ArunError
+    try:
+        branch, created = gitops.ensure_run_branch(Path.cwd(), name)
+    except ArunError as e:
+        fail(str(e))
+    console.print(f"{'created' if created else 'on'} {branch}")
+
+
+@cli.command("compare")
+@click.option("--ref", "refs", multiple=True, metavar="REF",
+              help="also read bench/*/ledger.jsonl from this git ref (e.g. origin/autoresearch/mar5); repeatable")
+def compare_cmd(refs: tuple[str, ...]) -> None:
+    """Every comparability key side by side: baseline, best, improvement, runs, hours, winning change."""
+    from pathlib import Path
+
+    from arun.compare import compare, compare_tables
+    from arun.errors import ArunError
+    try:
+        summaries = compare(Path.cwd(), refs)
+    except ArunError as e:
+        fail(str(e))
+    if not summaries:
+        console.print("no experiments yet (bench/*/ledger.jsonl is empty); run one with arun --backend NAME")
+        return
+    for table in compare_tables(summaries):
+        console.print(table)
+
+
+@cli.command("log")
+@click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
+def log_cmd(tag: str | None) -> None:
+    """The experiments in ledger order: id, status, val_bpb, change against the best, description."""
+    from pathlib import Path
+
+    from arun.compare import log_rows, log_table, tag_records
+    from arun.errors import ArunError
+    try:
+        records = tag_records(Path.cwd(), tag)
+    except ArunError as e:
+        fail(str(e))
+    if not records:
+        console.print("no experiments yet")
+        return
+    console.print(log_table(log_rows(records), show_tag=len({r.get("tag") for r in records}) > 1))
+
+
+@cli.command("show")
+@click.argument("ident", metavar="ID")
+def show_cmd(ident: str) -> None:
+    """One experiment's record and its diff (an id from arun log; a unique prefix is enough)."""
+    from pathlib import Path
+
+    from arun.compare import find_record, show_renderables, tag_records
+    from arun.errors import ArunError
+    try:
+        rec = find_record(tag_records(Path.cwd(), None), ident)
+    except ArunError as e:
+        fail(str(e))
+    for part in show_renderables(rec):
+        console.print(part)
+
+
+@cli.command("plot")
+@click.option("--tag", default=None, help="one hardware tag (default: every tag)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write DIR/<tag>.png (default: bench/<tag>/progress.png)")
+def plot_cmd(tag: str | None, out_dir: str | None) -> None:
+    """One progress PNG per hardware tag: every experiment, the running best, crashes on top."""
+    from pathlib import Path
+
+    from arun.errors import ArunError
+    from arun.plot import plot_tags
+    try:
+        written = plot_tags(Path.cwd(), tag, out_dir)
+    except ArunError as e:
+        fail(str(e))
+    if not written:
+        fail("no experiments to plot yet; run one with arun --backend NAME")
+    for t, (path, panels) in written.items():
+        n = sum(p.points for p in panels)
+        console.print(f"{path} ({t}: {n} scored, {sum(len(p.crash) for p in panels)} failed)")
+
+
+@cli.command("export")
+@click.option("--tag", default=None, help="the hardware tag to export (needed when bench/ has several)")
+@click.option("-o", "--output", default="results.tsv", show_default=True, type=click.Path(dir_okay=False))
+def export_cmd(tag: str | None, output: str) -> None:
+    """Write upstream's results.tsv (commit, val_bpb, memory_gb, status, description)."""
+    from pathlib import Path
+
+    from arun.compare import tag_records
+    from arun.errors import ArunError
+    from arun.export import write_tsv
+    try:
+        records = tag_records(Path.cwd(), tag)
+    except ArunError as e:
+        fail(str(e))
+    tags = sorted({str(r.get("tag")) for r in records})
+    if len(tags) > 1:
+        fail(f"bench/ holds several hardware tags ({', '.join(tags)}); pick one with --tag")
+    n = write_tsv(records, output)
+    console.print(f"{output}: {n} experiment(s)" + (f" from {tags[0]}" if tags else ""))
 
 
 @cli.command("prepare")
@@ -83,6 +257,135 @@ def doctor_cmd() -> None:
     except Exception as e:
         console.print(f"data: {e}")
 
+
+@cli.command("swarm")
+@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine every worker runs")
+@click.option("--workers", type=int, default=None,
+              help="workers (default: one per GPU for cuda, one per machine for mlx or --device cpu)")
+@click.option("--address", default=None, help="join this Ray cluster (HOST:PORT or auto); default: start one here")
+@click.option("--agent", default="sweep", show_default=True, metavar="SPEC", help="proposer, as in arun loop")
+@click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
+@click.option("--iterations", type=int, default=None, help="experiments in all, across workers")
+@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device; cpu asks for no GPU")
+@click.option("--seeds", type=int, default=1, show_default=True, help="score every change over N seeds")
+@click.option("--confidence", type=float, default=None, help="keep only changes better at this confidence (as arun loop)")
+@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+@click.option("--agent-timeout", type=float, default=None, help="seconds an agent gets per proposal (default as arun loop)")
+@click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
+@click.option("--max-crashes", type=int, default=3, show_default=True,
+              help="drop a worker after K consecutive experiments without a score; 0: never")
+@click.option("--max-restarts", type=int, default=3, show_default=True, help="restarts of a dead worker before it is dropped")
+@click.option("--run", "run_name", default=None, help="run name: branches autoresearch/<run>-w<k> (default: swarm-<time>)")
+def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str, hours: float | None,
+              iterations: int | None, budget: float | None, device: str | None, seeds: int, confidence: float | None,
+              hard_timeout: float | None, agent_timeout: float | None, near_miss: float | None, max_crashes: int,
+              max_restarts: int, run_name: str | None) -> None:
+    """Run the loop on every GPU of a Ray cluster: a worktree per worker, one ledger, adopt the best."""
+    from pathlib import Path
+
+    from arun.errors import ArunError
+    if iterations is not None and iterations < 1:
+        fail(f"--iterations must be at least 1, got {iterations}")
+    if hours is not None and hours <= 0:
+        fail(f"--hours must be positive, got {hours}")
+    loop_options = {k: v for k, v in {"seeds": seeds, "confidence": confidence, "hard_timeout": hard_timeout,
+                                      "near_miss": near_miss}.items() if v is not None}
+    try:
+        from arun.swarm import SwarmOptions, git, run_swarm
+        repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+        opts = SwarmOptions(repo_dir=repo, backend=backend, agent=agent, workers=workers, run=run_name,
+                            address=address, hours=hours, iterations=iterations, budget=budget, device=device,
+                            max_restarts=max_restarts, max_crashes=max_crashes, agent_timeout=agent_timeout,
+                            loop_options=loop_options)
+        summary = run_swarm(opts, log=lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False))
+    except ImportError as e:
+        fail(f"arun swarm needs Ray ({e}); install it with: pip install -e '.[swarm]'")
+    except ArunError as e:
+        fail(str(e))
+    n = summary["experiments"]
+    console.print(f"swarm {summary['run']}: {n} experiment(s)" + (" (interrupted)" if summary["interrupted"] else ""))
+    for rec in summary["best"].values():
+        console.print(f"best {rec.get('val_bpb'):.6f} on {rec.get('tag')} at {str(rec.get('commit'))[:12]}"
+                      f" (worker w{(rec.get('swarm') or {}).get('worker', '-')})", highlight=False)
+    for branch, commit in summary["branches"].items():
+        console.print(f"{branch} -> {commit[:12]}", highlight=False)
+    sys.exit(130 if summary["interrupted"] else 0)
+
+
+@cli.command("loop")
+@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine: mlx or cuda (PyTorch)")
+@click.option("--agent", required=True, metavar="SPEC",
+              help='who proposes changes: sweep (built-in, no LLM) or an agent command that reads the prompt on stdin, '
+                   'e.g. "claude -p --permission-mode acceptEdits" or "codex exec --sandbox workspace-write -"')
+@click.option("--iterations", type=int, default=None, help="stop after this many experiments")
+@click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
+@click.option("--seeds", type=int, default=1, show_default=True, help="score every change over N seeds")
+@click.option("--confidence", type=float, default=None,
+              help="keep only changes better at this confidence (one-sided Welch t-test, e.g. 0.95)")
+@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device")
+@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+@click.option("--agent-timeout", type=float, default=900.0, show_default=True,
+              help="wall-clock seconds the agent gets per proposal before it is killed")
+@click.option("--max-crashes", type=int, default=3, show_default=True,
+              help="stop after K consecutive iterations without a score (crash, timeout, invalid); 0: never")
+@click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
+def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
+             confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
+             agent_timeout: float, max_crashes: int, near_miss: float | None) -> None:
+    """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
+    from pathlib import Path
+
+    from arun.errors import ArunError
+    from arun.loop import run_loop
+    try:
+        result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
+                          confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
+                          agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
+                          log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
+    except ArunError as e:
+        fail(str(e))
+    sys.exit({"interrupted": 130, "crashes": 3}.get(result.reason, 0))
+
+
+@cli.command("noise")
+@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine: mlx or cuda (PyTorch)")
+@click.option("--seeds", type=int, default=5, show_default=True, help="runs of the best train file, one seed each")
+@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device")
+@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None) -> None:
+    """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""
+    from pathlib import Path
+
+    from arun.errors import ArunError
+    from arun.noise import measure_noise
+    try:
+        measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout,
+                      log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
+    except ArunError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted: nothing was stored", code=130)
+
+
+@cli.command("summary")
+@click.option("--tag", default=None, help="one hardware tag (default: every ledger under bench/)")
+@click.option("--since", default=None, metavar="ISO", help="only experiments from then on, e.g. 2025-03-05T22:00")
+def summary_cmd(tag: str | None, since: str | None) -> None:
+    """The morning report: experiments, keeps, crashes, best vs baseline, top changes, hours."""
+    from pathlib import Path
+
+    from arun.ledger import all_records
+    from arun.summary import parse_time, report, select
+    when = None
+    if since:
+        when = parse_time(since)
+        if when is None:
+            fail(f"--since {since!r} is not a date/time; use ISO format such as 2025-03-05 or 2025-03-05T22:00")
+    history = select(all_records(Path.cwd()), tag=tag)
+    console.print(report(select(history, since=when), history), markup=False, highlight=False, soft_wrap=True)
 
 def main() -> None:
     cli()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,12 @@ def open_repo(repo_dir: Path | str) -> git.Repo:
     try:
         repo = git.Repo(repo_dir, search_parent_directories=False)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError) as e:
+        try:
+            root = git.Repo(repo_dir, search_parent_directories=True).working_tree_dir
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+            root = None
+        if root:
+            raise ArunError(f"{repo_dir} is inside the repository {root}; run arun from its root: cd {root}") from e
         raise ArunError(f"{repo_dir} is not a git repository; run arun inside your clone of the project") from e
     if not repo.head.is_valid():
         raise ArunError(f"{repo_dir} has no commits yet; commit the project first (git add -A && git commit -m init)")
@@ -25,15 +32,23 @@ def open_repo(repo_dir: Path | str) -> git.Repo:
 
 
 def _ignored(path: str, train_file: str) -> bool:
-    return path == train_file or path in IGNORED_FILES or path.startswith(IGNORED_PREFIXES)
+    # *.arun-tmp: a restore killed between write and rename leaves one; it is ours, not the agent's.
+    return (path == train_file or path in IGNORED_FILES or path.startswith(IGNORED_PREFIXES)
+            or path.endswith(".arun-tmp"))
+
+
+def changed_paths(repo_dir: Path | str) -> list[str]:
+    """Every path that differs from HEAD (staged, unstaged, deleted, renamed) or is new and not
+    ignored. `git status` refreshes stat info, so a touched but unchanged file is not a change."""
+    repo = open_repo(repo_dir)
+    out = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
+    return [entry[3:] for entry in out.split("\0") if len(entry) > 3]
 
 
 def offending_files(repo_dir: Path | str, train_file: str) -> list[str]:
-    """Everything but the train file that differs from HEAD: tracked changes, staged or not, and new files."""
-    repo = open_repo(repo_dir)
-    changed = {d.a_path for d in repo.index.diff(None)} | {d.b_path or d.a_path for d in repo.index.diff("HEAD")}
-    changed |= set(repo.untracked_files)
-    return sorted(p for p in changed if p and not _ignored(p, train_file))
+    """Everything but the train file that differs from HEAD: tracked changes, staged or not, and new files
+    (bench/, .arun/ and run.log are the harness's own and never count)."""
+    return sorted({p for p in changed_paths(repo_dir) if not _ignored(p, train_file)})
 
 
 def current_branch(repo_dir: Path | str) -> str | None:
@@ -42,19 +57,56 @@ def current_branch(repo_dir: Path | str) -> str | None:
 
 
 def ensure_run_branch(repo_dir: Path | str, name: str | None = None) -> tuple[str, bool]:
-    """Switches to autoresearch/<name> (made from HEAD if new). With no name, stays on an autoresearch/
-    branch, else makes autoresearch/<date>. Returns (branch, created)."""
+    """The branch experiments are committed on. With a name: switches to autoresearch/<name>
+    (made from HEAD if new). With none: stays on an autoresearch/ branch, else makes a fresh
+    autoresearch/<date> (or <date>-2, ...) from HEAD, never switching onto an older branch
+    under the user's feet. Returns (branch, created)."""
     repo = open_repo(repo_dir)
     here = current_branch(repo_dir)
     if name is None and here and here.startswith("autoresearch/"):
         return here, False
-    branch = f"autoresearch/{name or time.strftime('%b%d').lower()}"
-    if branch in repo.heads:
-        if here != branch:
-            repo.heads[branch].checkout()
-        return branch, False
+    if name is not None:
+        branch = f"autoresearch/{name}"
+        if not _valid_branch(repo, branch):
+            raise ArunError(f"{branch!r} is not a valid git branch name; pick a name like mar5 or h100-run1")
+        if branch in repo.heads:
+            if here != branch:
+                try:
+                    repo.heads[branch].checkout()
+                except git.GitCommandError as e:
+                    raise ArunError(f"cannot switch to {branch}: {_git_reason(e)}; commit or revert your changes first") from None
+            return branch, False
+    else:
+        stem = f"autoresearch/{time.strftime('%b%d').lower()}"
+        branch, n = stem, 1
+        while branch in repo.heads:
+            n += 1
+            branch = f"{stem}-{n}"
+    # A new branch at HEAD: the working tree (the experiment's train file included) stays as it is.
     repo.create_head(branch).checkout()
     return branch, True
+
+
+def _valid_branch(repo: git.Repo, branch: str) -> bool:
+    try:
+        repo.git.check_ref_format("--branch", branch)
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def _git_reason(e: git.GitCommandError) -> str:
+    text = (e.stderr or str(e)).strip().replace("stderr:", "").strip(" '\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "git refused"
+
+
+def commit_exists(repo_dir: Path | str, sha: str) -> bool:
+    try:
+        open_repo(repo_dir).git.cat_file("-e", f"{sha}^{{commit}}")
+        return True
+    except git.GitCommandError:
+        return False
 
 
 def file_at(repo_dir: Path | str, commit: str, path: str) -> bytes:
@@ -65,9 +117,15 @@ def file_at(repo_dir: Path | str, commit: str, path: str) -> bytes:
 def restore_train_file(repo_dir: Path | str, train_file: str, commit: str) -> None:
     """Puts the train file back to its content at commit (the best commit for the key), index untouched."""
     data = file_at(repo_dir, commit, train_file)
-    target = Path(repo_dir) / train_file
+    write_atomic(Path(repo_dir) / train_file, data)
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Replaces a file in one rename (a kill mid-write never leaves half a train file), keeping its mode."""
     tmp = target.with_name(f".{target.name}.arun-tmp")
     tmp.write_bytes(data)
+    if target.exists():
+        shutil.copymode(target, tmp)
     tmp.replace(target)
 
 
@@ -81,13 +139,27 @@ def head_sha(repo_dir: Path | str) -> str:
 
 
 def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
-    """Commits exactly these paths; returns the new sha (HEAD's if nothing changed)."""
+    """Commits these paths (those that exist) on the current branch; returns the new sha (HEAD's if nothing changed).
+
+    Runs the git CLI (through gitpython's command wrapper) rather than gitpython's in-process index
+    writer: git takes and releases .git/index.lock itself, so if arun is killed mid-commit the git
+    child still finishes and no stale lock blocks the next keep."""
     repo = open_repo(repo_dir)
-    repo.index.add(paths)
-    if not repo.index.diff("HEAD"):
-        return repo.head.commit.hexsha
-    reader = repo.config_reader()
-    has_identity = reader.has_option("user", "name") and reader.has_option("user", "email")
-    actor = None if has_identity else KEEP_AUTHOR
-    commit = repo.index.commit(message, author=actor, committer=actor)
-    return commit.hexsha
+    paths = [p for p in paths if (Path(repo_dir) / p).exists()]
+    try:
+        repo.git.add("--", *paths)
+        if not repo.git.diff("--cached", "--name-only", "--", *paths).strip():
+            return head_sha(repo_dir)
+        reader = repo.config_reader()
+        has_identity = reader.has_option("user", "name") and reader.has_option("user", "email")
+        identity = [] if has_identity else ["-c", f"user.name={KEEP_AUTHOR.name}", "-c", f"user.email={KEEP_AUTHOR.email}"]
+        repo.git.execute(["git", *identity, "commit", "-q", "--no-verify", "-m", message, "--", *paths])
+    except git.GitCommandError as e:
+        try:
+            repo.git.reset("-q", "--", *paths)  # nothing half-made stays staged
+        except git.GitCommandError:
+            pass
+        hint = ("; another git process holds .git/index.lock (if none is running, delete that file)"
+                if "index.lock" in str(e) else "")
+        raise ArunError(f"could not commit the keep: {_git_reason(e)}{hint}") from None
+    return head_sha(repo_dir)

@@ -69,16 +69,19 @@ class Ledger:
 
     def _repair(self, fd: int) -> None:
         size = os.fstat(fd).st_size
-        if size == 0:
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return
-        tail_len = min(size, 1 << 16)
-        os.lseek(fd, size - tail_len, os.SEEK_SET)
-        tail = os.read(fd, tail_len)
-        if tail.endswith(b"\n"):
-            return
-        cut = tail.rfind(b"\n")
-        keep = size - tail_len + cut + 1 if cut >= 0 else 0
-        torn = tail[cut + 1:] if cut >= 0 else tail
+        # The last newline may lie further back than any fixed tail (a record with a large diff):
+        # scan back block by block, so a long torn line never takes earlier records with it.
+        keep, pos = 0, size
+        while pos > 0:
+            start = max(0, pos - (1 << 16))
+            cut = os.pread(fd, pos - start, start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            pos = start
+        torn = os.pread(fd, size - keep, keep)
         with open(self.path.with_name(self.path.name + ".torn"), "ab") as f:
             f.write(torn + b"\n")
         os.ftruncate(fd, keep)
@@ -94,16 +97,19 @@ class Ledger:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            self._repair(fd)
-            size = os.fstat(fd).st_size
+            size = None
             try:
+                self._repair(fd)  # inside the try: a full disk can stop the repair too
+                size = os.fstat(fd).st_size
                 view = memoryview(line)
                 while view:
                     view = view[os.write(fd, view):]
                 os.fsync(fd)
             except OSError as e:
-                os.ftruncate(fd, size)  # never leave half a record
-                why = "disk full" if e.errno == errno.ENOSPC else e.strerror
+                if size is not None:
+                    os.ftruncate(fd, size)  # never leave half a record
+                why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                       errno.EFBIG: "file size limit reached, see ulimit -f"}.get(e.errno, e.strerror)
                 raise ArunError(f"could not write {self.path} ({why}); free space and rerun, the ledger is unchanged") from e
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

@@ -7,26 +7,44 @@ import math
 
 def scored(record: dict) -> bool:
     v = record.get("val_bpb")
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def key_records(records: list[dict], key_id: str) -> list[dict]:
+    """The records of one key, in ledger order: the only ones a decision about that key may read."""
+    return [r for r in records if r.get("key_id") == key_id]
 
 
 def best_record(records: list[dict], key_id: str) -> dict | None:
-    """The kept record with the lowest val_bpb for this key, or None before the baseline."""
-    kept = [r for r in records if r.get("key_id") == key_id and r.get("status") == "keep" and scored(r)]
+    """The kept record with the lowest val_bpb for this key, or None before the baseline.
+    Ties go to the earlier record (a later equal result was not an improvement)."""
+    kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)]
     return min(kept, key=lambda r: r["val_bpb"]) if kept else None
 
 
 def baseline_record(records: list[dict], key_id: str) -> dict | None:
-    for r in records:
-        if r.get("key_id") == key_id and r.get("baseline"):
+    """The key's first kept run: what every later improvement is measured from."""
+    for r in key_records(records, key_id):
+        if r.get("baseline") and r.get("status") == "keep" and scored(r):
             return r
     return None
 
 
 def decide(val_bpb: float, best: dict | None, near_miss: float = 0.002) -> tuple[str, bool]:
-    """(status, near_miss): strictly lower than the best keeps; within near_miss above it is a near miss."""
+    """(status, near_miss): the first scored run of a key is its baseline (keep); after that only a
+    strictly lower val_bpb keeps; a discard within `near_miss` of the best is flagged as a near miss."""
     if best is None:
         return "keep", False
     if val_bpb < best["val_bpb"]:
         return "keep", False
     return "discard", val_bpb - best["val_bpb"] <= near_miss
+
+
+def running_best(records: list[dict]) -> list[float | None]:
+    """For each record (one key, ledger order), the best kept val_bpb after it."""
+    out, best = [], None
+    for r in records:
+        if r.get("status") == "keep" and scored(r) and (best is None or r["val_bpb"] < best):
+            best = r["val_bpb"]
+        out.append(best)
+    return out

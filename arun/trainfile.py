@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import operator
+from typing import Any
 
 BEGIN, END = "# --- hyperparameters ---", "# --- end hyperparameters ---"
 
@@ -16,11 +18,42 @@ def block_span(text: str) -> tuple[int, int]:
     return start, end
 
 
-def constants(text: str) -> dict:
-    """The literal ALL_CAPS assignments of the block, evaluated safely (no code runs)."""
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def safe_eval(node: ast.AST) -> Any:
+    """Literals, tuples and plain arithmetic on numbers (2**19, 3 * 1024); anything else is ValueError.
+    No code of the train file ever runs."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool)):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = safe_eval(node.operand)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp):
+        a, b = safe_eval(node.left), safe_eval(node.right)
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+            try:
+                if isinstance(node.op, ast.Pow) and abs(b) <= 64:
+                    return a ** b
+                if type(node.op) in _BINOPS:
+                    return _BINOPS[type(node.op)](a, b)
+            except ArithmeticError:
+                pass
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return tuple(safe_eval(e) for e in node.elts)
+    raise ValueError(ast.dump(node)[:80])
+
+
+def constants(text: str, keep_source: bool = False) -> dict:
+    """The ALL_CAPS assignments of the block in order, evaluated by safe_eval (2**19 -> 524288).
+    A value that is not plain arithmetic is skipped, or kept as its source text with keep_source
+    (so a change to it still shows in the record)."""
     try:
         start, end = block_span(text)
-        tree = ast.parse(text[start:end])
+        body = text[start:end]
+        tree = ast.parse(body)
     except (ValueError, SyntaxError):
         return {}
     out = {}
@@ -29,9 +62,10 @@ def constants(text: str) -> dict:
             name = node.targets[0].id
             if name.isupper():
                 try:
-                    out[name] = ast.literal_eval(node.value)
+                    out[name] = safe_eval(node.value)
                 except ValueError:
-                    continue
+                    if keep_source:
+                        out[name] = ast.get_source_segment(body, node.value)
     return out
 
 

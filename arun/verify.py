@@ -5,6 +5,10 @@ running fixed code: the train file is imported only for its model definition
 causality and computes val_bpb. A keep needs this number to match the run's
 claim, so a train file that prints or writes a fake val_bpb is never kept.
 
+The model is rebuilt from the train file's GPTConfig/GPT/import_weights and the
+checkpoint's sidecar JSON ({"config": {...}}); a train file with another model
+shape defines `load_eval_model(config, weights) -> logits_fn` instead.
+
     python -m arun.verify --backend cuda --repo . --checkpoint w.npz --out verdict.json
 """
 
@@ -30,6 +34,9 @@ def load_train_module(path: Path):
     spec = importlib.util.spec_from_file_location("arun_train_module", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(path.parent))
+    # Registered before it runs: dataclasses (GPTConfig) look their module up in sys.modules while the
+    # class is built, which fails for a train file using `from __future__ import annotations` (train_mlx.py).
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -67,7 +74,8 @@ def reevaluate(backend: str, repo: Path, checkpoint: Path, batch_size: int) -> d
     engine = get_engine(backend)
     data = PreparedData.open()
     rows, token_bytes = data.val_rows(), data.token_bytes()
-    meta = json.loads(checkpoint.with_suffix(".json").read_text())
+    sidecar = checkpoint.with_suffix(".json")  # the model config; a train file with load_eval_model may skip it
+    meta = json.loads(sidecar.read_text()) if sidecar.exists() or not checkpoint.exists() else {"config": {}}
     with np.load(checkpoint) as npz:
         weights = {k: npz[k] for k in npz.files}
     module = load_train_module(repo / TRAIN_FILES[backend])
@@ -85,16 +93,40 @@ def matches(claimed: float, measured: float, rel: float = REL_TOLERANCE) -> bool
     return math.isfinite(measured) and abs(claimed - measured) <= rel * abs(measured)
 
 
-def audit_timing(result: dict, wall_seconds: float, budget: float) -> str | None:
-    """Checks a run's claimed timing against what the harness saw from outside; a reason when it cannot be true."""
+def audit_timing(result: dict, wall_seconds: float, budget: float, reference: dict | None = None) -> str | None:
+    """Checks a run's claimed timing against what the harness saw from outside; a reason when it cannot be true.
+    reference: the harness's own re-evaluation of the run's weights (this module's verdict), when there is one;
+    it bounds the evaluation time the run may claim."""
+    # The train file writes these numbers: a NaN, an infinity or a string would otherwise pass every
+    # comparison below (NaN > x is False) or crash the harness.
+    for name in ("time_budget", "warmup_steps", "warmup_seconds", "startup_seconds", "eval_seconds", "training_seconds"):
+        value = result.get(name)
+        if value is None:
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"the run reports {name} = {str(value)[:40]!r}, not a number"
+        if not math.isfinite(number) or number < 0:
+            return f"the run reports {name} = {number}; timings must be finite and not negative"
     if result.get("time_budget") is not None and abs(float(result["time_budget"]) - budget) > 1e-6:
         return f"the run used a time budget of {result['time_budget']}s, the harness gave {budget}s"
-    warmup_steps = result.get("warmup_steps") or 0
+    warmup_steps = float(result.get("warmup_steps") or 0)
     if warmup_steps > MAX_WARMUP_STEPS:
-        return f"{warmup_steps} warm-up steps are not counted against the budget; at most {MAX_WARMUP_STEPS} may be"
+        return f"{warmup_steps:.0f} warm-up steps are not counted against the budget; at most {MAX_WARMUP_STEPS} may be"
     warmup_seconds = float(result.get("warmup_seconds") or 0.0)
     if warmup_seconds > max(0.5 * budget, 120.0):
         return f"{warmup_seconds:.0f}s of uncounted warm-up; at most max(budget/2, 120s) may be"
+    # Start-up and evaluation are the run's own account too: uncapped, claiming minutes of either
+    # would hide minutes of extra training inside the wall time.
+    startup_seconds = float(result.get("startup_seconds") or 0.0)
+    if startup_seconds > max(0.5 * budget, 120.0):
+        return f"{startup_seconds:.0f}s of start-up before the first step; at most max(budget/2, 120s) may be"
+    eval_seconds = float(result.get("eval_seconds") or 0.0)
+    ref_eval = (reference or {}).get("eval_seconds")
+    if isinstance(ref_eval, (int, float)) and eval_seconds > 2 * ref_eval + 0.05 * budget + 10:
+        return (f"the run claims {eval_seconds:.0f}s of evaluation; the harness evaluated the same weights "
+                f"in {ref_eval:.0f}s")
     training = float(result.get("training_seconds") or 0.0)
     if training > budget * 1.5 + 30:
         return f"training took {training:.1f}s against a budget of {budget:.0f}s"

@@ -1,0 +1,383 @@
+"""
+The metric cannot be gamed: each known attack from SECURITY.md, carried out by a real train file.
+
+Unit level: the causality probe on honest and cheating models of both engines, the harness's
+re-evaluation (arun.verify) of a real run's weights, audit_timing and matches.
+CLI level: `arun --backend cuda --device cpu` in tmp git repos with a tiny train_cuda.py whose
+model or loop cheats. A cheat must never be kept, must be recorded `invalid` with a reason, and
+must leave the worktree at the best commit with every earlier record intact.
+
+The harness (arun/experiment.py) runs audit_timing on every result and re-evaluates every keep
+with `python -m arun.verify` before committing it; the CLI attacks below go through that path.
+
+The two slow attacks (45 s past the budget, 1000 uncounted warm-up steps) start in the
+background when the module starts and are checked by the last tests, so they overlap the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers_repo import (REPO, arun_cmd, arun_env, assert_failure_recorded, inject, kill_under, ledger_records,
+                          make_project, replace_once, run_arun, tiny_train_text)
+
+
+def _load(path: Path):
+    from arun.verify import load_train_module
+    return load_train_module(path)
+
+
+# =========================================================================== causality probe, unit level
+
+SMALL = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+
+
+@pytest.fixture
+def val_rows(data_env: Path) -> np.ndarray:
+    from prepare import PreparedData
+    return PreparedData.open().val_rows()
+
+
+def test_causality_probe_torch_passes_the_real_model_and_catches_cheats(val_rows: np.ndarray,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from engines import get_engine
+    from engines.evaluator import CausalityError, check_causality
+    monkeypatch.setenv("ARUN_DEVICE", "cpu")
+    engine = get_engine("cuda")
+    mod = _load(REPO / "train_cuda.py")
+    torch.manual_seed(0)
+    model = mod.GPT(mod.GPTConfig(**SMALL))
+    model.init_weights()
+    # Trained-looking weights: init zeroes the output projections, which would hide any attention leak.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+
+    def honest(x):
+        with torch.no_grad():
+            return model(x)
+
+    assert check_causality(engine, honest, val_rows, 8, 512) < 1e-3
+
+    def peek_next_token(x):  # the classic cheat: the logits at t see the target x[t+1]
+        return honest(x) + 20.0 * F.one_hot(torch.roll(x, -1, dims=1).long(), 512).float()
+
+    with pytest.raises(CausalityError, match="looks ahead"):
+        check_causality(engine, peek_next_token, val_rows, 8, 512)
+
+    # The model itself with the causal mask removed (SDPA without is_causal / attn_mask).
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(mod.F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, is_causal=False, **kw: sdpa(q, k, v))
+    with pytest.raises(CausalityError, match="looks ahead"):
+        check_causality(engine, honest, val_rows, 8, 512)
+
+
+def test_causality_probe_mlx_passes_the_real_model_and_catches_cheats(val_rows: np.ndarray,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines import get_engine
+    from engines.evaluator import CausalityError, check_causality
+    engine = get_engine("mlx")
+    ok, why = engine.available()
+    if not ok:
+        pytest.skip(f"mlx engine not available here: {why}")
+    import mlx.core as mx
+    mod = _load(REPO / "train_mlx.py")
+    mx.random.seed(0)
+    model = mod.GPT(mod.GPTConfig(**SMALL))
+    model.init_weights()
+    from mlx.utils import tree_map
+    model.update(tree_map(lambda v: v + 0.05 * mx.random.normal(v.shape), model.parameters()))
+
+    assert check_causality(engine, model, val_rows, 8, 512) < 1e-2
+
+    def peek_next_token(x):
+        nxt = mx.concatenate([x[:, 1:], x[:, :1]], axis=1)
+        return model(x) + 20.0 * (mx.arange(512)[None, None, :] == nxt[..., None]).astype(mx.float32)
+
+    with pytest.raises(CausalityError, match="looks ahead"):
+        check_causality(engine, peek_next_token, val_rows, 8, 512)
+
+    # no mask: every token sees all
+    monkeypatch.setattr(mod, "attention_plan", lambda seq_len, window: [(0, seq_len, 0, None)])
+    with pytest.raises(CausalityError, match="looks ahead"):
+        check_causality(engine, model, val_rows, 8, 512)
+
+
+# =========================================================================== audit_timing and matches
+
+HONEST = {"time_budget": 300.0, "warmup_steps": 10, "warmup_seconds": 25.0, "training_seconds": 300.3,
+          "startup_seconds": 12.0, "eval_seconds": 9.0}
+
+
+def _audit(wall: float = 350.0, budget: float = 300.0, **changes: object) -> str | None:
+    from arun.verify import audit_timing
+    return audit_timing({**HONEST, **changes}, wall, budget)
+
+
+def test_audit_timing_passes_honest_runs() -> None:
+    assert _audit() is None
+    assert _audit(wall=346.3 + 59.9) is None                  # just inside the slack (10% of budget + 30 s)
+    assert _audit(warmup_steps=20) is None                    # upstream uses 10; 20 is the limit
+    assert _audit(warmup_seconds=150.0, wall=500.0) is None   # max(budget/2, 120)
+    from arun.verify import audit_timing
+    assert audit_timing({}, 5.0, 1.0) is None                 # a run that reports nothing explains 31 s
+    assert audit_timing({"training_seconds": 1.02, "time_budget": 1.0, "warmup_steps": 1}, 12.0, 1.0) is None
+
+
+@pytest.mark.parametrize("changes, wall, budget, reason", [
+    ({}, 346.3 + 60.5, 300.0, "unexplained"),                                     # trained past the budget, claimed 300 s
+    ({"training_seconds": 1.0, "time_budget": 1.0, "startup_seconds": 3.0, "eval_seconds": 0.5,
+      "warmup_seconds": 0.1}, 49.0, 1.0, "unexplained"),                          # the CLI attack below
+    ({"warmup_steps": 21}, 350.0, 300.0, "warm-up steps"),
+    ({"warmup_steps": 1000}, 350.0, 300.0, "warm-up steps"),
+    ({"warmup_seconds": 151.0}, 500.0, 300.0, "warm-up"),
+    ({"warmup_seconds": 121.0, "time_budget": 1.0}, 200.0, 1.0, "warm-up"),
+    ({"time_budget": 600.0}, 350.0, 300.0, "time budget"),                        # ran with another budget
+    ({"training_seconds": 480.5}, 520.0, 300.0, "training took"),
+    ({"training_seconds": "300"}, 1000.0, 300.0, "unexplained"),                  # strings are numbers too
+    # Numbers that would slip past every comparison (NaN > x is False) or crash the harness:
+    ({"eval_seconds": float("nan")}, 1000.0, 300.0, "finite"),
+    ({"training_seconds": float("nan")}, 1000.0, 300.0, "finite"),
+    ({"eval_seconds": float("inf")}, 1000.0, 300.0, "finite"),
+    ({"startup_seconds": -600.0}, 1000.0, 300.0, "negative"),
+    ({"warmup_steps": "1000"}, 350.0, 300.0, "warm-up steps"),
+    ({"warmup_steps": "many"}, 350.0, 300.0, "not a number"),
+    ({"warmup_seconds": [1]}, 350.0, 300.0, "not a number"),
+])
+def test_audit_timing_flags_each_overrun(changes: dict, wall: float, budget: float, reason: str) -> None:
+    got = _audit(wall=wall, budget=budget, **changes)
+    assert got is not None and reason in got, got
+    assert "\n" not in got
+
+
+def test_audit_timing_does_not_trust_claimed_startup_or_eval_time() -> None:
+    """The wall time is the only thing the harness sees from outside; the start-up and evaluation
+    seconds are the train file's own account. Claiming minutes of either must not hide minutes of
+    extra training: start-up is capped like warm-up, and evaluation by the harness's own
+    re-evaluation of the same weights when it has one."""
+    assert _audit(startup_seconds=151.0, wall=500.0) is not None
+    from arun.verify import audit_timing
+    hidden = {**HONEST, "eval_seconds": 150.0}
+    assert audit_timing(hidden, 500.0, 300.0) is None                 # plausible on its own (a slow GPU)...
+    got = audit_timing(hidden, 500.0, 300.0, reference={"eval_seconds": 9.0})
+    assert got is not None and "evaluation" in got                    # ...not when fixed code took 9 s
+    assert audit_timing(HONEST, 350.0, 300.0, reference={"eval_seconds": 14.0}) is None
+
+
+def test_matches_tolerance() -> None:
+    from arun.verify import REL_TOLERANCE, matches
+    assert matches(1.0, 1.0) and matches(1.0, 1.0 + 0.9 * REL_TOLERANCE) and matches(1.0019, 1.0)
+    assert not matches(1.0, 1.0 + 2.1 * REL_TOLERANCE)
+    assert not matches(0.1, 2.8)                    # a printed fake
+    assert not matches(2.8, float("nan")) and not matches(2.8, float("inf"))
+    assert not matches(float("nan"), 2.8)
+
+
+# =========================================================================== the harness's re-evaluation
+
+@pytest.fixture(scope="module")
+def honest_run(tiny_data: Path, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The real tiny train_cuda.py run directly (no harness) for 1 s: result JSON + checkpoint."""
+    d = tmp_path_factory.mktemp("honest")
+    (d / "train_cuda.py").write_text(tiny_train_text())
+    env = arun_env(tiny_data, tiny_cache, ARUN_DEVICE="cpu", ARUN_TIME_BUDGET="1", ARUN_RESULT_JSON=str(d / "r.json"),
+                   ARUN_CHECKPOINT=str(d / "w.npz"), PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, "train_cuda.py"], cwd=d, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return {"dir": d, "result": json.loads((d / "r.json").read_text()), "checkpoint": d / "w.npz", "env": env}
+
+
+def test_reevaluation_reproduces_an_honest_run(honest_run: dict) -> None:
+    """`python -m arun.verify`, a fresh process running fixed code, gets the run's own number."""
+    d, out = honest_run["dir"], honest_run["dir"] / "verdict.json"
+    p = subprocess.run([sys.executable, "-m", "arun.verify", "--backend", "cuda", "--repo", str(d),
+                        "--checkpoint", str(honest_run["checkpoint"]), "--out", str(out)],
+                       cwd=d, env=honest_run["env"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    verdict = json.loads(out.read_text())
+    from arun.verify import matches
+    claimed = honest_run["result"]["val_bpb"]
+    assert "val_bpb" in verdict, verdict
+    assert matches(claimed, verdict["val_bpb"]), (claimed, verdict)
+    assert not matches(0.1, verdict["val_bpb"])  # a printed 0.1 next to these weights is caught
+
+
+def test_reevaluation_catches_a_model_that_looks_ahead(honest_run: dict, tmp_path: Path, data_env: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same weights under a train file whose attention has no causal mask: the harness's own
+    probe says invalid, whatever the train process printed."""
+    monkeypatch.setenv("ARUN_DEVICE", "cpu")
+    (tmp_path / "train_cuda.py").write_text(replace_once(tiny_train_text(), "is_causal=True", "is_causal=False"))
+    from arun.verify import reevaluate
+    verdict = reevaluate("cuda", tmp_path, honest_run["checkpoint"], 32)
+    assert "looks ahead" in verdict.get("invalid", ""), verdict
+
+
+def test_reevaluation_reports_missing_or_foreign_weights(honest_run: dict, tmp_path: Path, data_env: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from arun import verify
+    monkeypatch.setenv("ARUN_DEVICE", "cpu")
+    (tmp_path / "train_cuda.py").write_text(tiny_train_text())
+
+    def verdict(checkpoint: Path) -> dict:
+        out = tmp_path / "v.json"
+        monkeypatch.setattr(sys, "argv", ["arun.verify", "--backend", "cuda", "--repo", str(tmp_path),
+                                          "--checkpoint", str(checkpoint), "--out", str(out)])
+        verify.main()
+        return json.loads(out.read_text())
+
+    missing = verdict(tmp_path / "nothing.npz")
+    assert "val_bpb" not in missing and "No such file" in missing["error"]
+    with np.load(honest_run["checkpoint"]) as npz:
+        weights = {k: npz[k] for k in npz.files}
+    weights.pop("lm_head.weight")  # another model's checkpoint: a parameter is missing
+    np.savez(tmp_path / "other.npz", **weights)
+    (tmp_path / "other.json").write_text(honest_run["checkpoint"].with_suffix(".json").read_text())
+    other = verdict(tmp_path / "other.npz")
+    assert "val_bpb" not in other and "lm_head.weight" in other["error"]
+
+
+# =========================================================================== attacks through the CLI
+
+def _cli_attack(root: Path, tiny_data: Path, tiny_cache: Path, train_text: str, *args: str,
+                overrides: dict | None = None) -> tuple[Path, subprocess.CompletedProcess]:
+    repo = root / "repo"
+    make_project(repo, overrides=overrides)
+    (repo / "train_cuda.py").write_text(train_text)
+    try:
+        proc = run_arun(repo, arun_env(tiny_data, tiny_cache), "--budget", "1", "-m", "attack", *args, timeout=300)
+    finally:
+        kill_under(repo, grace=5)
+    return repo, proc
+
+
+def test_noncausal_model_is_recorded_invalid(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
+    text = replace_once(tiny_train_text(), "is_causal=True", "is_causal=False")
+    repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
+    rec = assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")
+    assert rec["val_bpb"] is None and proc.returncode == 2
+
+
+def test_probe_disabled_in_the_train_process_is_caught_by_the_reevaluation(tmp_path: Path, tiny_data: Path,
+                                                                          tiny_cache: Path) -> None:
+    """No causal mask, and the in-process probe patched out: only the harness's own re-evaluation,
+    in a process the train file never runs in, can see it."""
+    text = replace_once(tiny_train_text(), "is_causal=True", "is_causal=False")
+    text = inject(text, "from engines.run import", "import engines.run as _engines_run\n"
+                  "_engines_run.check_causality = lambda *args, **kwargs: 0.0  # cheat: skip the probe")
+    repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
+    assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")
+
+
+FAKE_RESULT = '''"""A train file that never trains: it prints the number it wants and writes the result JSON itself."""
+import json
+import os
+
+# --- hyperparameters ---
+SEED = 42
+WARMUP_STEPS = 1
+# --- end hyperparameters ---
+
+if __name__ == "__main__":
+    budget = float(os.environ["ARUN_TIME_BUDGET"])
+    result = {"val_bpb": 0.1, "training_seconds": budget, "total_seconds": budget + 1.0, "time_budget": budget,
+              "warmup_steps": 1, "warmup_seconds": 0.05, "startup_seconds": 0.5, "eval_seconds": 0.4,
+              "num_steps": 50, "status": "ok", "evaluator_version": 1, "causality_max_diff": 0.0}
+    print("---")
+    print("val_bpb:          0.100000")
+    print(f"training_seconds: {budget:.1f}")
+    with open(os.environ["ARUN_RESULT_JSON"], "w") as f:
+        json.dump(result, f)
+'''
+
+
+def test_fake_result_json_is_never_kept(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
+    repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, FAKE_RESULT)
+    recs = ledger_records(repo)
+    assert all(r["status"] != "keep" for r in recs), [(r["status"], r.get("val_bpb")) for r in recs]
+    assert_failure_recorded(repo, proc, [], "invalid", r"reproduc|re-?evaluat|verif|weights|checkpoint")
+
+
+# --------------------------------------------------------------------------- slow attacks, in the background
+
+def _over_budget_text() -> str:
+    """Trains 45 s past the budget (sleeping steps, so the test costs little CPU) and then reports
+    exactly the budget as its training time."""
+    text = tiny_train_text()
+    text = inject(text, "budget = TimeBudget(", "budget.seconds += 45  # cheat: keep training past the budget")
+    text = inject(text, "budget.start_step()", "time.sleep(0.25)")
+    return inject(text, "finish_run(", "budget.seconds = budget.training_seconds = float(os.environ['ARUN_TIME_BUDGET'])"
+                  "  # cheat: report the budget", before=True)
+
+
+BACKGROUND = {
+    # test name: (train text, constants overrides)
+    "test_training_past_the_budget_is_invalid": (_over_budget_text, None),
+    # 1000 steps "not counted": minimal steps so the attack costs ~30 s of one core.
+    "test_uncounted_warmup_steps_are_invalid": (tiny_train_text, {"WARMUP_STEPS": 1000, "DEVICE_BATCH_SIZE": 1,
+                                                                  "TOTAL_BATCH_SIZE": 64}),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request: pytest.FixtureRequest, tiny_data: Path, tiny_cache: Path,
+               tmp_path_factory: pytest.TempPathFactory):
+    """Starts the slow attacks selected in this session as soon as the module starts."""
+    selected = {item.name for item in request.session.items if item.module is request.module}
+    runs: dict[str, dict] = {}
+    root = tmp_path_factory.mktemp("background")
+    for name, (text_fn, overrides) in BACKGROUND.items():
+        if name not in selected:
+            continue
+        repo = root / name / "repo"
+        make_project(repo, overrides=overrides)
+        from arun.trainfile import rewrite_constants
+        (repo / "train_cuda.py").write_text(rewrite_constants(text_fn(), overrides or {}))
+        out, err = open(repo.parent / "stdout", "w"), open(repo.parent / "stderr", "w")
+        proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", name), cwd=repo, env=arun_env(tiny_data, tiny_cache),
+                                stdout=out, stderr=err, text=True)
+        runs[name] = {"repo": repo, "proc": proc, "files": (out, err)}
+    yield runs
+    for run in runs.values():
+        if run["proc"].poll() is None:
+            run["proc"].kill()
+        run["proc"].wait()
+        kill_under(run["repo"])
+        for f in run["files"]:
+            f.close()
+
+
+def _finish(run: dict, timeout: float = 400) -> subprocess.CompletedProcess:
+    run["proc"].wait(timeout=timeout)
+    for f in run["files"]:
+        f.flush()
+    repo = run["repo"]
+    kill_under(repo, grace=5)
+    return subprocess.CompletedProcess(run["proc"].args, run["proc"].returncode,
+                                       (repo.parent / "stdout").read_text(), (repo.parent / "stderr").read_text())
+
+
+def test_training_past_the_budget_is_invalid(background: dict) -> None:
+    run = background["test_training_past_the_budget_is_invalid"]
+    proc = _finish(run)
+    [rec] = ledger_records(run["repo"])
+    assert rec["total_seconds"] > 45 and rec["training_seconds"] == pytest.approx(1.0, abs=0.01)  # the attack ran
+    rec = assert_failure_recorded(run["repo"], proc, [], "invalid", r"unexplained|budget")
+    assert rec["status"] != "keep"
+
+
+def test_uncounted_warmup_steps_are_invalid(background: dict) -> None:
+    run = background["test_uncounted_warmup_steps_are_invalid"]
+    proc = _finish(run)
+    assert_failure_recorded(run["repo"], proc, [], "invalid", r"warm-up")
