@@ -1,0 +1,405 @@
+"""
+`arun loop`: the unattended research loop.
+
+    baseline (once per key) -> [ propose -> check -> run_experiment -> keep/revert ] x N
+
+Each iteration asks a proposer (an external coding agent, or the built-in sweep) for one
+change to the backend's train file, checks what it changed (only the train file may change;
+anything else is reverted and the attempt recorded `invalid`; no change, or a train file
+already scored, is recorded `invalid` without running), then runs it through
+`arun.experiment.run_experiment` -- exactly what `arun --backend X` does.
+
+Unattended safety: the agent's wall-clock limit is enforced (process group killed); after
+`max_crashes` consecutive iterations without a score (crash, timeout or invalid) the loop
+stops; Ctrl-C or SIGTERM ends it at a clean point with the train file at the best commit;
+every ending prints the summary of the loop's experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from arun import gitops
+from arun.errors import ArunError
+from arun.ledger import Ledger, ledger_path, new_id
+from arun.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
+from arun.ratchet import baseline_record, best_record, key_records
+
+SCORED = ("keep", "discard")
+DEFAULT_MAX_CRASHES = 3
+
+
+# --------------------------------------------------------------------------- set-up
+
+_KEY_CACHE: dict[tuple, dict] = {}
+
+
+def experiment_key(repo_dir: Path | str, backend: str, budget: float | None, device: str | None) -> dict:
+    """The comparability key this repo's experiments get, worked out as run_experiment does:
+    {key, key_id, tag, hardware, train_file, seq_len}. ArunError when the engine or data are missing."""
+    import prepare
+    from arun.experiment import DEVICE_BACKENDS, resolve_engine
+    from arun.keys import comparability_key, key_id
+    from engines import TRAIN_FILES
+    from engines.evaluator import EVALUATOR_VERSION
+
+    device = device or (os.environ.get("ARUN_DEVICE") if backend in DEVICE_BACKENDS else None)
+    seconds = float(budget if budget is not None else prepare.DEFAULT_TIME_BUDGET)
+    try:
+        data = prepare.PreparedData.open()
+    except prepare.PrepareError as e:
+        raise ArunError(str(e)) from None
+    cache_key = (backend, device, seconds, str(data.dir))
+    if cache_key not in _KEY_CACHE:
+        engine, hardware = resolve_engine(backend, device)
+        key = comparability_key(backend, hardware.tag, data.key(), seconds, EVALUATOR_VERSION)
+        seq_len = getattr(getattr(data, "profile", None), "max_seq_len", None) or key.get("max_seq_len")
+        _KEY_CACHE[cache_key] = {"key": key, "key_id": key_id(key), "tag": hardware.tag,
+                                 "hardware": hardware.to_dict(), "train_file": TRAIN_FILES.get(backend) or engine.train_file,
+                                 "seq_len": seq_len, "device": device, "budget": seconds}
+    return _KEY_CACHE[cache_key]
+
+
+def read_records(repo_dir: Path | str, tag: str, ledger: Any = None) -> list[dict]:
+    """The ledger's records: the swarm's ledger object when given, else bench/<tag>/ledger.jsonl."""
+    if ledger is not None:
+        return list(ledger.records())
+    return Ledger(ledger_path(repo_dir, tag)).records()
+
+
+def make_proposer(spec: str, *, repo_dir: Path | str | None = None, backend: str | None = None, seed: int = 0,
+                  agent_timeout: float = DEFAULT_AGENT_TIMEOUT) -> Any:
+    """`sweep` -> the built-in TPE sweep; anything else -> an external agent command."""
+    spec = (spec or "").strip()
+    if spec == "sweep":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ArunError("--agent sweep needs optuna; install it with: pip install -e '.[sweep]'") from None
+        from arun.sweep import Sweep
+        return Sweep(seed=seed)
+    return AgentProposer(spec, timeout=agent_timeout)
+
+
+# --------------------------------------------------------------------------- what a proposer changed
+
+@dataclass
+class RepoState:
+    branch: str | None
+    head: str
+    train: bytes
+
+
+def snapshot(repo_dir: Path, train_file: str) -> RepoState:
+    return RepoState(gitops.current_branch(repo_dir), gitops.head_sha(repo_dir), (repo_dir / train_file).read_bytes())
+
+
+def restore_head(repo_dir: Path, pre: RepoState) -> list[str]:
+    """An agent that committed or switched branches: the branch and HEAD go back to where they were
+    (the working tree keeps its files, so its changes are judged like uncommitted ones). Returns the
+    files its commits touched."""
+    repo = gitops.open_repo(repo_dir)
+    now_branch, now_head = gitops.current_branch(repo_dir), gitops.head_sha(repo_dir)
+    if now_branch == pre.branch and now_head == pre.head:
+        return []
+    touched = repo.git.diff("--name-only", pre.head, now_head).split("\n") if now_head != pre.head else []
+    if pre.branch:
+        repo.git.update_ref(f"refs/heads/{pre.branch}", pre.head)
+        repo.git.symbolic_ref("HEAD", f"refs/heads/{pre.branch}")
+    else:
+        repo.git.update_ref("--no-deref", "HEAD", pre.head)
+    repo.git.reset("-q")  # index = HEAD; the working tree is left as the agent made it
+    return [t for t in touched if t]
+
+
+def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path | None = None) -> list[str]:
+    """Undoes everything since `pre`: HEAD and branch, every changed or new file outside bench/ and
+    .arun/ (tracked files back to HEAD, new files removed), and the train file. Nothing is lost: the
+    versions it reverts are moved (new files) or copied (changed ones) under keep_dir when given.
+    Returns what it reverted."""
+    committed = restore_head(repo_dir, pre)
+    repo = gitops.open_repo(repo_dir)
+    offending = gitops.offending_files(repo_dir, train_file)
+    for rel in offending:
+        path = repo_dir / rel
+        try:
+            gitops.file_at(repo_dir, "HEAD", rel)
+            in_head = True
+        except Exception:  # noqa: BLE001 - not in HEAD: a new file
+            in_head = False
+        if keep_dir is not None and (path.is_file() or path.is_symlink()):
+            (keep_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, keep_dir / rel, follow_symlinks=False)
+        if in_head:
+            repo.git.checkout("HEAD", "--", rel)
+        else:
+            repo.git.rm("--cached", "-q", "--ignore-unmatch", "--", rel)
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            with contextlib.suppress(OSError):  # empty folders the agent made go too
+                parent = path.parent
+                while parent != repo_dir and not any(parent.iterdir()):
+                    parent.rmdir()
+                    parent = parent.parent
+    repo.git.reset("-q", "--", train_file)  # unstage, if the agent staged it
+    gitops.write_atomic(repo_dir / train_file, pre.train)
+    return sorted(set(offending) | (set(committed) - {train_file}))
+
+
+def invalid_record(info: dict, ctx: Context, proposer_name: str, description: str, error: str,
+                   train: bytes, diff: str, seconds: float, extra: dict | None = None) -> dict:
+    """A ledger record for an attempt that was not run (same fields as run_experiment's)."""
+    from arun.trainfile import constants
+    best = ctx.best
+    base = best["commit"] if best else gitops.head_sha(ctx.repo_dir)
+    rec = {
+        "id": new_id(), "key": info["key"], "key_id": info["key_id"], "tag": info["tag"],
+        "backend": ctx.backend, "hardware": info["hardware"], "branch": gitops.current_branch(ctx.repo_dir),
+        "commit": base, "parent_commit": gitops.head_sha(ctx.repo_dir), "train_file": ctx.train_file,
+        "train_sha256": hashlib.sha256(train).hexdigest(), "diff": diff, "diff_base": base,
+        "description": description, "status": "invalid", "baseline": False, "val_bpb": None,
+        "val_bpb_seeds": [], "proposer": proposer_name, "near_miss": False,
+        "config": constants(train.decode("utf-8", errors="replace")), "time_budget": info["budget"],
+        "device": info["device"], "error": error, "seeds": [], "training_seconds": None, "total_seconds": 0.0,
+        "wall_seconds": seconds, "best_before": best["val_bpb"] if best else None, "proposer_seconds": seconds,
+    }
+    rec.update(extra or {})
+    return rec
+
+
+# --------------------------------------------------------------------------- one iteration
+
+def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any = None, budget: float | None = None,
+              device: str | None = None, seeds: int = 1, confidence: float | None = None,
+              near_miss: float | None = None, hard_timeout: float | None = None, show_progress: bool = True,
+              on_proposal: Callable[[str, str], Any] | None = None, log: Callable[[str], None] = print,
+              number: int = 1, noise_std: float | None = None) -> dict:
+    """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
+    append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up."""
+    from arun.experiment import check_scope, repo_lock, run_experiment
+    repo_dir = Path(repo_dir).resolve()
+    info = experiment_key(repo_dir, backend, budget, device)
+    train_file, kid = info["train_file"], info["key_id"]
+    recs = key_records(read_records(repo_dir, info["tag"], ledger), kid)
+    best = best_record(recs, kid)
+    decide_fn = None
+    if confidence:
+        from arun.stats import significance_decider
+        decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
+                                         **({"near_miss": near_miss} if near_miss is not None else {}))
+    run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
+                      near_miss=near_miss, confidence=confidence, decide_fn=decide_fn, log=log,
+                      record_sink=ledger.append if ledger is not None else None)
+    name = getattr(proposer, "name", "proposer")
+    if best is None:
+        log(f"arun loop: no baseline yet for {info['tag']} (key {kid}); running {train_file} as it is")
+        if on_proposal:
+            on_proposal("baseline", "")
+        return run_experiment(repo_dir, backend, "baseline", proposer=name, **run_kwargs)
+
+    ctx = Context(repo_dir=repo_dir, backend=backend, train_file=train_file, key_id=kid, tag=info["tag"],
+                  records=recs, best=best, baseline=baseline_record(recs, kid), seq_len=info.get("seq_len"),
+                  iteration=number, budget=info["budget"])
+    # Anything but the train file already out of place is not the proposer's doing: refuse rather than revert it.
+    check_scope(repo_dir, train_file)
+    pre = snapshot(repo_dir, train_file)
+    log(f"arun loop: iteration {number}: asking {name} for a change to {train_file} "
+        f"(best {best['val_bpb']:.6f})")
+    t0 = time.monotonic()
+    try:
+        # The repo lock is held while the proposer works, so an agent that runs `arun` itself is refused.
+        with repo_lock(repo_dir, wait=60.0):
+            proposal: Proposal = proposer.propose(ctx)
+    except KeyboardInterrupt:
+        revert_all(repo_dir, train_file, pre)
+        raise
+    except ArunError:
+        revert_all(repo_dir, train_file, pre)
+        raise
+    except Exception as e:  # noqa: BLE001 - a broken proposer is an invalid attempt, not a dead loop
+        proposal = Proposal(description=name, error=f"{name} failed: {type(e).__name__}: {e}"[:500])
+    seconds = proposal.seconds or (time.monotonic() - t0)
+    base = best["commit"]
+    committed = restore_head(repo_dir, pre)
+    new = (repo_dir / train_file).read_bytes()
+    diff = gitops.diff_against(repo_dir, base, train_file)
+    outside = sorted(set(gitops.offending_files(repo_dir, train_file)) | (set(committed) - {train_file}))
+    extra = {k: v for k, v in proposal.extra.items() if k.startswith("agent_")}
+
+    def invalid(error: str) -> dict:
+        rec = invalid_record(info, ctx, name, proposal.description, error, new, diff, seconds, extra)
+        appended = ledger.append(rec) if ledger is not None else Ledger(ledger_path(repo_dir, info["tag"])).append(rec)
+        log(f"arun: INVALID: {error}; train file restored to {base[:10]} [{info['tag']}] id {appended['id']}")
+        return appended
+
+    if proposal.error:
+        revert_all(repo_dir, train_file, pre)
+        return invalid(proposal.error)
+    if outside:
+        keep = Path(".arun") / "reverted" / time.strftime("%Y%m%d-%H%M%S")
+        revert_all(repo_dir, train_file, pre, keep_dir=repo_dir / keep)
+        shown = ", ".join(outside[:20]) + (f" (+{len(outside) - 20} more)" if len(outside) > 20 else "")
+        return invalid(f"changed files outside {train_file}: {shown} (all reverted; the changed versions are in {keep}/)")
+    if new == pre.train:
+        revert_all(repo_dir, train_file, pre)
+        return invalid(extra.get("agent_error") or "agent made no change")
+    sha = hashlib.sha256(new).hexdigest()
+    again = next((r for r in recs if r.get("train_sha256") == sha and r.get("status") in ("keep", "discard", "crash", "timeout")), None)
+    if again is not None:
+        revert_all(repo_dir, train_file, pre)
+        v = again.get("val_bpb")
+        return invalid(f"this exact train file was already scored: id {again.get('id')} ({again.get('status')}"
+                       f"{f', val_bpb {v:.6f}' if isinstance(v, (int, float)) else ''})")
+    repo = gitops.open_repo(repo_dir)
+    repo.git.reset("-q", "--", train_file)  # staged by the agent: back to a plain working-tree change
+    log(f"arun loop: proposal: {proposal.description}")
+    if on_proposal:
+        on_proposal(proposal.description, diff)
+    return run_experiment(repo_dir, backend, proposal.description, proposer=name, **run_kwargs)
+
+
+# --------------------------------------------------------------------------- the loop
+
+@dataclass
+class LoopResult:
+    reason: str                          # done | hours | crashes | interrupted | error
+    records: list[dict] = field(default_factory=list)
+    summary: str = ""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a scheduler, systemd, kill) ends the loop as cleanly as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | None, seeds: int,
+              confidence: float | None, log: Callable[[str], None]) -> dict:
+    """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
+    and whether --confidence has a spread to test against."""
+    import prepare
+    from arun.experiment import check_scope
+    from arun.noise import load_noise
+    info = experiment_key(repo_dir, backend, budget, device)
+    try:
+        prepare.PreparedData.open().verify()
+    except prepare.PrepareError as e:
+        raise ArunError(str(e)) from None
+    train_file = info["train_file"]
+    check_scope(repo_dir, train_file)
+    best = best_record(read_records(repo_dir, info["tag"]), info["key_id"])
+    base = best["commit"] if best else gitops.head_sha(repo_dir)
+    try:
+        committed = gitops.file_at(repo_dir, base, train_file)
+    except Exception:  # noqa: BLE001
+        raise ArunError(f"the best commit {base[:10]} is not in this repository; git fetch the branch that has it") from None
+    if (repo_dir / train_file).read_bytes() != committed:
+        raise ArunError(f"{train_file} has edits that are not the best commit ({base[:10]}); run them once "
+                        f"(arun --backend {backend} -m '...') or revert them (git checkout {base[:10]} -- {train_file}) "
+                        f"before starting the loop")
+    if confidence is not None:
+        if not 0 < confidence < 1:
+            raise ArunError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+        if seeds < 2 and load_noise(repo_dir, info["tag"], info["key_id"]) is None:
+            raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key: measure it with "
+                            f"arun noise --backend {backend} --seeds 5 (or pass --seeds 2 or more)")
+    return info
+
+
+def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, iterations: int | None = None,
+             hours: float | None = None, seeds: int = 1, confidence: float | None = None, budget: float | None = None,
+             device: str | None = None, hard_timeout: float | None = None,
+             agent_timeout: float = DEFAULT_AGENT_TIMEOUT, max_crashes: int = DEFAULT_MAX_CRASHES,
+             near_miss: float | None = None, show_progress: bool = True, seed: int = 0,
+             log: Callable[[str], None] = print) -> LoopResult:
+    """Iterates until `iterations` experiments, `hours` of wall clock, `max_crashes` consecutive
+    unscored iterations, or Ctrl-C. With neither limit it runs until stopped, like upstream's agent."""
+    repo_dir = Path(repo_dir).resolve()
+    if iterations is not None and iterations < 1:
+        raise ArunError(f"--iterations must be at least 1, got {iterations}")
+    if hours is not None and hours <= 0:
+        raise ArunError(f"--hours must be positive, got {hours}")
+    if seeds < 1:
+        raise ArunError(f"--seeds must be at least 1, got {seeds}")
+    info = preflight(repo_dir, backend, budget, device, seeds, confidence, log)
+    proposer = agent if not isinstance(agent, str) else make_proposer(agent, repo_dir=repo_dir, backend=backend,
+                                                                      seed=seed, agent_timeout=agent_timeout)
+    start = len(key_records(read_records(repo_dir, info["tag"]), info["key_id"]))  # the ledger only grows
+    deadline = time.monotonic() + hours * 3600 if hours else None
+    result = LoopResult(reason="done")
+    streak = 0
+    n = 0
+    with _sigterm_as_interrupt():
+        try:
+            while True:
+                if iterations is not None and n >= iterations:
+                    result.reason = "done"
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    result.reason = "hours"
+                    break
+                n += 1
+                rec = iteration(repo_dir, backend, proposer, budget=budget, device=device, seeds=seeds,
+                                confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,
+                                show_progress=show_progress, log=log, number=n)
+                result.records.append(rec)
+                streak = 0 if rec.get("status") in SCORED else streak + 1
+                if max_crashes > 0 and streak >= max_crashes:
+                    result.reason = "crashes"
+                    log(f"arun loop: stopping after {streak} consecutive iterations without a score "
+                        f"(crash, timeout or invalid); last: {rec.get('error')}")
+                    break
+        except KeyboardInterrupt:
+            result.reason = "interrupted"
+            main = threading.current_thread() is threading.main_thread()
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # a 2nd Ctrl-C must not cut the clean-up short
+            try:
+                _back_to_best(repo_dir, info)
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, old)
+            log("arun loop: interrupted; the train file is at the best commit")
+        except ArunError as e:
+            # Something refused mid-loop (another arun holding the repo, a full disk, ...): report, then say why.
+            result.reason = "error"
+            _back_to_best(repo_dir, info)
+            _finish(repo_dir, info, result, start, log)
+            raise ArunError(f"arun loop stopped: {e}") from None
+    _finish(repo_dir, info, result, start, log)
+    return result
+
+
+def _finish(repo_dir: Path, info: dict, result: LoopResult, start: int, log: Callable[[str], None]) -> None:
+    """The summary of this loop's experiments: every record of the key appended since the loop began
+    (including one for a run interrupted by Ctrl-C, which run_experiment records before re-raising)."""
+    from arun.summary import report
+    history = key_records(read_records(repo_dir, info["tag"]), info["key_id"])
+    result.summary = report(history[start:], history, title=f"arun loop ({result.reason})")
+    log(result.summary)
+
+
+def _back_to_best(repo_dir: Path, info: dict) -> None:
+    best = best_record(read_records(repo_dir, info["tag"]), info["key_id"])
+    commit = best["commit"] if best else gitops.head_sha(repo_dir)
+    with contextlib.suppress(Exception):
+        gitops.restore_train_file(repo_dir, info["train_file"], commit)

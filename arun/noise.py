@@ -1,0 +1,120 @@
+"""
+`arun noise`: how much does val_bpb move when nothing but the seed changes?
+
+Runs the current best train file N times (ARUN_SEED = SEED, SEED+1, ...) through exactly
+the path `arun --backend X --seeds N` takes, records nothing in the ledger (nothing was
+tried), and stores the spread with the comparability key in `bench/<tag>/noise.json`:
+
+    {"<key_id>": {"key": {...}, "commit": "...", "train_sha256": "...", "values": [...],
+                  "seeds": [...], "mean": m, "std": s, "n": N, "time": "...", "wall_seconds": w}}
+
+The significance gate (arun.stats) uses `std` as a floor on the spread of every comparison
+for that key, and the values themselves as extra runs of the best when its train file is the
+one that was measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from arun.errors import ArunError
+
+
+def noise_path(repo_dir: Path | str, tag: str) -> Path:
+    return Path(repo_dir) / "bench" / tag / "noise.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
+    """The stored noise measurement of this key, or None."""
+    if not tag or not key_id:
+        return None
+    entry = _read(noise_path(repo_dir, tag)).get(key_id)
+    if not isinstance(entry, dict) or not isinstance(entry.get("std"), (int, float)):
+        return None
+    return entry
+
+
+def save_noise(repo_dir: Path | str, tag: str, entry: dict) -> Path:
+    """Adds or replaces this key's entry, atomically (one rename)."""
+    path = noise_path(repo_dir, tag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _read(path)
+    data[entry["key_id"]] = entry
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def spread(values: list[float]) -> dict:
+    return {"values": list(values), "n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: float | None = None,
+                  device: str | None = None, hard_timeout: float | None = None, show_progress: bool = True,
+                  log: Callable[[str], None] = print) -> dict:
+    """Runs the best train file `seeds` times and saves the spread; returns the stored entry.
+    Refuses (ArunError) when the train file differs from the best commit: the runs restore it."""
+    from arun import gitops
+    from arun.experiment import run_experiment
+    from arun.loop import experiment_key, read_records
+    from arun.ratchet import best_record
+
+    if seeds < 2:
+        raise ArunError(f"arun noise needs at least 2 seeds to measure a spread, got {seeds}; try --seeds 5")
+    repo_dir = Path(repo_dir).resolve()
+    info = experiment_key(repo_dir, backend, budget, device)
+    records = read_records(repo_dir, info["tag"], None)
+    best = best_record(records, info["key_id"])
+    base = best["commit"] if best else gitops.head_sha(repo_dir)
+    train_file = info["train_file"]
+    current = (repo_dir / train_file).read_bytes()
+    try:
+        at_base = gitops.file_at(repo_dir, base, train_file)
+    except Exception:  # noqa: BLE001 - not in this repository: run_experiment says so better
+        at_base = current
+    if current != at_base:
+        raise ArunError(f"arun noise measures the best train file (commit {base[:10]}), but {train_file} has "
+                        f"uncommitted edits that the runs would revert; run them (arun --backend {backend}) "
+                        f"or revert them first")
+    captured: list[dict] = []
+
+    def sink(record: dict) -> dict:
+        captured.append(record)
+        return record
+
+    def quiet(line: str) -> None:
+        if not line.startswith(("arun: KEEP", "arun: DISCARD")):  # nothing was decided: no verdict
+            log(line)
+
+    t0 = time.time()
+    run_experiment(repo_dir, backend, f"noise: best over {seeds} seeds", budget=budget, seeds=seeds,
+                   device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
+                   record_sink=sink, decide_fn=lambda vals, best, recs: ("discard", False), log=quiet)
+    rec = captured[-1]
+    if rec.get("status") != "discard" or not rec.get("val_bpb_seeds"):
+        raise ArunError(f"a noise run failed ({rec.get('status')}: {rec.get('error')}); see run.log, "
+                        f"fix the train file and measure again")
+    entry = {"key_id": rec["key_id"], "key": rec["key"], "tag": rec["tag"], "backend": backend,
+             "commit": rec.get("commit"), "train_sha256": hashlib.sha256(current).hexdigest(),
+             "seeds": rec.get("seeds"), **spread([float(v) for v in rec["val_bpb_seeds"]]),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.time() - t0, 3),
+             "time_budget": rec.get("time_budget"), "device": rec.get("device")}
+    path = save_noise(repo_dir, rec["tag"], entry)
+    log(f"arun: noise over {entry['n']} seeds: mean {entry['mean']:.6f}, std {entry['std']:.6f} "
+        f"(min {min(entry['values']):.6f}, max {max(entry['values']):.6f}) -> {path.relative_to(repo_dir)}")
+    return entry

@@ -1,0 +1,206 @@
+"""
+Is a change really better, or just a lucky seed? Pure statistics for the keep/discard gate.
+
+A five-minute run is noisy (seed, data order, and how many steps fit in the wall-clock
+budget all move val_bpb), so with `--confidence C` a change is kept only when a one-sided
+Welch t-test says its mean val_bpb is lower than the best's at that confidence.
+
+The Student-t CDF is computed here from the regularized incomplete beta function
+(a Lentz continued fraction over `math.lgamma`), so no scipy is needed. A spread measured
+by `arun noise` (the standard deviation of the best train file over several seeds) acts as
+a floor on each side's spread: two runs that happen to agree closely do not make a tiny
+difference look significant.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Callable
+
+DEFAULT_NEAR_MISS = 0.002  # as arun.experiment: a discard this close to the best is worth another look
+
+
+# --------------------------------------------------------------------------- distributions
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if a <= 0 or b <= 0:
+        raise ValueError(f"betainc needs a, b > 0, got {a}, {b}")
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    front = math.exp(log_front)
+    # The continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def normal_cdf(z: float) -> float:
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom (df = inf: the normal distribution)."""
+    if math.isnan(t) or math.isnan(df) or df <= 0:
+        raise ValueError(f"t_cdf needs a number t and df > 0, got t={t}, df={df}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    if math.isinf(df) or df > 1e7:
+        return normal_cdf(t)
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
+    return 1.0 - tail if t > 0 else tail
+
+
+# --------------------------------------------------------------------------- the test
+
+def _spread(values: list[float], noise_std: float | None) -> tuple[float | None, float]:
+    """(variance, degrees of freedom) of one side. A known noise spread is a floor; a variance
+    taken from it is treated as known (infinite degrees of freedom)."""
+    n = len(values)
+    var = statistics.variance(values) if n >= 2 else None
+    if noise_std is not None:
+        floor = float(noise_std) ** 2
+        if var is None or var < floor:
+            return floor, math.inf
+    return var, (n - 1 if var is not None else math.nan)
+
+
+def welch(candidate: list[float], best: list[float], noise_std: float | None = None) -> tuple[float, float]:
+    """(t, df) of Welch's test of mean(candidate) - mean(best). When one side has a single value
+    and no noise_std is known, it borrows the other side's variance (equal spread assumed).
+    ValueError when neither side has any spread information."""
+    if not candidate or not best:
+        raise ValueError("both samples need at least one value")
+    if noise_std is not None and (not math.isfinite(noise_std) or noise_std < 0):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
+    vc, dfc = _spread(candidate, noise_std)
+    vb, dfb = _spread(best, noise_std)
+    if vc is None and vb is None:
+        raise ValueError("no spread to test against: give one side at least two values, or a noise_std "
+                         "(arun noise measures one)")
+    if vc is None:
+        vc, dfc = vb, dfb
+    if vb is None:
+        vb, dfb = vc, dfc
+    nc, nb = len(candidate), len(best)
+    diff = statistics.fmean(candidate) - statistics.fmean(best)
+    a, b = vc / nc, vb / nb
+    se2 = a + b
+    if se2 <= 0:
+        return (-math.inf if diff < 0 else math.inf if diff > 0 else 0.0), math.inf
+    # Welch–Satterthwaite; a side whose variance is known (df = inf) contributes nothing to the denominator.
+    den = (a * a / dfc if math.isfinite(dfc) else 0.0) + (b * b / dfb if math.isfinite(dfb) else 0.0)
+    df = se2 * se2 / den if den > 0 else math.inf
+    return diff / math.sqrt(se2), df
+
+
+def significantly_better(candidate: list[float], best: list[float], confidence: float,
+                         noise_std: float | None = None) -> tuple[bool, float]:
+    """One-sided Welch t-test that the candidate's mean val_bpb is LOWER than the best's.
+    Returns (better at this confidence, p-value). confidence in (0, 1), e.g. 0.95."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+    t, df = welch(candidate, best, noise_std)
+    p = t_cdf(t, df)
+    return p < 1.0 - confidence, p
+
+
+# --------------------------------------------------------------------------- the decision hook
+
+def best_sample(best: dict, noise: dict | None = None) -> list[float]:
+    """Every val_bpb measured for the best train file: its own seeds, plus the runs of `arun noise`
+    when those were of the same file (same train_sha256)."""
+    values = [float(v) for v in (best.get("val_bpb_seeds") or [best["val_bpb"]])]
+    if noise and noise.get("train_sha256") and noise.get("train_sha256") == best.get("train_sha256"):
+        values += [float(v) for v in noise.get("values", [])]
+    return values
+
+
+def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | None = None,
+         near_miss: float = DEFAULT_NEAR_MISS) -> tuple[str, bool, dict]:
+    """(status, near_miss, details) for a scored experiment under the significance gate.
+
+    - no best yet: keep (the baseline);
+    - mean lower than the best and significantly so: keep;
+    - mean lower but within the noise: discard, flagged near miss;
+    - otherwise: discard, a near miss when within `near_miss` of the best."""
+    if best is None:
+        return "keep", False, {"reason": "baseline"}
+    mean = statistics.fmean(vals)
+    noise_std = noise.get("std") if noise else None
+    sample = best_sample(best, noise)
+    details: dict = {"candidate_n": len(vals), "best_n": len(sample), "noise_std": noise_std}
+    if mean >= best["val_bpb"]:
+        details["reason"] = "not lower than the best"
+        return "discard", mean - best["val_bpb"] <= near_miss, details
+    try:
+        ok, p = significantly_better(vals, sample, confidence, noise_std)
+    except ValueError:
+        # One run on each side and no noise measurement: nothing to test against, so the plain
+        # rule decides (callers check up front and warn; see arun.loop).
+        details["reason"] = "no spread known: plain comparison"
+        return "keep", False, details
+    details["p_value"] = p
+    details["reason"] = f"p = {p:.4g} {'<' if ok else '>='} {1 - confidence:.4g}"
+    return ("keep", False, details) if ok else ("discard", True, details)
+
+
+def significance_decider(confidence: float, *, repo_dir=None, noise_std: float | None = None,
+                         near_miss: float = DEFAULT_NEAR_MISS,
+                         log: Callable[[str], None] | None = print) -> Callable[[list[float], dict | None, list[dict]], tuple[str, bool]]:
+    """A `decide_fn` for arun.experiment.run_experiment: the significance gate, with the noise
+    measured by `arun noise` for the best's key (bench/<tag>/noise.json under repo_dir, default
+    the current directory) unless noise_std is given."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+
+    def decide(vals: list[float], best: dict | None, records: list[dict]) -> tuple[str, bool]:
+        noise = None
+        if best is not None:
+            if noise_std is not None:
+                noise = {"std": noise_std}
+            else:
+                from pathlib import Path
+
+                from arun.noise import load_noise
+                noise = load_noise(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""), best.get("key_id", ""))
+        status, near, details = gate(vals, best, confidence, noise, near_miss)
+        if log and best is not None:
+            std = details.get("noise_std")
+            log(f"arun: significance at {confidence:g}: {details['reason']} "
+                f"({details.get('candidate_n')} run(s) vs {details.get('best_n')} of the best"
+                f"{f', noise std {std:.4g}' if std is not None else ''}) -> {status}{' (near miss)' if near else ''}")
+        return status, near
+
+    return decide

@@ -1,0 +1,98 @@
+"""
+A scripted stand-in for a coding agent, driven by `arun loop --agent "python tests/fake_agent.py MODE ..."`.
+
+It follows arun's agent convention: the prompt arrives on stdin (and in $ARUN_PROMPT_FILE),
+the file to edit is $ARUN_TRAIN_FILE, the description goes to $ARUN_DESCRIPTION_FILE or is
+the last stdout line. Modes:
+
+    set NAME=VALUE ...   rewrite constants of the hyperparameter block (VALUE is a Python literal)
+    comment [TEXT]       append a comment line to the train file (a change that changes nothing)
+    forbidden            edit the train file, prepare.py, and create notes.txt
+    forbidden-commit     edit the train file and prepare.py, then git commit both
+    hang                 edit the train file, start a grandchild `sleep`, then sleep forever
+    nochange             print something and exit without editing
+    break                write a syntax error into the train file (unique per iteration)
+    fail                 exit 3 without editing
+
+$FAKE_AGENT_DUMP: if set, the prompt read from stdin is written there (with the env it saw).
+$FAKE_AGENT_PIDS: if set, `hang` writes "<own pid> <grandchild pid>" there once it is running.
+$FAKE_AGENT_DESCRIBE: if set, `set` writes it to $ARUN_DESCRIPTION_FILE.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def rewrite(path: Path, overrides: dict) -> None:
+    from arun.trainfile import rewrite_constants
+    path.write_text(rewrite_constants(path.read_text(), overrides))
+
+
+def append(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def main(argv: list[str]) -> int:
+    prompt = sys.stdin.read()
+    train = Path(os.environ["ARUN_TRAIN_FILE"])
+    it = os.environ.get("ARUN_ITERATION", "0")
+    dump = os.environ.get("FAKE_AGENT_DUMP")
+    if dump:
+        Path(dump).write_text(json.dumps({"stdin": prompt, "env": {k: v for k, v in os.environ.items()
+                                                                   if k.startswith("ARUN_")}, "argv": argv}))
+    mode, args = (argv[0], argv[1:]) if argv else ("nochange", [])
+    if mode == "set":
+        overrides = {}
+        for a in args:
+            name, _, value = a.partition("=")
+            overrides[name] = ast.literal_eval(value)
+        rewrite(train, overrides)
+        print("thinking...")
+        print("set " + ", ".join(args))  # the last stdout line is the description...
+        if os.environ.get("FAKE_AGENT_DESCRIBE"):  # ...unless the description file says otherwise
+            Path(os.environ["ARUN_DESCRIPTION_FILE"]).write_text(os.environ["FAKE_AGENT_DESCRIBE"] + "\n")
+    elif mode == "comment":
+        text = " ".join(args) or f"a comment from iteration {it}"
+        append(train, f"# {text}")
+        Path(os.environ["ARUN_DESCRIPTION_FILE"]).write_text(f"comment: {text}\nsecond line is ignored\n")
+    elif mode == "forbidden":
+        append(train, "# fake agent")
+        append(Path("prepare.py"), "# the agent was here")
+        Path("notes.txt").write_text("scratch\n")
+        print("edited three files")
+    elif mode == "forbidden-commit":
+        append(train, "# fake agent")
+        append(Path("prepare.py"), "# the agent was here")
+        subprocess.run(["git", "commit", "-qam", "agent commit"], check=True)
+        print("committed")
+    elif mode == "hang":
+        append(train, "# about to hang")
+        child = subprocess.Popen(["sleep", "600"])
+        pids = os.environ.get("FAKE_AGENT_PIDS")
+        if pids:
+            Path(pids).write_text(f"{os.getpid()} {child.pid}")
+        time.sleep(600)
+    elif mode == "nochange":
+        print("I looked and changed nothing")
+    elif mode == "break":
+        append(train, f"def broken_{it}(:")
+        print("broke it")
+    elif mode == "fail":
+        print("something went wrong", file=sys.stderr)
+        return 3
+    else:
+        print(f"fake_agent: unknown mode {mode!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

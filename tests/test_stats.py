@@ -1,0 +1,114 @@
+"""arun.stats: the t distribution from the incomplete beta, Welch's test, and the keep/discard gate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from arun.stats import (best_sample, betainc, gate, significance_decider, significantly_better, t_cdf, welch)
+
+
+@pytest.mark.parametrize("x", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
+def test_betainc_closed_forms(x: float) -> None:
+    assert betainc(1, 1, x) == pytest.approx(x, abs=1e-12)               # uniform
+    assert betainc(3, 1, x) == pytest.approx(x ** 3, abs=1e-12)          # I_x(a, 1) = x^a
+    assert betainc(1, 2.5, x) == pytest.approx(1 - (1 - x) ** 2.5, abs=1e-12)
+    assert betainc(2.5, 4, x) == pytest.approx(1 - betainc(4, 2.5, 1 - x), abs=1e-12)  # symmetry
+
+
+@pytest.mark.parametrize("t", [-30.0, -2.5, -0.7, 0.0, 0.3, 1.0, 4.2])
+def test_t_cdf_matches_closed_forms_for_one_and_two_degrees_of_freedom(t: float) -> None:
+    assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)          # Cauchy
+    assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+
+
+@pytest.mark.parametrize("t,df,p", [(2.228, 10, 0.975), (2.015, 5, 0.95), (4.541, 3, 0.99), (1.96, math.inf, 0.975),
+                                    (-2.576, 1e9, 0.005), (2.042, 30, 0.975)])
+def test_t_cdf_matches_printed_tables(t: float, df: float, p: float) -> None:
+    assert t_cdf(t, df) == pytest.approx(p, abs=2e-5)
+
+
+def test_welch_statistic_and_degrees_of_freedom_by_hand() -> None:
+    a, b = [1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0]
+    t, df = welch(a, b)
+    va, vb = 5 / 3, 4.0  # sample variances
+    se2 = va / 4 + vb / 3
+    assert t == pytest.approx((2.5 - 4.0) / math.sqrt(se2))
+    assert df == pytest.approx(se2 ** 2 / ((va / 4) ** 2 / 3 + (vb / 3) ** 2 / 2))
+
+
+def test_a_clear_win_is_significant_and_a_change_within_the_noise_is_not() -> None:
+    best = [1.100, 1.110, 1.090, 1.105]
+    ok, p = significantly_better([1.000, 1.010, 0.990], best, 0.95)
+    assert ok and p < 1e-4
+    ok, p = significantly_better([1.097, 1.101], best, 0.95)  # lower mean, but well inside the spread
+    assert not ok and 0.05 < p < 0.5
+    ok, p = significantly_better([1.20, 1.21], best, 0.95)   # worse
+    assert not ok and p > 0.99
+
+
+def test_the_measured_noise_is_a_floor_on_the_spread() -> None:
+    # Two runs each that happen to agree to 1e-4 would make a 0.002 gain look certain...
+    assert significantly_better([1.000, 1.0001], [1.002, 1.0021], 0.95)[0]
+    # ...but not against a measured run-to-run noise of 0.01.
+    ok, p = significantly_better([1.000, 1.0001], [1.002, 1.0021], 0.95, noise_std=0.01)
+    assert not ok and p > 0.3
+    # One run each is testable once the noise is known.
+    assert significantly_better([1.0], [1.1], 0.95, noise_std=0.01) == (True, pytest.approx(0.0, abs=1e-9))
+    assert not significantly_better([1.0], [1.1], 0.95, noise_std=0.2)[0]
+
+
+def test_one_sided_sample_borrows_the_other_sides_spread() -> None:
+    ok, p = significantly_better([0.90], [1.00, 1.01, 0.99, 1.00], 0.95)
+    assert ok and p < 0.01
+
+
+def test_refuses_what_cannot_be_tested() -> None:
+    with pytest.raises(ValueError, match="no spread"):
+        significantly_better([1.0], [1.1], 0.95)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        significantly_better([1.0, 1.1], [1.1, 1.2], 95)
+    with pytest.raises(ValueError):
+        significantly_better([], [1.0], 0.9)
+
+
+def test_identical_runs_decide_on_the_sign_alone() -> None:
+    assert significantly_better([1.0, 1.0], [1.1, 1.1], 0.99) == (True, 0.0)
+    assert significantly_better([1.1, 1.1], [1.1, 1.1], 0.99)[0] is False
+
+
+BEST = {"val_bpb": 1.100, "val_bpb_seeds": [1.100], "train_sha256": "aaa", "tag": "t", "key_id": "k"}
+
+
+def test_gate_keeps_clear_wins_and_flags_wins_within_the_noise_as_near_misses() -> None:
+    noise = {"std": 0.01, "values": [1.09, 1.11, 1.10], "train_sha256": "aaa"}
+    assert gate([1.05], None, 0.95)[:2] == ("keep", False)                     # the baseline
+    status, near, info = gate([1.05, 1.051], BEST, 0.95, noise)
+    assert (status, near) == ("keep", False) and info["p_value"] < 0.05
+    status, near, info = gate([1.095], BEST, 0.95, noise)                     # better, not significantly
+    assert (status, near) == ("discard", True) and info["p_value"] > 0.05
+    assert gate([1.101], BEST, 0.95, noise)[:2] == ("discard", True)         # worse, within 0.002
+    assert gate([1.2], BEST, 0.95, noise)[:2] == ("discard", False)          # worse
+    assert gate([1.0], BEST, 0.95, None)[:2] == ("keep", False)              # nothing to test with: plain rule
+
+
+def test_best_sample_includes_noise_runs_of_the_same_train_file_only() -> None:
+    assert best_sample(BEST, {"std": 0.01, "values": [1.09, 1.11], "train_sha256": "aaa"}) == [1.1, 1.09, 1.11]
+    assert best_sample(BEST, {"std": 0.01, "values": [1.09, 1.11], "train_sha256": "bbb"}) == [1.1]
+
+
+def test_decider_reads_the_noise_file_of_the_bests_key(tmp_path: Path) -> None:
+    (tmp_path / "bench" / "t").mkdir(parents=True)
+    (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps(
+        {"k": {"key_id": "k", "std": 0.05, "values": [1.05, 1.15, 1.1], "train_sha256": "aaa"}}))
+    lines: list[str] = []
+    decide = significance_decider(0.95, repo_dir=tmp_path, log=lines.append)
+    assert decide([1.08], BEST, []) == ("discard", True)       # 0.02 better, noise 0.05: not enough
+    assert "noise std 0.05" in lines[-1] and "near miss" in lines[-1]
+    assert decide([0.80], BEST, []) == ("keep", False)
+    assert significance_decider(0.95, repo_dir=tmp_path, noise_std=0.001, log=None)([1.08], BEST, []) == ("keep", False)
+    with pytest.raises(ValueError):
+        significance_decider(1.5)

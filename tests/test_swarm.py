@@ -1,0 +1,320 @@
+"""arun swarm: git plumbing on real repos, then one real swarm on a local Ray cluster.
+
+The swarm test runs two workers of the torch engine on CPU (ARUN_DEVICE=cpu) with a tiny
+model and a 1.5 s budget, the built-in sweep proposer, worker w1 in a separate clone (as on
+another machine, so adoption goes through git bundles), and kills w1 mid-experiment.
+Deselect with `-m "not swarm"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from arun import swarm as sw
+from helpers_repo import make_project  # the project copied into a tmp git repo, with a tiny train_cuda.py
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def init_repo(path: Path, files: dict[str, str]) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "test@arun")
+    git(path, "config", "user.name", "arun test")
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "base")
+    return git(path, "rev-parse", "HEAD")
+
+
+# --------------------------------------------------------------------------- plumbing (no Ray)
+
+def test_a_commit_travels_between_clones_as_a_bundle(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    base = init_repo(a, {"train.py": "X = 1\n"})
+    git(tmp_path, "clone", "-q", str(a), "b")
+    b = tmp_path / "b"
+    wt = sw.ensure_worktree(a, "r", 0, base)
+    assert git(wt, "branch", "--show-current") == "autoresearch/r-w0"
+    (wt / "train.py").write_text("X = 2\n")
+    git(wt, "commit", "-qam", "better")
+    c = git(wt, "rev-parse", "HEAD")
+    assert not sw.commit_exists(b, c)
+    sw.load_bundle(b, sw.make_bundle(a, c, base, sw.commit_ref("r", c)), sw.commit_ref("r", c))
+    assert sw.commit_exists(b, c)
+    wtb = sw.ensure_worktree(b, "r", 1, base)
+    sw.reset_worktree(wtb, c)  # adoption: the other machine's worker moves onto the winner's commit
+    assert (wtb / "train.py").read_text() == "X = 2\n"
+    assert git(wtb, "rev-parse", "HEAD") == c
+    assert sw.make_bundle(a, base, base, "refs/arun/x") is None  # the base needs no bundle
+
+
+def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    base = init_repo(repo, {"train.py": "X = 1\n"})
+    wt = sw.ensure_worktree(repo, "r", 0, base)
+    # What a killed worker leaves: a half-edited file, a stray file, a stale index.lock, a running child.
+    (wt / "train.py").write_text("X = 3\n")
+    (wt / "stray.txt").write_text("x")
+    gitdir = Path(git(wt, "rev-parse", "--absolute-git-dir"))
+    (gitdir / "index.lock").write_text("")
+    child = subprocess.Popen(["sleep", "60"], cwd=wt)
+    try:
+        assert child.pid in sw._processes_with_cwd_under(wt)
+        again = sw.ensure_worktree(repo, "r", 0, base)  # a restarted worker reuses and cleans it
+        assert again == wt and git(wt, "status", "--porcelain") == ""
+        sw.cleanup_worker(str(repo), "r", 0)
+        assert child.wait(timeout=10) != 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert not wt.exists()
+    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
+    assert git(repo, "branch", "--list", "autoresearch/r-w0")  # the branch stays
+    assert git(repo, "status", "--porcelain") == ""  # .arun/ is ignored by its own .gitignore
+    assert sw.move_branch(repo, "autoresearch/r", base)
+    assert not sw.move_branch(repo, "main", base)  # checked out: left alone
+
+
+# --------------------------------------------------------------------------- one real swarm
+
+def _needs_harness() -> None:
+    for mod in ("arun.experiment", "arun.loop", "ray", "torch"):
+        pytest.importorskip(mod)
+    if not (REPO / "train_cuda.py").exists():
+        pytest.skip("train_cuda.py has not landed")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_data: Path, tiny_cache: Path):
+    """One local Ray instance for the module (2 CPUs, no dashboard, a small object store); the
+    environment is set first because the workers Ray starts inherit it."""
+    _needs_harness()
+    import ray
+    env = {"ARUN_CACHE": str(tiny_cache), "ARUN_DATA_DIR": str(tiny_data), "ARUN_DEVICE": "cpu",
+           "OMP_NUM_THREADS": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20,
+             logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
+    """One swarm, observed throughout: start; once a worker's win was adopted by the other, kill w1
+    mid-experiment; run on until the restarted w1 recorded again; Ctrl-C while both train. The tests
+    below read what happened.
+
+    The main ledger already holds a poor result (val_bpb 9.0) for this machine's key at the base
+    commit, as a previous run would have left it: the swarm starts from that best, and the first
+    experiment to finish beats it whatever the two workers' contention for the 2 cores does to
+    their step counts; from then on the workers compete on equal terms."""
+    from arun.ledger import Ledger, ledger_path
+    root = tmp_path_factory.mktemp("swarm")
+    repo, clone = root / "repo", root / "clone"
+    repo.mkdir()
+    base = make_project(repo, "train_cuda.py")
+    git(root, "clone", "-q", str(repo), str(clone))
+    probe = sw.probe_key(repo, "cuda", 1.5, "cpu")
+    Ledger(ledger_path(repo, probe["tag"])).append({
+        "key": probe["key"], "key_id": probe["key_id"], "tag": probe["tag"], "backend": "cuda", "status": "keep",
+        "baseline": True, "commit": base, "parent_commit": base, "val_bpb": 9.0, "diff": "",
+        "description": "an earlier, poor result", "swarm": None})
+    lines: list[str] = []
+    opts = sw.SwarmOptions(repo_dir=repo, backend="cuda", device="cpu", workers=2, run="t", agent="sweep",
+                           budget=1.5, worker_repos={1: clone})
+    swarm = sw.Swarm(opts, log=lines.append)
+    out: dict = {"repo": repo, "clone": clone, "base": base, "lines": lines, "probe": probe}
+    killed: dict = {}
+    done = threading.Event()
+
+    def killer() -> None:
+        # Once a win was adopted across workers, kill w1 while its train run is under way.
+        while not done.wait(0.1):
+            st = swarm.state()
+            info = st["in_flight"].get(1)
+            if _cross_adoptions(st, base) and info and time.time() - info["since"] > 1.0:
+                killed["pid"] = st["workers"][1]["pid"]
+                killed["start_commit"] = info["parent_commit"]
+                os.kill(killed["pid"], signal.SIGKILL)
+                return
+
+    th = threading.Thread(target=killer)
+    try:
+        swarm.start()
+        th.start()
+        results = swarm.run(iterations=6)
+        # Until the kill happened and the restarted w1 recorded a real experiment after it.
+        for _ in range(4):
+            died = [i for i, r in enumerate(results) if r["status"] == "died"]
+            if died and any(r["worker"] == 1 and r["status"] not in ("died", "error") for r in results[died[0] + 1:]):
+                break
+            results += swarm.run(iterations=2)
+        done.set()
+        th.join()
+        out["results"], out["killed"] = results, killed
+        out["pids_after"] = {k: swarm.pid(k) for k in swarm.workers}
+        out["state"] = swarm.state()
+        out["worktrees"] = {k: Path(i["worktree"]) for k, i in out["state"]["workers"].items()}
+
+        # Ctrl-C (a real SIGINT to this process) once both workers are training: drive() stops the swarm.
+        interrupter = threading.Thread(target=_interrupt_when_both_train, args=(swarm,))
+        interrupter.start()
+        out["summary"] = sw.drive(swarm, iterations=4)
+        interrupter.join()
+    finally:
+        done.set()
+        if th.is_alive():
+            th.join()
+        out.setdefault("summary", swarm.stop())
+    return out
+
+
+def _interrupt_when_both_train(swarm: sw.Swarm) -> None:
+    t_end = time.time() + 120
+    while time.time() < t_end:
+        flying = swarm.state()["in_flight"]
+        if len(flying) == 2 and all(time.time() - i["since"] > 1.0 for i in flying.values()):
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.1)
+
+
+def _cross_adoptions(state: dict, base: str) -> list[tuple[int, str]]:
+    """(worker, commit) for each experiment that started from a commit another worker had won with."""
+    won_by = {a["commit"]: a["worker"] for a in state["adoptions"] if a["commit"] != base}
+    return [(k, c) for k, starts in state["started_from"].items() for _, c in starts
+            if c in won_by and won_by[c] != k]
+
+
+def _ledger(run: dict) -> list[dict]:
+    paths = list((run["repo"] / "bench").glob("*/ledger.jsonl"))
+    assert len(paths) == 1, paths  # one tag: both workers are the same kind of device
+    records = [json.loads(line) for line in paths[0].read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("swarm")]  # the swarm's, not the seeded earlier result
+
+
+@pytest.mark.swarm
+def test_both_workers_run_and_one_ledger_holds_every_record(swarm_run: dict) -> None:
+    records = _ledger(swarm_run)
+    results = swarm_run["results"]
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    reported = {r["record"]["id"] for r in results if r.get("record")}
+    stopped = {r["id"] for r in records if (r["error"] or "").startswith("interrupted")}
+    assert reported | stopped == set(ids)  # every experiment, and nothing else, is in the one ledger
+    by_worker = {k: [r for r in records if r["swarm"]["worker"] == k and r["status"] != "crash"] for k in (0, 1)}
+    assert all(len(v) >= 2 for v in by_worker.values()), {k: len(v) for k, v in by_worker.items()}
+    assert all(r["key_id"] == swarm_run["probe"]["key_id"] for r in records)
+    assert not any(r.get("baseline") for r in records)  # the ledger's earlier best was the start
+    # The one writer: no worker wrote a ledger of its own (w1's clone has none).
+    assert not list((swarm_run["clone"] / "bench").glob("*/ledger.jsonl"))
+    assert all(isinstance(r.get("diff"), str) for r in records)
+
+
+@pytest.mark.swarm
+def test_a_win_is_adopted_by_the_other_worker(swarm_run: dict) -> None:
+    st, base = swarm_run["state"], swarm_run["base"]
+    wins = [a for a in st["adoptions"] if a["commit"] != base]
+    assert wins, "no experiment beat the earlier result"
+    # Every experiment of every worker started from the swarm's best at that moment.
+    moves = sorted((a["time"], a["commit"]) for a in st["adoptions"])
+    for k, starts in st["started_from"].items():
+        for t, commit in starts:
+            best = [c for when, c in moves if when <= t]
+            assert commit == (best[-1] if best else base), (k, t, commit)
+    # In particular, a worker's win became the other worker's starting point (and the record says so).
+    cross = _cross_adoptions(st, base)
+    assert cross, "no worker started from another worker's win"
+    records = _ledger(swarm_run)
+    assert any((r["swarm"]["worker"], r["swarm"]["start_commit"]) in cross for r in records)
+    # Wins made in w1's clone reached the main repo (as from another machine: by git bundle).
+    for a in wins:
+        assert sw.commit_exists(swarm_run["repo"], a["commit"])
+
+
+@pytest.mark.swarm
+def test_a_killed_worker_is_restarted_and_its_experiment_recorded_as_crash(swarm_run: dict) -> None:
+    killed = swarm_run["killed"]
+    assert killed, "w1 was never seen running an experiment"
+    assert swarm_run["pids_after"][1] != killed["pid"]  # Ray restarted it
+    records = _ledger(swarm_run)
+    crashes = [r for r in records if r["status"] == "crash" and r["swarm"]["worker"] == 1 and "died" in (r["error"] or "")]
+    assert len(crashes) == 1
+    assert crashes[0]["parent_commit"] == killed["start_commit"]
+    later = records[records.index(crashes[0]) + 1:]  # the ledger is in append order
+    after = [r for r in later if r["swarm"]["worker"] == 1 and r["status"] != "crash"]
+    assert after, "the restarted worker recorded nothing"
+
+
+@pytest.mark.swarm
+def test_ctrl_c_records_the_interrupted_experiments_and_leaves_no_worktree(swarm_run: dict) -> None:
+    repo, clone, summary = swarm_run["repo"], swarm_run["clone"], swarm_run["summary"]
+    assert summary["interrupted"]
+    records = _ledger(swarm_run)
+    interrupted = [r for r in records if r["status"] == "crash" and (r["error"] or "").startswith("interrupted")]
+    assert sorted(r["swarm"]["worker"] for r in interrupted) == [0, 1]
+    assert records[-2:] == interrupted  # the last two records: nothing was recorded after the stop
+    for r in (repo, clone):
+        assert git(r, "worktree", "list", "--porcelain").count("worktree ") == 1
+        assert not [p for p in (r / ".arun" / "swarm").glob("t-w*") if p.is_dir()]  # the per-worker logs stay
+    assert git(repo, "branch", "--list", "autoresearch/t-w0") and git(clone, "branch", "--list", "autoresearch/t-w1")
+    for wt in swarm_run["worktrees"].values():
+        assert not sw._processes_with_cwd_under(wt)
+    (best,) = summary["best"].values()
+    assert best["commit"] != swarm_run["base"]
+    # Every run's result stays in its machine's clone; weights only for the best run, as the harness keeps them.
+    runs = {p.name for r in (repo, clone) for p in (r / ".arun" / "runs").iterdir()}
+    assert {r["id"] for r in _ledger(swarm_run) if r.get("run_dir")} <= runs
+    weights = {p.parent.name for r in (repo, clone) for p in (r / ".arun" / "runs").glob("*/weights*.npz")}
+    assert weights <= {Path(best["run_dir"]).name}
+    assert git(repo, "rev-parse", "autoresearch/t") == best["commit"]
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+@pytest.mark.swarm
+def test_one_baseline_per_key_the_other_workers_wait(tmp_path: Path, cluster) -> None:
+    """With no result for a key yet, one worker runs the baseline; the others wait for its record."""
+    repo = tmp_path / "repo"
+    base = init_repo(repo, {"train.py": "X = 1\n"})
+    ledger = cluster.remote(sw.LedgerWriter).remote(str(repo))
+    coord = cluster.remote(sw.Coordinator).remote(str(repo), "b", base, ledger)
+    first = cluster.get(coord.start.remote(0, "tag-a", "key-a"))
+    assert not first["wait"] and first["best"] is None and first["commit"] == base
+    assert cluster.get(coord.start.remote(1, "tag-a", "key-a"))["wait"]
+    assert not cluster.get(coord.start.remote(1, "tag-b", "key-b"))["wait"]  # another kind: its own baseline
+    cluster.get(coord.running.remote(0, {"parent_commit": base, "key_id": "key-a", "tag": "tag-a"}))
+    cluster.get(coord.record.remote(0, {"key_id": "key-a", "tag": "tag-a", "status": "keep", "baseline": True,
+                                        "val_bpb": 2.5, "commit": base}))
+    after = cluster.get(coord.start.remote(1, "tag-a", "key-a"))
+    assert not after["wait"] and after["best"]["val_bpb"] == 2.5 and len(after["records"]) == 1
+    # A worker that dies mid-experiment: its in-flight experiment becomes one crash record.
+    cluster.get(coord.running.remote(1, {"parent_commit": base, "key_id": "key-a", "tag": "tag-a",
+                                         "description": "try", "diff": "d"}))
+    crash = cluster.get(coord.crash.remote(1, "worker w1 died"))
+    assert crash["status"] == "crash" and crash["description"] == "try" and crash["commit"] == base
+    assert cluster.get(coord.crash.remote(1, "again"))["id"] == crash["id"]  # recorded once
+    assert len(cluster.get(ledger.records.remote("tag-a"))) == 2
