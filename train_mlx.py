@@ -59,10 +59,11 @@ FINAL_LR_FRAC = 0.0      # final LR as a fraction of the initial LR
 SEED = 42                # $ARUN_SEED overrides it
 WARMUP_STEPS = 3         # first steps (compilation) are not counted against the time budget
 COMPILE = True           # mx.compile the forward/backward and the optimizer update
-CPU_STREAMS = 0          # on the CPU, split each micro-batch over this many MLX streams (threads); 0 = one per core
+CPU_STREAMS = 0          # on the CPU, spread matmuls and Muon over this many MLX streams (threads); 0 = one per core
 COMPUTE_DTYPE = "auto"   # activations/matmuls: "auto" = bfloat16 on the Apple GPU, float32 on the CPU; or a dtype name
 # --- end hyperparameters ---
 
+ON_CPU = mx.default_device().type == mx.cpu
 RMS_EPS = 1e-6           # rms_norm epsilon, the same in every engine
 VE_GATE_CHANNELS = 32    # value-embedding gate reads the first 32 channels of x
 SOFTCAP = 15.0
@@ -186,6 +187,60 @@ def attention(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.array:
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
+def transposed(w: mx.array) -> mx.array:
+    """w.T for a right-hand matmul operand. MLX's CPU GEMM runs about half as fast on a transposed
+    right operand, so on the CPU the (small) matrix is copied once into a contiguous transpose."""
+    return mx.contiguous(w.swapaxes(-1, -2)) if ON_CPU else w.swapaxes(-1, -2)
+
+
+_CPU_STREAMS: list[mx.Stream] = []
+
+
+def cpu_streams() -> list[mx.Stream]:
+    """MLX's CPU GEMM is single-threaded, and MLX runs each CPU stream on its own thread: work is
+    spread over one stream per core (CPU_STREAMS overrides)."""
+    if not _CPU_STREAMS:
+        n = max(1, CPU_STREAMS or cpu_count())
+        _CPU_STREAMS.extend([mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)])
+    return _CPU_STREAMS
+
+
+def _row_parts(*arrays: mx.array) -> list[tuple[mx.Stream, list[mx.array]]]:
+    """The rows of 2-D arrays cut into one part per CPU stream."""
+    streams, rows = cpu_streams(), arrays[0].shape[0]
+    n = min(len(streams), max(1, rows // 64))
+    cuts = [rows * i // n for i in range(n + 1)]
+    return [(streams[i], [a[cuts[i]:cuts[i + 1]] for a in arrays]) for i in range(n)]
+
+
+def split_matmul(a: mx.array, b: mx.array) -> mx.array:
+    """a @ b for 2-D a, with a's rows spread over the CPU streams (the cores)."""
+    outs = []
+    for stream, (part,) in _row_parts(a):
+        with mx.stream(stream):
+            outs.append(part @ b)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs)
+
+
+@mx.custom_function
+def cpu_linear(x: mx.array, w: mx.array) -> mx.array:
+    return split_matmul(x.reshape(-1, x.shape[-1]), transposed(w)).reshape(*x.shape[:-1], w.shape[0])
+
+
+@cpu_linear.vjp
+def _cpu_linear_vjp(primals: tuple[mx.array, mx.array], cotangent: mx.array, output: mx.array):
+    # Written out so that no matmul has a transposed right operand (see transposed()) and every
+    # matmul is spread over the cores.
+    x, w = primals
+    g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
+    dx = split_matmul(g2, w).reshape(x.shape)
+    partial_dw = []
+    for stream, (g_part, x_part) in _row_parts(g2, x2):
+        with mx.stream(stream):
+            partial_dw.append(g_part.T @ x_part)
+    return dx, sum(partial_dw[1:], partial_dw[0])
+
+
 class Linear(nn.Module):
     """torch.nn.Linear(bias=False) layout (out, in). Weights stay fp32; the matmul runs in x's dtype."""
 
@@ -194,8 +249,8 @@ class Linear(nn.Module):
         self.weight = mx.zeros((out_features, in_features))
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self.weight
-        return x @ (w if w.dtype == x.dtype else w.astype(x.dtype)).T
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
+        return cpu_linear(x, w) if ON_CPU else x @ w.T
 
 
 class Embedding(nn.Module):
@@ -395,7 +450,7 @@ def polar_express(g: mx.array, steps: int = NS_STEPS) -> mx.array:
             A = X.swapaxes(-1, -2) @ X
             X = a * X + X @ (b * A + c * (A @ A))
         else:
-            A = X @ X.swapaxes(-1, -2)
+            A = X @ transposed(X)
             X = a * X + (b * A + c * (A @ A)) @ X
     return X
 
@@ -529,14 +584,9 @@ def schedule(progress: float, step: int) -> mx.array:
 
 
 def stream_pool() -> list[mx.Stream]:
-    """
-    Streams work may be spread over. MLX runs each CPU stream on its own thread, and every op
-    of a stream on one core, so on the CPU there is one stream per core (CPU_STREAMS overrides);
-    the Apple GPU gets its one default stream.
-    """
-    device = mx.default_device()
-    n = (CPU_STREAMS or cpu_count()) if device.type == mx.cpu else 1
-    return [mx.default_stream(device)] + [mx.new_stream(device) for _ in range(max(1, n) - 1)]
+    """Streams the optimizer's Muon groups are spread over: one per core on the CPU (see
+    cpu_streams), the one default stream on the Apple GPU."""
+    return cpu_streams() if ON_CPU else [mx.default_stream(mx.default_device())]
 
 
 def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
@@ -546,8 +596,7 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
     `grad_accum_steps` (x, y) micro-batches. With one micro-batch, forward, backward
     and update are a single compiled graph; with several, the forward/backward graph
     runs per micro-batch and the summed gradients feed a compiled update. On the CPU
-    each micro-batch's rows are split over the stream pool (one thread per core) and
-    the optimizer's Muon groups are spread over it too.
+    every matmul is spread over the cores (cpu_linear) and so are the Muon groups.
     """
     loss_and_grad = nn.value_and_grad(model, lambda x, y: cross_entropy(model(x), y))
     maybe_compile = (lambda fn, state: partial(mx.compile, inputs=state, outputs=state)(fn)) if compile \
@@ -557,20 +606,9 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
 
     def grad_only(x: mx.array, y: mx.array):
         params = model.trainable_parameters()
-        n = min(len(pool), x.shape[0])
-        while x.shape[0] % n:  # equal shards: the mean of the shard means is the batch mean
-            n -= 1
-        rows = x.shape[0] // n
-        parts = []
-        for i in range(n):
-            with mx.stream(pool[i]):
-                parts.append(loss_and_grad(x[i * rows:(i + 1) * rows], y[i * rows:(i + 1) * rows]))
-            # value_and_grad leaves its own (traced) copies of the parameters in the model: put the inputs back
-            model.update(params)
-        if n == 1:
-            return parts[0]
-        loss = sum(p[0] for p in parts) / n
-        return loss, tree_map(lambda *g: sum(g) / n, *(p[1] for p in parts))
+        out = loss_and_grad(x, y)
+        model.update(params)  # value_and_grad leaves its own (traced) copies of the parameters in the model
+        return out
 
     def fused(x: mx.array, y: mx.array, sched: mx.array) -> mx.array:
         loss, grads = grad_only(x, y)
