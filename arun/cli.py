@@ -103,6 +103,44 @@ def start_cmd(name: str) -> None:
     console.print(f"{'created' if created else 'on'} {branch}")
 
 
+@cli.command("set")
+@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="whose train file to edit")
+@click.argument("assignments", nargs=-1, required=True, metavar="NAME=VALUE...")
+def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
+    """Set constants in the train file's hyperparameter block, e.g. `arun set --backend mlx DEPTH=2`.
+
+    VALUE is a Python literal or arithmetic (2**16, (0.8, 0.95), "SSSL"); a bare word is a string.
+    The edit is an ordinary change to the train file: the next experiment records and judges it."""
+    import ast
+    from pathlib import Path
+
+    from arun.gitops import write_atomic
+    from arun.trainfile import constants, rewrite_constants, safe_eval
+    from engines import TRAIN_FILES
+
+    path = Path.cwd() / TRAIN_FILES[backend]
+    if not path.exists():
+        fail(f"{path.name} not found in {Path.cwd()}; run arun set from the project's root")
+    overrides = {}
+    for item in assignments:
+        name, eq, raw = item.partition("=")
+        if not eq or not name.strip():
+            fail(f"{item!r} is not NAME=VALUE; write e.g. DEPTH=2")
+        try:
+            value = safe_eval(ast.parse(raw.strip(), mode="eval").body)
+        except (SyntaxError, ValueError):
+            value = raw.strip()  # a bare word such as SSSL
+        overrides[name.strip()] = value
+    text = path.read_text()
+    before = constants(text, keep_source=True)
+    unknown = sorted(set(overrides) - set(before))
+    if unknown:
+        fail(f"{', '.join(unknown)} not in the hyperparameter block of {path.name}; it has: {', '.join(before)}")
+    write_atomic(path, rewrite_constants(text, overrides).encode())
+    for name, value in overrides.items():
+        console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
+
+
 @cli.command("compare")
 @click.option("--ref", "refs", multiple=True, metavar="REF",
               help="also read bench/*/ledger.jsonl from this git ref (e.g. origin/autoresearch/mar5); repeatable")

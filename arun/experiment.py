@@ -485,7 +485,9 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                     log(f"arun: {train_file} changed during the run; keeping the version that ran, your edit is dropped")
                     gitops.write_atomic(train_path, pre_run)
                 log("arun: reproducing the result: re-evaluating the saved weights with fixed code")
+                t_verify = time.perf_counter()
                 record["error"] = reproduce(repo_dir, run_dir, backend, outcomes, data.dir, device, hard_timeout, budget)
+                record["verify_seconds"] = time.perf_counter() - t_verify
                 if record["error"]:
                     status, near = "invalid", False
         record.update(_result_fields(outcomes, results))

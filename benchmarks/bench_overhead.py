@@ -7,7 +7,8 @@ overhead split of each, then the median.
     setup       train() -> first training step (model build, optimizer, data loader)
     warm-up     the WARMUP_STEPS steps the budget does not count (compilation)
     eval        causality probe + val_bpb over the fixed rows
-    harness     arun's own time outside the child (engine probe, git, ledger, commit/restore)
+    verify      a keep only: the harness's re-evaluation of the saved weights (python -m arun.verify)
+    harness     arun's other time outside the child (engine probe, git, ledger, commit/restore)
     other       the rest: checkpoint save, result JSON, interpreter exit
     overhead    wall - training  (= the sum of the above)
 
@@ -65,11 +66,13 @@ def split(rec: dict) -> dict:
         x = rec.get(name)
         return float(x) if isinstance(x, (int, float)) else 0.0
     launch, startup, warmup, evaluation = v("launch_seconds"), v("startup_seconds"), v("warmup_seconds"), v("eval_seconds")
-    harness, overhead = v("bookkeeping_seconds"), v("overhead_seconds")
+    verify, overhead = v("verify_seconds"), v("overhead_seconds")
+    harness = v("bookkeeping_seconds") - verify
     setup = max(0.0, startup - launch)
-    other = overhead - launch - setup - warmup - evaluation - harness
+    other = overhead - launch - setup - warmup - evaluation - verify - harness
     return {"wall": v("wall_seconds"), "training": v("training_seconds"), "launch": launch, "setup": setup,
-            "warm-up": warmup, "eval": evaluation, "harness": harness, "other": other, "overhead": overhead,
+            "warm-up": warmup, "eval": evaluation, "verify": verify, "harness": harness, "other": other,
+            "overhead": overhead,
             "overhead %": 100 * overhead / v("wall_seconds") if v("wall_seconds") else 0.0}
 
 
@@ -97,7 +100,8 @@ def main() -> None:
         train_file = TRAIN_FILES[args.backend]
         repo = tmp / "repo"
         make_repo(repo, train_file, tiny=not args.full)
-        cols = ["wall", "training", "launch", "setup", "warm-up", "eval", "harness", "other", "overhead", "overhead %"]
+        cols = ["wall", "training", "launch", "setup", "warm-up", "eval", "verify", "harness", "other", "overhead",
+                "overhead %"]
         print(f"backend {args.backend}{' device ' + args.device if args.device else ''}, "
               f"{'full' if args.full else 'tiny'} model, budget {args.budget:g}s, {args.n} experiments (seconds)")
         print(f"{'#':>3} {'status':8} " + " ".join(f"{c:>10}" for c in cols))
@@ -116,6 +120,9 @@ def main() -> None:
         if rows:
             med = {c: statistics.median(r[c] for r in rows) for c in cols}
             print(f"{'med':>3} {'':8} " + " ".join(f"{med[c]:>10.2f}" for c in cols))
+            verified = [r["verify"] for r in rows if r["verify"] > 0]
+            if verified:
+                print(f"a keep's reproduction (median of {len(verified)}): {statistics.median(verified):.2f}s")
 
 
 if __name__ == "__main__":

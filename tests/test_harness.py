@@ -693,3 +693,24 @@ def test_the_record_config_keeps_every_constant_of_the_block() -> None:
     for name in ("train_cuda.py", "train_mlx.py"):
         if (REPO / name).exists():
             assert isinstance(train_constants((REPO / name).read_text()).get("TOTAL_BATCH_SIZE"), int)
+
+
+def test_set_edits_only_the_constants_block(tmp_path: Path) -> None:
+    """`arun set` rewrites named constants in place; unknown names and malformed items change nothing."""
+    repo = make_repo(tmp_path / "repo", {"train_mlx.py": (REPO / "train_mlx.py").read_text()})
+    before = (repo / "train_mlx.py").read_text()
+    ok = subprocess.run(["arun", "set", "--backend", "mlx", "DEPTH=2", "TOTAL_BATCH_SIZE=2**11", "WINDOW_PATTERN=L",
+                         "ADAM_BETAS=(0.9, 0.95)"], cwd=repo, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    from arun.trainfile import constants
+    after = (repo / "train_mlx.py").read_text()
+    got = constants(after)
+    assert (got["DEPTH"], got["TOTAL_BATCH_SIZE"], got["WINDOW_PATTERN"], got["ADAM_BETAS"]) == (2, 2048, "L", (0.9, 0.95))
+    changed = [line for line in after.splitlines() if line not in before.splitlines()]
+    assert len(changed) == 4 and all(line.split(" = ")[0] in ("DEPTH", "TOTAL_BATCH_SIZE", "WINDOW_PATTERN", "ADAM_BETAS")
+                                     for line in changed)
+    for bad, why in ((["NOT_A_CONSTANT=1"], "NOT_A_CONSTANT not in the hyperparameter block"),
+                     (["DEPTH"], "is not NAME=VALUE")):
+        p = subprocess.run(["arun", "set", "--backend", "mlx", *bad], cwd=repo, capture_output=True, text=True)
+        assert p.returncode == 1 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert (repo / "train_mlx.py").read_text() == after
