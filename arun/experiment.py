@@ -484,12 +484,20 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                     # Edited while it ran (an agent that did not wait): what is checked and committed is what ran.
                     log(f"arun: {train_file} changed during the run; keeping the version that ran, your edit is dropped")
                     gitops.write_atomic(train_path, pre_run)
-                log("arun: reproducing the result: re-evaluating the saved weights with fixed code")
                 t_verify = time.perf_counter()
-                record["error"] = reproduce(repo_dir, run_dir, backend, outcomes, data.dir, device, hard_timeout, budget)
+                try:
+                    with _sigterm_as_interrupt():
+                        log("arun: reproducing the result: re-evaluating the saved weights with fixed code")
+                        record["error"] = reproduce(repo_dir, run_dir, backend, outcomes, data.dir, device,
+                                                    hard_timeout, budget)
+                except KeyboardInterrupt as e:
+                    interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+                    status, near = "crash", False
+                    record["error"] = f"interrupted ({interrupted}) while the harness reproduced the result"
+                else:
+                    if record["error"]:
+                        status, near = "invalid", False
                 record["verify_seconds"] = time.perf_counter() - t_verify
-                if record["error"]:
-                    status, near = "invalid", False
         record.update(_result_fields(outcomes, results))
         if status == "invalid" and val is not None:  # a number the harness could not stand behind is not a result
             record["claimed_val_bpb"], val = val, None
