@@ -167,6 +167,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def child_env(data_dir: Path, device: str | None, seed: int | None = None, **values: str) -> dict:
+    """The environment of a process the harness starts (a run, a re-evaluation): ours, with the data
+    folder, the torch device and the seed set explicitly, never inherited from the caller."""
+    env = dict(os.environ, ARUN_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **values)
+    env.pop("ARUN_SEED", None)
+    env.pop("ARUN_DEVICE", None)
+    if seed is not None:
+        env["ARUN_SEED"] = str(seed)
+    if device:
+        env["ARUN_DEVICE"] = device
+    return env
+
+
 def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, hard_timeout: float,
                    on_line: Callable[[str], None] | None = None, prefix: str = "",
                    seed: int | None = None, log_is_stdout: bool = False) -> RunOutcome:
@@ -438,15 +451,9 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         label = f"{backend} {description[:40]}".strip()
         with _sigterm_as_interrupt(), Progress(show_progress and sys.stdout.isatty(), label) as bar:
             for i, seed in enumerate(seed_list):
-                env = dict(os.environ, ARUN_DATA_DIR=str(data.dir), ARUN_TIME_BUDGET=repr(budget),
-                           ARUN_RESULT_JSON=str(run_dir / f"result{i}.json"),
-                           ARUN_CHECKPOINT=str(run_dir / f"weights{i}.npz"), PYTHONUNBUFFERED="1")
-                env.pop("ARUN_SEED", None)
-                env.pop("ARUN_DEVICE", None)
-                if seed is not None:
-                    env["ARUN_SEED"] = str(seed)
-                if device:
-                    env["ARUN_DEVICE"] = device
+                env = child_env(data.dir, device, seed, ARUN_TIME_BUDGET=repr(budget),
+                                ARUN_RESULT_JSON=str(run_dir / f"result{i}.json"),
+                                ARUN_CHECKPOINT=str(run_dir / f"weights{i}.npz"))
                 if len(seed_list) > 1:
                     bar.new_run(f"{label} (seed {seed}, {i + 1}/{len(seed_list)})")
                 prefix = f"[seed {seed}] " if len(seed_list) > 1 else ""
@@ -559,15 +566,12 @@ def reproduce(repo_dir: Path, run_dir: Path, backend: str, outcomes: list[RunOut
     fresh process running fixed code (the train file is imported for its model only). Returns why the
     claim does not stand, or None. Runs with the lock held, so the train file is the one that ran."""
     verdicts: list[dict] = []
+    env = child_env(data_dir, device)
     for i, o in enumerate(outcomes):
         assert o.result is not None
         checkpoint, out = run_dir / f"weights{i}.npz", run_dir / f"verify{i}.json"
         batch = (o.result.get("config") or {}).get("EVAL_BATCH_SIZE")
         batch = batch if isinstance(batch, int) and 0 < batch <= 1024 else 32
-        env = dict(os.environ, ARUN_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1")
-        env.pop("ARUN_DEVICE", None)
-        if device:
-            env["ARUN_DEVICE"] = device
         cmd = [sys.executable, "-m", "arun.verify", "--backend", backend, "--repo", str(repo_dir),
                "--checkpoint", str(checkpoint), "--batch-size", str(batch), "--out", str(out)]
         try:

@@ -25,41 +25,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-TINY = {"DEPTH": 1, "ASPECT_RATIO": 64, "HEAD_DIM": 32, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 512,
-        "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32, "WARMUP_STEPS": 1, "COMPILE": False}
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def make_repo(dest: Path, train_file: str, tiny: bool) -> None:
-    from arun.trainfile import rewrite_constants
-    dest.mkdir(parents=True)
-    shutil.copy2(ROOT / "prepare.py", dest / "prepare.py")
-    shutil.copy2(ROOT / ".gitignore", dest / ".gitignore")
-    shutil.copytree(ROOT / "engines", dest / "engines", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    text = (ROOT / train_file).read_text()
-    if tiny:  # by name, not by constants(): a value like 2**16 is an expression, still rewritable
-        text = rewrite_constants(text, {k: v for k, v in TINY.items() if f"\n{k} = " in text})
-    (dest / train_file).write_text(text)
-    git(dest, "init", "-q", "-b", "main")
-    git(dest, "config", "user.email", "bench@arun")
-    git(dest, "config", "user.name", "arun bench")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-qm", "bench")
-
+from helpers_repo import make_project  # noqa: E402 - the tests' throwaway copy of the project (tiny train file)
 
 def split(rec: dict) -> dict:
     def v(name: str) -> float:
@@ -99,7 +74,7 @@ def main() -> None:
             os.environ["ARUN_DATA_DIR"] = str(prepare.prepare("pystdlib", "tiny", log=lambda s: None))
         train_file = TRAIN_FILES[args.backend]
         repo = tmp / "repo"
-        make_repo(repo, train_file, tiny=not args.full)
+        make_project(repo, train_file, tiny=not args.full)
         cols = ["wall", "training", "launch", "setup", "warm-up", "eval", "verify", "harness", "other", "overhead",
                 "overhead %"]
         print(f"backend {args.backend}{' device ' + args.device if args.device else ''}, "

@@ -53,8 +53,10 @@ def tiny_train_text(train_file: str = "train_cuda.py", overrides: dict | None = 
     return rewrite_constants((REPO / train_file).read_text(), {**TINY, **(overrides or {})})
 
 
-def make_project(dest: Path, train_file: str = "train_cuda.py", overrides: dict | None = None) -> str:
-    """Copies the project into dest, makes the train file tiny, commits it all; returns the commit."""
+def make_project(dest: Path, train_file: str = "train_cuda.py", overrides: dict | None = None,
+                 tiny: bool = True) -> str:
+    """Copies the project into dest, makes the train file tiny (unless tiny=False), commits it all;
+    returns the commit."""
     dest.mkdir(parents=True, exist_ok=True)
     files = git(REPO, "ls-files", "-co", "--exclude-standard").splitlines()
     for rel in files:
@@ -63,7 +65,8 @@ def make_project(dest: Path, train_file: str = "train_cuda.py", overrides: dict 
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / rel)
-    (dest / train_file).write_text(tiny_train_text(train_file, overrides))
+    if tiny:
+        (dest / train_file).write_text(tiny_train_text(train_file, overrides))
     git(dest, "init", "-q", "-b", "main")
     git(dest, "config", "user.email", "test@arun")
     git(dest, "config", "user.name", "arun test")
