@@ -148,7 +148,7 @@ def _parquet_texts(paths: Iterable[Path], start: int = 0, stop: int | None = Non
 
 
 def _hub_files(repo: str, files: list[str], dest: Path, workers: int) -> list[Path]:
-    from arun.download import DownloadError, download_many, hf_dataset_url, validate_parquet
+    from arun_data.download import DownloadError, download_many, hf_dataset_url, validate_parquet
     dest.mkdir(parents=True, exist_ok=True)
     jobs = [(hf_dataset_url(repo, f), dest / f) for f in files]
     try:

@@ -1,4 +1,4 @@
-"""arun.download against real local HTTP servers and real parquet files: retries, truncation, corruption, resume."""
+"""arun_data.download against real local HTTP servers and real parquet files: retries, truncation, corruption, resume."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from arun.download import CHUNK, DownloadError, download_file, download_many, hf_dataset_url, validate_parquet
+from arun_data.download import CHUNK, DownloadError, download_file, download_many, hf_dataset_url, validate_parquet
 
 
 def _parquet_bytes(tmp: Path, seed: int = 0, n: int = 500, big: bool = False) -> bytes:
