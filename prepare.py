@@ -1,37 +1,26 @@
 """
-Fixed data preparation and runtime data utilities for arun. The research agent
-never edits this file: everything that defines *what* is measured lives here.
+The fixed runtime data API that train files read: the time budget, the active data's
+constants, the prepared tokenizer, the fixed val rows and the training dataloader.
+The research agent never edits this file: everything that defines *what* is measured
+is fixed. Building the data (sources, tokenizer training, downloads) is arun_data's job:
 
     arun prepare --dataset pystdlib --profile small     # offline, works anywhere
-    arun prepare --dataset climbmix --num-shards 10     # upstream's data
     python prepare.py --dataset files:~/notes --profile small
-
-What it makes, under $ARUN_CACHE (default ~/.cache/arun), one folder per dataset+profile:
-    tokenizer.pkl       BPE trained with rustbpe, saved as a tiktoken Encoding
-    token_bytes.npy     int32 UTF-8 byte length of every token (0 for special tokens)
-    train_XXXXX.bin     uint16 token stream of BOS-prefixed training documents
-    train_XXXXX.idx.npy int64 document offsets into that stream
-    val_rows.npy        int32 (rows, MAX_SEQ_LEN+1): the fixed validation rows
-    manifest.json       fingerprints and sha256s that make results comparable
 """
 
 from __future__ import annotations
 
 import bisect
-import glob as globlib
 import hashlib
 import json
 import os
 import pickle
 import queue
-import shutil
 import sys
-import sysconfig
 import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -43,15 +32,8 @@ DEFAULT_TIME_BUDGET = 300  # seconds of training per experiment (5 minutes)
 # The harness passes a shorter budget for smoke runs and tests; it is part of the comparability key.
 TIME_BUDGET = float(os.environ.get("ARUN_TIME_BUDGET", DEFAULT_TIME_BUDGET))
 
-MANIFEST_VERSION = 1
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]
-BOS_TOKEN = SPECIAL_TOKENS[0]
-# GPT-4 style split with \p{N}{1,2} instead of {1,3}, as upstream.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-DOC_CHAR_CAP = 10_000          # documents are capped at this many chars for tokenizer training only
-TRAIN_SHARD_TOKENS = 50_000_000  # tokens per training shard file
-VAL_EVERY = 8                  # hash-split datasets send 1 in VAL_EVERY documents to validation
-PYSTDLIB_DOC_CHARS = 1500      # pystdlib files are cut into documents of about this size
+BOS_TOKEN = SPECIAL_TOKENS[0]  # every document starts with it, so every packed row does too
 
 
 @dataclass(frozen=True)
@@ -70,15 +52,6 @@ PROFILES: dict[str, Profile] = {
     # Tests and smoke runs only: seconds end to end.
     "tiny": Profile(max_seq_len=64, eval_tokens=2**13, vocab_size=512, tokenizer_chars=2_000_000),
 }
-
-CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
-CLIMBMIX_MAX_SHARD = 6542                      # shard_06542.parquet is the last one
-CLIMBMIX_VAL_SHARD = CLIMBMIX_MAX_SHARD        # pinned validation shard, as upstream
-TINYSTORIES_REPO = "karpathy/tinystories-gpt4-clean"
-TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
-TINYSTORIES_VAL_DOCS = 120_000                 # the first stories are validation, pinned
-DOWNLOAD_ATTEMPTS = 5                          # per file, with exponential backoff between tries
-DOWNLOAD_BACKOFF = 1.0                         # seconds before the second try
 
 
 class PrepareError(Exception):
@@ -109,225 +82,9 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def _stable_bucket(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-
-
 # ---------------------------------------------------------------------------
-# Document sources: each yields (train_docs, val_docs) as iterators of str
+# Tokenizer (training it is arun_data.tokenizer's job)
 # ---------------------------------------------------------------------------
-
-@dataclass
-class Source:
-    name: str
-    describe: str
-    train_docs: Callable[[], Iterator[str]]
-    val_docs: Callable[[], Iterator[str]]
-
-
-def _parquet_texts(paths: Iterable[Path], start: int = 0, stop: int | None = None) -> Iterator[str]:
-    import pyarrow.parquet as pq
-    seen = 0
-    for path in paths:
-        try:
-            pf = pq.ParquetFile(path)
-            if "text" not in pf.schema_arrow.names:
-                raise PrepareError(f"{path}: parquet has no 'text' column (columns: {pf.schema_arrow.names}); give documents in a 'text' column")
-            for rg in range(pf.num_row_groups):
-                texts = pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-                for t in texts:
-                    if stop is not None and seen >= stop:
-                        return
-                    if seen >= start and t:
-                        yield t
-                    seen += 1
-        except PrepareError:
-            raise
-        except Exception as e:  # pyarrow raises several types for truncated/corrupt files
-            raise PrepareError(f"{path}: unreadable parquet ({type(e).__name__}: {str(e).splitlines()[0][:120]}); delete it and rerun prepare") from e
-
-
-def _hub_files(repo: str, files: list[str], dest: Path, workers: int) -> list[Path]:
-    from arun_data.download import DownloadError, download_many, hf_dataset_url, validate_parquet
-    dest.mkdir(parents=True, exist_ok=True)
-    jobs = [(hf_dataset_url(repo, f), dest / f) for f in files]
-    try:
-        return download_many(jobs, workers=workers, validate=validate_parquet,
-                             attempts=DOWNLOAD_ATTEMPTS, backoff=DOWNLOAD_BACKOFF)
-    except DownloadError as e:
-        raise PrepareError(str(e)) from e
-
-
-def climbmix_source(num_shards: int, workers: int) -> Source:
-    raw = cache_root() / "raw" / "climbmix"
-    names = [f"shard_{i:05d}.parquet" for i in range(min(num_shards, CLIMBMIX_MAX_SHARD))]
-    val_name = f"shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
-    paths = _hub_files(CLIMBMIX_REPO, names + [val_name], raw, workers)
-    train, val = paths[:-1], paths[-1:]
-    return Source("climbmix", f"climbmix: {len(train)} train shards + pinned val shard {val_name}",
-                  lambda: _parquet_texts(train), lambda: _parquet_texts(val))
-
-
-def tinystories_source(workers: int) -> Source:
-    raw = cache_root() / "raw" / "tinystories"
-    (path,) = _hub_files(TINYSTORIES_REPO, [TINYSTORIES_FILE], raw, workers)
-    return Source("tinystories", f"tinystories: first {TINYSTORIES_VAL_DOCS} stories are validation",
-                  lambda: _parquet_texts([path], start=TINYSTORIES_VAL_DOCS),
-                  lambda: _parquet_texts([path], stop=TINYSTORIES_VAL_DOCS))
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path}: not UTF-8 (byte {e.start}); convert it, e.g. iconv -f latin1 -t utf-8, or remove it") from e
-
-
-def _file_documents(files: list[Path], root: Path, txt_split: str) -> Iterator[tuple[str, str]]:
-    """Yields (stable key, document text) for every document in the user's files."""
-    for path in files:
-        rel = str(path.relative_to(root)) if path != root else path.name
-        if path.suffix == ".txt":
-            text = _read_utf8(path)
-            if txt_split == "blank":
-                for i, part in enumerate(p for p in text.split("\n\n") if p.strip()):
-                    yield f"{rel}#{i}", part
-            elif text.strip():
-                yield rel, text
-        elif path.suffix == ".jsonl":
-            for i, line in enumerate(_read_utf8(path).splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise PrepareError(f"{path}:{i + 1}: invalid JSON ({e.msg}); fix or remove that line") from e
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise PrepareError(f"{path}:{i + 1}: no string 'text' field; each line must be {{\"text\": ...}}")
-                if obj["text"]:
-                    yield f"{rel}#{i}", obj["text"]
-        elif path.suffix == ".parquet":
-            for i, text in enumerate(_parquet_texts([path])):
-                yield f"{rel}#{i}", text
-
-
-def files_source(spec: str, txt_split: str = "auto") -> Source:
-    pattern = os.path.expanduser(spec)
-    suffixes = (".txt", ".jsonl", ".parquet")
-    if any(c in pattern for c in "*?["):
-        files = sorted(Path(p) for p in globlib.glob(pattern, recursive=True) if Path(p).is_file())
-        root = Path(os.path.commonpath([str(f.parent) for f in files])) if files else Path(".")
-    elif os.path.isdir(pattern):
-        root = Path(pattern)
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in suffixes)
-    elif os.path.isfile(pattern):
-        root, files = Path(pattern).parent, [Path(pattern)]
-        if os.path.getsize(pattern) == 0:
-            raise PrepareError(f"{pattern}: file is empty; give a file with text in it")
-    else:
-        raise PrepareError(f"{pattern}: no such file or directory; give files:PATH with a file, a directory or a glob")
-    files = [f for f in files if f.suffix in suffixes]
-    if not files:
-        raise PrepareError(f"{pattern}: no .txt, .jsonl or .parquet files found; point files: at your documents")
-    if txt_split == "auto":
-        # One big text file is a corpus of paragraphs; many text files are one document each.
-        txt_split = "blank" if sum(f.suffix == ".txt" for f in files) == 1 else "file"
-    describe = f"files: {len(files)} files under {root} (.txt: {'split on blank lines' if txt_split == 'blank' else 'one document per file'})"
-
-    def split(want_val: bool) -> Iterator[str]:
-        for key, text in _file_documents(files, root, txt_split):
-            if (_stable_bucket(key) % VAL_EVERY == 0) == want_val:
-                yield text
-
-    return Source(f"files:{os.path.abspath(pattern)}", describe, lambda: split(False), lambda: split(True))
-
-
-def _chunks(text: str, max_chars: int) -> Iterator[str]:
-    """Splits a long source file at blank lines into documents of about max_chars.
-    Best-fit packing crops a document longer than a row and drops the rest, so
-    whole source files would waste most of their tokens at short contexts."""
-    piece: list[str] = []
-    size = 0
-    for block in text.split("\n\n"):
-        if size and size + len(block) > max_chars:
-            yield "\n\n".join(piece)
-            piece, size = [], 0
-        piece.append(block)
-        size += len(block) + 2
-    if piece and "".join(piece).strip():
-        yield "\n\n".join(piece)
-
-
-def pystdlib_files() -> tuple[Path, list[Path]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("test_"))
-        files += [Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py") and not f.startswith("test_")]
-    return root, files
-
-
-def pystdlib_source() -> Source:
-    root, files = pystdlib_files()
-
-    def split(want_val: bool) -> Iterator[str]:
-        for path in files:
-            rel = path.relative_to(root).as_posix()
-            if (_stable_bucket(rel) % VAL_EVERY == 0) == want_val:
-                yield from _chunks(path.read_text(encoding="utf-8", errors="replace"), PYSTDLIB_DOC_CHARS)
-
-    version = ".".join(map(str, sys.version_info[:3]))
-    return Source("pystdlib", f"pystdlib: {len(files)} source files of Python {version} at {root}",
-                  lambda: split(False), lambda: split(True))
-
-
-def get_source(dataset: str, num_shards: int = 10, workers: int = 8, txt_split: str = "auto") -> Source:
-    if dataset == "climbmix":
-        return climbmix_source(num_shards, workers)
-    if dataset == "tinystories":
-        return tinystories_source(workers)
-    if dataset == "pystdlib":
-        return pystdlib_source()
-    if dataset.startswith("files:"):
-        return files_source(dataset[len("files:"):], txt_split)
-    raise PrepareError(f"unknown dataset {dataset!r}; use climbmix, tinystories, pystdlib or files:PATH")
-
-
-# ---------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------
-
-def train_tokenizer(docs: Iterable[str], vocab_size: int, max_chars: int):
-    """BPE with rustbpe, returned as a tiktoken Encoding with our special tokens appended."""
-    import rustbpe
-    import tiktoken
-
-    def capped() -> Iterator[str]:
-        n = 0
-        for doc in docs:
-            doc = doc[:DOC_CHAR_CAP]
-            n += len(doc)
-            yield doc
-            if n >= max_chars:
-                return
-
-    tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(capped(), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
-    ranks = {bytes(k): v for k, v in tok.get_mergeable_ranks()}
-    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name="arun-bpe", pat_str=tok.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
-
-
-def token_byte_lengths(enc) -> np.ndarray:
-    """UTF-8 byte length of each token; 0 for special tokens so the metric skips them."""
-    out = np.zeros(enc.n_vocab, dtype=np.int32)
-    special = set(enc.special_tokens_set)
-    for i in range(enc.n_vocab):
-        b = enc.decode_single_token_bytes(i)
-        out[i] = 0 if b.decode("utf-8", errors="replace") in special else len(b)
-    return out
-
 
 class Tokenizer:
     """The prepared tokenizer. Loading checks the pickle's sha256 before unpickling it."""
@@ -511,7 +268,7 @@ def _active() -> PreparedData | None:
         return None
 
 
-# Module-level constants of the active data (upstream's train.py imports these names).
+# Read from the active data at import, on purpose: train files import these names, as upstream's train.py does.
 _ACTIVE = _active()
 _PROFILE = _ACTIVE.profile if _ACTIVE else PROFILES["upstream"]
 MAX_SEQ_LEN: int = _PROFILE.max_seq_len
@@ -585,174 +342,7 @@ def make_dataloader(batch_size: int, seq_len: int, split: str = "train", seed: i
         stop.set()
 
 
-# ---------------------------------------------------------------------------
-# Prepare: sources -> tokenizer -> train shards + fixed val rows -> manifest
-# ---------------------------------------------------------------------------
-
-class _Hasher:
-    """sha256 over a document stream, as it passes through."""
-
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self.docs = 0
-
-    def wrap(self, docs: Iterable[str]) -> Iterator[str]:
-        for d in docs:
-            b = d.encode("utf-8", errors="surrogatepass")
-            self.h.update(len(b).to_bytes(8, "little"))
-            self.h.update(b)
-            self.docs += 1
-            yield d
-
-
-def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _write_train_shards(out: Path, tok: Tokenizer, docs: Iterable[str], on_tokens: Callable[[int], None]) -> list[dict]:
-    shards: list[dict] = []
-    buf: list[np.ndarray] = []
-    count = 0
-
-    def flush() -> None:
-        nonlocal buf, count
-        if not buf:
-            return
-        i = len(shards)
-        lens = np.fromiter((len(d) for d in buf), dtype=np.int64, count=len(buf))
-        offsets = np.zeros(len(buf) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        name = f"train_{i:05d}.bin"
-        np.concatenate(buf).astype(np.uint16).tofile(out / name)
-        np.save(out / f"train_{i:05d}.idx.npy", offsets)
-        shards.append({"tokens": name, "offsets": f"train_{i:05d}.idx.npy", "docs": len(buf), "num_tokens": int(offsets[-1])})
-        buf, count = [], 0
-
-    for batch in _batched(docs, 256):
-        for ids in tok.encode(batch, prepend=tok.bos_token_id):
-            buf.append(np.asarray(ids, dtype=np.uint16))
-            count += len(ids)
-        on_tokens(sum(len(b) for b in buf[-len(batch):]))
-        if count >= TRAIN_SHARD_TOKENS:
-            flush()
-    flush()
-    return shards
-
-
-def pack_val_rows(tok: Tokenizer, docs: Iterable[str], profile: Profile) -> np.ndarray:
-    """The fixed validation rows: the val documents in order, best-fit packed, once."""
-    n_rows = max(1, profile.eval_tokens // profile.max_seq_len)
-
-    def encoded() -> Iterator[np.ndarray]:
-        for batch in _batched(docs, 256):
-            for ids in tok.encode(batch, prepend=tok.bos_token_id):
-                yield np.asarray(ids, dtype=np.int32)
-
-    packer = BestFitPacker(encoded(), profile.max_seq_len + 1)
-    rows = np.empty((n_rows, profile.max_seq_len + 1), dtype=np.int32)
-    for r in range(n_rows):
-        if not packer.fill(rows[r]):
-            raise PrepareError(f"validation split too small: {r} of {n_rows} rows of {profile.max_seq_len + 1} tokens "
-                               f"(the profile scores {profile.eval_tokens} tokens); add data or use a smaller --profile")
-    return rows
-
-
-def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, workers: int = 8,
-            txt_split: str = "auto", force: bool = False, log: Callable[[str], None] = print,
-            progress: Callable[[str, int, int | None], None] | None = None) -> Path:
-    """Builds (or reuses) the prepared folder for dataset+profile and makes it current. Returns its path."""
-    if profile_name not in PROFILES:
-        raise PrepareError(f"unknown profile {profile_name!r}; use one of: {', '.join(PROFILES)}")
-    profile = PROFILES[profile_name]
-    final = data_dir_for(dataset, profile_name)
-    if (final / "manifest.json").exists() and not force:
-        log(f"Data: already prepared at {final}")
-        _make_current(final)
-        return final
-
-    source = get_source(dataset, num_shards=num_shards, workers=workers, txt_split=txt_split)
-    log(f"Data: {source.describe}")
-    # Build in a scratch folder and rename at the end, so a killed prepare leaves no half-written cache.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        t0 = time.time()
-        report = progress or (lambda stage, done, total: None)
-        report("tokenizer", 0, None)
-        enc = train_tokenizer(source.train_docs(), profile.vocab_size, profile.tokenizer_chars)
-        with open(tmp / "tokenizer.pkl", "wb") as f:
-            pickle.dump(enc, f)
-        tok = Tokenizer(enc)
-        sample = "Hello world! Numbers: 123. Unicode: 你好 ü"
-        assert tok.decode(tok.encode(sample)) == sample, "tokenizer round trip failed"
-        np.save(tmp / "token_bytes.npy", token_byte_lengths(enc))
-        log(f"Tokenizer: vocab {enc.n_vocab} trained in {time.time() - t0:.1f}s")
-
-        train_hash, val_hash = _Hasher(), _Hasher()
-        done = [0]
-
-        def on_tokens(n: int) -> None:
-            done[0] += n
-            report("tokenize", done[0], None)
-
-        shards = _write_train_shards(tmp, tok, train_hash.wrap(source.train_docs()), on_tokens)
-        if not shards:
-            raise PrepareError(f"{dataset}: no training documents; add data")
-        rows = pack_val_rows(tok, val_hash.wrap(source.val_docs()), profile)
-        np.save(tmp / "val_rows.npy", rows)
-        train_tokens = sum(s["num_tokens"] for s in shards)
-        log(f"Tokens: {train_tokens:,} train in {train_hash.docs:,} docs; val rows {rows.shape} from {val_hash.docs:,} docs")
-
-        fingerprint = hashlib.sha256(f"{source.name}|{train_hash.h.hexdigest()}|{val_hash.h.hexdigest()}".encode()).hexdigest()
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "dataset": dataset if not dataset.startswith("files:") else source.name,
-            "profile": profile_name,
-            "profile_values": asdict(profile),
-            "max_seq_len": profile.max_seq_len,
-            "eval_tokens": int(rows.shape[0] * profile.max_seq_len),
-            "vocab_size": enc.n_vocab,
-            "describe": source.describe,
-            "dataset_fingerprint": fingerprint,
-            "tokenizer_sha256": sha256_file(tmp / "tokenizer.pkl"),
-            "token_bytes_sha256": sha256_file(tmp / "token_bytes.npy"),
-            "val_rows_sha256": sha256_file(tmp / "val_rows.npy"),
-            "val_rows_shape": list(rows.shape),
-            "train_shards": shards,
-            "train_tokens": train_tokens,
-            "train_docs": train_hash.docs,
-            "val_docs": val_hash.docs,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _make_current(final)
-    log(f"Done: {final} ({time.time() - t0:.1f}s)")
-    return final
-
-
-def _make_current(path: Path) -> None:
-    current = cache_root() / "current.json"
-    tmp = current.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"data_dir": str(path)}))
-    os.replace(tmp, current)
-
-
 if __name__ == "__main__":
-    from arun.cli import main
-    sys.argv[1:1] = ["prepare"]
-    main()
+    # The one import of the builder: arun_data imports this module, so only the CLI may import it back.
+    from arun_data.build import main
+    sys.exit(main())

@@ -248,7 +248,7 @@ def export_cmd(tag: str | None, output: str) -> None:
 @click.option("--force", is_flag=True, help="rebuild even if already prepared")
 def prepare_cmd(dataset: str, profile: str, num_shards: int, download_workers: int, txt_split: str, force: bool) -> None:
     """Download data, train the tokenizer, pack the fixed validation rows."""
-    import prepare as prep
+    from arun_data import build as prep
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}"),

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny, prepared in a tmp cache)")
     args = ap.parse_args()
 
-    import prepare
+    from arun_data import build
     from arun.experiment import run_experiment
     from engines import TRAIN_FILES
 
@@ -71,7 +71,7 @@ def main() -> None:
             os.environ["ARUN_DATA_DIR"] = str(Path(args.data).expanduser())
         else:
             os.environ["ARUN_CACHE"] = str(tmp / "cache")
-            os.environ["ARUN_DATA_DIR"] = str(prepare.prepare("pystdlib", "tiny", log=lambda s: None))
+            os.environ["ARUN_DATA_DIR"] = str(build.prepare("pystdlib", "tiny", log=lambda s: None))
         train_file = TRAIN_FILES[args.backend]
         repo = tmp / "repo"
         make_project(repo, train_file, tiny=not args.full)

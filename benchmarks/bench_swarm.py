@@ -73,12 +73,12 @@ def main() -> None:
                 "open(f, 'a').write('# bench %d\\n' % time.time_ns()); print('bench: one comment line')")
         args.agent = f"{sys.executable} -c \"{code}\""
 
-    import prepare
+    from arun_data import build
 
     with tempfile.TemporaryDirectory(prefix="arun-bench-swarm-") as d:
         root = Path(d)
         os.environ["ARUN_CACHE"] = str(root / "cache")  # before ray.init: the workers inherit it
-        os.environ["ARUN_DATA_DIR"] = str(prepare.prepare("pystdlib", "tiny", log=lambda s: None))
+        os.environ["ARUN_DATA_DIR"] = str(build.prepare("pystdlib", "tiny", log=lambda s: None))
         if args.device:
             os.environ["ARUN_DEVICE"] = args.device
         rows = [measure(root, n, args) for n in (1, 2)]

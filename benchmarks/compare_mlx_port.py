@@ -98,13 +98,14 @@ def set_constants(text: str, values: dict[str, object]) -> str:
 def ensure_data(seq_len: int, cache: Path) -> Path:
     """pystdlib prepared at seq_len with a 4-row eval (our run's final eval stays short), in its own cache."""
     import prepare
+    from arun_data import build
     name = f"bench{seq_len}"
     prepare.PROFILES.setdefault(name, prepare.Profile(max_seq_len=seq_len, eval_tokens=4 * seq_len,
                                                        vocab_size=4096, tokenizer_chars=5_000_000))
     old = os.environ.get("ARUN_CACHE")
     os.environ["ARUN_CACHE"] = str(cache)
     try:
-        return prepare.prepare("pystdlib", name, log=lambda s: None)
+        return build.prepare("pystdlib", name, log=lambda s: None)
     finally:
         if old is None:
             os.environ.pop("ARUN_CACHE", None)

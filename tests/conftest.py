@@ -18,11 +18,11 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_cache: Path) -> Path:
     """pystdlib at the `tiny` profile (64-token rows, 8K eval tokens, vocab 512): offline and a few seconds."""
-    import prepare
+    from arun_data import build
     old = os.environ.get("ARUN_CACHE")
     os.environ["ARUN_CACHE"] = str(tiny_cache)
     try:
-        return prepare.prepare("pystdlib", "tiny", log=lambda s: None)
+        return build.prepare("pystdlib", "tiny", log=lambda s: None)
     finally:
         if old is None:
             os.environ.pop("ARUN_CACHE", None)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
+from arun_data import build
 from prepare import BestFitPacker, PrepareError, PreparedData, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def test_val_rows_are_fixed_and_bos_aligned(tiny_data: Path, cache: Path) -> Non
     bos = Tokenizer.from_directory(tiny_data).bos_token_id
     assert (rows[:, 0] == bos).all()
     # a second, independent prepare of the same data gives byte-identical rows
-    again = prepare.prepare("pystdlib", "tiny", log=lambda s: None)
+    again = build.prepare("pystdlib", "tiny", log=lambda s: None)
     assert np.array_equal(PreparedData(again).val_rows(), rows)
     assert PreparedData(again).manifest["val_rows_sha256"] == data.manifest["val_rows_sha256"]
 
@@ -101,7 +102,7 @@ def test_dataloader_deterministic_and_shaped(tiny_data: Path) -> None:
 
 def test_dataloader_counts_epochs(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _corpus_text(3000)))
-    path = prepare.prepare(f"files:{tmp_path / 'docs.jsonl'}", "tiny", log=lambda s: None)
+    path = build.prepare(f"files:{tmp_path / 'docs.jsonl'}", "tiny", log=lambda s: None)
     train_tokens = PreparedData(path).manifest["train_tokens"]
     loader = prepare.make_dataloader(16, 64, data_dir=path, prefetch=0)
     epochs = [next(loader)[2] for _ in range(2 * train_tokens // (16 * 65) + 20)]
@@ -130,7 +131,7 @@ def test_files_dataset_formats(fmt: str, tmp_path: Path, cache: Path) -> None:
         for i in range(3):
             (src / f"part{i}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[i::3]))
         spec = str(src / "part*.jsonl")
-    path = prepare.prepare(f"files:{spec}", "tiny", log=lambda s: None)
+    path = build.prepare(f"files:{spec}", "tiny", log=lambda s: None)
     m = PreparedData(path).manifest
     assert m["train_docs"] > m["val_docs"] > 0
     assert m["train_docs"] + m["val_docs"] == (len(docs) if fmt != "txt-dir" else len(docs))
@@ -139,7 +140,7 @@ def test_files_dataset_formats(fmt: str, tmp_path: Path, cache: Path) -> None:
 
 def _fails(spec: str, profile: str = "tiny", match: str = "") -> str:
     with pytest.raises(PrepareError) as e:
-        prepare.prepare(spec, profile, log=lambda s: None)
+        build.prepare(spec, profile, log=lambda s: None)
     msg = str(e.value)
     assert "\n" not in msg and match in msg
     return msg

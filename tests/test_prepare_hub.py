@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare
+from arun_data import build, sources
 from prepare import PrepareError, PreparedData
 
 
@@ -31,16 +31,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     root = tmp_path / "hub"
-    climb = root / "datasets" / prepare.CLIMBMIX_REPO / "resolve" / "main"
+    climb = root / "datasets" / sources.CLIMBMIX_REPO / "resolve" / "main"
     climb.mkdir(parents=True)
-    for i in [0, 1, prepare.CLIMBMIX_VAL_SHARD]:
+    for i in [0, 1, sources.CLIMBMIX_VAL_SHARD]:
         pq.write_table(pa.table({"text": _docs(1500, i)}), climb / f"shard_{i:05d}.parquet", row_group_size=400)
-    stories = root / "datasets" / prepare.TINYSTORIES_REPO / "resolve" / "main"
+    stories = root / "datasets" / sources.TINYSTORIES_REPO / "resolve" / "main"
     stories.mkdir(parents=True)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF", 0.01)
+    monkeypatch.setattr(sources, "DOWNLOAD_BACKOFF", 0.01)
     monkeypatch.setenv("ARUN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("ARUN_DATA_DIR", raising=False)
     yield root
@@ -48,7 +48,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_climbmix_downloads_shards_and_pins_val(hub: Path, tmp_path: Path) -> None:
-    path = prepare.prepare("climbmix", "tiny", num_shards=2, workers=3, log=lambda s: None)
+    path = build.prepare("climbmix", "tiny", num_shards=2, workers=3, log=lambda s: None)
     m = PreparedData(path).manifest
     raw = tmp_path / "cache" / "raw" / "climbmix"
     assert sorted(p.name for p in raw.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
@@ -57,24 +57,24 @@ def test_climbmix_downloads_shards_and_pins_val(hub: Path, tmp_path: Path) -> No
     # the cache resumes: a rerun with --force re-tokenizes without re-downloading
     for p in hub.rglob("shard_*.parquet"):
         p.unlink()
-    again = prepare.prepare("climbmix", "tiny", num_shards=2, force=True, log=lambda s: None)
+    again = build.prepare("climbmix", "tiny", num_shards=2, force=True, log=lambda s: None)
     assert PreparedData(again).manifest["val_rows_sha256"] == m["val_rows_sha256"]
 
 
 def test_tinystories_split_is_pinned(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prepare, "TINYSTORIES_VAL_DOCS", 300)
-    stories = hub / "datasets" / prepare.TINYSTORIES_REPO / "resolve" / "main" / prepare.TINYSTORIES_FILE
+    monkeypatch.setattr(sources, "TINYSTORIES_VAL_DOCS", 300)
+    stories = hub / "datasets" / sources.TINYSTORIES_REPO / "resolve" / "main" / sources.TINYSTORIES_FILE
     pq.write_table(pa.table({"text": _docs(3000, 7)}), stories)
-    path = prepare.prepare("tinystories", "tiny", log=lambda s: None)
+    path = build.prepare("tinystories", "tiny", log=lambda s: None)
     m = PreparedData(path).manifest
     assert (m["train_docs"], m["val_docs"]) == (2700, 300)
 
 
 def test_truncated_shard_is_refused_and_nothing_is_left(hub: Path, tmp_path: Path) -> None:
-    shard = hub / "datasets" / prepare.CLIMBMIX_REPO / "resolve" / "main" / "shard_00001.parquet"
+    shard = hub / "datasets" / sources.CLIMBMIX_REPO / "resolve" / "main" / "shard_00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-200])
     with pytest.raises(PrepareError) as e:
-        prepare.prepare("climbmix", "tiny", num_shards=2, workers=2, log=lambda s: None)
+        build.prepare("climbmix", "tiny", num_shards=2, workers=2, log=lambda s: None)
     assert "\n" not in str(e.value) and "shard_00001" in str(e.value)
     cache = tmp_path / "cache"
     assert not (cache / "climbmix-tiny").exists()
@@ -87,8 +87,8 @@ def test_no_network_names_the_offline_dataset(tmp_path: Path, monkeypatch: pytes
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("ARUN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(prepare, "DOWNLOAD_ATTEMPTS", 2)
-    monkeypatch.setattr(prepare, "DOWNLOAD_BACKOFF", 0.01)
+    monkeypatch.setattr(sources, "DOWNLOAD_ATTEMPTS", 2)
+    monkeypatch.setattr(sources, "DOWNLOAD_BACKOFF", 0.01)
     with pytest.raises(PrepareError) as e:
-        prepare.prepare("climbmix", "tiny", num_shards=1, log=lambda s: None)
+        build.prepare("climbmix", "tiny", num_shards=1, log=lambda s: None)
     assert "pystdlib" in str(e.value) and "\n" not in str(e.value)
