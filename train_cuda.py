@@ -6,6 +6,9 @@ The model family and optimizer follow karpathy/autoresearch's train.py (GPT with
 value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
 with upstream's parameter names, so weights move between engines.
 
+Plumbing lives in engines/: attention kernels (engines.torch_attention), and the end of the
+run (engines.run.finish_run: evaluation, checkpoint, summary), called once after training.
+
 Usage: python train_cuda.py                    (the harness: arun --backend cuda)
        ARUN_DEVICE=cpu python train_cuda.py    (explicit CPU device: no compile, float32)
 Environment (set by the harness): ARUN_DATA_DIR, ARUN_TIME_BUDGET, ARUN_RESULT_JSON,
@@ -17,12 +20,9 @@ import os
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import gc
-import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ import prepare
 from engines.cuda import ENGINE
 from engines.run import StepLog, env_seed, fail_fast, finish_run, mfu_percent
 from engines.timer import TimeBudget
+from engines.torch_attention import attention, prepare_attention
 
 # --- hyperparameters ---
 # Model architecture
@@ -65,7 +66,6 @@ RMS_EPS = 1e-6           # rms_norm epsilon, the same in every engine
 VE_GATE_CHANNELS = 32    # value-embedding gate reads the first 32 channels of x
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
-FLEX_BLOCK_SIZE = 128    # FlexAttention tile; block masks skip tiles wholly outside a window
 
 
 # ---------------------------------------------------------------------------
@@ -124,93 +124,6 @@ def window_sizes(config: GPTConfig) -> list[int]:
     return sizes
 
 
-def window_mask_mod(window: int):
-    """FlexAttention mask_mod: query i sees keys i - window .. i."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return mask_mod
-
-
-def dense_window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, T) mask, True = may attend; the same rule as window_mask_mod."""
-    i = torch.arange(seq_len, device=device)
-    d = i[:, None] - i[None, :]
-    return (d >= 0) & (d <= window)
-
-
-def _flash_attention_3():
-    """FA3 only when the user already installed it: nothing is downloaded at run time."""
-    try:
-        import flash_attn_interface
-        return flash_attn_interface
-    except ImportError:
-        return None
-
-
-class Attention:
-    """
-    Causal, optionally sliding-window attention over (B, T, H, D), through PyTorch's own kernels:
-    FA3 if `flash_attn_interface` is installed, else FlexAttention with block masks for sliding
-    windows and SDPA(is_causal) where the window covers the whole context. On the CPU: SDPA with
-    explicit boolean masks. Masks are built here, once per window, never inside a compiled graph.
-    """
-
-    def __init__(self, config: GPTConfig, device: torch.device, kernel: str | None = None):
-        self.seq_len, self.device = config.sequence_len, device
-        self.fa3 = _flash_attention_3() if device.type == "cuda" and kernel in (None, "fa3") else None
-        if kernel is None:
-            if device.type == "cuda":
-                kernel = "fa3" if self.fa3 is not None else ("flex" if _has_flex() else "sdpa")
-            else:
-                kernel = "sdpa"
-        if kernel == "fa3" and self.fa3 is None:
-            raise RuntimeError("attention kernel fa3 needs a CUDA device and flash_attn_interface installed")
-        if kernel not in ("fa3", "flex", "sdpa"):
-            raise ValueError(f"unknown attention kernel {kernel!r}; use fa3, flex or sdpa")
-        self.kernel = kernel
-        if kernel == "flex":
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            self._create_block_mask = create_block_mask
-            # flex_attention is only fused when compiled; the model's compile inlines this one
-            self._flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
-        self.masks: dict[tuple[int, int], object] = {}
-        for w in sorted(set(window_sizes(config))):
-            if w < self.seq_len - 1:
-                self.mask(self.seq_len, w)
-
-    def mask(self, T: int, window: int):
-        key = (T, window)
-        if key not in self.masks:
-            if self.kernel == "flex":
-                self.masks[key] = self._create_block_mask(window_mask_mod(window), None, None, T, T,
-                                                          device=self.device, BLOCK_SIZE=FLEX_BLOCK_SIZE)
-            else:
-                self.masks[key] = dense_window_mask(T, window, self.device)
-        return self.masks[key]
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-        T = q.shape[1]
-        if self.kernel == "fa3":
-            out = self.fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-            return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if window >= T - 1:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        elif self.kernel == "flex":
-            y = self._flex(q, k, v, block_mask=self.mask(T, window))
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, window))
-        return y.transpose(1, 2)
-
-
-def _has_flex() -> bool:
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -225,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, window: int, attention: Attention):
+    def forward(self, x, ve, cos, sin, window: int):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -259,8 +172,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window: int, attention: Attention):
-        x = x + self.attn(norm(x), ve, cos, sin, window, attention)
+    def forward(self, x, ve, cos, sin, window: int):
+        x = x + self.attn(norm(x), ve, cos, sin, window)
         return x + self.mlp(norm(x))
 
 
@@ -279,7 +192,7 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
-        self.attention: Attention | None = None
+        self.attention: str | None = None  # the kernel's name, once setup_runtime() has built its masks
         if self.lm_head.weight.device.type != "meta":  # on the meta device this waits for init_weights
             self.setup_runtime()
 
@@ -314,7 +227,7 @@ class GPT(nn.Module):
         """Rotary tables and attention masks for the device the weights live on (not parameters)."""
         device = self.lm_head.weight.device
         self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.n_embd // self.config.n_head, device)
-        self.attention = Attention(self.config, device, attention_kernel)
+        self.attention = prepare_attention(self.config.sequence_len, self.windows, device, attention_kernel)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> float32 softcapped logits (B, T, V). The model never sees targets."""
@@ -327,7 +240,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], self.attention)
+            x = block(x, ve, cos, sin, self.windows[i])
         logits = self.lm_head(norm(x)).float()
         return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
@@ -361,27 +274,6 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def training_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return cross_entropy(model(x), y)
-
-
-def export_weights(model: GPT) -> dict[str, np.ndarray]:
-    """float32 numpy arrays under upstream's parameter names, torch Linear layout (out, in)."""
-    # a copy: on the CPU, .numpy() would otherwise alias the live parameters
-    return {name: p.detach().to("cpu", torch.float32, copy=True).numpy() for name, p in model.named_parameters()}
-
-
-@torch.no_grad()
-def import_weights(model: GPT, weights: dict[str, np.ndarray]) -> None:
-    have = dict(model.named_parameters())
-    missing = sorted(set(have) - set(weights))
-    extra = sorted(set(weights) - set(have))
-    if missing or extra:
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}; "
-                         f"was the checkpoint made with another config?")
-    for name, p in have.items():
-        w = np.asarray(weights[name])
-        if tuple(w.shape) != tuple(p.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
-        p.copy_(torch.from_numpy(w.astype(np.float32)).to(p.device, p.dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -588,20 +480,6 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int, com
     return step
 
 
-def hyperparameters() -> dict:
-    """The ALL_CAPS constants of this file (recorded with every result)."""
-    return {k: v for k, v in globals().items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
-
-
-def save_checkpoint(model: GPT, path: Path) -> None:
-    """npz of upstream-named fp32 weights plus a sidecar JSON with the model config."""
-    path = Path(path)
-    with open(path, "wb") as f:  # a file object, so numpy does not append a second .npz
-        np.savez(f, **export_weights(model))
-    path.with_suffix(".json").write_text(json.dumps({"config": asdict(model.config)}, indent=2))
-
-
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -631,13 +509,12 @@ def train() -> None:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    print(f"Device: {ENGINE.hardware().device} ({device}), attention: {model.attention.kernel}, "
+    print(f"Device: {ENGINE.hardware().device} ({device}), attention: {model.attention}, "
           f"autocast bf16: {on_gpu}, compile: {compiled}")
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
     for key, value in param_counts.items():
         print(f"  {key:24s}: {value:,}")
-    num_params = param_counts["total"]
     flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {flops_per_token:e}")
 
@@ -683,20 +560,10 @@ def train() -> None:
             gc.freeze()
             gc.disable()
 
-    model.eval()
-    autocast = autocast_for(device)
-
-    def logits_fn(idx: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), autocast:
-            return forward(idx)
-
-    finish_run(ENGINE, logits_fn, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
-               num_params=num_params, flops_per_token=flops_per_token, depth=DEPTH, eval_batch_size=EVAL_BATCH_SIZE,
-               vocab_size=vocab_size, config=hyperparameters(), seed=seed,
-               save_weights=lambda path: save_checkpoint(model, path),
-               extra={"model_config": asdict(config), "grad_accum_steps": grad_accum_steps,
-                      "startup_seconds": t_first_step - t_start, "compile": compiled,
-                      "attention": model.attention.kernel, "device": str(device)})
+    finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
+               flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
+               extra={"grad_accum_steps": grad_accum_steps, "startup_seconds": t_first_step - t_start,
+                      "compile": compiled, "attention": model.attention, "device": str(device)})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """
-arun pretraining script for MLX (Apple Silicon GPU; MLX's CPU backend on Linux).
+arun pretraining script for MLX (Apple Silicon GPU; MLX's CPU backend on Linux, for tests).
 Single device, single file: the file the research agent edits.
 
 The model family and optimizer follow karpathy/autoresearch's train.py (GPT with
 value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
-with upstream's PyTorch parameter names so weights move between engines.
+with upstream's PyTorch parameter names so weights move between engines. The run ends
+with engines.run.finish_run (evaluation, checkpoint, summary), called once after training.
 
 Usage: python train_mlx.py        (the harness: arun --backend mlx)
 Environment (set by the harness): ARUN_DATA_DIR, ARUN_TIME_BUDGET, ARUN_RESULT_JSON,
@@ -14,20 +15,16 @@ ARUN_CHECKPOINT, ARUN_SEED.
 from __future__ import annotations
 
 import gc
-import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 import prepare
-from engines.hardware import cpu_count
 from engines.mlx import ENGINE
 from engines.run import StepLog, env_seed, fail_fast, finish_run, mfu_percent
 from engines.timer import TimeBudget
@@ -59,28 +56,13 @@ FINAL_LR_FRAC = 0.0      # final LR as a fraction of the initial LR
 SEED = 42                # $ARUN_SEED overrides it
 WARMUP_STEPS = 3         # first steps (compilation) are not counted against the time budget
 COMPILE = True           # mx.compile the forward/backward and the optimizer update
-CPU_STREAMS = 0          # on the CPU, spread matmuls and Muon over this many MLX streams (threads); 0 = one per core
-COMPUTE_DTYPE = "auto"   # activations/matmuls: "auto" = bfloat16 on the Apple GPU, float32 on the CPU; or a dtype name
+COMPUTE_DTYPE = "bfloat16"  # activations and matmuls (weights and optimizer state stay float32), or "float32"
 # --- end hyperparameters ---
 
-ON_CPU = mx.default_device().type == mx.cpu
 RMS_EPS = 1e-6           # rms_norm epsilon, the same in every engine
 VE_GATE_CHANNELS = 32    # value-embedding gate reads the first 32 channels of x
 SOFTCAP = 15.0
 ROPE_BASE = 10000.0
-
-
-def compute_dtype() -> mx.Dtype:
-    """
-    Activation/matmul dtype. Weights and optimizer state stay float32 either way.
-    "auto": bfloat16 on the Apple GPU; float32 on the CPU, so CPU runs match the
-    torch engine's fp32 numerics (MLX's CPU bf16 matmul is faster, but approximate).
-    """
-    if COMPUTE_DTYPE == "auto":
-        return mx.bfloat16 if mx.default_device().type == mx.gpu else mx.float32
-    if COMPUTE_DTYPE not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"COMPUTE_DTYPE={COMPUTE_DTYPE!r}: use auto, float32, bfloat16 or float16")
-    return getattr(mx, COMPUTE_DTYPE)
 
 
 # ---------------------------------------------------------------------------
@@ -133,112 +115,18 @@ def window_sizes(config: GPTConfig) -> list[int]:
     return sizes
 
 
-Span = tuple[int, int, int, "str | mx.array"]  # (query start, query end, first key, mask)
-_PLANS: dict[tuple[int, int, bool], list[Span]] = {}
-
-
-def _window_mask(q_start: int, q_end: int, k_start: int, window: int) -> mx.array:
-    """Boolean (queries, keys) mask, True = may attend: causal, at most `window` back (FA3's window_size=(window, 0))."""
-    i = mx.arange(q_start, q_end)[:, None]
-    j = mx.arange(k_start, q_end)[None, :]
+def window_mask(seq_len: int, window: int) -> mx.array:
+    """Boolean (T, T) mask, True = may attend: causal, at most `window` keys back (FA3's window_size=(window, 0))."""
+    i = mx.arange(seq_len)[:, None]
+    j = mx.arange(seq_len)[None, :]
     return (j <= i) & (i - j <= window)
-
-
-def _build_plan(seq_len: int, window: int, blocked: bool) -> list[Span]:
-    if not blocked:  # one fused kernel call over the whole sequence
-        return [(0, seq_len, 0, "causal" if window >= seq_len else _window_mask(0, seq_len, 0, window))]
-    spans = []
-    block = max(64, -(-seq_len // 8))
-    for s in range(0, seq_len, block):
-        e, ks = min(s + block, seq_len), max(0, s - window)
-        # "causal" aligns the last query with the last key, which is exactly right for keys [0, e)
-        spans.append((s, e, ks, "causal" if ks == 0 and window >= e else _window_mask(s, e, ks, window)))
-    return spans
-
-
-def attention_plan(seq_len: int, window: int) -> list[Span]:
-    """
-    How attention over seq_len tokens with a left window is computed. On the Apple GPU: one
-    scaled_dot_product_attention call (a fused kernel that skips masked blocks itself). On the
-    CPU, MLX's attention is unfused and scores every (query, key) pair, masked or not, so the
-    queries go in blocks that each see only the keys they may attend to: about half the work.
-    """
-    key = (seq_len, window, mx.default_device().type == mx.cpu)
-    plan = _PLANS.get(key)
-    # Not cached when missing: we may be inside a compile trace, and a traced array must not outlive it.
-    return plan if plan is not None else _build_plan(*key)
-
-
-def prebuild_attention_plans(config: GPTConfig) -> None:
-    """Builds the masks once per window size, outside any compiled function."""
-    for w in set(window_sizes(config)):
-        key = (config.sequence_len, w, mx.default_device().type == mx.cpu)
-        if key not in _PLANS:
-            plan = _build_plan(*key)
-            mx.eval([m for *_, m in plan if not isinstance(m, str)])
-            _PLANS[key] = plan
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.array:
     """Causal (sliding-window) attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values."""
-    scale = q.shape[-1] ** -0.5
-    outs = [mx.fast.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], scale=scale, mask=m)
-            for s, e, ks, m in attention_plan(q.shape[2], window)]
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-def transposed(w: mx.array) -> mx.array:
-    """w.T for a right-hand matmul operand. MLX's CPU GEMM runs about half as fast on a transposed
-    right operand, so on the CPU the (small) matrix is copied once into a contiguous transpose."""
-    return mx.contiguous(w.swapaxes(-1, -2)) if ON_CPU else w.swapaxes(-1, -2)
-
-
-_CPU_STREAMS: list[mx.Stream] = []
-
-
-def cpu_streams() -> list[mx.Stream]:
-    """MLX's CPU GEMM is single-threaded, and MLX runs each CPU stream on its own thread: work is
-    spread over one stream per core (CPU_STREAMS overrides)."""
-    if not _CPU_STREAMS:
-        n = max(1, CPU_STREAMS or cpu_count())
-        _CPU_STREAMS.extend([mx.default_stream(mx.cpu)] + [mx.new_stream(mx.cpu) for _ in range(n - 1)])
-    return _CPU_STREAMS
-
-
-def _row_parts(*arrays: mx.array) -> list[tuple[mx.Stream, list[mx.array]]]:
-    """The rows of 2-D arrays cut into one part per CPU stream."""
-    streams, rows = cpu_streams(), arrays[0].shape[0]
-    n = min(len(streams), max(1, rows // 64))
-    cuts = [rows * i // n for i in range(n + 1)]
-    return [(streams[i], [a[cuts[i]:cuts[i + 1]] for a in arrays]) for i in range(n)]
-
-
-def split_matmul(a: mx.array, b: mx.array) -> mx.array:
-    """a @ b for 2-D a, with a's rows spread over the CPU streams (the cores)."""
-    outs = []
-    for stream, (part,) in _row_parts(a):
-        with mx.stream(stream):
-            outs.append(part @ b)
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs)
-
-
-@mx.custom_function
-def cpu_linear(x: mx.array, w: mx.array) -> mx.array:
-    return split_matmul(x.reshape(-1, x.shape[-1]), transposed(w)).reshape(*x.shape[:-1], w.shape[0])
-
-
-@cpu_linear.vjp
-def _cpu_linear_vjp(primals: tuple[mx.array, mx.array], cotangent: mx.array, output: mx.array):
-    # Written out so that no matmul has a transposed right operand (see transposed()) and every
-    # matmul is spread over the cores.
-    x, w = primals
-    g2, x2 = cotangent.reshape(-1, cotangent.shape[-1]), x.reshape(-1, x.shape[-1])
-    dx = split_matmul(g2, w).reshape(x.shape)
-    partial_dw = []
-    for stream, (g_part, x_part) in _row_parts(g2, x2):
-        with mx.stream(stream):
-            partial_dw.append(g_part.T @ x_part)
-    return dx, sum(partial_dw[1:], partial_dw[0])
+    T = q.shape[2]
+    mask = "causal" if window >= T else window_mask(T, window)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
 
 
 class Linear(nn.Module):
@@ -250,7 +138,7 @@ class Linear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self.weight if self.weight.dtype == x.dtype else self.weight.astype(x.dtype)
-        return cpu_linear(x, w) if ON_CPU else x @ w.T
+        return x @ w.T
 
 
 class Embedding(nn.Module):
@@ -326,7 +214,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.dtype = compute_dtype()
+        self.dtype = getattr(mx, COMPUTE_DTYPE)
         self.transformer = Transformer(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.resid_lambdas = mx.ones((config.n_layer,))
@@ -334,7 +222,6 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = {str(i): Embedding(config.vocab_size, kv_dim)
                              for i in range(config.n_layer) if has_ve(i, config.n_layer)}
-        prebuild_attention_plans(config)
 
     def init_weights(self) -> None:
         """As upstream: N(0,1) embeddings, N(0,0.001) head, U(+-sqrt(3/d)) inputs, zero output projections."""
@@ -404,26 +291,6 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return mx.mean(mx.logsumexp(logits, axis=-1) - target_logit)
 
 
-def export_weights(model: GPT) -> dict[str, np.ndarray]:
-    """float32 numpy arrays under upstream's PyTorch parameter names, torch Linear layout."""
-    return {name: np.array(p.astype(mx.float32)) for name, p in tree_flatten(model.parameters())}
-
-
-def import_weights(model: GPT, weights: dict[str, np.ndarray]) -> None:
-    have = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(have) - set(weights))
-    extra = sorted(set(weights) - set(have))
-    if missing or extra:
-        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {extra[:5]}; "
-                         f"was the checkpoint made with another config?")
-    for name, p in have.items():
-        if tuple(weights[name].shape) != tuple(p.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(weights[name].shape)} != model shape {tuple(p.shape)}")
-    model.update(tree_map_with_path(lambda path, p: mx.array(np.asarray(weights[path], dtype=np.float32)).astype(p.dtype),
-                                    model.parameters()))
-    mx.eval(model.parameters())
-
-
 # ---------------------------------------------------------------------------
 # Optimizer: Muon for the block matrices, AdamW for everything else
 # ---------------------------------------------------------------------------
@@ -450,7 +317,7 @@ def polar_express(g: mx.array, steps: int = NS_STEPS) -> mx.array:
             A = X.swapaxes(-1, -2) @ X
             X = a * X + X @ (b * A + c * (A @ A))
         else:
-            A = X @ transposed(X)
+            A = X @ X.swapaxes(-1, -2)
             X = a * X + (b * A + c * (A @ A)) @ X
     return X
 
@@ -518,13 +385,8 @@ class MuonAdamW:
         }
         mx.eval(self.state)
 
-    def _ns_cost(self, group: int) -> float:
-        """Relative cost of one group's polar express: matrices x rows x cols x min(rows, cols)."""
-        shape, paths, _ = self.muon[group]
-        return len(paths) * shape[0] * shape[1] * min(shape)
-
-    def apply(self, model: GPT, grads: dict, sched: mx.array, streams: list[mx.Stream] | None = None) -> None:
-        """One update. `streams`: the Muon groups are spread over them (largest first, to the least loaded)."""
+    def apply(self, model: GPT, grads: dict, sched: mx.array) -> None:
+        """One update of every parameter from its gradient."""
         lrm, momentum, wd = sched[0], sched[1], sched[2]
         params = dict(tree_flatten(model.trainable_parameters()))
         flat_g = dict(tree_flatten(grads))
@@ -540,19 +402,10 @@ class MuonAdamW:
             new[path] = params[path] - (lr * lrm / (1 - b1 ** step)) * (m / denom)  # AdamW groups have wd 0
             st["m"], st["v"] = m, v
 
-        streams = streams or [mx.default_stream(mx.default_device())]
-        load = [0.0] * len(streams)
-        placed = {}
-        for gi in sorted(range(len(self.muon)), key=lambda i: -self._ns_cost(i)):
-            si = min(range(len(streams)), key=lambda i: load[i])
-            load[si] += self._ns_cost(gi)
-            placed[gi] = streams[si]
-
-        for gi, ((_, paths, lr), st) in enumerate(zip(self.muon, self.state["muon"])):
-            with mx.stream(placed[gi]):
-                G = mx.stack([flat_g[p] for p in paths]).astype(mx.float32) * self.grad_scale
-                P, st["momentum"], st["second"] = muon_update(G, mx.stack([params[p] for p in paths]), st["momentum"],
-                                                              st["second"], lr * lrm, momentum, wd)
+        for (_, paths, lr), st in zip(self.muon, self.state["muon"]):
+            G = mx.stack([flat_g[p] for p in paths]).astype(mx.float32) * self.grad_scale
+            P, st["momentum"], st["second"] = muon_update(G, mx.stack([params[p] for p in paths]), st["momentum"],
+                                                          st["second"], lr * lrm, momentum, wd)
             for i, path in enumerate(paths):
                 new[path] = P[i]
 
@@ -583,26 +436,18 @@ def schedule(progress: float, step: int) -> mx.array:
                     dtype=mx.float32)
 
 
-def stream_pool() -> list[mx.Stream]:
-    """Streams the optimizer's Muon groups are spread over: one per core on the CPU (see
-    cpu_streams), the one default stream on the Apple GPU."""
-    return cpu_streams() if ON_CPU else [mx.default_stream(mx.default_device())]
-
-
 def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
                     compile: bool = True) -> Callable[[list[tuple[mx.array, mx.array]], mx.array], mx.array]:
     """
     step(batches, sched) -> mean micro-batch loss (lazy). One optimizer step over
     `grad_accum_steps` (x, y) micro-batches. With one micro-batch, forward, backward
     and update are a single compiled graph; with several, the forward/backward graph
-    runs per micro-batch and the summed gradients feed a compiled update. On the CPU
-    every matmul is spread over the cores (cpu_linear) and so are the Muon groups.
+    runs per micro-batch and the summed gradients feed a compiled update.
     """
     loss_and_grad = nn.value_and_grad(model, lambda x, y: cross_entropy(model(x), y))
     maybe_compile = (lambda fn, state: partial(mx.compile, inputs=state, outputs=state)(fn)) if compile \
         else (lambda fn, state: fn)
     state = [model.state, optimizer.state]
-    pool = stream_pool()
 
     def grad_only(x: mx.array, y: mx.array):
         params = model.trainable_parameters()
@@ -612,11 +457,11 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
 
     def fused(x: mx.array, y: mx.array, sched: mx.array) -> mx.array:
         loss, grads = grad_only(x, y)
-        optimizer.apply(model, grads, sched, streams=pool)
+        optimizer.apply(model, grads, sched)
         return loss
 
     def update(grads: dict, sched: mx.array) -> None:
-        optimizer.apply(model, grads, sched, streams=pool)
+        optimizer.apply(model, grads, sched)
 
     fused_c = maybe_compile(fused, state)
     grad_c = mx.compile(grad_only, inputs=[model.state]) if compile else grad_only
@@ -642,20 +487,6 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
     return step
 
 
-def hyperparameters() -> dict:
-    """The ALL_CAPS constants of this file (recorded with every result)."""
-    return {k: v for k, v in globals().items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
-
-
-def save_checkpoint(model: GPT, path: Path) -> None:
-    """npz of upstream-named fp32 weights plus a sidecar JSON with the model config."""
-    path = Path(path)
-    with open(path, "wb") as f:  # a file object, so numpy does not append a second .npz
-        np.savez(f, **export_weights(model))
-    path.with_suffix(".json").write_text(json.dumps({"config": asdict(model.config)}, indent=2))
-
-
 # ---------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------
@@ -674,7 +505,7 @@ def train() -> None:
     print(f"Vocab size: {vocab_size:,}")
     config = build_config(vocab_size, seq_len)
     print(f"Model config: {asdict(config)}")
-    print(f"Device: {ENGINE.hardware().device} ({mx.default_device()}), compute dtype {compute_dtype()}")
+    print(f"Device: {ENGINE.hardware().device} ({mx.default_device()}), compute dtype {COMPUTE_DTYPE}")
 
     model = GPT(config)
     model.init_weights()
@@ -683,7 +514,6 @@ def train() -> None:
     print("Parameter counts:")
     for key, value in param_counts.items():
         print(f"  {key:24s}: {value:,}")
-    num_params = param_counts["total"]
     flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {flops_per_token:e}")
 
@@ -724,12 +554,9 @@ def train() -> None:
 
     mx.clear_cache()
     forward = partial(mx.compile, inputs=model.state)(model.__call__) if COMPILE else model
-    finish_run(ENGINE, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
-               num_params=num_params, flops_per_token=flops_per_token, depth=DEPTH, eval_batch_size=EVAL_BATCH_SIZE,
-               vocab_size=vocab_size, config=hyperparameters(), seed=seed,
-               save_weights=lambda path: save_checkpoint(model, path),
-               extra={"model_config": asdict(config), "grad_accum_steps": grad_accum_steps,
-                      "compute_dtype": str(compute_dtype())})
+    finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
+               flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
+               extra={"grad_accum_steps": grad_accum_steps, "compute_dtype": str(model.dtype)})
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ running fixed code: the train file is imported only for its model definition
 causality and computes val_bpb. A keep needs this number to match the run's
 claim, so a train file that prints or writes a fake val_bpb is never kept.
 
-The model is rebuilt from the train file's GPTConfig/GPT/import_weights and the
-checkpoint's sidecar JSON ({"config": {...}}); a train file with another model
-shape defines `load_eval_model(config, weights) -> logits_fn` instead.
+The model is rebuilt from the train file's GPTConfig/GPT and the checkpoint's
+sidecar JSON ({"config": {...}}), its weights loaded by engines.weights; a train
+file with another model shape defines `load_eval_model(config, weights) -> logits_fn` instead.
 
     python -m arun.verify --backend cuda --repo . --checkpoint w.npz --out verdict.json
 """
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from engines.weights import import_weights, inference
 
 REL_TOLERANCE = 2e-3   # bf16 training vs a re-evaluation of the same weights: far below any real gain
 MAX_WARMUP_STEPS = 20  # uncounted steps a train file may take (upstream uses 10)
@@ -46,24 +48,11 @@ def build_logits_fn(backend: str, module: Any, config: dict, weights: dict[str, 
     if hasattr(module, "load_eval_model"):
         return module.load_eval_model(config, weights)
     cfg = module.GPTConfig(**config)
-    if backend == "cuda":
-        import torch
-        device = engine.device()
-        model = module.GPT(cfg).to(device)
-        model.init_weights()  # builds rotary tables and attention masks; the weights are overwritten next
-        module.import_weights(model, weights)
-        model.eval()
-        autocast = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-        def logits_fn(x):
-            with torch.no_grad(), autocast:
-                return model(x)
-        return logits_fn
-    model = module.GPT(cfg)
+    model = module.GPT(cfg).to(engine.device()) if backend == "cuda" else module.GPT(cfg)
     if hasattr(model, "init_weights"):
-        model.init_weights()
-    module.import_weights(model, weights)
-    return lambda x: model(x)
+        model.init_weights()  # builds rotary tables and attention masks; the weights are overwritten next
+    import_weights(model, weights)
+    return inference(engine, model, model)
 
 
 def reevaluate(backend: str, repo: Path, checkpoint: Path, batch_size: int) -> dict:

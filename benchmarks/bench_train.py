@@ -90,7 +90,7 @@ def runner_mlx(args: argparse.Namespace) -> Runner:
     train_step = tm.make_train_step(model, opt, accum, compile=tm.COMPILE)
     batches = [(mx.array(x), mx.array(y)) for x, y in random_batches(accum, tm.DEVICE_BATCH_SIZE, args.seq_len, args.vocab)]
     config = {"depth": tm.DEPTH, "seq_len": args.seq_len, "batch": tm.DEVICE_BATCH_SIZE, "n_embd": model.config.n_embd,
-              "vocab": args.vocab, "dtype": str(tm.compute_dtype()), "compile": tm.COMPILE}
+              "vocab": args.vocab, "dtype": str(model.dtype), "compile": tm.COMPILE}
     return Runner(engine=ENGINE, num_params=model.num_scaling_params()["total"], flops_per_token=model.estimate_flops(),
                   tokens_per_step=tm.TOTAL_BATCH_SIZE, grad_accum_steps=accum,
                   step=lambda i: train_step(batches, tm.schedule(0.0, i)), loss_value=lambda loss: loss.item(),
@@ -124,9 +124,11 @@ def runner_cuda(args: argparse.Namespace) -> Runner:
     train_step = tc.make_train_step(model, opt, accum, compile_model=compiled)
     batches = [(ENGINE.to_device(x), ENGINE.to_device(y))
                for x, y in random_batches(accum, tc.DEVICE_BATCH_SIZE, args.seq_len, args.vocab)]
+    config = {"depth": tc.DEPTH, "seq_len": args.seq_len, "batch": tc.DEVICE_BATCH_SIZE, "n_embd": model.config.n_embd,
+              "vocab": args.vocab, "device": str(device), "attention": model.attention, "compile": compiled}
     return Runner(engine=ENGINE, num_params=model.num_scaling_params()["total"], flops_per_token=model.estimate_flops(),
                   tokens_per_step=tc.TOTAL_BATCH_SIZE, grad_accum_steps=accum,
-                  step=lambda i: train_step(batches, 0.0, i), loss_value=lambda loss: loss.item())
+                  step=lambda i: train_step(batches, 0.0, i), loss_value=lambda loss: loss.item(), config=config)
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], Runner]] = {"mlx": runner_mlx, "cuda": runner_cuda}
@@ -143,7 +145,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
-    ap.add_argument("--dtype", default=None, help="the train file's COMPUTE_DTYPE (mlx: auto, float32, bfloat16)")
+    ap.add_argument("--dtype", default=None, help="the train file's COMPUTE_DTYPE (mlx: float32, bfloat16)")
     ap.add_argument("--train-file", type=Path, default=None)
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args()

@@ -2,7 +2,7 @@
 Side-by-side training throughput: our train_mlx.py against the public MLX port
 (trevin-creator/autoresearch-mlx, its train.py) at one config, on the same tokens.
 
-    python benchmarks/compare_mlx_port.py /work/.mirror/trevin-creator+autoresearch-mlx/repo \
+    python benchmarks/compare_mlx_port.py ~/src/autoresearch-mlx \
         --depth 4 --seq-len 512 --batch 4 --seconds 60 --rounds 2
 
 Nothing of the port enters this repository: its train.py is read from the given
@@ -117,8 +117,7 @@ def run_ours(work: Path, data_dir: Path, args: argparse.Namespace, train_file: P
     text = train_file.read_text()
     text = set_constants(text, {"DEPTH": args.depth, "DEVICE_BATCH_SIZE": args.batch,
                                 "TOTAL_BATCH_SIZE": args.total_batch, "EVAL_BATCH_SIZE": 4,
-                                "WARMUP_STEPS": args.skip, "COMPUTE_DTYPE": args.ours_dtype,
-                                **({"CPU_STREAMS": args.cpu_streams} if args.cpu_streams is not None else {})})
+                                "WARMUP_STEPS": args.skip, "COMPUTE_DTYPE": args.ours_dtype})
     script = work / "ours" / "train_mlx.py"
     script.parent.mkdir(parents=True, exist_ok=True)
     script.write_text(text)
@@ -171,10 +170,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="A B pairs")
     ap.add_argument("--skip", type=int, default=3, help="warm-up steps excluded on both sides")
     ap.add_argument("--ours-dtype", default="bfloat16",
-                    help="our COMPUTE_DTYPE; the port computes in bfloat16 everywhere, so bfloat16 is the same config "
-                         "(auto = our default: float32 on the CPU)")
-    ap.add_argument("--cpu-streams", type=int, default=None,
-                    help="our CPU_STREAMS (default: the train file's, 0 = one MLX stream per core; the port uses one)")
+                    help="our COMPUTE_DTYPE; the port computes in bfloat16 everywhere, so bfloat16 is the same config")
     ap.add_argument("--seed", type=int, default=42, help="dataloader seed (our train file's SEED)")
     ap.add_argument("--data-dir", type=Path, default=None, help="an arun-prepared folder (default: pystdlib at --seq-len)")
     ap.add_argument("--train-file", type=Path, default=REPO / "train_mlx.py")
@@ -188,7 +184,7 @@ def main() -> None:
     seq = prepare.PreparedData.open(data_dir).profile.max_seq_len
     print(f"config: depth {args.depth}, seq_len {seq}, device batch {args.batch}, total batch {args.total_batch} tokens, "
           f"{args.seconds:g}s per run, {args.rounds} rounds, first {args.skip} steps excluded; our COMPUTE_DTYPE "
-          f"{args.ours_dtype}, CPU_STREAMS {'as in the file' if args.cpu_streams is None else args.cpu_streams}; data {data_dir}")
+          f"{args.ours_dtype}; data {data_dir}")
 
     ours, port = [], []
     with tempfile.TemporaryDirectory(prefix="arun-vs-port-") as tmp:

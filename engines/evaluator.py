@@ -39,15 +39,11 @@ def bpb_from_sums(nats: float, nbytes: int) -> float:
     return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
 
 
-def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray | None = None,
-                 token_bytes: np.ndarray | None = None) -> EvalResult:
-    """Scores every fixed val row once. The last batch is padded with copies of row 0
-    (and ignored) so compiled models see one shape."""
-    if rows is None or token_bytes is None:
-        from prepare import PreparedData
-        data = PreparedData.open()
-        rows = data.val_rows() if rows is None else rows
-        token_bytes = data.token_bytes() if token_bytes is None else token_bytes
+def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray,
+                 token_bytes: np.ndarray) -> EvalResult:
+    """Scores every row of `rows` (the fixed val rows, from PreparedData) once; token_bytes: the
+    UTF-8 byte length of each token id. The last batch is padded with copies of row 0 (and
+    ignored) so compiled models see one shape."""
     t0 = time.perf_counter()
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
     n = rows.shape[0]

@@ -1,7 +1,8 @@
 """
 The fixed end of every training run: causality probe, evaluation, summary,
-result JSON and checkpoint. Train files call finish_run() and nothing else
-after training, so the number they report is always produced by fixed code.
+result JSON and checkpoint. Train files call finish_run() once, after training,
+and nothing else, so the number they report is always produced by fixed code.
+Also the small helpers a train loop shares: the seed, the step log, fail-fast.
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+import prepare
 from engines.evaluator import EVALUATOR_VERSION, CausalityError, check_causality, evaluate_bpb
 from engines.report import finish
 from engines.timer import TimeBudget
+from engines.weights import count_params, inference, model_config, save_checkpoint
 
 
 def env_seed(default: int) -> int:
@@ -57,30 +59,40 @@ def fail_fast(loss: float, step: int, limit: float = 100.0) -> None:
         raise SystemExit(f"FAIL: training loss exploded to {loss:.1f} (> {limit}) at step {step}; lower the learning rates")
 
 
-def finish_run(engine: Any, logits_fn: Callable[[Any], Any], *, budget: TimeBudget, t_start: float,
-               tokens_per_step: int, num_params: int, flops_per_token: float, depth: int, eval_batch_size: int,
-               vocab_size: int, config: dict, seed: int, save_weights: Callable[[Path], None] | None = None,
-               extra: dict | None = None) -> dict:
-    """Probe causality, evaluate on the fixed val rows, print the summary, write the result JSON."""
-    import prepare
+def hyperparameters(constants: dict) -> dict:
+    """The ALL_CAPS constants of a train file's globals() (recorded with every result)."""
+    return {k: v for k, v in constants.items()
+            if k.isupper() and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
 
+
+def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget: TimeBudget, t_start: float,
+               tokens_per_step: int, flops_per_token: float, eval_batch_size: int, seed: int, constants: dict,
+               extra: dict | None = None) -> dict:
+    """
+    The one call a train file makes after training. model: the trained model (its parameters
+    are the checkpoint; its `config` dataclass, when it has one, rebuilds it); forward: token ids
+    (B, T) -> logits (B, T, V), the model itself or a compiled version of it; constants: the
+    file's globals(), whose ALL_CAPS names are recorded. Probes causality, evaluates on the fixed
+    val rows, saves the checkpoint ($ARUN_CHECKPOINT), prints the summary, writes the result JSON.
+    """
     data = prepare.PreparedData.open()
     rows, token_bytes = data.val_rows(), data.token_bytes()
+    logits_fn = inference(engine, model, forward)
     t_eval = time.perf_counter()
     try:
-        causality_diff = check_causality(engine, logits_fn, rows, eval_batch_size, vocab_size, seed=seed)
+        causality_diff = check_causality(engine, logits_fn, rows, eval_batch_size, data.manifest["vocab_size"],
+                                         seed=seed)
     except CausalityError as e:
         raise SystemExit(f"INVALID: {e}")
     result_eval = evaluate_bpb(engine, logits_fn, eval_batch_size, rows, token_bytes)
     eval_seconds = time.perf_counter() - t_eval
 
     checkpoint = os.environ.get("ARUN_CHECKPOINT")
-    if checkpoint and save_weights is not None:
-        path = Path(checkpoint)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_weights(path)
+    if checkpoint:
+        save_checkpoint(model, checkpoint)
 
     hw = engine.hardware()
+    num_params = count_params(model)
     counted = budget.counted_steps
     train_tokens = budget.step * tokens_per_step
     steady_mfu = mfu_percent(flops_per_token, counted * tokens_per_step, budget.training_seconds, engine.peak_flops())
@@ -93,7 +105,7 @@ def finish_run(engine: Any, logits_fn: Callable[[Any], Any], *, budget: TimeBudg
         "total_tokens_M": train_tokens / 1e6,
         "num_steps": budget.step,
         "num_params_M": num_params / 1e6,
-        "depth": depth,
+        "depth": constants.get("DEPTH", 0),
         # beyond upstream's block: what the harness records
         "status": "ok",
         "backend": engine.name,
@@ -112,8 +124,10 @@ def finish_run(engine: Any, logits_fn: Callable[[Any], Any], *, budget: TimeBudg
         "num_params": num_params,
         "flops_per_token": flops_per_token,
         "seed": seed,
-        "config": config,
+        "config": hyperparameters(constants),
         "data": data.key(),
     }
+    if model_config(model):
+        result["model_config"] = model_config(model)
     result.update(extra or {})
     return finish(json.loads(json.dumps(result, default=float)))

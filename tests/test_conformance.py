@@ -1,6 +1,8 @@
 """
 Cross-engine conformance: train_cuda.py (PyTorch) and train_mlx.py (MLX) are one model
 and one optimizer. One set of weights goes into both; both run in float32 on the CPU.
+The baseline copies (tests/baseline/) are compared, so a kept refactor of a live train
+file on a run branch leaves this test as it was.
 
 - logits agree elementwise, and the fixed evaluator (engines/evaluator.py) gives the
   same val_bpb through either engine adapter: the proof of "one identical evaluator";
@@ -24,8 +26,9 @@ import mlx.nn as mnn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from engines.evaluator import evaluate_bpb  # noqa: E402
+from engines.weights import export_weights, import_weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+BASELINE = Path(__file__).resolve().parent / "baseline"
 
 LOGITS_ATOL = 1e-4       # logits are O(10): fp32 rounding differences are ~1e-5
 BPB_RTOL = 1e-5          # the design contract is 1e-3; the engines actually agree to ~1e-8
@@ -34,7 +37,7 @@ PARAM_RTOL = 1e-4        # per tensor, relative to its largest weight (observed 
 
 
 def load(name: str, filename: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / filename)
+    spec = importlib.util.spec_from_file_location(name, BASELINE / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
@@ -48,9 +51,9 @@ def tc():
 
 @pytest.fixture(scope="module")
 def tm():
-    if not (REPO / "train_mlx.py").exists():
-        pytest.skip("train_mlx.py is not in the tree yet")
-    return load("conformance_train_mlx", "train_mlx.py")
+    module = load("conformance_train_mlx", "train_mlx.py")
+    module.COMPUTE_DTYPE = "float32"  # as torch on the CPU (the file's default is bfloat16, for the Apple GPU)
+    return module
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +63,7 @@ def fp32_cpu(monkeypatch: pytest.MonkeyPatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     device = mx.default_device()
-    mx.set_default_device(mx.cpu)  # train_mlx picks float32 on the CPU, bf16 on an Apple GPU
+    mx.set_default_device(mx.cpu)
     yield
     mx.set_default_device(device)
     torch.set_num_threads(threads)
@@ -89,15 +92,15 @@ def shared_weights(tc, kwargs: dict, seed: int = 0) -> dict[str, np.ndarray]:
             elif name.endswith("lambdas"):
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
         model.lm_head.weight.mul_(300.0)
-    return tc.export_weights(model)
+    return export_weights(model)
 
 
 def build_pair(tc, tm, kwargs: dict, weights: dict[str, np.ndarray]):
     mt = tc.GPT(tc.GPTConfig(**kwargs))
     mt.init_weights()  # rotary tables and masks; the weights are replaced next
-    tc.import_weights(mt, weights)
+    import_weights(mt, weights)
     mm = tm.GPT(tm.GPTConfig(**kwargs))
-    tm.import_weights(mm, weights)
+    import_weights(mm, weights)
     return mt, mm
 
 
@@ -116,11 +119,11 @@ def test_same_weights_same_logits_and_val_bpb(tc, tm, data) -> None:
     weights = shared_weights(tc, kwargs)
 
     # the same parameter names and shapes in both files: upstream's, torch Linear layout
-    fresh = tm.export_weights(tm.GPT(tm.GPTConfig(**kwargs)))
+    fresh = export_weights(tm.GPT(tm.GPTConfig(**kwargs)))
     assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in weights.items()}
 
     mt, mm = build_pair(tc, tm, kwargs, weights)
-    back = tm.export_weights(mm)
+    back = export_weights(mm)
     assert all(np.array_equal(back[k], weights[k]) for k in weights)  # lossless import/export
     assert_same_logits(mt, mm, rows[:16, :-1])
 
@@ -224,7 +227,7 @@ def test_train_steps_agree(tc, tm, data) -> None:
     for step, progress, first in ((0, 0.0, 0), (1, 0.6, 8)):
         micro = [(np.ascontiguousarray(rows[i:i + 4, :-1]), np.ascontiguousarray(rows[i:i + 4, 1:]))
                  for i in (first, first + 4)]
-        before = tc.export_weights(mt)
+        before = export_weights(mt)
         # the accumulated gradient, for telling rounding at the optimizer's discontinuities from real differences
         for x, y in micro:
             (tc.training_loss(mt, torch.from_numpy(x), torch.from_numpy(y)) / accum).backward()
@@ -235,7 +238,7 @@ def test_train_steps_agree(tc, tm, data) -> None:
         step_m([(mx.array(x), mx.array(y)) for x, y in micro], tm.schedule(progress, step))
         mx.eval(mm.parameters(), opt_m.state)
 
-        after_t, after_m = tc.export_weights(mt), tm.export_weights(mm)
+        after_t, after_m = export_weights(mt), export_weights(mm)
         lrm = tc.get_lr_multiplier(progress)
         for name in before:
             if name.startswith("transformer.h."):  # Muon: lr x sqrt(max(1, rows/cols)), decay x (1 - progress)
@@ -248,4 +251,4 @@ def test_train_steps_agree(tc, tm, data) -> None:
             tiny_now = np.abs(grads[name]) <= 1e-4 * np.abs(grads[name]).max()
             was_tiny[name] = was_tiny[name] | tiny_now if name in was_tiny else tiny_now
         # the next step starts from identical weights again (optimizer states carry on in each engine)
-        tm.import_weights(mm, after_t)
+        import_weights(mm, after_t)

@@ -1,6 +1,8 @@
 """
 The PyTorch engine and train_cuda.py, on the explicit CPU device (ARUN_DEVICE=cpu):
 real torch, real subprocess runs of the train file at a tiny config, real prepared data.
+The runs use the live train_cuda.py and check behaviour only; in-process tests of the model
+load the frozen copy in tests/baseline/; the attention kernels are tested in engines/.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import pytest
 import torch
 
 from arun.trainfile import rewrite_constants
+from engines import torch_attention
 from engines.cuda import ENGINE, gpu_tag, memory_bucket_gb, peak_flops_for
+from engines.weights import import_weights
 
 REPO = Path(__file__).resolve().parents[1]
+BASELINE = REPO / "tests" / "baseline" / "train_cuda.py"
 TINY = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=16, DEVICE_BATCH_SIZE=8, TOTAL_BATCH_SIZE=8 * 64, EVAL_BATCH_SIZE=32)
 BUDGET = 3.0
 
@@ -95,7 +100,7 @@ def test_tiny_run_end_to_end(data_env: Path, tmp_path: Path, monkeypatch: pytest
     module = load_module(tmp_path / "train_cuda.py", "train_cuda_ckpt")
     model = module.GPT(module.GPTConfig(**meta["config"]))
     model.init_weights()
-    module.import_weights(model, weights)
+    import_weights(model, weights)
     from engines.evaluator import evaluate_bpb
     from prepare import PreparedData
     data = PreparedData.open()
@@ -124,8 +129,7 @@ def test_import_runs_no_training(data_env: Path, tmp_path: Path, monkeypatch: py
     assert time.perf_counter() - t0 < 5
     assert capsys.readouterr().out == ""  # no setup, no steps, no summary
     assert not (tmp_path / "r.json").exists()
-    assert (module.DEPTH, module.TOTAL_BATCH_SIZE, module.DEVICE_BATCH_SIZE, module.WARMUP_STEPS) == (8, 2**19, 128, 10)
-    assert callable(module.train) and callable(module.build_optimizer)
+    assert callable(module.train) and isinstance(module.DEPTH, int)
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this machine's torch is a CUDA build")
@@ -228,31 +232,30 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
 @pytest.mark.parametrize("seq_len", [256])  # two 128-token flex blocks: tiles fully in, partly in, out
 def test_sliding_window_masks_match_dense_reference(cpu_device: None, seq_len: int) -> None:
     from torch.nn.attention.flex_attention import create_mask
-    t = load_module(REPO / "train_cuda.py", "train_cuda_masks")
-    config = t.GPTConfig(sequence_len=seq_len, vocab_size=16, n_layer=4, n_head=2, n_kv_head=2, n_embd=32,
-                         window_pattern="SSSL")
-    assert t.window_sizes(config) == [seq_len // 2] * 3 + [seq_len]
+    ta = torch_attention
     cpu = torch.device("cpu")
-    sdpa = t.Attention(config, cpu, "sdpa")
-    flex = t.Attention(config, cpu, "flex")
-    assert set(sdpa.masks) == set(flex.masks) == {(seq_len, seq_len // 2)}  # built once, up front
+    assert ta.prepare_attention(seq_len, [seq_len // 2] * 3 + [seq_len], cpu) == "sdpa"  # the CPU's kernel
+    assert set(ta._BY_DEVICE[("cpu", 0)].masks) >= {(seq_len, seq_len // 2)}  # built up front, not in a graph
+    sdpa, flex = ta.Attention(cpu, "sdpa"), ta.Attention(cpu, "flex")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, seq_len, 2, 16, generator=g) for _ in range(3))
     for window in (3, seq_len // 2, seq_len):
         want = torch.tensor([[0 <= i - j <= window for j in range(seq_len)] for i in range(seq_len)])
-        assert torch.equal(t.dense_window_mask(seq_len, window, cpu), want)
-        assert torch.equal(create_mask(t.window_mask_mod(window), 1, 1, seq_len, seq_len, device="cpu")[0, 0], want)
+        assert torch.equal(ta.dense_window_mask(seq_len, window, cpu), want)
+        assert torch.equal(create_mask(ta.window_mask_mod(window), 1, 1, seq_len, seq_len, device="cpu")[0, 0], want)
         ref = reference_attention(q, k, v, window)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # flex_attention warns that it is unfused when not compiled
-            for attention in (sdpa, flex):
+            for attention in (sdpa, flex, ta.attention):
                 got = attention(q, k, v, window)
                 assert got.shape == q.shape
                 torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        ta.Attention(cpu, "magic")
 
 
 def test_model_is_causal_and_softcapped(cpu_device: None) -> None:
-    t = load_module(REPO / "train_cuda.py", "train_cuda_causal")
+    t = load_module(BASELINE, "train_cuda_causal")
     torch.manual_seed(0)
     model = t.GPT(t.GPTConfig(sequence_len=32, vocab_size=64, n_layer=3, n_head=2, n_kv_head=1, n_embd=64))
     model.init_weights()

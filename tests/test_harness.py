@@ -47,7 +47,6 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 
 import prepare
 from engines.mlx import ENGINE
@@ -98,17 +97,15 @@ def train():
         dt = budget.end_step()
         fail_fast(loss.item(), budget.step)
         log(budget, loss.item(), BATCH_SIZE * seq_len, dt, None, epoch, force=budget.step == 1)
-    finish_run(ENGINE, model, budget=budget, t_start=t_start, tokens_per_step=BATCH_SIZE * seq_len,
-               num_params=vocab * vocab, flops_per_token=6.0 * vocab * vocab, depth=0,
-               eval_batch_size=EVAL_BATCH_SIZE, vocab_size=vocab, config={"vocab": vocab}, seed=seed,
-               save_weights=lambda p: np.savez(p, table=np.array(model.table.weight)),
-               extra={"startup_seconds": t_first - t_start})
+    finish_run(ENGINE, model, model, budget=budget, t_start=t_start, tokens_per_step=BATCH_SIZE * seq_len,
+               flops_per_token=6.0 * vocab * vocab, eval_batch_size=EVAL_BATCH_SIZE, seed=seed,
+               constants=globals(), extra={"startup_seconds": t_first - t_start})
 
 
 def load_eval_model(config, weights):
     """For the harness's re-evaluation (arun.verify): this file's model from saved weights."""
-    model = Bigram(weights["table"].shape[0])
-    model.table.weight = mx.array(weights["table"])
+    model = Bigram(weights["table.weight"].shape[0])
+    model.table.weight = mx.array(weights["table.weight"])
     return model
 
 
@@ -120,7 +117,6 @@ if __name__ == "__main__":
 MINI_TORCH = '''"""Minimal harness-test train file: a bigram model on torch."""
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -167,18 +163,16 @@ def train():
         with torch.no_grad():
             return table(idx.long())
 
-    finish_run(ENGINE, logits, budget=budget, t_start=t_start, tokens_per_step=BATCH_SIZE * seq_len,
-               num_params=vocab * vocab, flops_per_token=6.0 * vocab * vocab, depth=0,
-               eval_batch_size=EVAL_BATCH_SIZE, vocab_size=vocab, config={"vocab": vocab}, seed=seed,
-               save_weights=lambda p: np.savez(p, table=table.weight.detach().numpy()),
-               extra={"startup_seconds": t_first - t_start})
+    finish_run(ENGINE, table, logits, budget=budget, t_start=t_start, tokens_per_step=BATCH_SIZE * seq_len,
+               flops_per_token=6.0 * vocab * vocab, eval_batch_size=EVAL_BATCH_SIZE, seed=seed,
+               constants=globals(), extra={"startup_seconds": t_first - t_start})
 
 
 def load_eval_model(config, weights):
     """For the harness's re-evaluation (arun.verify): this file's model from saved weights."""
-    table = torch.nn.Embedding(*weights["table"].shape).to(ENGINE.device())
+    table = torch.nn.Embedding(*weights["table.weight"].shape).to(ENGINE.device())
     with torch.no_grad():
-        table.weight.copy_(torch.from_numpy(weights["table"]))
+        table.weight.copy_(torch.from_numpy(weights["table.weight"]))
 
     def logits(idx):
         with torch.no_grad():

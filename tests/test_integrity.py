@@ -33,6 +33,12 @@ def _load(path: Path):
     return load_train_module(path)
 
 
+def noncausal_train_text() -> str:
+    """The tiny train file with its attention call swapped for one without a causal mask."""
+    return replace_once(tiny_train_text(), "attention(q, k, v, window)", "F.scaled_dot_product_attention("
+                        "q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)")
+
+
 # =========================================================================== causality probe, unit level
 
 SMALL = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
@@ -53,7 +59,7 @@ def test_causality_probe_torch_passes_the_real_model_and_catches_cheats(val_rows
     from engines.evaluator import CausalityError, check_causality
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
     engine = get_engine("cuda")
-    mod = _load(REPO / "train_cuda.py")
+    mod = _load(REPO / "tests" / "baseline" / "train_cuda.py")
     torch.manual_seed(0)
     model = mod.GPT(mod.GPTConfig(**SMALL))
     model.init_weights()
@@ -92,7 +98,7 @@ def test_causality_probe_mlx_passes_the_real_model_and_catches_cheats(val_rows: 
     if not ok:
         pytest.skip(f"mlx engine not available here: {why}")
     import mlx.core as mx
-    mod = _load(REPO / "train_mlx.py")
+    mod = _load(REPO / "tests" / "baseline" / "train_mlx.py")
     mx.random.seed(0)
     model = mod.GPT(mod.GPTConfig(**SMALL))
     model.init_weights()
@@ -109,7 +115,7 @@ def test_causality_probe_mlx_passes_the_real_model_and_catches_cheats(val_rows: 
         check_causality(engine, peek_next_token, val_rows, 8, 512)
 
     # no mask: every token sees all
-    monkeypatch.setattr(mod, "attention_plan", lambda seq_len, window: [(0, seq_len, 0, None)])
+    monkeypatch.setattr(mod, "attention", lambda q, k, v, window: mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0))
     with pytest.raises(CausalityError, match="looks ahead"):
         check_causality(engine, model, val_rows, 8, 512)
 
@@ -218,7 +224,7 @@ def test_reevaluation_catches_a_model_that_looks_ahead(honest_run: dict, tmp_pat
     """The same weights under a train file whose attention has no causal mask: the harness's own
     probe says invalid, whatever the train process printed."""
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
-    (tmp_path / "train_cuda.py").write_text(replace_once(tiny_train_text(), "is_causal=True", "is_causal=False"))
+    (tmp_path / "train_cuda.py").write_text(noncausal_train_text())
     from arun.verify import reevaluate
     verdict = reevaluate("cuda", tmp_path, honest_run["checkpoint"], 32)
     assert "looks ahead" in verdict.get("invalid", ""), verdict
@@ -263,7 +269,7 @@ def _cli_attack(root: Path, tiny_data: Path, tiny_cache: Path, train_text: str, 
 
 
 def test_noncausal_model_is_recorded_invalid(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
-    text = replace_once(tiny_train_text(), "is_causal=True", "is_causal=False")
+    text = noncausal_train_text()
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
     rec = assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")
     assert rec["val_bpb"] is None and proc.returncode == 2
@@ -273,7 +279,7 @@ def test_probe_disabled_in_the_train_process_is_caught_by_the_reevaluation(tmp_p
                                                                           tiny_cache: Path) -> None:
     """No causal mask, and the in-process probe patched out: only the harness's own re-evaluation,
     in a process the train file never runs in, can see it."""
-    text = replace_once(tiny_train_text(), "is_causal=True", "is_causal=False")
+    text = noncausal_train_text()
     text = inject(text, "from engines.run import", "import engines.run as _engines_run\n"
                   "_engines_run.check_causality = lambda *args, **kwargs: 0.0  # cheat: skip the probe")
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
