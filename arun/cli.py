@@ -40,13 +40,13 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
             hard_timeout: float | None, seeds: int, confidence: float | None, wait: float) -> dict:
     from pathlib import Path
 
-    from arun.errors import ArunError
-    from arun.experiment import run_experiment
+    from arun.core.errors import ArunError
+    from arun.core.experiment import run_experiment
     if backend is None:
         fail("no backend given; use arun --backend mlx or arun --backend cuda")
     decide_fn = None
-    if confidence:  # the significance gate (arun.stats); with one seed it needs `arun noise` for the key
-        from arun.stats import significance_decider
+    if confidence:  # the significance gate (arun.search.stats); with one seed it needs `arun noise` for the key
+        from arun.search.stats import significance_decider
         try:
             decide_fn = significance_decider(confidence, log=lambda s: console.print(s, markup=False, highlight=False))
         except ValueError as e:
@@ -94,8 +94,8 @@ def start_cmd(name: str) -> None:
     """Create (or switch to) the run branch autoresearch/NAME."""
     from pathlib import Path
 
-    from arun import gitops
-    from arun.errors import ArunError
+    from arun.core import gitops
+    from arun.core.errors import ArunError
     try:
         branch, created = gitops.ensure_run_branch(Path.cwd(), name)
     except ArunError as e:
@@ -114,8 +114,8 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
     import ast
     from pathlib import Path
 
-    from arun.gitops import write_atomic
-    from arun.trainfile import constants, rewrite_constants, safe_eval
+    from arun.core.gitops import write_atomic
+    from arun.core.trainfile import constants, rewrite_constants, safe_eval
     from engines import TRAIN_FILES
 
     path = Path.cwd() / TRAIN_FILES[backend]
@@ -148,8 +148,8 @@ def compare_cmd(refs: tuple[str, ...]) -> None:
     """Every comparability key side by side: baseline, best, improvement, runs, hours, winning change."""
     from pathlib import Path
 
-    from arun.compare import compare, compare_tables
-    from arun.errors import ArunError
+    from arun.report.compare import compare, compare_tables
+    from arun.core.errors import ArunError
     try:
         summaries = compare(Path.cwd(), refs)
     except ArunError as e:
@@ -167,8 +167,8 @@ def log_cmd(tag: str | None) -> None:
     """The experiments in ledger order: id, status, val_bpb, change against the best, description."""
     from pathlib import Path
 
-    from arun.compare import log_rows, log_table, tag_records
-    from arun.errors import ArunError
+    from arun.report.compare import log_rows, log_table, tag_records
+    from arun.core.errors import ArunError
     try:
         records = tag_records(Path.cwd(), tag)
     except ArunError as e:
@@ -185,8 +185,8 @@ def show_cmd(ident: str) -> None:
     """One experiment's record and its diff (an id from arun log; a unique prefix is enough)."""
     from pathlib import Path
 
-    from arun.compare import find_record, show_renderables, tag_records
-    from arun.errors import ArunError
+    from arun.report.compare import find_record, show_renderables, tag_records
+    from arun.core.errors import ArunError
     try:
         rec = find_record(tag_records(Path.cwd(), None), ident)
     except ArunError as e:
@@ -203,8 +203,8 @@ def plot_cmd(tag: str | None, out_dir: str | None) -> None:
     """One progress PNG per hardware tag: every experiment, the running best, crashes on top."""
     from pathlib import Path
 
-    from arun.errors import ArunError
-    from arun.plot import plot_tags
+    from arun.core.errors import ArunError
+    from arun.report.plot import plot_tags
     try:
         written = plot_tags(Path.cwd(), tag, out_dir)
     except ArunError as e:
@@ -223,9 +223,9 @@ def export_cmd(tag: str | None, output: str) -> None:
     """Write upstream's results.tsv (commit, val_bpb, memory_gb, status, description)."""
     from pathlib import Path
 
-    from arun.compare import tag_records
-    from arun.errors import ArunError
-    from arun.export import write_tsv
+    from arun.report.compare import tag_records
+    from arun.core.errors import ArunError
+    from arun.report.export import write_tsv
     try:
         records = tag_records(Path.cwd(), tag)
     except ArunError as e:
@@ -322,7 +322,7 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
     """Run the loop on every GPU of a Ray cluster: a worktree per worker, one ledger, adopt the best."""
     from pathlib import Path
 
-    from arun.errors import ArunError
+    from arun.core.errors import ArunError
     if iterations is not None and iterations < 1:
         fail(f"--iterations must be at least 1, got {iterations}")
     if hours is not None and hours <= 0:
@@ -330,7 +330,7 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
     loop_options = {k: v for k, v in {"seeds": seeds, "confidence": confidence, "hard_timeout": hard_timeout,
                                       "near_miss": near_miss}.items() if v is not None}
     try:
-        from arun.swarm import SwarmOptions, git, run_swarm
+        from arun.swarm.driver import SwarmOptions, git, run_swarm
         repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
         opts = SwarmOptions(repo_dir=repo, backend=backend, agent=agent, workers=workers, run=run_name,
                             address=address, hours=hours, iterations=iterations, budget=budget, device=device,
@@ -375,8 +375,8 @@ def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | No
     """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
     from pathlib import Path
 
-    from arun.errors import ArunError
-    from arun.loop import run_loop
+    from arun.core.errors import ArunError
+    from arun.search.loop import run_loop
     try:
         result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
                           confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
@@ -397,8 +397,8 @@ def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None
     """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""
     from pathlib import Path
 
-    from arun.errors import ArunError
-    from arun.noise import measure_noise
+    from arun.core.errors import ArunError
+    from arun.search.noise import measure_noise
     try:
         measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout,
                       log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
@@ -415,8 +415,8 @@ def summary_cmd(tag: str | None, since: str | None) -> None:
     """The morning report: experiments, keeps, crashes, best vs baseline, top changes, hours."""
     from pathlib import Path
 
-    from arun.ledger import all_records
-    from arun.summary import parse_time, report, select
+    from arun.core.ledger import all_records
+    from arun.report.summary import parse_time, report, select
     when = None
     if since:
         when = parse_time(since)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from arun.trainfile import rewrite_constants
+from arun.core.trainfile import rewrite_constants
 from engines.cuda import ENGINE, gpu_tag, memory_bucket_gb, peak_flops_for
 
 REPO = Path(__file__).resolve().parents[1]

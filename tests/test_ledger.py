@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from helpers_repo import empty_repo, git
 
-from arun.errors import ArunError
-from arun.keys import comparability_key, key_id
-from arun.ledger import Ledger, all_records, ledger_path
-from arun.ratchet import baseline_record, best_record, decide, running_best
+from arun.core.errors import ArunError
+from arun.core.keys import comparability_key, key_id
+from arun.core.ledger import Ledger, all_records, ledger_path
+from arun.core.ratchet import baseline_record, best_record, decide, running_best
 
 
 def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
@@ -88,8 +88,8 @@ def test_a_failed_write_leaves_the_ledger_unchanged(tmp_path: Path) -> None:
     size = led.path.stat().st_size
     script = (
         "import resource, signal, sys\n"
-        "from arun.ledger import Ledger\n"
-        "from arun.errors import ArunError\n"
+        "from arun.core.ledger import Ledger\n"
+        "from arun.core.errors import ArunError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + 100}, resource.RLIM_INFINITY))\n"
         "try:\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from arun import swarm as sw
+from arun.swarm import driver as sw
 from helpers_repo import make_project  # the project copied into a tmp git repo, with a tiny train_cuda.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- one real swarm
 
 def _needs_harness() -> None:
-    for mod in ("arun.experiment", "arun.loop", "ray", "torch"):
+    for mod in ("arun.core.experiment", "arun.search.loop", "ray", "torch"):
         pytest.importorskip(mod)
     if not (REPO / "train_cuda.py").exists():
         pytest.skip("train_cuda.py has not landed")
@@ -132,7 +132,7 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     commit, as a previous run would have left it: the swarm starts from that best, and the first
     experiment to finish beats it whatever the two workers' contention for the 2 cores does to
     their step counts; from then on the workers compete on equal terms."""
-    from arun.ledger import Ledger, ledger_path
+    from arun.core.ledger import Ledger, ledger_path
     root = tmp_path_factory.mktemp("swarm")
     repo, clone = root / "repo", root / "clone"
     repo.mkdir()

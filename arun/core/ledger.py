@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 
 def new_id() -> str:

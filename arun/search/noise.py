@@ -8,7 +8,7 @@ tried), and stores the spread with the comparability key in `bench/<tag>/noise.j
     {"<key_id>": {"key": {...}, "commit": "...", "train_sha256": "...", "values": [...],
                   "seeds": [...], "mean": m, "std": s, "n": N, "time": "...", "wall_seconds": w}}
 
-The significance gate (arun.stats) uses `std` as a floor on the spread of every comparison
+The significance gate (arun.search.stats) uses `std` as a floor on the spread of every comparison
 for that key, and the values themselves as extra runs of the best when its train file is the
 one that was measured.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 
 def noise_path(repo_dir: Path | str, tag: str) -> Path:
@@ -69,10 +69,10 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
                   log: Callable[[str], None] = print) -> dict:
     """Runs the best train file `seeds` times and saves the spread; returns the stored entry.
     Refuses (ArunError) when the train file differs from the best commit: the runs restore it."""
-    from arun import gitops
-    from arun.experiment import run_experiment
-    from arun.loop import experiment_key, read_records
-    from arun.ratchet import best_record
+    from arun.core import gitops
+    from arun.core.experiment import run_experiment
+    from arun.search.loop import experiment_key, read_records
+    from arun.core.ratchet import best_record
 
     if seeds < 2:
         raise ArunError(f"arun noise needs at least 2 seeds to measure a spread, got {seeds}; try --seeds 5")

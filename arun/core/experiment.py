@@ -33,14 +33,14 @@ from typing import Callable, Iterator, TextIO
 from filelock import FileLock, Timeout
 
 import prepare
-from arun import gitops
-from arun.errors import ArunError
-from arun.keys import comparability_key, key_id
-from arun.ledger import Ledger, ledger_path, new_id
-from arun.progress import Progress
-from arun.ratchet import best_record, decide
-from arun.trainfile import constants
-from arun.verify import audit_timing, matches
+from arun.core import gitops
+from arun.core.errors import ArunError
+from arun.core.keys import comparability_key, key_id
+from arun.core.ledger import Ledger, ledger_path, new_id
+from arun.core.progress import Progress
+from arun.core.ratchet import best_record, decide
+from arun.core.trainfile import constants
+from arun.core.verify import audit_timing, matches
 from engines import BACKENDS, TRAIN_FILES, EngineUnavailable, get_engine
 from engines.evaluator import EVALUATOR_VERSION
 from engines.report import summary_text
@@ -550,7 +550,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
 
 
 def audit_outcomes(outcomes: list[RunOutcome], budget: float, verdicts: list[dict] | None = None) -> str | None:
-    """The outside timing audit (arun.verify.audit_timing) of every run: the first reason one cannot be true."""
+    """The outside timing audit (arun.core.verify.audit_timing) of every run: the first reason one cannot be true."""
     for i, o in enumerate(outcomes):
         if o.result is not None:
             reference = verdicts[i] if verdicts and i < len(verdicts) else None
@@ -562,7 +562,7 @@ def audit_outcomes(outcomes: list[RunOutcome], budget: float, verdicts: list[dic
 
 def reproduce(repo_dir: Path, run_dir: Path, backend: str, outcomes: list[RunOutcome], data_dir: Path,
               device: str | None, timeout: float, budget: float) -> str | None:
-    """A keep must be reproduced: each run's saved weights are evaluated by `python -m arun.verify`, a
+    """A keep must be reproduced: each run's saved weights are evaluated by `python -m arun.core.verify`, a
     fresh process running fixed code (the train file is imported for its model only). Returns why the
     claim does not stand, or None. Runs with the lock held, so the train file is the one that ran."""
     verdicts: list[dict] = []
@@ -572,7 +572,7 @@ def reproduce(repo_dir: Path, run_dir: Path, backend: str, outcomes: list[RunOut
         checkpoint, out = run_dir / f"weights{i}.npz", run_dir / f"verify{i}.json"
         batch = (o.result.get("config") or {}).get("EVAL_BATCH_SIZE")
         batch = batch if isinstance(batch, int) and 0 < batch <= 1024 else 32
-        cmd = [sys.executable, "-m", "arun.verify", "--backend", backend, "--repo", str(repo_dir),
+        cmd = [sys.executable, "-m", "arun.core.verify", "--backend", backend, "--repo", str(repo_dir),
                "--checkpoint", str(checkpoint), "--batch-size", str(batch), "--out", str(out)]
         try:
             p = subprocess.run(cmd, cwd=repo_dir, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,

@@ -18,7 +18,7 @@ import math
 import statistics
 from typing import Callable
 
-DEFAULT_NEAR_MISS = 0.002  # as arun.experiment: a discard this close to the best is worth another look
+DEFAULT_NEAR_MISS = 0.002  # as arun.core.experiment: a discard this close to the best is worth another look
 
 
 # --------------------------------------------------------------------------- distributions
@@ -168,7 +168,7 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
         ok, p = significantly_better(vals, sample, confidence, noise_std)
     except ValueError:
         # One run on each side and no noise measurement: nothing to test against, so the plain
-        # rule decides (callers check up front and warn; see arun.loop).
+        # rule decides (callers check up front and warn; see arun.search.loop).
         details["reason"] = "no spread known: plain comparison"
         return "keep", False, details
     details["p_value"] = p
@@ -179,7 +179,7 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
 def significance_decider(confidence: float, *, repo_dir=None, noise_std: float | None = None,
                          near_miss: float = DEFAULT_NEAR_MISS,
                          log: Callable[[str], None] | None = print) -> Callable[[list[float], dict | None, list[dict]], tuple[str, bool]]:
-    """A `decide_fn` for arun.experiment.run_experiment: the significance gate, with the noise
+    """A `decide_fn` for arun.core.experiment.run_experiment: the significance gate, with the noise
     measured by `arun noise` for the best's key (bench/<tag>/noise.json under repo_dir, default
     the current directory) unless noise_std is given."""
     if not 0.0 < confidence < 1.0:
@@ -193,7 +193,7 @@ def significance_decider(confidence: float, *, repo_dir=None, noise_std: float |
             else:
                 from pathlib import Path
 
-                from arun.noise import load_noise
+                from arun.search.noise import load_noise
                 noise = load_noise(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""), best.get("key_id", ""))
         status, near, details = gate(vals, best, confidence, noise, near_miss)
         if log and best is not None:

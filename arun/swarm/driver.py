@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 SWARM_DIR = Path(".arun") / "swarm"
 SCORED = ("keep", "discard")
@@ -262,7 +262,7 @@ class LedgerWriter:
         self.repo = Path(repo_dir)
 
     def _ledger(self, tag: str) -> Any:
-        from arun.ledger import Ledger, ledger_path
+        from arun.core.ledger import Ledger, ledger_path
         return Ledger(ledger_path(self.repo, tag))
 
     def append(self, record: dict) -> dict:
@@ -300,7 +300,7 @@ class Coordinator:
     def _load_key(self, tag: str, key_id: str) -> None:
         if key_id in self.keeps:
             return
-        from arun.ratchet import best_record
+        from arun.core.ratchet import best_record
         records = ray_get(self.ledger.records.remote(tag))
         self.keeps[key_id] = [r for r in records if r.get("key_id") == key_id and r.get("status") == "keep"]
         best = best_record(self.keeps[key_id], key_id)
@@ -347,7 +347,7 @@ class Coordinator:
         self._release_baseline(k)
         key_id = appended.get("key_id")
         if appended.get("status") == "keep" and key_id and appended.get("val_bpb") is not None:
-            from arun.ratchet import best_record
+            from arun.core.ratchet import best_record
             self.keeps.setdefault(key_id, []).append(appended)
             new = best_record(self.keeps[key_id], key_id)
             old = self.best.get(key_id)
@@ -433,7 +433,7 @@ class SwarmLedger:
     def mirror(self, wt: Path, tag: str) -> Path:
         """run_experiment reads the best from the worktree's own bench/<tag>/ledger.jsonl; that file becomes
         a read-only copy of the main ledger as it stood at adoption (appends go through the sink instead)."""
-        from arun.ledger import ledger_path
+        from arun.core.ledger import ledger_path
         path = ledger_path(wt, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".swarm-tmp")
@@ -545,7 +545,7 @@ class Worker:
         best = plan["best"]
         self.log(f"swarm: w{self.k} starts from {commit[:10]}" +
                  (f" (best {best['val_bpb']:.6f} by {_who(best)})" if best else " (no result yet: the baseline)"))
-        from arun.ledger import ledger_path
+        from arun.core.ledger import ledger_path
         ledger = SwarmLedger(self, plan["records"], ledger_path(Path(self.cfg["main_repo"]), self.tag))
         try:
             self.adopt(commit)
@@ -594,7 +594,7 @@ class SwarmOptions:
     agent_timeout: float | None = None  # an external agent's wall clock per proposal (arun loop's default)
     num_cpus: int | None = None         # local cluster only (default: this machine's cores, >= workers)
     object_store_mb: int = 128          # local cluster only: records and bundles are small
-    loop_options: dict = field(default_factory=dict)    # to arun.loop.iteration: seeds, confidence, near_miss, hard_timeout
+    loop_options: dict = field(default_factory=dict)    # to arun.search.loop.iteration: seeds, confidence, near_miss, hard_timeout
     worker_repos: dict = field(default_factory=dict)    # k -> the clone worker k works in (as on another machine)
 
 
@@ -941,7 +941,7 @@ def _ray_cause(e: BaseException) -> str:
     text = str(e)
     for line in text.splitlines():
         line = line.strip()
-        if line.startswith(("arun.errors.ArunError:", "ArunError:")):
+        if line.startswith(("arun.core.errors.ArunError:", "ArunError:")):
             return line.split(":", 1)[1].strip()
     lines = [l.strip() for l in text.splitlines() if l.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
@@ -1000,22 +1000,22 @@ def describe(swarm: Swarm, res: dict) -> str:
 def probe_key(wt: Path, backend: str, budget: float | None, device: str | None) -> dict:
     """The comparability key this worker's experiments will carry ({key, key_id, tag, hardware,
     train_file, seq_len, ...}), worked out exactly as the loop does, where they run."""
-    from arun import loop
+    from arun.search import loop
     return loop.experiment_key(wt, backend, budget, device)
 
 
 def make_proposer(cfg: dict, k: int, wt: Path) -> Any:
     """The same proposer `arun loop --agent SPEC` builds, one per worker (seeded by the worker's
     number, so that two workers running the built-in sweep do not propose the same edits)."""
-    from arun import loop
+    from arun.search import loop
     extra = {"agent_timeout": cfg["agent_timeout"]} if cfg.get("agent_timeout") else {}
     return loop.make_proposer(cfg["agent"], repo_dir=wt, backend=cfg["backend"], seed=k, **extra)
 
 
 def iterate(worker: Worker, plan: dict, ledger: SwarmLedger) -> dict:
-    """One iteration of `arun loop` (arun.loop.iteration) in the worker's worktree, its record going
+    """One iteration of `arun loop` (arun.search.loop.iteration) in the worker's worktree, its record going
     through `ledger` to the one writer."""
-    from arun import loop
+    from arun.search import loop
     cfg = worker.cfg
     options = dict(cfg.get("loop_options") or {})
     noise = (cfg.get("noise") or {}).get(worker.key_id)

@@ -7,7 +7,7 @@ Each iteration asks a proposer (an external coding agent, or the built-in sweep)
 change to the backend's train file, checks what it changed (only the train file may change;
 anything else is reverted and the attempt recorded `invalid`; no change, or a train file
 already scored, is recorded `invalid` without running), then runs it through
-`arun.experiment.run_experiment` -- exactly what `arun --backend X` does.
+`arun.core.experiment.run_experiment` -- exactly what `arun --backend X` does.
 
 Unattended safety: the agent's wall-clock limit is enforced (process group killed); after
 `max_crashes` consecutive iterations without a score (crash, timeout or invalid) the loop
@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from arun import gitops
-from arun.errors import ArunError
-from arun.ledger import Ledger, ledger_path, new_id
-from arun.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
-from arun.ratchet import baseline_record, best_record, key_records
+from arun.core import gitops
+from arun.core.errors import ArunError
+from arun.core.ledger import Ledger, ledger_path, new_id
+from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
+from arun.core.ratchet import baseline_record, best_record, key_records
 
 SCORED = ("keep", "discard")
 DEFAULT_MAX_CRASHES = 3
@@ -47,8 +47,8 @@ def experiment_key(repo_dir: Path | str, backend: str, budget: float | None, dev
     """The comparability key this repo's experiments get, worked out as run_experiment does:
     {key, key_id, tag, hardware, train_file, seq_len}. ArunError when the engine or data are missing."""
     import prepare
-    from arun.experiment import DEVICE_BACKENDS, resolve_engine
-    from arun.keys import comparability_key, key_id
+    from arun.core.experiment import DEVICE_BACKENDS, resolve_engine
+    from arun.core.keys import comparability_key, key_id
     from engines import TRAIN_FILES
     from engines.evaluator import EVALUATOR_VERSION
 
@@ -85,7 +85,7 @@ def make_proposer(spec: str, *, repo_dir: Path | str | None = None, backend: str
             import optuna  # noqa: F401
         except ImportError:
             raise ArunError("--agent sweep needs optuna; install it with: pip install -e '.[sweep]'") from None
-        from arun.sweep import Sweep
+        from arun.search.sweep import Sweep
         return Sweep(seed=seed)
     return AgentProposer(spec, timeout=agent_timeout)
 
@@ -158,7 +158,7 @@ def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path |
 def invalid_record(info: dict, ctx: Context, proposer_name: str, description: str, error: str,
                    train: bytes, diff: str, seconds: float, extra: dict | None = None) -> dict:
     """A ledger record for an attempt that was not run (same fields as run_experiment's)."""
-    from arun.trainfile import constants
+    from arun.core.trainfile import constants
     best = ctx.best
     base = best["commit"] if best else gitops.head_sha(ctx.repo_dir)
     rec = {
@@ -185,7 +185,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
               number: int = 1, noise_std: float | None = None) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
     append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up."""
-    from arun.experiment import check_scope, repo_lock, run_experiment
+    from arun.core.experiment import check_scope, repo_lock, run_experiment
     repo_dir = Path(repo_dir).resolve()
     info = experiment_key(repo_dir, backend, budget, device)
     train_file, kid = info["train_file"], info["key_id"]
@@ -193,7 +193,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     best = best_record(recs, kid)
     decide_fn = None
     if confidence:
-        from arun.stats import significance_decider
+        from arun.search.stats import significance_decider
         decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
                                          **({"near_miss": near_miss} if near_miss is not None else {}))
     run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
@@ -298,8 +298,8 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
     """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
     and whether --confidence has a spread to test against."""
     import prepare
-    from arun.experiment import check_scope
-    from arun.noise import load_noise
+    from arun.core.experiment import check_scope
+    from arun.search.noise import load_noise
     info = experiment_key(repo_dir, backend, budget, device)
     try:
         prepare.PreparedData.open().verify()
@@ -392,7 +392,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
 def _finish(repo_dir: Path, info: dict, result: LoopResult, start: int, log: Callable[[str], None]) -> None:
     """The summary of this loop's experiments: every record of the key appended since the loop began
     (including one for a run interrupted by Ctrl-C, which run_experiment records before re-raising)."""
-    from arun.summary import report
+    from arun.report.summary import report
     history = key_records(read_records(repo_dir, info["tag"]), info["key_id"])
     result.summary = report(history[start:], history, title=f"arun loop ({result.reason})")
     log(result.summary)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arun.trainfile import BEGIN, END, block_span, safe_eval
+from arun.core.trainfile import BEGIN, END, block_span, safe_eval
 
 SKIP = frozenset({"SEED", "WARMUP_STEPS", "EVAL_BATCH_SIZE", "COMPILE"})
 WINDOW_CHOICES = ("L", "SL", "SSL", "SSSL")
@@ -383,14 +383,14 @@ class Sweep:
         last = f" (last: {reasons[-1]})" if reasons else ""
         raise SweepError(f"sweep found no unscored configuration in {self.max_tries} tries{last}")
 
-    def propose(self, ctx) -> "Proposal":  # noqa: F821 - arun.proposers.Proposal
-        from arun.proposers import Proposal
+    def propose(self, ctx) -> "Proposal":  # noqa: F821 - arun.search.proposers.Proposal
+        from arun.search.proposers import Proposal
         path = Path(ctx.repo_dir) / ctx.train_file
         text = path.read_text(encoding="utf-8")
         try:
             new_text, description = self.propose_text(text, ctx.records, ctx.seq_len)
         except (SweepError, ValueError, SyntaxError) as e:
             return Proposal(description="sweep", error=f"sweep: {e}")
-        from arun.gitops import write_atomic
+        from arun.core.gitops import write_atomic
         write_atomic(path, new_text.encode("utf-8"))
         return Proposal(description=description)

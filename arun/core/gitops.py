@@ -8,7 +8,7 @@ from pathlib import Path
 
 import git
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 IGNORED_PREFIXES = ("bench/", ".arun/")
 IGNORED_FILES = ("run.log",)
