@@ -7,7 +7,7 @@ CLI level: `arun --backend cuda --device cpu` in tmp git repos with a tiny train
 model or loop cheats. A cheat must never be kept, must be recorded `invalid` with a reason, and
 must leave the worktree at the best commit with every earlier record intact.
 
-The harness (arun/experiment.py) runs audit_timing on every result and re-evaluates every keep
+The harness (arun/core/experiment.py) runs audit_timing on every result and re-evaluates every keep
 with `python -m arun.core.verify` before committing it; the CLI attacks below go through that path.
 
 The two slow attacks (45 s past the budget, 1000 uncounted warm-up steps) start in the

@@ -25,557 +25,26 @@ killed, its worktree is removed (the per-worker branches stay, they hold the kep
 commits), and `autoresearch/<run>` points at the swarm's best commit.
 """
 
+# Ray is an optional dependency (the [swarm] extra): every module here imports it inside the
+# functions that use it, so the rest of arun (and these modules' git and process helpers) work without it.
 from __future__ import annotations
 
 import json
 import os
 import signal
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from arun.core import gitops
 from arun.core.errors import ArunError
+from arun.core.ratchet import SCORED
+from arun.swarm.actors import DIED, Coordinator, LedgerWriter
+from arun.swarm.worker import Worker, one_line
+from arun.swarm.worktrees import base_ref, cleanup_worker
 
-SWARM_DIR = Path(".arun") / "swarm"
-SCORED = ("keep", "discard")
-# A crashed or lost worker whose in-flight experiment we record says so in this form.
-DIED = "worker w{k} died during the experiment ({why}); Ray restarts it"
-
-
-# --------------------------------------------------------------------------- git plumbing
-
-def git(cwd: Path | str, *args: str, check: bool = True, env: dict | None = None) -> str:
-    """The git CLI (worktrees and bundles are simpler and sturdier there than in gitpython)."""
-    proc = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ArunError(f"git {' '.join(args)} failed in {cwd}: {msg[-1] if msg else proc.returncode}")
-    return proc.stdout.strip()
-
-
-def commit_exists(repo: Path, sha: str) -> bool:
-    return subprocess.run(["git", "cat-file", "-e", f"{sha}^{{commit}}"], cwd=str(repo),
-                          capture_output=True).returncode == 0
-
-
-def branch_name(run: str, k: int) -> str:
-    return f"autoresearch/{run}-w{k}"
-
-
-def worktree_path(repo: Path, run: str, k: int) -> Path:
-    return Path(repo).resolve() / SWARM_DIR / f"{run}-w{k}"
-
-
-def base_ref(run: str) -> str:
-    # A hidden ref keeps the swarm's base commit alive and gives bundles a name to travel under.
-    return f"refs/arun/swarm/{run}/base"
-
-
-def _ignore_swarm_dir(repo: Path) -> None:
-    """Worktrees live inside the repo; a `*` .gitignore keeps them out of the main tree's status."""
-    d = Path(repo) / SWARM_DIR.parent
-    d.mkdir(parents=True, exist_ok=True)
-    gi = d / ".gitignore"
-    if not gi.exists():
-        gi.write_text("*\n")
-
-
-def ensure_worktree(repo: Path, run: str, k: int, commit: str) -> Path:
-    """The worker's worktree on its own branch at `commit`; a leftover one is cleaned and reused."""
-    repo = Path(repo).resolve()
-    _ignore_swarm_dir(repo)
-    wt = worktree_path(repo, run, k)
-    git(repo, "worktree", "prune")
-    if (wt / ".git").exists():
-        clean_worktree(wt)
-        reset_worktree(wt, commit)
-        return wt
-    if wt.exists():  # a half-made directory from a crash during `worktree add`
-        import shutil
-        shutil.rmtree(wt, ignore_errors=True)
-    wt.parent.mkdir(parents=True, exist_ok=True)
-    git(repo, "worktree", "add", "--force", "-B", branch_name(run, k), str(wt), commit)
-    return wt
-
-
-def _worktree_gitdir(wt: Path) -> Path | None:
-    try:
-        return Path(git(wt, "rev-parse", "--absolute-git-dir"))
-    except ArunError:
-        return None
-
-
-def clean_worktree(wt: Path) -> None:
-    """Back to a clean tree after a kill: a stale index.lock, half-edited files, stray files all go."""
-    gitdir = _worktree_gitdir(wt)
-    if gitdir is not None:
-        lock = gitdir / "index.lock"
-        if lock.exists():
-            lock.unlink()
-    git(wt, "reset", "--hard", "-q")
-    git(wt, "clean", "-fdq")
-
-
-def reset_worktree(wt: Path, commit: str) -> None:
-    """Adoption: the worker's branch moves onto `commit` (no merge), the tree matches it exactly."""
-    git(wt, "reset", "--hard", "-q", commit)
-    git(wt, "clean", "-fdq")
-
-
-def make_bundle(repo: Path, commit: str, base: str, ref: str) -> bytes | None:
-    """`commit` as a git bundle on top of `base` (which every node has); None when commit is base."""
-    if commit == base:
-        return None
-    git(repo, "update-ref", ref, commit)
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "c.bundle"
-        git(repo, "bundle", "create", "-q", str(path), ref, f"^{base}")
-        return path.read_bytes()
-
-
-def full_bundle(repo: Path, ref: str) -> bytes:
-    """The base commit with its history, for a node whose clone lacks it."""
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "base.bundle"
-        git(repo, "bundle", "create", "-q", str(path), ref)
-        return path.read_bytes()
-
-
-def load_bundle(repo: Path, data: bytes, ref: str) -> None:
-    """Fetches the bundle's `ref` into the same ref here, which also keeps the commit from gc."""
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "in.bundle"
-        path.write_bytes(data)
-        git(repo, "fetch", "-q", str(path), f"+{ref}:{ref}")
-
-
-def remove_worktree(repo: Path, wt: Path) -> None:
-    kill_processes_in(wt)
-    if (wt / ".git").exists():
-        git(repo, "worktree", "remove", "--force", str(wt), check=False)
-    if wt.exists():
-        import shutil
-        shutil.rmtree(wt, ignore_errors=True)
-    git(repo, "worktree", "prune", check=False)
-
-
-def move_branch(repo: Path, branch: str, commit: str) -> bool:
-    """Points `branch` at `commit` unless it is checked out somewhere (then leaves it alone)."""
-    out = git(repo, "worktree", "list", "--porcelain", check=False)
-    if f"branch refs/heads/{branch}" in out.splitlines():
-        return False
-    git(repo, "branch", "-f", branch, commit)
-    return True
-
-
-# --------------------------------------------------------------------------- processes
-
-def _processes_with_cwd_under(root: Path) -> list[int]:
-    """Processes whose working directory is inside `root`: the train runs and agent commands a
-    killed worker leaves behind (they outlive it, and would hold its GPU)."""
-    root_s = str(Path(root).resolve())
-    me = os.getpid()
-    found: list[int] = []
-    if Path("/proc").is_dir():
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == me:
-                continue
-            try:
-                cwd = os.readlink(f"/proc/{entry}/cwd")
-            except OSError:
-                continue
-            if cwd == root_s or cwd.startswith(root_s + os.sep):
-                found.append(int(entry))
-        return found
-    try:  # macOS and other systems without /proc: lsof lists every process's cwd
-        out = subprocess.run(["lsof", "-a", "-d", "cwd", "-Fpn"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return found
-    pid = None
-    for line in out.splitlines():
-        if line.startswith("p"):
-            pid = int(line[1:])
-        elif line.startswith("n") and pid is not None and pid != me:
-            cwd = line[1:]
-            if cwd == root_s or cwd.startswith(root_s + os.sep):
-                found.append(pid)
-    return found
-
-
-def kill_processes_in(root: Path, grace: float = 3.0) -> list[int]:
-    """SIGTERM, then SIGKILL after `grace` seconds, for every process working inside `root`."""
-    pids = _processes_with_cwd_under(root)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                alive.append(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if not alive or sig == signal.SIGKILL:
-            break
-        t_end = time.time() + grace
-        while time.time() < t_end and any(_alive(p) for p in alive):
-            time.sleep(0.1)
-        pids = [p for p in alive if _alive(p)]
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped by its parent) is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
-
-
-def _who(record: dict) -> str:
-    w = (record.get("swarm") or {}).get("worker")
-    return f"w{w}" if w is not None else "an earlier run"
-
-
-def one_line(e: BaseException | str) -> str:
-    text = str(e).strip().splitlines()
-    name = type(e).__name__ + ": " if isinstance(e, BaseException) and not isinstance(e, ArunError) else ""
-    return (name + (text[-1] if text else "")).strip()[:500]
-
-
-# --------------------------------------------------------------------------- Ray actors
-
-class LedgerWriter:
-    """The swarm's only ledger writer: appends arrive one at a time (a Ray actor runs its
-    methods serially), into the main repo's bench/<tag>/ledger.jsonl."""
-
-    def __init__(self, repo_dir: str):
-        self.repo = Path(repo_dir)
-
-    def _ledger(self, tag: str) -> Any:
-        from arun.core.ledger import Ledger, ledger_path
-        return Ledger(ledger_path(self.repo, tag))
-
-    def append(self, record: dict) -> dict:
-        return self._ledger(record["tag"]).append(record)
-
-    def records(self, tag: str) -> list[dict]:
-        return self._ledger(tag).records()
-
-
-class Coordinator:
-    """Knows the best commit per comparability key and what every worker is running."""
-
-    def __init__(self, repo_dir: str, run: str, base: str, ledger: Any):
-        self.repo, self.run, self.base, self.ledger = Path(repo_dir), run, base, ledger
-        self.keeps: dict[str, list[dict]] = {}       # key_id -> keep records (the ratchet's input)
-        self.best: dict[str, dict] = {}              # key_id -> best keep record
-        self.bundles: dict[str, bytes] = {}          # commit -> bundle on top of base
-        self.in_flight: dict[int, dict] = {}         # worker -> what it is running
-        self.workers: dict[int, dict] = {}           # worker -> pid, node, worktree, starts
-        self.baseline_owner: dict[str, int] = {}     # key_id -> worker running its baseline
-        self.adoptions: list[dict] = []              # every move of a best, in order
-        self.started_from: dict[int, list[tuple[float, str]]] = {}  # worker -> (time, start commit) per experiment
-        self.last_crash: dict[int, dict] = {}
-
-    # -- workers
-    def register(self, k: int, info: dict) -> dict:
-        """A worker (re)started. A restart means its previous process died: if it was running an
-        experiment, that one is recorded as crash here (the driver may also have done so)."""
-        previous = self.workers.get(k)
-        info = dict(info, starts=(previous or {}).get("starts", 0) + 1)
-        self.workers[k] = info
-        crash = self.crash(k, DIED.format(k=k, why="process restarted")) if previous else None
-        return {"previous": previous, "crash": crash}
-
-    def _load_key(self, tag: str, key_id: str) -> None:
-        if key_id in self.keeps:
-            return
-        from arun.core.ratchet import best_record
-        records = ray_get(self.ledger.records.remote(tag))
-        self.keeps[key_id] = [r for r in records if r.get("key_id") == key_id and r.get("status") == "keep"]
-        best = best_record(self.keeps[key_id], key_id)
-        if best is not None:
-            self.best[key_id] = best
-
-    def start(self, k: int, tag: str, key_id: str) -> dict:
-        """What worker k starts its next experiment from: the best commit of its key, or the base
-        (then it runs the key's baseline, one worker at a time; the others wait for it)."""
-        self._load_key(tag, key_id)
-        best = self.best.get(key_id)
-        if best is None:
-            owner = self.baseline_owner.get(key_id)
-            if owner is not None and owner != k:
-                return {"wait": True}
-            self.baseline_owner[key_id] = k  # until its record (or crash) arrives
-        commit = best["commit"] if best else self.base
-        return {"wait": False, "commit": commit, "best": best,
-                "records": ray_get(self.ledger.records.remote(tag))}
-
-    def running(self, k: int, info: dict) -> None:
-        """Worker k is now running this experiment (updated as it learns more, e.g. the diff)."""
-        if info.get("done"):
-            self.in_flight.pop(k, None)
-            self._release_baseline(k)
-        elif "parent_commit" in info:
-            self.started_from.setdefault(k, []).append((time.time(), info["parent_commit"]))
-            self.in_flight[k] = dict(info, since=time.time())
-        elif k in self.in_flight:
-            self.in_flight[k].update(info)
-
-    def record(self, k: int, record: dict, bundle: bytes | None = None) -> dict:
-        """Appends worker k's record (through the one writer) and moves the best if it won."""
-        if bundle is not None:
-            # A commit made on another machine (or clone) comes home, so the main repo holds every
-            # kept commit the ledger names, and can hand it to any other worker.
-            try:
-                load_bundle(self.repo, bundle, commit_ref(self.run, record["commit"]))
-                self.bundles[record["commit"]] = bundle
-            except ArunError:
-                pass
-        appended = ray_get(self.ledger.append.remote(record))
-        self.in_flight.pop(k, None)
-        self._release_baseline(k)
-        key_id = appended.get("key_id")
-        if appended.get("status") == "keep" and key_id and appended.get("val_bpb") is not None:
-            from arun.core.ratchet import best_record
-            self.keeps.setdefault(key_id, []).append(appended)
-            new = best_record(self.keeps[key_id], key_id)
-            old = self.best.get(key_id)
-            if new is not None and (old is None or new.get("id") != old.get("id")):
-                self.best[key_id] = new
-                self.adoptions.append({"time": time.time(), "key_id": key_id, "commit": new.get("commit"),
-                                       "val_bpb": new.get("val_bpb"), "worker": k,
-                                       "previous": (old or {}).get("commit")})
-        return appended
-
-    def crash(self, k: int, error: str) -> dict | None:
-        """Records worker k's in-flight experiment as crash (once); None when it was running none."""
-        info = self.in_flight.pop(k, None)
-        self._release_baseline(k)
-        if info is None:
-            return self.last_crash.pop(k, None)  # already recorded (by the restarted worker's register)
-        self.last_crash[k] = ray_get(self.ledger.append.remote(crash_record(info, error)))
-        return self.last_crash[k]
-
-    def _release_baseline(self, k: int) -> None:
-        for key_id in [key for key, owner in self.baseline_owner.items() if owner == k]:
-            del self.baseline_owner[key_id]
-
-    # -- commits across machines
-    def bundle(self, commit: str) -> bytes | None:
-        """`commit` for a machine that lacks it (made here, or brought home by record())."""
-        if commit not in self.bundles and commit_exists(self.repo, commit):
-            self.bundles[commit] = make_bundle(self.repo, commit, self.base, commit_ref(self.run, commit))
-        return self.bundles.get(commit)
-
-    def base_bundle(self) -> bytes:
-        return full_bundle(self.repo, base_ref(self.run))
-
-    def state(self) -> dict:
-        return {"best": self.best, "in_flight": self.in_flight, "workers": self.workers,
-                "adoptions": self.adoptions, "started_from": self.started_from,
-                "bundled": sorted(self.bundles)}
-
-
-def crash_record(info: dict, error: str) -> dict:
-    """The ledger record of an experiment whose worker died: every field of a harness record,
-    measured ones null, diff and description as far as the worker had reported them."""
-    parent = info.get("parent_commit")
-    return {
-        "key": info.get("key"), "key_id": info.get("key_id"), "tag": info.get("tag"),
-        "backend": info.get("backend"), "hardware": info.get("hardware"),
-        "branch": info.get("branch"), "commit": parent, "parent_commit": parent, "diff_base": parent,
-        "train_file": info.get("train_file"), "time_budget": info.get("budget"), "device": info.get("device"),
-        "train_sha256": info.get("train_sha256"), "diff": info.get("diff", ""),
-        "description": info.get("description") or "(experiment in flight when its worker died)",
-        "status": "crash", "baseline": bool(info.get("baseline", False)),
-        "val_bpb": None, "val_bpb_seeds": [], "training_seconds": None,
-        "total_seconds": round(time.time() - info["since"], 3) if info.get("since") else None,
-        "overhead_seconds": None, "startup_seconds": None, "eval_seconds": None, "peak_memory_mb": None,
-        "mfu_percent": None, "total_tokens": None, "num_steps": None, "num_params": None, "seeds": [],
-        "error": error, "proposer": info.get("proposer"), "near_miss": False, "config": info.get("config"),
-        "swarm": info.get("swarm"),
-    }
-
-
-def ray_get(ref: Any, timeout: float | None = None) -> Any:
-    import ray
-    return ray.get(ref, timeout=timeout)
-
-
-def commit_ref(run: str, commit: str) -> str:
-    # One hidden ref per bundled commit: unique, so fetching it never clashes, and it keeps the commit from gc.
-    return f"refs/arun/swarm/{run}/c/{commit}"
-
-
-class SwarmLedger:
-    """What a worker hands the harness instead of its own ledger: reads are the main ledger as it
-    stood when the experiment started (the ratchet compares against the best it adopted); an
-    append goes to the coordinator, which writes it through the one ledger actor."""
-
-    def __init__(self, worker: "Worker", records: list[dict], path: Path):
-        self.worker, self._records, self.path = worker, records, path
-        self.appended: list[dict] = []
-
-    def records(self) -> list[dict]:
-        return list(self._records) + list(self.appended)
-
-    def mirror(self, wt: Path, tag: str) -> Path:
-        """run_experiment reads the best from the worktree's own bench/<tag>/ledger.jsonl; that file becomes
-        a read-only copy of the main ledger as it stood at adoption (appends go through the sink instead)."""
-        from arun.core.ledger import ledger_path
-        path = ledger_path(wt, tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".swarm-tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self._records), encoding="utf-8")
-        tmp.replace(path)
-        return path
-
-    def append(self, record: dict) -> dict:
-        appended = self.worker.send(record)
-        self.appended.append(appended)
-        return appended
-
-    __call__ = append  # so the same object also serves as a `record_sink` callable
-
-
-class Worker:
-    """One Ray actor = one GPU (or one machine): a worktree, a branch, a proposer, a loop step."""
-
-    def __init__(self, cfg: dict, k: int):
-        import ray
-        # By name, not as a constructor argument: Ray restarts an actor from its constructor
-        # arguments, and a handle among them would have to outlive everything else in the object store.
-        coordinator = ray.get_actor(cfg["coordinator"])
-        self.cfg, self.k, self.coord = cfg, k, coordinator
-        self.run, self.base = cfg["run"], cfg["base"]
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.host = socket.gethostname()
-        self.repo = self._node_repo()
-        # Same machine and same clone as the driver: commits are shared, no bundles needed.
-        self.shares_main_repo = (self.node_id == cfg["driver_node"]
-                                 and self.repo.resolve() == Path(cfg["main_repo"]).resolve())
-        self.wt = worktree_path(self.repo, self.run, k)
-        if self.wt.exists():
-            # A restart on the same machine: the previous process's train run or agent may still be
-            # going (they outlive a SIGKILLed parent) and would hold the GPU; they stop first.
-            kill_processes_in(self.wt)
-        reg = ray_get(coordinator.register.remote(k, {"pid": os.getpid(), "node_id": self.node_id, "host": self.host,
-                                                       "repo": str(self.repo), "worktree": str(self.wt)}))
-        self.restarted = reg["previous"] is not None
-        self._ensure_base()
-        ensure_worktree(self.repo, self.run, k, self.base)
-        self.probe = probe_key(self.wt, cfg["backend"], cfg.get("budget"), cfg.get("device"))
-        self.key, self.key_id, self.tag = self.probe["key"], self.probe["key_id"], self.probe["tag"]
-        opts = cfg.get("loop_options") or {}
-        if opts.get("confidence") and (opts.get("seeds") or 1) < 2 and "noise_std" not in opts \
-                and self.key_id not in (cfg.get("noise") or {}):
-            raise ArunError(f"--confidence with one seed needs the run-to-run noise of {self.tag} (key {self.key_id}): "
-                            f"measure it with arun noise --backend {cfg['backend']} --seeds 5 on that hardware, "
-                            "or pass --seeds 2 or more")
-        self.proposer = make_proposer(cfg, k, self.wt)
-        self.steps = 0
-        self._start_commit = self.base
-
-    def log(self, line: str) -> None:
-        """The loop's output, per worker, next to its worktree (.arun/swarm/<run>-w<k>.log): it survives
-        the worktree's removal, and the driver's console stays one line per experiment."""
-        with open(self.wt.parent / f"{self.wt.name}.log", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
-
-    def _node_repo(self) -> Path:
-        """This machine's clone: $ARUN_SWARM_REPO (set before `ray start`) or the driver's path."""
-        path = Path(self.cfg.get("worker_repo") or os.environ.get("ARUN_SWARM_REPO") or self.cfg["main_repo"])
-        if not (path / ".git").exists():
-            raise ArunError(f"no git repo at {path} on {self.host}; clone the project there, or set "
-                            "ARUN_SWARM_REPO to its clone before `ray start` on that machine")
-        return path
-
-    def _ensure_base(self) -> None:
-        if not commit_exists(self.repo, self.base):
-            load_bundle(self.repo, ray_get(self.coord.base_bundle.remote()), base_ref(self.run))
-
-    def info(self) -> dict:
-        return {"k": self.k, "pid": os.getpid(), "host": self.host, "node_id": self.node_id,
-                "worktree": str(self.wt), "tag": self.tag, "key_id": self.key_id, "restarted": self.restarted}
-
-    def adopt(self, commit: str) -> None:
-        """Branch and tree onto `commit`, fetching it first when it was made on another machine."""
-        if not commit_exists(self.repo, commit):
-            data = ray_get(self.coord.bundle.remote(commit))
-            if data is None:
-                raise ArunError(f"the best commit {commit[:10]} of {self.tag} (key {self.key_id}) is in neither "
-                                f"{self.repo} nor the main repo; git fetch the branch that has it")
-            load_bundle(self.repo, data, commit_ref(self.run, commit))
-        reset_worktree(self.wt, commit)
-
-    def send(self, record: dict) -> dict:
-        """The harness's record, tagged with who ran it and from where, to the one writer."""
-        record = dict(record)
-        record["swarm"] = {"run": self.run, "worker": self.k, "host": self.host,
-                           "start_commit": self._start_commit, "restarted": self.restarted}
-        if record.get("key_id") and record["key_id"] != self.key_id:
-            # The harness is the authority on the key; follow it from now on.
-            self.key, self.key_id, self.tag = record.get("key"), record["key_id"], record.get("tag", self.tag)
-        bundle = None
-        if record.get("status") == "keep" and record.get("commit") and not self.shares_main_repo:
-            bundle = make_bundle(self.repo, record["commit"], self.base, commit_ref(self.run, record["commit"]))
-        return ray_get(self.coord.record.remote(self.k, record, bundle))
-
-    def step(self) -> dict:
-        """One experiment: adopt the best, propose, run, record. Returns a short summary."""
-        t0 = time.time()
-        while True:
-            plan = ray_get(self.coord.start.remote(self.k, self.tag, self.key_id))
-            if not plan["wait"]:
-                break
-            time.sleep(0.5)  # another worker is running this key's baseline
-        commit = plan["commit"]
-        self._start_commit = commit
-        best = plan["best"]
-        self.log(f"swarm: w{self.k} starts from {commit[:10]}" +
-                 (f" (best {best['val_bpb']:.6f} by {_who(best)})" if best else " (no result yet: the baseline)"))
-        from arun.core.ledger import ledger_path
-        ledger = SwarmLedger(self, plan["records"], ledger_path(Path(self.cfg["main_repo"]), self.tag))
-        try:
-            self.adopt(commit)
-            ledger.mirror(self.wt, self.tag)
-            ray_get(self.coord.running.remote(self.k, {
-                "parent_commit": commit, "key": self.key, "key_id": self.key_id, "tag": self.tag,
-                "backend": self.cfg["backend"], "hardware": self.probe.get("hardware"),
-                "train_file": self.probe.get("train_file"), "proposer": getattr(self.proposer, "name", self.cfg["agent"]),
-                "branch": branch_name(self.run, self.k), "budget": self.probe.get("budget"),
-                "device": self.probe.get("device"),
-                "baseline": plan["best"] is None, "pid": os.getpid(),
-                "swarm": {"run": self.run, "worker": self.k, "host": self.host, "start_commit": commit}}))
-            record = iterate(self, plan, ledger)
-        except Exception as e:  # the experiment could not be carried out: it is recorded as crash
-            crash = ray_get(self.coord.crash.remote(self.k, one_line(e)))
-            try:
-                clean_worktree(self.wt)
-            except Exception:
-                pass
-            return {"worker": self.k, "status": "error", "error": one_line(e), "record": crash,
-                    "start_commit": commit, "seconds": time.time() - t0}
-        ray_get(self.coord.running.remote(self.k, {"done": True}))
-        self.steps += 1
-        rec = ledger.appended[-1] if ledger.appended else record
-        self.log(f"swarm: w{self.k} recorded {(rec or {}).get('status')} in {time.time() - t0:.1f}s")
-        return {"worker": self.k, "status": (rec or {}).get("status"), "val_bpb": (rec or {}).get("val_bpb"),
-                "record": rec, "start_commit": commit, "seconds": time.time() - t0}
-
-
-# --------------------------------------------------------------------------- the driver
 
 @dataclass
 class SwarmOptions:
@@ -619,19 +88,19 @@ class Swarm:
 
     # -- start
     def start(self) -> None:
-        import ray
+        import ray  # Ray is an optional dependency (the [swarm] extra): imported where it is used
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         o = self.opts
         if not (self.repo / ".git").exists():
             raise ArunError(f"{self.repo} is not a git repository; run arun swarm inside the project's clone")
         try:
-            self.base = git(self.repo, "rev-parse", "HEAD")
+            self.base = gitops.run_git(self.repo, "rev-parse", "HEAD")
         except ArunError:
             raise ArunError(f"{self.repo} has no commit yet; commit the project first (git add -A && git commit)")
-        dirty = git(self.repo, "status", "--porcelain", "--untracked-files=no")
+        dirty = gitops.run_git(self.repo, "status", "--porcelain", "--untracked-files=no")
         if dirty:
             self.log(f"note: uncommitted changes in {self.repo} stay there; workers start from {self.base[:12]} (HEAD)")
-        git(self.repo, "update-ref", base_ref(self.run_name), self.base)
+        gitops.run_git(self.repo, "update-ref", base_ref(self.run_name), self.base)
 
         if ray.is_initialized():
             pass  # a caller (a test, a notebook) already connected; leave its cluster alone at the end
@@ -883,11 +352,11 @@ class Swarm:
             summary["adoptions"] = state["adoptions"]
             for key_id, rec in best.items():
                 commit = rec.get("commit")
-                if not commit or commit == self.base or not commit_exists(self.repo, commit):
+                if not commit or commit == self.base or not gitops.commit_exists(self.repo, commit):
                     continue
                 branch = f"autoresearch/{self.run_name}" if len(best) == 1 else \
                     f"autoresearch/{self.run_name}-{rec.get('tag') or key_id}"
-                if move_branch(self.repo, branch, commit):
+                if gitops.move_branch(self.repo, branch, commit):
                     summary["branches"][branch] = commit
         summary["experiments"] += sum(1 for r in self.results if r.get("record"))
         if self.pg is not None:
@@ -896,27 +365,6 @@ class Swarm:
         if self.own_cluster:
             ray.shutdown()
         return summary
-
-
-def cleanup_worker(repo: str, run: str, k: int, best_runs: list[str] | None = None) -> None:
-    """On the worker's machine: stop leftovers, keep its runs, remove its worktree; the branch stays."""
-    repo_p = Path(repo)
-    wt = worktree_path(repo_p, run, k)
-    kill_processes_in(wt)
-    # Result JSONs (records name them as .arun/runs/<id>) move into this machine's clone, where
-    # `arun verify` and friends look for them; weights only for the swarm's best runs, as the harness
-    # keeps weights for the best run of each key only (a worker cannot see the others' best).
-    runs = wt / ".arun" / "runs"
-    if runs.is_dir():
-        dest = repo_p / ".arun" / "runs"
-        dest.mkdir(parents=True, exist_ok=True)
-        for d in runs.iterdir():
-            if best_runs is not None and d.name not in best_runs:
-                for w in d.glob("weights*"):
-                    w.unlink(missing_ok=True)
-            if not (dest / d.name).exists():
-                d.rename(dest / d.name)
-    remove_worktree(repo_p, wt)
 
 
 def measured_noise(repo: Path) -> dict[str, float]:
@@ -993,40 +441,3 @@ def describe(swarm: Swarm, res: dict) -> str:
     if res.get("error") and res["status"] in ("died", "error"):
         parts.append(f"({res['error'][:120]})")
     return "  ".join(parts)
-
-
-# --------------------------------------------------------------------------- the loop, reused
-
-def probe_key(wt: Path, backend: str, budget: float | None, device: str | None) -> dict:
-    """The comparability key this worker's experiments will carry ({key, key_id, tag, hardware,
-    train_file, seq_len, ...}), worked out exactly as the loop does, where they run."""
-    from arun.search import loop
-    return loop.experiment_key(wt, backend, budget, device)
-
-
-def make_proposer(cfg: dict, k: int, wt: Path) -> Any:
-    """The same proposer `arun loop --agent SPEC` builds, one per worker (seeded by the worker's
-    number, so that two workers running the built-in sweep do not propose the same edits)."""
-    from arun.search import loop
-    extra = {"agent_timeout": cfg["agent_timeout"]} if cfg.get("agent_timeout") else {}
-    return loop.make_proposer(cfg["agent"], repo_dir=wt, backend=cfg["backend"], seed=k, **extra)
-
-
-def iterate(worker: Worker, plan: dict, ledger: SwarmLedger) -> dict:
-    """One iteration of `arun loop` (arun.search.loop.iteration) in the worker's worktree, its record going
-    through `ledger` to the one writer."""
-    from arun.search import loop
-    cfg = worker.cfg
-    options = dict(cfg.get("loop_options") or {})
-    noise = (cfg.get("noise") or {}).get(worker.key_id)
-    if options.get("confidence") and "noise_std" not in options and noise is not None:
-        options["noise_std"] = noise  # measured in the main repo (arun noise); the worktree has no copy
-
-    def on_proposal(description: str, diff: str) -> None:
-        # Reported before training starts, so that a crash record of this experiment (its worker killed
-        # mid-run) carries the description and diff.
-        ray_get(worker.coord.running.remote(worker.k, {"description": description, "diff": diff}))
-
-    return loop.iteration(worker.wt, cfg["backend"], worker.proposer, ledger=ledger, budget=cfg.get("budget"),
-                          device=cfg.get("device"), show_progress=False, on_proposal=on_proposal,
-                          log=worker.log, number=worker.steps + 1, **options)
