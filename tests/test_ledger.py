@@ -16,6 +16,7 @@ from arun.core.errors import ArunError
 from arun.core.keys import comparability_key, key_id
 from arun.core.ledger import Ledger, all_records, ledger_path
 from arun.core.ratchet import baseline_record, best_record, decide, running_best
+from arun.core.record import Record
 
 
 def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
@@ -153,3 +154,13 @@ def test_ratchet_rules() -> None:
     assert decide(1.401, best_record(recs, "a"), near_miss=0.002) == ("discard", True)
     assert decide(1.41, best_record(recs, "a"), near_miss=0.002) == ("discard", False)
     assert running_best([r for r in recs if r["key_id"] == "a"]) == [None, 1.5, 1.5, 1.4]
+
+
+def test_record_round_trips_and_keeps_fields_it_does_not_know(tmp_path: Path) -> None:
+    line = {"id": "x", "time": "t", "key_id": "k", "status": "keep", "val_bpb": 1.5, "from_the_future": {"a": 1}}
+    rec = Record.from_json(line)
+    assert rec.val_bpb == 1.5 and rec.extra == {"from_the_future": {"a": 1}}
+    out = rec.to_json()
+    assert {k: out[k] for k in line} == line  # every field it read comes back unchanged
+    Ledger(ledger_path(tmp_path, "t")).append(out)
+    assert Record.from_json(Ledger(ledger_path(tmp_path, "t")).records()[0]).to_json() == out
