@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import ast
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import prepare
+from arun_data import build
+from arun.core import gitops
+from arun.core.errors import ArunError
+from arun.core.experiment import run_experiment
+from arun.core.ledger import all_records
+from arun.core.trainfile import constants, rewrite_constants, safe_eval
+from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
+from arun.report.export import write_tsv
+from arun.report.plot import plot_tags
+from arun.report.summary import parse_time, report, select
+from arun.search.loop import run_loop
+from arun.search.noise import measure_noise, significance_decider
+from arun.swarm.driver import SwarmOptions, run_swarm
+from engines import BACKENDS, TRAIN_FILES, get_engine
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -17,36 +37,83 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
-def experiment_options(f):
-    """The options of one experiment, shared by `arun --backend X` and `arun run`."""
-    for option in reversed([
-        click.option("--backend", metavar="NAME", help="engine: mlx (Apple GPU / CPU) or cuda (PyTorch; --device cpu without a GPU)"),
-        click.option("-m", "--message", "description", default="", help="what this experiment tried"),
-        click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)"),
-        click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None,
-                     help="torch engine device; cpu is explicit, never a fallback"),
-        click.option("--timeout", "hard_timeout", type=float, default=None,
-                     help="hard kill after this many seconds (default: budget + max(120, budget), 600 s at 300)"),
-        click.option("--seeds", type=int, default=1, show_default=True, help="score the change over N seeds"),
-        click.option("--confidence", type=float, default=None,
-                     help="with --seeds: keep only when better at this confidence (e.g. 0.95)"),
-        click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
-    ]):
-        f = option(f)
-    return f
+class ArunGroup(click.Group):
+    """The one place an ArunError becomes the one-line message and exit code 1, for every command."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ArunError as e:
+            fail(str(e))
+
+
+def say(line: str) -> None:
+    """The harness's progress lines, printed as they are (no markup, no highlighting)."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# --------------------------------------------------------------------------- options shared by several commands
+
+def backend_choice(help: str):
+    return click.option("--backend", required=True, type=click.Choice(BACKENDS), help=help)
+
+
+def budget_option():
+    return click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
+
+
+def device_option(help: str = "torch engine device"):
+    return click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help=help)
+
+
+def timeout_option(help: str = "hard kill of a training run (seconds)"):
+    return click.option("--timeout", "hard_timeout", type=float, default=None, help=help)
+
+
+def seeds_option(help: str = "score every change over N seeds", default: int = 1):
+    return click.option("--seeds", type=int, default=default, show_default=True, help=help)
+
+
+def confidence_option(help: str):
+    return click.option("--confidence", type=float, default=None, help=help)
+
+
+def hours_option():
+    return click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
+
+
+def near_miss_option():
+    return click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
+
+
+def options(*opts):
+    """Applies options in the order listed (as stacked decorators would read)."""
+    def apply(f):
+        for option in reversed(opts):
+            f = option(f)
+        return f
+    return apply
+
+
+# The options of one experiment, shared by `arun --backend X` and `arun run`.
+experiment_options = options(
+    click.option("--backend", metavar="NAME", help="engine: mlx (Apple GPU / CPU) or cuda (PyTorch; --device cpu without a GPU)"),
+    click.option("-m", "--message", "description", default="", help="what this experiment tried"),
+    budget_option(),
+    device_option("torch engine device; cpu is explicit, never a fallback"),
+    timeout_option("hard kill after this many seconds (default: budget + max(120, budget), 600 s at 300)"),
+    seeds_option("score the change over N seeds"),
+    confidence_option("with --seeds: keep only when better at this confidence (e.g. 0.95)"),
+    click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
+)
 
 
 def run_one(backend: str | None, description: str, budget: float | None, device: str | None,
             hard_timeout: float | None, seeds: int, confidence: float | None, wait: float) -> dict:
-    from pathlib import Path
-
-    from arun.errors import ArunError
-    from arun.experiment import run_experiment
     if backend is None:
         fail("no backend given; use arun --backend mlx or arun --backend cuda")
     decide_fn = None
-    if confidence:  # the significance gate (arun.stats); with one seed it needs `arun noise` for the key
-        from arun.stats import significance_decider
+    if confidence:  # the significance gate (arun.search.stats); with one seed it needs `arun noise` for the key
         try:
             decide_fn = significance_decider(confidence, log=lambda s: console.print(s, markup=False, highlight=False))
         except ValueError as e:
@@ -54,9 +121,7 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
     try:
         return run_experiment(Path.cwd(), backend, description, budget=budget, seeds=seeds, device=device,
                               hard_timeout=hard_timeout, confidence=confidence, wait=wait, decide_fn=decide_fn,
-                              log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
-    except ArunError as e:
-        fail(str(e))
+                              log=say)
     except KeyboardInterrupt as e:
         if e.args:  # raised by run_experiment after it recorded the interrupted run
             fail(f"interrupted ({e.args[0]}): the run was recorded as crash and the train file is as it was "
@@ -64,7 +129,7 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
         fail("interrupted before the experiment started; nothing was recorded or changed", code=130)
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ArunGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @experiment_options
 @click.pass_context
 def cli(ctx: click.Context, backend: str | None, **opts) -> None:
@@ -92,32 +157,18 @@ def run_cmd(backend: str | None, **opts) -> None:
 @click.argument("name")
 def start_cmd(name: str) -> None:
     """Create (or switch to) the run branch autoresearch/NAME."""
-    from pathlib import Path
-
-    from arun import gitops
-    from arun.errors import ArunError
-    try:
-        branch, created = gitops.ensure_run_branch(Path.cwd(), name)
-    except ArunError as e:
-        fail(str(e))
+    branch, created = gitops.ensure_run_branch(Path.cwd(), name)
     console.print(f"{'created' if created else 'on'} {branch}")
 
 
 @cli.command("set")
-@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="whose train file to edit")
+@backend_choice("whose train file to edit")
 @click.argument("assignments", nargs=-1, required=True, metavar="NAME=VALUE...")
 def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
     """Set constants in the train file's hyperparameter block, e.g. `arun set --backend mlx DEPTH=2`.
 
     VALUE is a Python literal or arithmetic (2**16, (0.8, 0.95), "SSSL"); a bare word is a string.
     The edit is an ordinary change to the train file: the next experiment records and judges it."""
-    import ast
-    from pathlib import Path
-
-    from arun.gitops import write_atomic
-    from arun.trainfile import constants, rewrite_constants, safe_eval
-    from engines import TRAIN_FILES
-
     path = Path.cwd() / TRAIN_FILES[backend]
     if not path.exists():
         fail(f"{path.name} not found in {Path.cwd()}; run arun set from the project's root")
@@ -136,7 +187,7 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
     unknown = sorted(set(overrides) - set(before))
     if unknown:
         fail(f"{', '.join(unknown)} not in the hyperparameter block of {path.name}; it has: {', '.join(before)}")
-    write_atomic(path, rewrite_constants(text, overrides).encode())
+    gitops.write_atomic(path, rewrite_constants(text, overrides).encode())
     for name, value in overrides.items():
         console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
 
@@ -146,14 +197,7 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
               help="also read bench/*/ledger.jsonl from this git ref (e.g. origin/autoresearch/mar5); repeatable")
 def compare_cmd(refs: tuple[str, ...]) -> None:
     """Every comparability key side by side: baseline, best, improvement, runs, hours, winning change."""
-    from pathlib import Path
-
-    from arun.compare import compare, compare_tables
-    from arun.errors import ArunError
-    try:
-        summaries = compare(Path.cwd(), refs)
-    except ArunError as e:
-        fail(str(e))
+    summaries = compare(Path.cwd(), refs)
     if not summaries:
         console.print("no experiments yet (bench/*/ledger.jsonl is empty); run one with arun --backend NAME")
         return
@@ -165,14 +209,7 @@ def compare_cmd(refs: tuple[str, ...]) -> None:
 @click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
 def log_cmd(tag: str | None) -> None:
     """The experiments in ledger order: id, status, val_bpb, change against the best, description."""
-    from pathlib import Path
-
-    from arun.compare import log_rows, log_table, tag_records
-    from arun.errors import ArunError
-    try:
-        records = tag_records(Path.cwd(), tag)
-    except ArunError as e:
-        fail(str(e))
+    records = tag_records(Path.cwd(), tag)
     if not records:
         console.print("no experiments yet")
         return
@@ -183,14 +220,7 @@ def log_cmd(tag: str | None) -> None:
 @click.argument("ident", metavar="ID")
 def show_cmd(ident: str) -> None:
     """One experiment's record and its diff (an id from arun log; a unique prefix is enough)."""
-    from pathlib import Path
-
-    from arun.compare import find_record, show_renderables, tag_records
-    from arun.errors import ArunError
-    try:
-        rec = find_record(tag_records(Path.cwd(), None), ident)
-    except ArunError as e:
-        fail(str(e))
+    rec = find_record(tag_records(Path.cwd(), None), ident)
     for part in show_renderables(rec):
         console.print(part)
 
@@ -201,14 +231,7 @@ def show_cmd(ident: str) -> None:
               help="write DIR/<tag>.png (default: bench/<tag>/progress.png)")
 def plot_cmd(tag: str | None, out_dir: str | None) -> None:
     """One progress PNG per hardware tag: every experiment, the running best, crashes on top."""
-    from pathlib import Path
-
-    from arun.errors import ArunError
-    from arun.plot import plot_tags
-    try:
-        written = plot_tags(Path.cwd(), tag, out_dir)
-    except ArunError as e:
-        fail(str(e))
+    written = plot_tags(Path.cwd(), tag, out_dir)
     if not written:
         fail("no experiments to plot yet; run one with arun --backend NAME")
     for t, (path, panels) in written.items():
@@ -221,15 +244,7 @@ def plot_cmd(tag: str | None, out_dir: str | None) -> None:
 @click.option("-o", "--output", default="results.tsv", show_default=True, type=click.Path(dir_okay=False))
 def export_cmd(tag: str | None, output: str) -> None:
     """Write upstream's results.tsv (commit, val_bpb, memory_gb, status, description)."""
-    from pathlib import Path
-
-    from arun.compare import tag_records
-    from arun.errors import ArunError
-    from arun.export import write_tsv
-    try:
-        records = tag_records(Path.cwd(), tag)
-    except ArunError as e:
-        fail(str(e))
+    records = tag_records(Path.cwd(), tag)
     tags = sorted({str(r.get("tag")) for r in records})
     if len(tags) > 1:
         fail(f"bench/ holds several hardware tags ({', '.join(tags)}); pick one with --tag")
@@ -248,9 +263,6 @@ def export_cmd(tag: str | None, output: str) -> None:
 @click.option("--force", is_flag=True, help="rebuild even if already prepared")
 def prepare_cmd(dataset: str, profile: str, num_shards: int, download_workers: int, txt_split: str, force: bool) -> None:
     """Download data, train the tokenizer, pack the fixed validation rows."""
-    from arun_data import build as prep
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         tasks: dict[str, int] = {}
@@ -262,9 +274,9 @@ def prepare_cmd(dataset: str, profile: str, num_shards: int, download_workers: i
             bar.update(tasks[stage], completed=done, total=total)
 
         try:
-            path = prep.prepare(dataset, profile, num_shards=num_shards, workers=download_workers,
+            path = build.prepare(dataset, profile, num_shards=num_shards, workers=download_workers,
                                 txt_split=txt_split, force=force, log=console.print, progress=progress)
-        except prep.PrepareError as e:
+        except prepare.PrepareError as e:
             fail(str(e))
     console.print(f"Ready: {path}")
 
@@ -272,10 +284,6 @@ def prepare_cmd(dataset: str, profile: str, num_shards: int, download_workers: i
 @cli.command("doctor")
 def doctor_cmd() -> None:
     """List each engine, whether it runs here (and why not), and its hardware tag."""
-    from rich.table import Table
-
-    from engines import BACKENDS, get_engine
-
     table = Table(title="arun engines")
     for col in ("backend", "available", "hardware tag", "detail"):
         table.add_column(col)
@@ -289,28 +297,27 @@ def doctor_cmd() -> None:
         table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", tag, why)
     console.print(table)
     try:
-        import prepare as prep
-        data = prep.PreparedData.open()
+        data = prepare.PreparedData.open()
         console.print(f"data: {data.dir} ({data.manifest['describe']})")
     except Exception as e:
         console.print(f"data: {e}")
 
 
 @cli.command("swarm")
-@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine every worker runs")
+@backend_choice("engine every worker runs")
 @click.option("--workers", type=int, default=None,
               help="workers (default: one per GPU for cuda, one per machine for mlx or --device cpu)")
 @click.option("--address", default=None, help="join this Ray cluster (HOST:PORT or auto); default: start one here")
 @click.option("--agent", default="sweep", show_default=True, metavar="SPEC", help="proposer, as in arun loop")
-@click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
+@hours_option()
 @click.option("--iterations", type=int, default=None, help="experiments in all, across workers")
-@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device; cpu asks for no GPU")
-@click.option("--seeds", type=int, default=1, show_default=True, help="score every change over N seeds")
-@click.option("--confidence", type=float, default=None, help="keep only changes better at this confidence (as arun loop)")
-@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+@budget_option()
+@device_option("torch engine device; cpu asks for no GPU")
+@seeds_option()
+@confidence_option("keep only changes better at this confidence (as arun loop)")
+@timeout_option()
 @click.option("--agent-timeout", type=float, default=None, help="seconds an agent gets per proposal (default as arun loop)")
-@click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
+@near_miss_option()
 @click.option("--max-crashes", type=int, default=3, show_default=True,
               help="drop a worker after K consecutive experiments without a score; 0: never")
 @click.option("--max-restarts", type=int, default=3, show_default=True, help="restarts of a dead worker before it is dropped")
@@ -320,9 +327,6 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
               hard_timeout: float | None, agent_timeout: float | None, near_miss: float | None, max_crashes: int,
               max_restarts: int, run_name: str | None) -> None:
     """Run the loop on every GPU of a Ray cluster: a worktree per worker, one ledger, adopt the best."""
-    from pathlib import Path
-
-    from arun.errors import ArunError
     if iterations is not None and iterations < 1:
         fail(f"--iterations must be at least 1, got {iterations}")
     if hours is not None and hours <= 0:
@@ -330,17 +334,14 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
     loop_options = {k: v for k, v in {"seeds": seeds, "confidence": confidence, "hard_timeout": hard_timeout,
                                       "near_miss": near_miss}.items() if v is not None}
     try:
-        from arun.swarm import SwarmOptions, git, run_swarm
-        repo = Path(git(Path.cwd(), "rev-parse", "--show-toplevel"))
+        repo = Path(gitops.run_git(Path.cwd(), "rev-parse", "--show-toplevel"))
         opts = SwarmOptions(repo_dir=repo, backend=backend, agent=agent, workers=workers, run=run_name,
                             address=address, hours=hours, iterations=iterations, budget=budget, device=device,
                             max_restarts=max_restarts, max_crashes=max_crashes, agent_timeout=agent_timeout,
                             loop_options=loop_options)
         summary = run_swarm(opts, log=lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False))
-    except ImportError as e:
+    except ImportError as e:  # Ray is optional: the swarm imports it when it starts
         fail(f"arun swarm needs Ray ({e}); install it with: pip install -e '.[swarm]'")
-    except ArunError as e:
-        fail(str(e))
     n = summary["experiments"]
     console.print(f"swarm {summary['run']}: {n} experiment(s)" + (" (interrupted)" if summary["interrupted"] else ""))
     for rec in summary["best"].values():
@@ -352,58 +353,42 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
 
 
 @cli.command("loop")
-@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine: mlx or cuda (PyTorch)")
+@backend_choice("engine: mlx or cuda (PyTorch)")
 @click.option("--agent", required=True, metavar="SPEC",
               help='who proposes changes: sweep (built-in, no LLM) or an agent command that reads the prompt on stdin, '
                    'e.g. "claude -p --permission-mode acceptEdits" or "codex exec --sandbox workspace-write -"')
 @click.option("--iterations", type=int, default=None, help="stop after this many experiments")
-@click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
-@click.option("--seeds", type=int, default=1, show_default=True, help="score every change over N seeds")
-@click.option("--confidence", type=float, default=None,
-              help="keep only changes better at this confidence (one-sided Welch t-test, e.g. 0.95)")
-@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device")
-@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+@hours_option()
+@seeds_option()
+@confidence_option("keep only changes better at this confidence (one-sided Welch t-test, e.g. 0.95)")
+@budget_option()
+@device_option()
+@timeout_option()
 @click.option("--agent-timeout", type=float, default=900.0, show_default=True,
               help="wall-clock seconds the agent gets per proposal before it is killed")
 @click.option("--max-crashes", type=int, default=3, show_default=True,
               help="stop after K consecutive iterations without a score (crash, timeout, invalid); 0: never")
-@click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
+@near_miss_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
              confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
              agent_timeout: float, max_crashes: int, near_miss: float | None) -> None:
     """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
-    from pathlib import Path
-
-    from arun.errors import ArunError
-    from arun.loop import run_loop
-    try:
-        result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
-                          confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
-                          agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
-                          log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
-    except ArunError as e:
-        fail(str(e))
+    result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
+                      confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
+                      agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss, log=say)
     sys.exit({"interrupted": 130, "crashes": 3}.get(result.reason, 0))
 
 
 @cli.command("noise")
-@click.option("--backend", required=True, type=click.Choice(["mlx", "cuda"]), help="engine: mlx or cuda (PyTorch)")
-@click.option("--seeds", type=int, default=5, show_default=True, help="runs of the best train file, one seed each")
-@click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
-@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="torch engine device")
-@click.option("--timeout", "hard_timeout", type=float, default=None, help="hard kill of a training run (seconds)")
+@backend_choice("engine: mlx or cuda (PyTorch)")
+@seeds_option("runs of the best train file, one seed each", default=5)
+@budget_option()
+@device_option()
+@timeout_option()
 def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None) -> None:
     """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""
-    from pathlib import Path
-
-    from arun.errors import ArunError
-    from arun.noise import measure_noise
     try:
-        measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout,
-                      log=lambda s: console.print(s, markup=False, highlight=False, soft_wrap=True))
-    except ArunError as e:
-        fail(str(e))
+        measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout, log=say)
     except KeyboardInterrupt:
         fail("interrupted: nothing was stored", code=130)
 
@@ -413,10 +398,6 @@ def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None
 @click.option("--since", default=None, metavar="ISO", help="only experiments from then on, e.g. 2025-03-05T22:00")
 def summary_cmd(tag: str | None, since: str | None) -> None:
     """The morning report: experiments, keeps, crashes, best vs baseline, top changes, hours."""
-    from pathlib import Path
-
-    from arun.ledger import all_records
-    from arun.summary import parse_time, report, select
     when = None
     if since:
         when = parse_time(since)
@@ -424,6 +405,7 @@ def summary_cmd(tag: str | None, since: str | None) -> None:
             fail(f"--since {since!r} is not a date/time; use ISO format such as 2025-03-05 or 2025-03-05T22:00")
     history = select(all_records(Path.cwd()), tag=tag)
     console.print(report(select(history, since=when), history), markup=False, highlight=False, soft_wrap=True)
+
 
 def main() -> None:
     cli()

@@ -1,13 +1,13 @@
 """
 Where an experiment's wall time goes besides training: N experiments through the real
-harness (arun.experiment.run_experiment) on a throwaway copy of this project, and the
+harness (arun.core.experiment.run_experiment) on a throwaway copy of this project, and the
 overhead split of each, then the median.
 
     launch      process start -> train() begins (interpreter, imports: torch/mlx, prepare)
     setup       train() -> first training step (model build, optimizer, data loader)
     warm-up     the WARMUP_STEPS steps the budget does not count (compilation)
     eval        causality probe + val_bpb over the fixed rows
-    verify      a keep only: the harness's re-evaluation of the saved weights (python -m arun.verify)
+    verify      a keep only: the harness's re-evaluation of the saved weights (python -m arun.core.verify)
     harness     arun's other time outside the child (engine probe, git, ledger, commit/restore)
     other       the rest: checkpoint save, result JSON, interpreter exit
     overhead    wall - training  (= the sum of the above)
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from arun_data import build
-    from arun.experiment import run_experiment
+    from arun.core.experiment import run_experiment
     from engines import TRAIN_FILES
 
     with tempfile.TemporaryDirectory(prefix="arun-bench-") as tmp:

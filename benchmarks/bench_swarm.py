@@ -29,7 +29,7 @@ from helpers_repo import make_project  # noqa: E402 - the tests' tiny project (a
 
 
 def measure(root: Path, n: int, args: argparse.Namespace) -> dict:
-    from arun.swarm import Swarm, SwarmOptions
+    from arun.swarm.driver import Swarm, SwarmOptions
     from engines import TRAIN_FILES
 
     repo = root / f"project-{n}"

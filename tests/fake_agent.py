@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 def rewrite(path: Path, overrides: dict) -> None:
-    from arun.trainfile import rewrite_constants
+    from arun.core.trainfile import rewrite_constants
     path.write_text(rewrite_constants(path.read_text(), overrides))
 
 

@@ -49,7 +49,7 @@ def empty_repo(repo: Path) -> Path:
 
 def tiny_train_text(train_file: str = "train_cuda.py", overrides: dict | None = None) -> str:
     """The project's train file with the tiny constants block (plus any overrides)."""
-    from arun.trainfile import rewrite_constants
+    from arun.core.trainfile import rewrite_constants
     return rewrite_constants((REPO / train_file).read_text(), {**TINY, **(overrides or {})})
 
 
@@ -177,7 +177,7 @@ def kill_under(root: Path, grace: float = 0.0) -> list[int]:
 
 def best_commit(repo: Path, records: list[dict], key_id: str | None) -> str:
     """The commit the worktree must match: the best keep of the key, or the commit before any keep."""
-    from arun.ratchet import best_record
+    from arun.core.ratchet import best_record
     best = best_record(records, key_id) if key_id else None
     if best:
         return best["commit"]

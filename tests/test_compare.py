@@ -1,4 +1,4 @@
-"""compare / log / show / plot / export over real ledgers (written by arun.ledger) in real git repos.
+"""compare / log / show / plot / export over real ledgers (written by arun.core.ledger) in real git repos.
 
 The records here are shaped like the harness's; test_harness.py checks the same
 commands on ledgers written by real runs."""
@@ -13,11 +13,11 @@ from helpers_repo import empty_repo, git
 
 import arun.cli
 from arun.cli import cli
-from arun.compare import compare, config_changes, find_record, log_rows, summarize
-from arun.errors import ArunError
-from arun.export import HEADER, tsv_rows
-from arun.ledger import Ledger, ledger_path
-from arun.plot import plot_records, plot_tags
+from arun.report.compare import compare, config_changes, find_record, log_rows, summarize
+from arun.core.errors import ArunError
+from arun.report.export import HEADER, tsv_rows
+from arun.core.ledger import Ledger, ledger_path
+from arun.report.plot import plot_records, plot_tags
 
 H100 = "cuda-nvidia-h100-80gb-hbm3"
 M4 = "mlx-apple-m4-max-64gb"
@@ -159,7 +159,7 @@ def test_show_finds_by_prefix_and_highlights_the_diff(repo: Path, monkeypatch: p
     from rich.console import Console
     from rich.syntax import Syntax
 
-    from arun.compare import show_renderables
+    from arun.report.compare import show_renderables
     parts = show_renderables(find_record(recs, "k_h100-004"))
     assert any(isinstance(r, Syntax) for r in parts[0].renderables)
     buf = io.StringIO()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from arun.trainfile import rewrite_constants
+from arun.core.trainfile import rewrite_constants
 from engines import torch_attention
 from engines.cuda import ENGINE, gpu_tag, memory_bucket_gb, peak_flops_for
 from engines.weights import import_weights

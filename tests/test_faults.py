@@ -43,7 +43,7 @@ APPENDER = textwrap.dedent('''
     Single-threaded, so fork is safe. Prints JSON: the ids whose append() returned, per child."""
     import json, os, random, signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    from arun.ledger import Ledger
+    from arun.core.ledger import Ledger
     path, kills, seed = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rng = random.Random(seed)
     completed, sizes = [], []
@@ -85,7 +85,7 @@ def test_sigkilled_appenders_lose_no_completed_record(tmp_path: Path) -> None:
 
     # The next append (a fresh process) repairs a torn tail and says so on stderr.
     fin = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                          f"from arun.ledger import Ledger; Ledger({str(path)!r}).append({{'id': 'final'}})"],
+                          f"from arun.core.ledger import Ledger; Ledger({str(path)!r}).append({{'id': 'final'}})"],
                          capture_output=True, text=True, timeout=60)
     assert fin.returncode == 0, fin.stderr
     assert ("repaired a torn last line" in fin.stderr) == torn_before, (torn_before, fin.stderr)
@@ -110,7 +110,7 @@ def test_sigkilled_appenders_lose_no_completed_record(tmp_path: Path) -> None:
 def test_a_torn_line_longer_than_64k_keeps_every_earlier_record(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Regression: the repair looked for the last newline in a 64 KiB tail only, and cut the whole
     file when the torn record (a big diff) was longer: every earlier record went with it."""
-    from arun.ledger import Ledger
+    from arun.core.ledger import Ledger
     ledger = Ledger(tmp_path / "ledger.jsonl")
     for i in range(3):
         ledger.append({"id": f"r{i}", "diff": "d" * 100_000})
@@ -125,8 +125,8 @@ def test_a_torn_line_longer_than_64k_keeps_every_earlier_record(tmp_path: Path, 
 DISK_FULL = textwrap.dedent('''
     import json, os, resource, signal, sys
     sys.path.insert(0, sys.argv[1])
-    from arun.errors import ArunError
-    from arun.ledger import Ledger
+    from arun.core.errors import ArunError
+    from arun.core.ledger import Ledger
     path = sys.argv[2]
     size = os.path.getsize(path)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death, as on a full disk (ENOSPC)
@@ -141,7 +141,7 @@ DISK_FULL = textwrap.dedent('''
 
 def test_a_file_size_limit_mid_append_leaves_the_ledger_unchanged(tmp_path: Path) -> None:
     """The write gets 100 bytes in, then EFBIG: the half line is cut and the error is one line."""
-    from arun.ledger import Ledger
+    from arun.core.ledger import Ledger
     path = tmp_path / "ledger.jsonl"
     for i in range(3):
         Ledger(path).append({"id": f"r{i}"})
@@ -266,9 +266,9 @@ def _edit(project: dict, overrides: dict | None = None, anchor: str | None = Non
     optionally with code injected. Returns the pre-run bytes."""
     repo = project["repo"]
     project["seed"] += 1
-    from arun.ledger import all_records
+    from arun.core.ledger import all_records
     best = git(repo, "show", f"{best_commit(repo, all_records(repo), project['key_id'])}:{TRAIN}")
-    from arun.trainfile import rewrite_constants
+    from arun.core.trainfile import rewrite_constants
     text = rewrite_constants(best + "\n", {"SEED": project["seed"], **(overrides or {})})
     if anchor:
         text = inject(text, anchor, code, body=body)
@@ -451,7 +451,7 @@ def _garbage_is_skipped(project: dict, path: Path, good: list[dict]) -> None:
         p = subprocess.run(cli + cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert "skipped 1 unreadable line" in p.stderr, p.stderr
-    from arun.ledger import Ledger
+    from arun.core.ledger import Ledger
     assert Ledger(path).records() == good
     # A run still reads the best correctly and appends after the garbage; this run's train file
     # has a syntax error: recorded crash, naming SyntaxError.
@@ -524,7 +524,7 @@ def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Pa
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "assets")
     env = arun_env(tiny_data, tiny_cache)
-    from arun.trainfile import rewrite_constants
+    from arun.core.trainfile import rewrite_constants
     lock = repo / ".git" / "index.lock"
     for attempt in range(3):
         # Each attempt is the first run of its own key (budget), so it is a keep that commits a change.

@@ -21,13 +21,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from arun import gitops
+from arun.core import gitops
 from arun.cli import cli
-from arun.errors import ArunError
-from arun.experiment import last_error_line, repo_lock, run_experiment
-from arun.ledger import Ledger, ledger_path
-from arun.progress import parse_step_line
-from arun.trainfile import rewrite_constants
+from arun.core.errors import ArunError
+from arun.core.experiment import repo_lock, run_experiment
+from arun.core.process import last_error_line
+from arun.core.ledger import Ledger, ledger_path
+from arun.core.progress import parse_step_line
+from arun.core.trainfile import rewrite_constants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def train():
 
 
 def load_eval_model(config, weights):
-    """For the harness's re-evaluation (arun.verify): this file's model from saved weights."""
+    """For the harness's re-evaluation (arun.core.verify): this file's model from saved weights."""
     model = Bigram(weights["table.weight"].shape[0])
     model.table.weight = mx.array(weights["table.weight"])
     return model
@@ -169,7 +170,7 @@ def train():
 
 
 def load_eval_model(config, weights):
-    """For the harness's re-evaluation (arun.verify): this file's model from saved weights."""
+    """For the harness's re-evaluation (arun.core.verify): this file's model from saved weights."""
     table = torch.nn.Embedding(*weights["table.weight"].shape).to(ENGINE.device())
     with torch.no_grad():
         table.weight.copy_(torch.from_numpy(weights["table.weight"]))
@@ -473,7 +474,7 @@ def test_bad_input_is_one_line_and_touches_nothing(data_env: Path, tmp_path: Pat
 def test_second_arun_waits_then_names_the_pid_holding_the_lock(data_env: Path, tmp_path: Path) -> None:
     repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX})
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from arun.experiment import repo_lock\n"
+        "import sys, time; from pathlib import Path; from arun.core.experiment import repo_lock\n"
         f"with repo_lock(Path({str(repo)!r})):\n    print('held', flush=True); time.sleep(30)")],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -678,7 +679,7 @@ def test_run_branch_naming(tmp_path: Path) -> None:
 
 
 def test_the_record_config_keeps_every_constant_of_the_block() -> None:
-    from arun.experiment import train_constants
+    from arun.core.experiment import train_constants
     text = ("X = 0\n# --- hyperparameters ---\nDEPTH = 8  # layers\nTOTAL_BATCH_SIZE = 2**19\nBETAS = (0.8, 0.95)\n"
             "LR = -1e-3 * 4\nODD = max(1, 2)\nlower = 3\n# --- end hyperparameters ---\nY = 1\n")
     assert train_constants(text) == {"DEPTH": 8, "TOTAL_BATCH_SIZE": 524288, "BETAS": (0.8, 0.95), "LR": -0.004,
@@ -696,7 +697,7 @@ def test_set_edits_only_the_constants_block(tmp_path: Path) -> None:
     ok = subprocess.run(["arun", "set", "--backend", "mlx", "DEPTH=2", "TOTAL_BATCH_SIZE=2**11", "WINDOW_PATTERN=L",
                          "ADAM_BETAS=(0.9, 0.95)"], cwd=repo, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    from arun.trainfile import constants
+    from arun.core.trainfile import constants
     after = (repo / "train_mlx.py").read_text()
     got = constants(after)
     assert (got["DEPTH"], got["TOTAL_BATCH_SIZE"], got["WINDOW_PATTERN"], got["ADAM_BETAS"]) == (2, 2048, "L", (0.9, 0.95))

@@ -2,13 +2,13 @@
 The metric cannot be gamed: each known attack from SECURITY.md, carried out by a real train file.
 
 Unit level: the causality probe on honest and cheating models of both engines, the harness's
-re-evaluation (arun.verify) of a real run's weights, audit_timing and matches.
+re-evaluation (arun.core.verify) of a real run's weights, audit_timing and matches.
 CLI level: `arun --backend cuda --device cpu` in tmp git repos with a tiny train_cuda.py whose
 model or loop cheats. A cheat must never be kept, must be recorded `invalid` with a reason, and
 must leave the worktree at the best commit with every earlier record intact.
 
-The harness (arun/experiment.py) runs audit_timing on every result and re-evaluates every keep
-with `python -m arun.verify` before committing it; the CLI attacks below go through that path.
+The harness (arun/core/experiment.py) runs audit_timing on every result and re-evaluates every keep
+with `python -m arun.core.verify` before committing it; the CLI attacks below go through that path.
 
 The two slow attacks (45 s past the budget, 1000 uncounted warm-up steps) start in the
 background when the module starts and are checked by the last tests, so they overlap the rest.
@@ -29,7 +29,7 @@ from helpers_repo import (REPO, arun_cmd, arun_env, assert_failure_recorded, inj
 
 
 def _load(path: Path):
-    from arun.verify import load_train_module
+    from arun.core.verify import load_train_module
     return load_train_module(path)
 
 
@@ -127,7 +127,7 @@ HONEST = {"time_budget": 300.0, "warmup_steps": 10, "warmup_seconds": 25.0, "tra
 
 
 def _audit(wall: float = 350.0, budget: float = 300.0, **changes: object) -> str | None:
-    from arun.verify import audit_timing
+    from arun.core.verify import audit_timing
     return audit_timing({**HONEST, **changes}, wall, budget)
 
 
@@ -136,7 +136,7 @@ def test_audit_timing_passes_honest_runs() -> None:
     assert _audit(wall=346.3 + 59.9) is None                  # just inside the slack (10% of budget + 30 s)
     assert _audit(warmup_steps=20) is None                    # upstream uses 10; 20 is the limit
     assert _audit(warmup_seconds=150.0, wall=500.0) is None   # max(budget/2, 120)
-    from arun.verify import audit_timing
+    from arun.core.verify import audit_timing
     assert audit_timing({}, 5.0, 1.0) is None                 # a run that reports nothing explains 31 s
     assert audit_timing({"training_seconds": 1.02, "time_budget": 1.0, "warmup_steps": 1}, 12.0, 1.0) is None
 
@@ -173,7 +173,7 @@ def test_audit_timing_does_not_trust_claimed_startup_or_eval_time() -> None:
     extra training: start-up is capped like warm-up, and evaluation by the harness's own
     re-evaluation of the same weights when it has one."""
     assert _audit(startup_seconds=151.0, wall=500.0) is not None
-    from arun.verify import audit_timing
+    from arun.core.verify import audit_timing
     hidden = {**HONEST, "eval_seconds": 150.0}
     assert audit_timing(hidden, 500.0, 300.0) is None                 # plausible on its own (a slow GPU)...
     got = audit_timing(hidden, 500.0, 300.0, reference={"eval_seconds": 9.0})
@@ -182,7 +182,7 @@ def test_audit_timing_does_not_trust_claimed_startup_or_eval_time() -> None:
 
 
 def test_matches_tolerance() -> None:
-    from arun.verify import REL_TOLERANCE, matches
+    from arun.core.verify import REL_TOLERANCE, matches
     assert matches(1.0, 1.0) and matches(1.0, 1.0 + 0.9 * REL_TOLERANCE) and matches(1.0019, 1.0)
     assert not matches(1.0, 1.0 + 2.1 * REL_TOLERANCE)
     assert not matches(0.1, 2.8)                    # a printed fake
@@ -205,14 +205,14 @@ def honest_run(tiny_data: Path, tiny_cache: Path, tmp_path_factory: pytest.TempP
 
 
 def test_reevaluation_reproduces_an_honest_run(honest_run: dict) -> None:
-    """`python -m arun.verify`, a fresh process running fixed code, gets the run's own number."""
+    """`python -m arun.core.verify`, a fresh process running fixed code, gets the run's own number."""
     d, out = honest_run["dir"], honest_run["dir"] / "verdict.json"
-    p = subprocess.run([sys.executable, "-m", "arun.verify", "--backend", "cuda", "--repo", str(d),
+    p = subprocess.run([sys.executable, "-m", "arun.core.verify", "--backend", "cuda", "--repo", str(d),
                         "--checkpoint", str(honest_run["checkpoint"]), "--out", str(out)],
                        cwd=d, env=honest_run["env"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     verdict = json.loads(out.read_text())
-    from arun.verify import matches
+    from arun.core.verify import matches
     claimed = honest_run["result"]["val_bpb"]
     assert "val_bpb" in verdict, verdict
     assert matches(claimed, verdict["val_bpb"]), (claimed, verdict)
@@ -225,20 +225,20 @@ def test_reevaluation_catches_a_model_that_looks_ahead(honest_run: dict, tmp_pat
     probe says invalid, whatever the train process printed."""
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
     (tmp_path / "train_cuda.py").write_text(noncausal_train_text())
-    from arun.verify import reevaluate
+    from arun.core.verify import reevaluate
     verdict = reevaluate("cuda", tmp_path, honest_run["checkpoint"], 32)
     assert "looks ahead" in verdict.get("invalid", ""), verdict
 
 
 def test_reevaluation_reports_missing_or_foreign_weights(honest_run: dict, tmp_path: Path, data_env: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from arun import verify
+    from arun.core import verify
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
     (tmp_path / "train_cuda.py").write_text(tiny_train_text())
 
     def verdict(checkpoint: Path) -> dict:
         out = tmp_path / "v.json"
-        monkeypatch.setattr(sys, "argv", ["arun.verify", "--backend", "cuda", "--repo", str(tmp_path),
+        monkeypatch.setattr(sys, "argv", ["arun.core.verify", "--backend", "cuda", "--repo", str(tmp_path),
                                           "--checkpoint", str(checkpoint), "--out", str(out)])
         verify.main()
         return json.loads(out.read_text())
@@ -348,7 +348,7 @@ def background(request: pytest.FixtureRequest, tiny_data: Path, tiny_cache: Path
             continue
         repo = root / name / "repo"
         make_project(repo, overrides=overrides)
-        from arun.trainfile import rewrite_constants
+        from arun.core.trainfile import rewrite_constants
         (repo / "train_cuda.py").write_text(rewrite_constants(text_fn(), overrides or {}))
         out, err = open(repo.parent / "stdout", "w"), open(repo.parent / "stderr", "w")
         proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", name), cwd=repo, env=arun_env(tiny_data, tiny_cache),

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from helpers_repo import empty_repo, git
 
-from arun.errors import ArunError
-from arun.keys import comparability_key, key_id
-from arun.ledger import Ledger, all_records, ledger_path
-from arun.ratchet import baseline_record, best_record, decide, running_best
+from arun.core.errors import ArunError
+from arun.core.keys import comparability_key, key_id
+from arun.core.ledger import Ledger, all_records, ledger_path
+from arun.core.ratchet import baseline_record, best_record, decide, running_best
+from arun.core.record import Record
 
 
 def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
@@ -88,8 +89,8 @@ def test_a_failed_write_leaves_the_ledger_unchanged(tmp_path: Path) -> None:
     size = led.path.stat().st_size
     script = (
         "import resource, signal, sys\n"
-        "from arun.ledger import Ledger\n"
-        "from arun.errors import ArunError\n"
+        "from arun.core.ledger import Ledger\n"
+        "from arun.core.errors import ArunError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({size + 100}, resource.RLIM_INFINITY))\n"
         "try:\n"
@@ -153,3 +154,13 @@ def test_ratchet_rules() -> None:
     assert decide(1.401, best_record(recs, "a"), near_miss=0.002) == ("discard", True)
     assert decide(1.41, best_record(recs, "a"), near_miss=0.002) == ("discard", False)
     assert running_best([r for r in recs if r["key_id"] == "a"]) == [None, 1.5, 1.5, 1.4]
+
+
+def test_record_round_trips_and_keeps_fields_it_does_not_know(tmp_path: Path) -> None:
+    line = {"id": "x", "time": "t", "key_id": "k", "status": "keep", "val_bpb": 1.5, "from_the_future": {"a": 1}}
+    rec = Record.from_json(line)
+    assert rec.val_bpb == 1.5 and rec.extra == {"from_the_future": {"a": 1}}
+    out = rec.to_json()
+    assert {k: out[k] for k in line} == line  # every field it read comes back unchanged
+    Ledger(ledger_path(tmp_path, "t")).append(out)
+    assert Record.from_json(Ledger(ledger_path(tmp_path, "t")).records()[0]).to_json() == out

@@ -43,7 +43,7 @@ def _needs_engine() -> None:
 def base_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Path:
     """The project with zero learning rates and its baseline already recorded (one real run)."""
     _needs_engine()
-    from arun.experiment import run_experiment
+    from arun.core.experiment import run_experiment
     repo = tmp_path_factory.mktemp("loop") / "base"
     make_project(repo, TRAIN, overrides=ZERO_LR)
     saved = {k: os.environ.get(k) for k in ("ARUN_CACHE", "ARUN_DATA_DIR", "OMP_NUM_THREADS")}
@@ -71,7 +71,7 @@ def project(base_project: Path, tmp_path: Path, data_env: Path, monkeypatch: pyt
 
 
 def loop(repo: Path, agent: str, **kw):
-    from arun.loop import run_loop
+    from arun.search.loop import run_loop
     lines: list[str] = []
     kw.setdefault("iterations", 1)
     result = run_loop(repo, "cuda", agent, budget=BUDGET, device="cpu", show_progress=False, log=lines.append, **kw)
@@ -95,7 +95,7 @@ def cli(repo: Path, *args: str) -> str:
 
 
 def best_commit(repo: Path) -> str:
-    from arun.ratchet import best_record
+    from arun.core.ratchet import best_record
     recs = ledger_records(repo)
     return best_record(recs, recs[0]["key_id"])["commit"]
 
@@ -134,7 +134,7 @@ def test_program_md_covers_setup_loop_rules_and_history() -> None:
 
 
 def test_the_prompt_carries_the_best_the_history_and_the_diffs_to_learn_from(tmp_path: Path) -> None:
-    from arun.proposers import Context, build_prompt
+    from arun.search.proposers import Context, build_prompt
     base = {"id": "b0", "status": "keep", "val_bpb": 1.5, "baseline": True, "commit": "c0" * 20,
             "description": "baseline", "config": {"DEPTH": 4}}
     best = {"id": "k1", "status": "keep", "val_bpb": 1.4, "commit": "c1" * 20, "description": "deeper",
@@ -157,7 +157,7 @@ def test_the_prompt_carries_the_best_the_history_and_the_diffs_to_learn_from(tmp
 
 
 def test_the_morning_report_counts_ranks_and_times_by_key() -> None:
-    from arun.summary import parse_time, report, select, summarize
+    from arun.report.summary import parse_time, report, select, summarize
 
     def rec(i, key, status, val, before=None, desc="", near=False):
         return {"id": f"r{i}", "key_id": key, "tag": f"tag-{key}", "status": status, "val_bpb": val,
@@ -293,7 +293,7 @@ def test_no_change_is_recorded_invalid_without_running_and_the_prompt_follows_th
 # --------------------------------------------------------------------------- noise and significance
 
 def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from arun.errors import ArunError
+    from arun.core.errors import ArunError
     with pytest.raises(ArunError, match="arun noise"):
         loop(project, f"{FAKE} set SEED=43", confidence=0.99)  # one seed and no noise measured yet
     out = cli(project, "noise", "--backend", "cuda", "--device", "cpu", "--budget", str(BUDGET), "--seeds", "3")

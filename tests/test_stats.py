@@ -1,4 +1,4 @@
-"""arun.stats: the t distribution from the incomplete beta, Welch's test, and the keep/discard gate."""
+"""arun.search.stats: the t distribution from the incomplete beta, Welch's test, and the keep/discard gate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from arun.stats import (best_sample, betainc, gate, significance_decider, significantly_better, t_cdf, welch)
+from arun.search.noise import significance_decider
+from arun.search.stats import best_sample, betainc, gate, significantly_better, t_cdf, welch
 
 
 @pytest.mark.parametrize("x", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from arun import swarm as sw
+from arun.core.gitops import commit_exists, load_bundle, make_bundle, move_branch, reset_worktree
+from arun.swarm.actors import Coordinator, LedgerWriter
+from arun.swarm.driver import Swarm, SwarmOptions, drive
+from arun.swarm.procs import _processes_with_cwd_under
+from arun.swarm.worker import probe_key
+from arun.swarm.worktrees import cleanup_worker, commit_ref, ensure_worktree
 from helpers_repo import make_project  # the project copied into a tmp git repo, with a tiny train_cuda.py
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,25 +53,25 @@ def test_a_commit_travels_between_clones_as_a_bundle(tmp_path: Path) -> None:
     base = init_repo(a, {"train.py": "X = 1\n"})
     git(tmp_path, "clone", "-q", str(a), "b")
     b = tmp_path / "b"
-    wt = sw.ensure_worktree(a, "r", 0, base)
+    wt = ensure_worktree(a, "r", 0, base)
     assert git(wt, "branch", "--show-current") == "autoresearch/r-w0"
     (wt / "train.py").write_text("X = 2\n")
     git(wt, "commit", "-qam", "better")
     c = git(wt, "rev-parse", "HEAD")
-    assert not sw.commit_exists(b, c)
-    sw.load_bundle(b, sw.make_bundle(a, c, base, sw.commit_ref("r", c)), sw.commit_ref("r", c))
-    assert sw.commit_exists(b, c)
-    wtb = sw.ensure_worktree(b, "r", 1, base)
-    sw.reset_worktree(wtb, c)  # adoption: the other machine's worker moves onto the winner's commit
+    assert not commit_exists(b, c)
+    load_bundle(b, make_bundle(a, c, base, commit_ref("r", c)), commit_ref("r", c))
+    assert commit_exists(b, c)
+    wtb = ensure_worktree(b, "r", 1, base)
+    reset_worktree(wtb, c)  # adoption: the other machine's worker moves onto the winner's commit
     assert (wtb / "train.py").read_text() == "X = 2\n"
     assert git(wtb, "rev-parse", "HEAD") == c
-    assert sw.make_bundle(a, base, base, "refs/arun/x") is None  # the base needs no bundle
+    assert make_bundle(a, base, base, "refs/arun/x") is None  # the base needs no bundle
 
 
 def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     base = init_repo(repo, {"train.py": "X = 1\n"})
-    wt = sw.ensure_worktree(repo, "r", 0, base)
+    wt = ensure_worktree(repo, "r", 0, base)
     # What a killed worker leaves: a half-edited file, a stray file, a stale index.lock, a running child.
     (wt / "train.py").write_text("X = 3\n")
     (wt / "stray.txt").write_text("x")
@@ -74,10 +79,10 @@ def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> Non
     (gitdir / "index.lock").write_text("")
     child = subprocess.Popen(["sleep", "60"], cwd=wt)
     try:
-        assert child.pid in sw._processes_with_cwd_under(wt)
-        again = sw.ensure_worktree(repo, "r", 0, base)  # a restarted worker reuses and cleans it
+        assert child.pid in _processes_with_cwd_under(wt)
+        again = ensure_worktree(repo, "r", 0, base)  # a restarted worker reuses and cleans it
         assert again == wt and git(wt, "status", "--porcelain") == ""
-        sw.cleanup_worker(str(repo), "r", 0)
+        cleanup_worker(str(repo), "r", 0)
         assert child.wait(timeout=10) != 0
     finally:
         if child.poll() is None:
@@ -86,14 +91,14 @@ def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> Non
     assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
     assert git(repo, "branch", "--list", "autoresearch/r-w0")  # the branch stays
     assert git(repo, "status", "--porcelain") == ""  # .arun/ is ignored by its own .gitignore
-    assert sw.move_branch(repo, "autoresearch/r", base)
-    assert not sw.move_branch(repo, "main", base)  # checked out: left alone
+    assert move_branch(repo, "autoresearch/r", base)
+    assert not move_branch(repo, "main", base)  # checked out: left alone
 
 
 # --------------------------------------------------------------------------- one real swarm
 
 def _needs_harness() -> None:
-    for mod in ("arun.experiment", "arun.loop", "ray", "torch"):
+    for mod in ("arun.core.experiment", "arun.search.loop", "ray", "torch"):
         pytest.importorskip(mod)
     if not (REPO / "train_cuda.py").exists():
         pytest.skip("train_cuda.py has not landed")
@@ -132,21 +137,21 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     commit, as a previous run would have left it: the swarm starts from that best, and the first
     experiment to finish beats it whatever the two workers' contention for the 2 cores does to
     their step counts; from then on the workers compete on equal terms."""
-    from arun.ledger import Ledger, ledger_path
+    from arun.core.ledger import Ledger, ledger_path
     root = tmp_path_factory.mktemp("swarm")
     repo, clone = root / "repo", root / "clone"
     repo.mkdir()
     base = make_project(repo, "train_cuda.py")
     git(root, "clone", "-q", str(repo), str(clone))
-    probe = sw.probe_key(repo, "cuda", 1.5, "cpu")
+    probe = probe_key(repo, "cuda", 1.5, "cpu")
     Ledger(ledger_path(repo, probe["tag"])).append({
         "key": probe["key"], "key_id": probe["key_id"], "tag": probe["tag"], "backend": "cuda", "status": "keep",
         "baseline": True, "commit": base, "parent_commit": base, "val_bpb": 9.0, "diff": "",
         "description": "an earlier, poor result", "swarm": None})
     lines: list[str] = []
-    opts = sw.SwarmOptions(repo_dir=repo, backend="cuda", device="cpu", workers=2, run="t", agent="sweep",
+    opts = SwarmOptions(repo_dir=repo, backend="cuda", device="cpu", workers=2, run="t", agent="sweep",
                            budget=1.5, worker_repos={1: clone})
-    swarm = sw.Swarm(opts, log=lines.append)
+    swarm = Swarm(opts, log=lines.append)
     out: dict = {"repo": repo, "clone": clone, "base": base, "lines": lines, "probe": probe}
     killed: dict = {}
     done = threading.Event()
@@ -183,7 +188,7 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
         # Ctrl-C (a real SIGINT to this process) once both workers are training: drive() stops the swarm.
         interrupter = threading.Thread(target=_interrupt_when_both_train, args=(swarm,))
         interrupter.start()
-        out["summary"] = sw.drive(swarm, iterations=4)
+        out["summary"] = drive(swarm, iterations=4)
         interrupter.join()
     finally:
         done.set()
@@ -193,7 +198,7 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     return out
 
 
-def _interrupt_when_both_train(swarm: sw.Swarm) -> None:
+def _interrupt_when_both_train(swarm: Swarm) -> None:
     t_end = time.time() + 120
     while time.time() < t_end:
         flying = swarm.state()["in_flight"]
@@ -253,7 +258,7 @@ def test_a_win_is_adopted_by_the_other_worker(swarm_run: dict) -> None:
     assert any((r["swarm"]["worker"], r["swarm"]["start_commit"]) in cross for r in records)
     # Wins made in w1's clone reached the main repo (as from another machine: by git bundle).
     for a in wins:
-        assert sw.commit_exists(swarm_run["repo"], a["commit"])
+        assert commit_exists(swarm_run["repo"], a["commit"])
 
 
 @pytest.mark.swarm
@@ -283,7 +288,7 @@ def test_ctrl_c_records_the_interrupted_experiments_and_leaves_no_worktree(swarm
         assert not [p for p in (r / ".arun" / "swarm").glob("t-w*") if p.is_dir()]  # the per-worker logs stay
     assert git(repo, "branch", "--list", "autoresearch/t-w0") and git(clone, "branch", "--list", "autoresearch/t-w1")
     for wt in swarm_run["worktrees"].values():
-        assert not sw._processes_with_cwd_under(wt)
+        assert not _processes_with_cwd_under(wt)
     (best,) = summary["best"].values()
     assert best["commit"] != swarm_run["base"]
     # Every run's result stays in its machine's clone; weights only for the best run, as the harness keeps them.
@@ -300,8 +305,8 @@ def test_one_baseline_per_key_the_other_workers_wait(tmp_path: Path, cluster) ->
     """With no result for a key yet, one worker runs the baseline; the others wait for its record."""
     repo = tmp_path / "repo"
     base = init_repo(repo, {"train.py": "X = 1\n"})
-    ledger = cluster.remote(sw.LedgerWriter).remote(str(repo))
-    coord = cluster.remote(sw.Coordinator).remote(str(repo), "b", base, ledger)
+    ledger = cluster.remote(LedgerWriter).remote(str(repo))
+    coord = cluster.remote(Coordinator).remote(str(repo), "b", base, ledger)
     first = cluster.get(coord.start.remote(0, "tag-a", "key-a"))
     assert not first["wait"] and first["best"] is None and first["commit"] == base
     assert cluster.get(coord.start.remote(1, "tag-a", "key-a"))["wait"]

@@ -1,4 +1,4 @@
-"""arun.sweep: minimal edits of the hyperparameter block, ladders, deduplication, and TPE learning."""
+"""arun.search.sweep: minimal edits of the hyperparameter block, ladders, deduplication, and TPE learning."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from arun.sweep import (Sweep, SweepError, make_dims, parse_block, plausible, safe_eval, scored_shas)
-from arun.trainfile import constants
+from arun.search.sweep import (Sweep, SweepError, make_dims, parse_block, plausible, safe_eval, scored_shas)
+from arun.core.trainfile import constants
 
 REPO = Path(__file__).resolve().parents[1]
 

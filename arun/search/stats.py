@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Callable
 
-DEFAULT_NEAR_MISS = 0.002  # as arun.experiment: a discard this close to the best is worth another look
+from arun.core.ratchet import NEAR_MISS
+
 
 
 # --------------------------------------------------------------------------- distributions
@@ -148,7 +148,7 @@ def best_sample(best: dict, noise: dict | None = None) -> list[float]:
 
 
 def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | None = None,
-         near_miss: float = DEFAULT_NEAR_MISS) -> tuple[str, bool, dict]:
+         near_miss: float = NEAR_MISS) -> tuple[str, bool, dict]:
     """(status, near_miss, details) for a scored experiment under the significance gate.
 
     - no best yet: keep (the baseline);
@@ -168,39 +168,9 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
         ok, p = significantly_better(vals, sample, confidence, noise_std)
     except ValueError:
         # One run on each side and no noise measurement: nothing to test against, so the plain
-        # rule decides (callers check up front and warn; see arun.loop).
+        # rule decides (callers check up front and warn; see arun.search.loop.preflight).
         details["reason"] = "no spread known: plain comparison"
         return "keep", False, details
     details["p_value"] = p
     details["reason"] = f"p = {p:.4g} {'<' if ok else '>='} {1 - confidence:.4g}"
     return ("keep", False, details) if ok else ("discard", True, details)
-
-
-def significance_decider(confidence: float, *, repo_dir=None, noise_std: float | None = None,
-                         near_miss: float = DEFAULT_NEAR_MISS,
-                         log: Callable[[str], None] | None = print) -> Callable[[list[float], dict | None, list[dict]], tuple[str, bool]]:
-    """A `decide_fn` for arun.experiment.run_experiment: the significance gate, with the noise
-    measured by `arun noise` for the best's key (bench/<tag>/noise.json under repo_dir, default
-    the current directory) unless noise_std is given."""
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
-
-    def decide(vals: list[float], best: dict | None, records: list[dict]) -> tuple[str, bool]:
-        noise = None
-        if best is not None:
-            if noise_std is not None:
-                noise = {"std": noise_std}
-            else:
-                from pathlib import Path
-
-                from arun.noise import load_noise
-                noise = load_noise(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""), best.get("key_id", ""))
-        status, near, details = gate(vals, best, confidence, noise, near_miss)
-        if log and best is not None:
-            std = details.get("noise_std")
-            log(f"arun: significance at {confidence:g}: {details['reason']} "
-                f"({details.get('candidate_n')} run(s) vs {details.get('best_n')} of the best"
-                f"{f', noise std {std:.4g}' if std is not None else ''}) -> {status}{' (near miss)' if near else ''}")
-        return status, near
-
-    return decide

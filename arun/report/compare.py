@@ -17,9 +17,9 @@ from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 
-from arun.errors import ArunError
-from arun.ledger import Ledger, all_records, ledger_path, ledgers_in
-from arun.ratchet import baseline_record, best_record, scored
+from arun.core.errors import ArunError
+from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in
+from arun.core.ratchet import baseline_record, best_record, scored
 
 FAILED = ("crash", "timeout", "invalid")
 STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "magenta"}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+NEAR_MISS = 0.002  # n-autoresearch's threshold: a discard this close to the best is worth a second look
+SCORED = ("keep", "discard")  # the statuses that carry a val_bpb
+
 
 def scored(record: dict) -> bool:
     v = record.get("val_bpb")
@@ -30,7 +33,7 @@ def baseline_record(records: list[dict], key_id: str) -> dict | None:
     return None
 
 
-def decide(val_bpb: float, best: dict | None, near_miss: float = 0.002) -> tuple[str, bool]:
+def decide(val_bpb: float, best: dict | None, near_miss: float = NEAR_MISS) -> tuple[str, bool]:
     """(status, near_miss): the first scored run of a key is its baseline (keep); after that only a
     strictly lower val_bpb keeps; a discard within `near_miss` of the best is flagged as a near miss."""
     if best is None:

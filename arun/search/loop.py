@@ -7,7 +7,7 @@ Each iteration asks a proposer (an external coding agent, or the built-in sweep)
 change to the backend's train file, checks what it changed (only the train file may change;
 anything else is reverted and the attempt recorded `invalid`; no change, or a train file
 already scored, is recorded `invalid` without running), then runs it through
-`arun.experiment.run_experiment` -- exactly what `arun --backend X` does.
+`arun.core.experiment.run_experiment` -- exactly what `arun --backend X` does.
 
 Unattended safety: the agent's wall-clock limit is enforced (process group killed); after
 `max_crashes` consecutive iterations without a score (crash, timeout or invalid) the loop
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import signal
 import threading
@@ -28,52 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from arun import gitops
-from arun.errors import ArunError
-from arun.ledger import Ledger, ledger_path, new_id
-from arun.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
-from arun.ratchet import baseline_record, best_record, key_records
+from arun.core import gitops
+from arun.core.context import ExperimentContext, cached_context, open_data
+from arun.core.errors import ArunError
+from arun.core.experiment import check_scope, repo_lock, run_experiment
+from arun.core.ledger import Ledger, new_id, read_records
+from arun.core.process import sigterm_as_interrupt
+from arun.core.ratchet import SCORED, baseline_record, best_record, key_records
+from arun.core.record import invalid_record
+from arun.core.trainfile import constants
+from arun.report.summary import report
+from arun.search.noise import load_noise, significance_decider
+from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
+from arun.search.sweep import Sweep
 
-SCORED = ("keep", "discard")
 DEFAULT_MAX_CRASHES = 3
-
-
-# --------------------------------------------------------------------------- set-up
-
-_KEY_CACHE: dict[tuple, dict] = {}
-
-
-def experiment_key(repo_dir: Path | str, backend: str, budget: float | None, device: str | None) -> dict:
-    """The comparability key this repo's experiments get, worked out as run_experiment does:
-    {key, key_id, tag, hardware, train_file, seq_len}. ArunError when the engine or data are missing."""
-    import prepare
-    from arun.experiment import DEVICE_BACKENDS, resolve_engine
-    from arun.keys import comparability_key, key_id
-    from engines import TRAIN_FILES
-    from engines.evaluator import EVALUATOR_VERSION
-
-    device = device or (os.environ.get("ARUN_DEVICE") if backend in DEVICE_BACKENDS else None)
-    seconds = float(budget if budget is not None else prepare.DEFAULT_TIME_BUDGET)
-    try:
-        data = prepare.PreparedData.open()
-    except prepare.PrepareError as e:
-        raise ArunError(str(e)) from None
-    cache_key = (backend, device, seconds, str(data.dir))
-    if cache_key not in _KEY_CACHE:
-        engine, hardware = resolve_engine(backend, device)
-        key = comparability_key(backend, hardware.tag, data.key(), seconds, EVALUATOR_VERSION)
-        seq_len = getattr(getattr(data, "profile", None), "max_seq_len", None) or key.get("max_seq_len")
-        _KEY_CACHE[cache_key] = {"key": key, "key_id": key_id(key), "tag": hardware.tag,
-                                 "hardware": hardware.to_dict(), "train_file": TRAIN_FILES.get(backend) or engine.train_file,
-                                 "seq_len": seq_len, "device": device, "budget": seconds}
-    return _KEY_CACHE[cache_key]
-
-
-def read_records(repo_dir: Path | str, tag: str, ledger: Any = None) -> list[dict]:
-    """The ledger's records: the swarm's ledger object when given, else bench/<tag>/ledger.jsonl."""
-    if ledger is not None:
-        return list(ledger.records())
-    return Ledger(ledger_path(repo_dir, tag)).records()
 
 
 def make_proposer(spec: str, *, repo_dir: Path | str | None = None, backend: str | None = None, seed: int = 0,
@@ -82,10 +50,9 @@ def make_proposer(spec: str, *, repo_dir: Path | str | None = None, backend: str
     spec = (spec or "").strip()
     if spec == "sweep":
         try:
-            import optuna  # noqa: F401
+            import optuna  # noqa: F401 - optional dependency, imported lazily: only the sweep needs it
         except ImportError:
             raise ArunError("--agent sweep needs optuna; install it with: pip install -e '.[sweep]'") from None
-        from arun.sweep import Sweep
         return Sweep(seed=seed)
     return AgentProposer(spec, timeout=agent_timeout)
 
@@ -155,27 +122,6 @@ def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path |
     return sorted(set(offending) | (set(committed) - {train_file}))
 
 
-def invalid_record(info: dict, ctx: Context, proposer_name: str, description: str, error: str,
-                   train: bytes, diff: str, seconds: float, extra: dict | None = None) -> dict:
-    """A ledger record for an attempt that was not run (same fields as run_experiment's)."""
-    from arun.trainfile import constants
-    best = ctx.best
-    base = best["commit"] if best else gitops.head_sha(ctx.repo_dir)
-    rec = {
-        "id": new_id(), "key": info["key"], "key_id": info["key_id"], "tag": info["tag"],
-        "backend": ctx.backend, "hardware": info["hardware"], "branch": gitops.current_branch(ctx.repo_dir),
-        "commit": base, "parent_commit": gitops.head_sha(ctx.repo_dir), "train_file": ctx.train_file,
-        "train_sha256": hashlib.sha256(train).hexdigest(), "diff": diff, "diff_base": base,
-        "description": description, "status": "invalid", "baseline": False, "val_bpb": None,
-        "val_bpb_seeds": [], "proposer": proposer_name, "near_miss": False,
-        "config": constants(train.decode("utf-8", errors="replace")), "time_budget": info["budget"],
-        "device": info["device"], "error": error, "seeds": [], "training_seconds": None, "total_seconds": 0.0,
-        "wall_seconds": seconds, "best_before": best["val_bpb"] if best else None, "proposer_seconds": seconds,
-    }
-    rec.update(extra or {})
-    return rec
-
-
 # --------------------------------------------------------------------------- one iteration
 
 def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any = None, budget: float | None = None,
@@ -185,15 +131,13 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
               number: int = 1, noise_std: float | None = None) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
     append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up."""
-    from arun.experiment import check_scope, repo_lock, run_experiment
     repo_dir = Path(repo_dir).resolve()
-    info = experiment_key(repo_dir, backend, budget, device)
-    train_file, kid = info["train_file"], info["key_id"]
-    recs = key_records(read_records(repo_dir, info["tag"], ledger), kid)
+    info = cached_context(repo_dir, backend, budget, device)
+    train_file, kid = info.train_file, info.key_id
+    recs = key_records(read_records(repo_dir, info.tag, ledger), kid)
     best = best_record(recs, kid)
     decide_fn = None
     if confidence:
-        from arun.stats import significance_decider
         decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
                                          **({"near_miss": near_miss} if near_miss is not None else {}))
     run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
@@ -201,14 +145,14 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
                       record_sink=ledger.append if ledger is not None else None)
     name = getattr(proposer, "name", "proposer")
     if best is None:
-        log(f"arun loop: no baseline yet for {info['tag']} (key {kid}); running {train_file} as it is")
+        log(f"arun loop: no baseline yet for {info.tag} (key {kid}); running {train_file} as it is")
         if on_proposal:
             on_proposal("baseline", "")
         return run_experiment(repo_dir, backend, "baseline", proposer=name, **run_kwargs)
 
-    ctx = Context(repo_dir=repo_dir, backend=backend, train_file=train_file, key_id=kid, tag=info["tag"],
-                  records=recs, best=best, baseline=baseline_record(recs, kid), seq_len=info.get("seq_len"),
-                  iteration=number, budget=info["budget"])
+    ctx = Context(repo_dir=repo_dir, backend=backend, train_file=train_file, key_id=kid, tag=info.tag,
+                  records=recs, best=best, baseline=baseline_record(recs, kid), seq_len=info.seq_len,
+                  iteration=number, budget=info.budget)
     # Anything but the train file already out of place is not the proposer's doing: refuse rather than revert it.
     check_scope(repo_dir, train_file)
     pre = snapshot(repo_dir, train_file)
@@ -236,9 +180,12 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     extra = {k: v for k, v in proposal.extra.items() if k.startswith("agent_")}
 
     def invalid(error: str) -> dict:
-        rec = invalid_record(info, ctx, name, proposal.description, error, new, diff, seconds, extra)
-        appended = ledger.append(rec) if ledger is not None else Ledger(ledger_path(repo_dir, info["tag"])).append(rec)
-        log(f"arun: INVALID: {error}; train file restored to {base[:10]} [{info['tag']}] id {appended['id']}")
+        rec = invalid_record(info, id=new_id(), branch=gitops.current_branch(repo_dir), head=gitops.head_sha(repo_dir),
+                             base=base, train=new, diff=diff, description=proposal.description, best=best,
+                             proposer=name, config=constants(new.decode("utf-8", errors="replace")), error=error,
+                             seconds=seconds, extra=extra).to_json()
+        appended = ledger.append(rec) if ledger is not None else Ledger(info.ledger_path).append(rec)
+        log(f"arun: INVALID: {error}; train file restored to {base[:10]} [{info.tag}] id {appended['id']}")
         return appended
 
     if proposal.error:
@@ -276,38 +223,15 @@ class LoopResult:
     summary: str = ""
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a scheduler, systemd, kill) ends the loop as cleanly as Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | None, seeds: int,
-              confidence: float | None, log: Callable[[str], None]) -> dict:
+              confidence: float | None, log: Callable[[str], None]) -> ExperimentContext:
     """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
     and whether --confidence has a spread to test against."""
-    import prepare
-    from arun.experiment import check_scope
-    from arun.noise import load_noise
-    info = experiment_key(repo_dir, backend, budget, device)
-    try:
-        prepare.PreparedData.open().verify()
-    except prepare.PrepareError as e:
-        raise ArunError(str(e)) from None
-    train_file = info["train_file"]
+    info = cached_context(repo_dir, backend, budget, device)
+    open_data(verify=True)
+    train_file = info.train_file
     check_scope(repo_dir, train_file)
-    best = best_record(read_records(repo_dir, info["tag"]), info["key_id"])
+    best = best_record(read_records(repo_dir, info.tag), info.key_id)
     base = best["commit"] if best else gitops.head_sha(repo_dir)
     try:
         committed = gitops.file_at(repo_dir, base, train_file)
@@ -320,7 +244,7 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
     if confidence is not None:
         if not 0 < confidence < 1:
             raise ArunError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
-        if seeds < 2 and load_noise(repo_dir, info["tag"], info["key_id"]) is None:
+        if seeds < 2 and load_noise(repo_dir, info.tag, info.key_id) is None:
             raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key: measure it with "
                             f"arun noise --backend {backend} --seeds 5 (or pass --seeds 2 or more)")
     return info
@@ -344,12 +268,12 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
     info = preflight(repo_dir, backend, budget, device, seeds, confidence, log)
     proposer = agent if not isinstance(agent, str) else make_proposer(agent, repo_dir=repo_dir, backend=backend,
                                                                       seed=seed, agent_timeout=agent_timeout)
-    start = len(key_records(read_records(repo_dir, info["tag"]), info["key_id"]))  # the ledger only grows
+    start = len(key_records(read_records(repo_dir, info.tag), info.key_id))  # the ledger only grows
     deadline = time.monotonic() + hours * 3600 if hours else None
     result = LoopResult(reason="done")
     streak = 0
     n = 0
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             while True:
                 if iterations is not None and n >= iterations:
@@ -389,17 +313,16 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
     return result
 
 
-def _finish(repo_dir: Path, info: dict, result: LoopResult, start: int, log: Callable[[str], None]) -> None:
+def _finish(repo_dir: Path, info: ExperimentContext, result: LoopResult, start: int, log: Callable[[str], None]) -> None:
     """The summary of this loop's experiments: every record of the key appended since the loop began
     (including one for a run interrupted by Ctrl-C, which run_experiment records before re-raising)."""
-    from arun.summary import report
-    history = key_records(read_records(repo_dir, info["tag"]), info["key_id"])
+    history = key_records(read_records(repo_dir, info.tag), info.key_id)
     result.summary = report(history[start:], history, title=f"arun loop ({result.reason})")
     log(result.summary)
 
 
-def _back_to_best(repo_dir: Path, info: dict) -> None:
-    best = best_record(read_records(repo_dir, info["tag"]), info["key_id"])
+def _back_to_best(repo_dir: Path, info: ExperimentContext) -> None:
+    best = best_record(read_records(repo_dir, info.tag), info.key_id)
     commit = best["commit"] if best else gitops.head_sha(repo_dir)
     with contextlib.suppress(Exception):
-        gitops.restore_train_file(repo_dir, info["train_file"], commit)
+        gitops.restore_train_file(repo_dir, info.train_file, commit)

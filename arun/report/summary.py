@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from datetime import datetime, timezone
 
-from arun.ratchet import baseline_record, best_record, scored
+from arun.core.ratchet import baseline_record, best_record, scored
 
 STATUS_ORDER = ("keep", "discard", "crash", "timeout", "invalid")
 

@@ -9,7 +9,7 @@ The model is rebuilt from the train file's GPTConfig/GPT and the checkpoint's
 sidecar JSON ({"config": {...}}), its weights loaded by engines.weights; a train
 file with another model shape defines `load_eval_model(config, weights) -> logits_fn` instead.
 
-    python -m arun.verify --backend cuda --repo . --checkpoint w.npz --out verdict.json
+    python -m arun.core.verify --backend cuda --repo . --checkpoint w.npz --out verdict.json
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arun.compare import FAILED
-from arun.ratchet import running_best, scored
+from arun.report.compare import FAILED, tag_records
+from arun.core.ratchet import running_best, scored
 
 
 @dataclass
@@ -56,7 +56,7 @@ def series_for(records: list[dict]) -> list[Series]:
 
 def plot_records(records: list[dict], out_path: Path | str) -> list[Series]:
     """Writes the PNG for one tag's records; returns what was plotted."""
-    import matplotlib
+    import matplotlib  # heavy and only needed for a plot: imported when one is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
@@ -98,7 +98,6 @@ def plot_records(records: list[dict], out_path: Path | str) -> list[Series]:
 
 def plot_tags(repo_dir: Path | str, tag: str | None = None, out_dir: Path | str | None = None) -> dict[str, tuple[Path, list[Series]]]:
     """One PNG per tag: bench/<tag>/progress.png, or <out_dir>/<tag>.png."""
-    from arun.compare import tag_records
     records = tag_records(repo_dir, tag)
     tags: dict[str, list[dict]] = {}
     for r in records:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from arun.ratchet import scored
+from arun.core.ratchet import scored
 
 HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
 

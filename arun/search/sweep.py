@@ -34,7 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arun.trainfile import BEGIN, END, block_span, safe_eval
+from arun.core.gitops import write_atomic
+from arun.core.trainfile import BEGIN, END, block_span, safe_eval
+from arun.search.proposers import Context, Proposal
 
 SKIP = frozenset({"SEED", "WARMUP_STEPS", "EVAL_BATCH_SIZE", "COMPILE"})
 WINDOW_CHOICES = ("L", "SL", "SSL", "SSSL")
@@ -124,6 +126,7 @@ class Dim:
     grid: tuple = field(default_factory=tuple)
 
     def distribution(self):
+        # optuna is an optional dependency (the [sweep] extra): imported only when the sweep runs
         from optuna.distributions import CategoricalDistribution, IntDistribution
         if self.kind == "choice":
             return CategoricalDistribution(self.grid)
@@ -310,9 +313,9 @@ class Sweep:
         self.seed, self.max_tries, self.n_startup_trials, self.skip = seed, max_tries, n_startup_trials, skip
 
     def _study(self, dims: list[Dim], records: list[dict], seed: int):
-        import optuna
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        import optuna  # optional dependency, kept lazy (see Dim.distribution)
         from optuna.trial import create_trial
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
         study = optuna.create_study(direction="minimize", sampler=sampler)
         vals = [r["val_bpb"] for r in records if isinstance(r.get("val_bpb"), (int, float))
@@ -383,14 +386,12 @@ class Sweep:
         last = f" (last: {reasons[-1]})" if reasons else ""
         raise SweepError(f"sweep found no unscored configuration in {self.max_tries} tries{last}")
 
-    def propose(self, ctx) -> "Proposal":  # noqa: F821 - arun.proposers.Proposal
-        from arun.proposers import Proposal
+    def propose(self, ctx: Context) -> Proposal:
         path = Path(ctx.repo_dir) / ctx.train_file
         text = path.read_text(encoding="utf-8")
         try:
             new_text, description = self.propose_text(text, ctx.records, ctx.seq_len)
         except (SweepError, ValueError, SyntaxError) as e:
             return Proposal(description="sweep", error=f"sweep: {e}")
-        from arun.gitops import write_atomic
         write_atomic(path, new_text.encode("utf-8"))
         return Proposal(description=description)

@@ -8,7 +8,7 @@ tried), and stores the spread with the comparability key in `bench/<tag>/noise.j
     {"<key_id>": {"key": {...}, "commit": "...", "train_sha256": "...", "values": [...],
                   "seeds": [...], "mean": m, "std": s, "n": N, "time": "...", "wall_seconds": w}}
 
-The significance gate (arun.stats) uses `std` as a floor on the spread of every comparison
+The significance gate (arun.search.stats) uses `std` as a floor on the spread of every comparison
 for that key, and the values themselves as extra runs of the best when its train file is the
 one that was measured.
 """
@@ -22,7 +22,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from arun.errors import ArunError
+from arun.core import gitops
+from arun.core.context import cached_context
+from arun.core.errors import ArunError
+from arun.core.experiment import run_experiment
+from arun.core.ledger import read_records
+from arun.core.ratchet import NEAR_MISS, best_record
+from arun.search.stats import gate
 
 
 def noise_path(repo_dir: Path | str, tag: str) -> Path:
@@ -69,19 +75,14 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
                   log: Callable[[str], None] = print) -> dict:
     """Runs the best train file `seeds` times and saves the spread; returns the stored entry.
     Refuses (ArunError) when the train file differs from the best commit: the runs restore it."""
-    from arun import gitops
-    from arun.experiment import run_experiment
-    from arun.loop import experiment_key, read_records
-    from arun.ratchet import best_record
-
     if seeds < 2:
         raise ArunError(f"arun noise needs at least 2 seeds to measure a spread, got {seeds}; try --seeds 5")
     repo_dir = Path(repo_dir).resolve()
-    info = experiment_key(repo_dir, backend, budget, device)
-    records = read_records(repo_dir, info["tag"], None)
-    best = best_record(records, info["key_id"])
+    ctx = cached_context(repo_dir, backend, budget, device)
+    records = read_records(repo_dir, ctx.tag, None)
+    best = best_record(records, ctx.key_id)
     base = best["commit"] if best else gitops.head_sha(repo_dir)
-    train_file = info["train_file"]
+    train_file = ctx.train_file
     current = (repo_dir / train_file).read_bytes()
     try:
         at_base = gitops.file_at(repo_dir, base, train_file)
@@ -118,3 +119,30 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
     log(f"arun: noise over {entry['n']} seeds: mean {entry['mean']:.6f}, std {entry['std']:.6f} "
         f"(min {min(entry['values']):.6f}, max {max(entry['values']):.6f}) -> {path.relative_to(repo_dir)}")
     return entry
+
+
+def significance_decider(confidence: float, *, repo_dir=None, noise_std: float | None = None,
+                         near_miss: float = NEAR_MISS,
+                         log: Callable[[str], None] | None = print) -> Callable[[list[float], dict | None, list[dict]], tuple[str, bool]]:
+    """A `decide_fn` for arun.core.experiment.run_experiment: the significance gate, with the noise
+    measured by `arun noise` for the best's key (bench/<tag>/noise.json under repo_dir, default
+    the current directory) unless noise_std is given."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+
+    def decide(vals: list[float], best: dict | None, records: list[dict]) -> tuple[str, bool]:
+        noise = None
+        if best is not None:
+            if noise_std is not None:
+                noise = {"std": noise_std}
+            else:
+                noise = load_noise(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""), best.get("key_id", ""))
+        status, near, details = gate(vals, best, confidence, noise, near_miss)
+        if log and best is not None:
+            std = details.get("noise_std")
+            log(f"arun: significance at {confidence:g}: {details['reason']} "
+                f"({details.get('candidate_n')} run(s) vs {details.get('best_n')} of the best"
+                f"{f', noise std {std:.4g}' if std is not None else ''}) -> {status}{' (near miss)' if near else ''}")
+        return status, near
+
+    return decide

@@ -1,14 +1,17 @@
-"""Git as the notebook: scope guard, run branches, keep commits, reverts (through gitpython)."""
+"""Git as the notebook: scope guard, run branches, keep commits, reverts (through gitpython), and the
+swarm's worktrees, bundles and branch moves (through the git CLI). The harness's one git layer."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import git
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 IGNORED_PREFIXES = ("bench/", ".arun/")
 IGNORED_FILES = ("run.log",)
@@ -163,3 +166,93 @@ def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
                 if "index.lock" in str(e) else "")
         raise ArunError(f"could not commit the keep: {_git_reason(e)}{hint}") from None
     return head_sha(repo_dir)
+
+
+# --------------------------------------------------------------------------- the git CLI: worktrees, bundles, branches
+
+def run_git(cwd: Path | str, *args: str, check: bool = True, env: dict | None = None) -> str:
+    """The git CLI itself (worktrees and bundles are simpler and sturdier there than in gitpython);
+    ArunError with git's last line when it fails and `check`."""
+    proc = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise ArunError(f"git {' '.join(args)} failed in {cwd}: {msg[-1] if msg else proc.returncode}")
+    return proc.stdout.strip()
+
+
+def add_worktree(repo: Path, wt: Path, branch: str, commit: str) -> None:
+    """A new worktree at `wt` on `branch` (made or moved to `commit`)."""
+    run_git(repo, "worktree", "prune")
+    if wt.exists():  # a half-made directory from a crash during `worktree add`
+        shutil.rmtree(wt, ignore_errors=True)
+    wt.parent.mkdir(parents=True, exist_ok=True)
+    run_git(repo, "worktree", "add", "--force", "-B", branch, str(wt), commit)
+
+
+def _worktree_gitdir(wt: Path) -> Path | None:
+    try:
+        return Path(run_git(wt, "rev-parse", "--absolute-git-dir"))
+    except ArunError:
+        return None
+
+
+def clean_worktree(wt: Path) -> None:
+    """Back to a clean tree after a kill: a stale index.lock, half-edited files, stray files all go."""
+    gitdir = _worktree_gitdir(wt)
+    if gitdir is not None:
+        lock = gitdir / "index.lock"
+        if lock.exists():
+            lock.unlink()
+    run_git(wt, "reset", "--hard", "-q")
+    run_git(wt, "clean", "-fdq")
+
+
+def reset_worktree(wt: Path, commit: str) -> None:
+    """Adoption: the worker's branch moves onto `commit` (no merge), the tree matches it exactly."""
+    run_git(wt, "reset", "--hard", "-q", commit)
+    run_git(wt, "clean", "-fdq")
+
+
+def remove_worktree(repo: Path, wt: Path) -> None:
+    """The worktree and its folder go (its branch stays)."""
+    if (wt / ".git").exists():
+        run_git(repo, "worktree", "remove", "--force", str(wt), check=False)
+    if wt.exists():
+        shutil.rmtree(wt, ignore_errors=True)
+    run_git(repo, "worktree", "prune", check=False)
+
+
+def make_bundle(repo: Path, commit: str, base: str, ref: str) -> bytes | None:
+    """`commit` as a git bundle on top of `base` (which every node has); None when commit is base."""
+    if commit == base:
+        return None
+    run_git(repo, "update-ref", ref, commit)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "c.bundle"
+        run_git(repo, "bundle", "create", "-q", str(path), ref, f"^{base}")
+        return path.read_bytes()
+
+
+def full_bundle(repo: Path, ref: str) -> bytes:
+    """The base commit with its history, for a node whose clone lacks it."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "base.bundle"
+        run_git(repo, "bundle", "create", "-q", str(path), ref)
+        return path.read_bytes()
+
+
+def load_bundle(repo: Path, data: bytes, ref: str) -> None:
+    """Fetches the bundle's `ref` into the same ref here, which also keeps the commit from gc."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "in.bundle"
+        path.write_bytes(data)
+        run_git(repo, "fetch", "-q", str(path), f"+{ref}:{ref}")
+
+
+def move_branch(repo: Path, branch: str, commit: str) -> bool:
+    """Points `branch` at `commit` unless it is checked out somewhere (then leaves it alone)."""
+    out = run_git(repo, "worktree", "list", "--porcelain", check=False)
+    if f"branch refs/heads/{branch}" in out.splitlines():
+        return False
+    run_git(repo, "branch", "-f", branch, commit)
+    return True

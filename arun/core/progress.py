@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
 # engines.run.StepLog:
 # step 00012 | progress   4.1% | loss 3.210000 | dt 12ms | tok/s 12,345 | mfu 1.2% | epoch 1 | remaining 287s
 STEP_LINE = re.compile(r"^step (\d+) \| progress\s+([\d.]+)% \| loss (\S+) \|.*?\| tok/s ([\d,]+) \|.*?remaining (\d+)s")
@@ -35,8 +38,6 @@ class Progress:
         self.phase = "starting"
         if not enabled:
             return
-        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
-        from rich.progress import Progress as RichProgress
         self.bar = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=True)
         self.task = self.bar.add_task(label, total=100.0, info="starting (imports, data, compile)")

@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 
 def new_id() -> str:
@@ -115,6 +116,14 @@ class Ledger:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         return record
+
+
+def read_records(repo_dir: Path | str, tag: str, ledger: Any = None) -> list[dict]:
+    """The ledger's records: `ledger`'s when given (an object with records(), e.g. the swarm's),
+    else bench/<tag>/ledger.jsonl."""
+    if ledger is not None:
+        return list(ledger.records())
+    return Ledger(ledger_path(repo_dir, tag)).records()
 
 
 def ledgers_in(repo_dir: Path | str) -> list[Path]:

@@ -1,7 +1,7 @@
 """
 Proposers for `arun loop`: who makes the next change to the train file.
 
-- `--agent sweep`: the built-in TPE hyperparameter sweep (arun.sweep), no LLM.
+- `--agent sweep`: the built-in TPE hyperparameter sweep (arun.search.sweep), no LLM.
 - `--agent "COMMAND ..."`: any coding-agent CLI, e.g. `claude -p --permission-mode acceptEdits`
   or `codex exec --sandbox workspace-write -` (both read the prompt from stdin and need the flag
   that lets them edit without asking), or a script.
@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arun.errors import ArunError
+from arun.core.errors import ArunError
 
 DEFAULT_AGENT_TIMEOUT = 900.0  # 15 minutes to think and edit; a training run is 5
 HISTORY_ROWS = 20

@@ -1,0 +1,219 @@
+"""
+One run of the train file as a child process: its environment, its own process group (so a kill
+reaches everything it started), the hard timeout, run.log, and what it left behind (the result JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while an experiment runs."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A scheduler stopping us with SIGTERM gets the same clean-up as Ctrl-C (child killed, train
+    file restored, crash recorded) instead of leaving an orphaned training run on the GPU."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@dataclass
+class RunOutcome:
+    seed: int | None = None
+    status: str = "ok"              # ok | crash | timeout | invalid | interrupted
+    error: str | None = None
+    result: dict | None = None
+    result_mtime: float | None = None
+    launch_time: float = 0.0        # time.time() at process start
+    wall_seconds: float = 0.0
+    returncode: int | None = None
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b.*")
+_NOISE = ("Traceback", "File ", "^", "~", "During handling", "The above exception")
+
+
+def last_error_line(lines: list[str]) -> str:
+    """The line that says what went wrong: an explicit FAIL:/INVALID: exit, else the exception line,
+    else the last line that is not traceback scaffolding."""
+    stripped = [s.strip() for s in lines if s.strip()]
+    for s in reversed(stripped):
+        if s.startswith(("FAIL:", "INVALID:")):
+            return s[:500]
+    for s in reversed(stripped):
+        if _EXCEPTION_LINE.match(s) or s.startswith("error:"):
+            return s[:500]
+    for s in reversed(stripped):
+        if not s.startswith(_NOISE):
+            return s[:500]
+    return "no output"
+
+
+def same_file(stream: TextIO, path: Path) -> bool:
+    """Is this stream the file at path? (an agent told `arun ... > run.log 2>&1`, as upstream's program.md
+    says for train.py: then stdout already is run.log and arun must not write it a second time)."""
+    try:
+        a, b = os.fstat(stream.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@contextlib.contextmanager
+def log_sink(log_path: Path, to_stdout: bool) -> Iterator[TextIO]:
+    if to_stdout:
+        yield sys.stdout
+        sys.stdout.flush()
+    else:
+        with open(log_path, "a", encoding="utf-8") as f:
+            yield f
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL it when arun dies, even by SIGKILL, so an orphaned
+    run never keeps training on the GPU next to the next experiment. Elsewhere a no-op: there the
+    orphan dies at its next write to the closed pipe."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_env(data_dir: Path, device: str | None, seed: int | None = None, **values: str) -> dict:
+    """The environment of a process the harness starts (a run, a re-evaluation): ours, with the data
+    folder, the torch device and the seed set explicitly, never inherited from the caller."""
+    env = dict(os.environ, ARUN_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **values)
+    env.pop("ARUN_SEED", None)
+    env.pop("ARUN_DEVICE", None)
+    if seed is not None:
+        env["ARUN_SEED"] = str(seed)
+    if device:
+        env["ARUN_DEVICE"] = device
+    return env
+
+
+def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, hard_timeout: float,
+                   on_line: Callable[[str], None] | None = None, prefix: str = "",
+                   seed: int | None = None, log_is_stdout: bool = False) -> RunOutcome:
+    """Runs the train file as its own process group (so a kill reaches compile workers and
+    dataloader processes too), streaming stdout+stderr into run.log and to on_line."""
+    out = RunOutcome(seed)
+    lines: list[str] = []
+    timed_out = threading.Event()
+    result_path = Path(env["ARUN_RESULT_JSON"])
+    with log_sink(log_path, log_is_stdout) as log:
+        out.launch_time = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-u", train_file], cwd=repo_dir, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                start_new_session=True, preexec_fn=_die_with_parent)
+
+        def kill() -> None:
+            timed_out.set()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(hard_timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(prefix + line)
+                log.flush()
+                lines.append(line)
+                if len(lines) > 400:
+                    del lines[:200]
+                if on_line:
+                    on_line(line)
+            proc.wait()
+        except BaseException:
+            # Ctrl-C / SIGTERM / anything else: the child must not outlive us (it would hold the GPU).
+            watchdog.cancel()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            out.status, out.error = "interrupted", "interrupted (Ctrl-C)"
+            raise
+        finally:
+            watchdog.cancel()
+            out.wall_seconds = time.perf_counter() - t0
+            out.returncode = proc.returncode
+            # Whatever the child started in its group (compile workers, loader processes) goes too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if timed_out.is_set():
+        out.status, out.error = "timeout", f"killed at the hard timeout of {hard_timeout:.0f}s"
+        return out
+    if proc.returncode != 0:
+        err = last_error_line(lines)
+        if proc.returncode < 0:
+            name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals() else str(-proc.returncode)
+            hint = " (out of memory?)" if name == "SIGKILL" else ""
+            err = f"killed by {name}{hint}; last output: {err}"
+        out.status = "invalid" if err.startswith("INVALID:") else "crash"
+        out.error = err
+        return out
+    if not result_path.exists():
+        out.status = "crash"
+        out.error = "the train file exited without a result (engines.run.finish_run was not reached)"
+        return out
+    try:
+        out.result = json.loads(result_path.read_text())
+        out.result_mtime = result_path.stat().st_mtime
+    except (json.JSONDecodeError, OSError) as e:
+        out.status, out.error = "crash", f"the result JSON is unreadable ({e})"
+        return out
+    v = out.result.get("val_bpb")
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        out.status, out.error = "crash", f"val_bpb is {v} (the model diverged or produced non-finite logits)"
+    return out
+
+
+def finite(v: object) -> float | None:
+    """v as a float when it is a finite number, else None."""
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def overhead_split(o: RunOutcome) -> dict:
+    """Where one run's wall time went besides training. The train file's clock starts in train()
+    (after imports), so launch = process start -> train(), read off the result file's mtime
+    (written at the end of finish_run, total_seconds after train() began)."""
+    r = o.result or {}
+    total, training = finite(r.get("total_seconds")), finite(r.get("training_seconds")) or 0.0
+    warmup, evaluation = finite(r.get("warmup_seconds")) or 0.0, finite(r.get("eval_seconds")) or 0.0
+    launch = None
+    if total is not None and o.result_mtime is not None:
+        launch = max(0.0, o.result_mtime - total - o.launch_time)
+    setup = finite(r.get("startup_seconds"))
+    if setup is None and total is not None:
+        setup = max(0.0, total - training - warmup - evaluation)
+    startup = None if setup is None else setup + (launch or 0.0)
+    return {"launch_seconds": launch, "startup_seconds": startup, "warmup_seconds": warmup if r else None,
+            "eval_seconds": evaluation if r else None}
