@@ -109,7 +109,6 @@ def test_fixed_part_has_no_import_cycle() -> None:
     assert cycle is None, f"import cycle: {_describe(cycle, files)}"
 
 
-@pytest.mark.xfail(strict=False, reason="harness cycle arun/loop.py -> arun/noise.py -> arun/loop.py, being untangled")
 def test_project_has_no_import_cycle() -> None:
     graph, files = _graph()
     cycle = _find_cycle(graph)
