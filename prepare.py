@@ -14,9 +14,9 @@ import bisect
 import hashlib
 import json
 import os
+import runpy
 import pickle
 import queue
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +343,6 @@ def make_dataloader(batch_size: int, seq_len: int, split: str = "train", seed: i
 
 
 if __name__ == "__main__":
-    # The one import of the builder: arun_data imports this module, so only the CLI may import it back.
-    from arun_data.build import main
-    sys.exit(main())
+    # `python prepare.py ...` is the builder's command line, run as a program rather than imported:
+    # the builder depends on this module, never the other way round.
+    runpy.run_module("arun_data.build", run_name="__main__", alter_sys=True)

@@ -221,3 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"Ready: {path}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
