@@ -1,0 +1,104 @@
+"""
+Causality probe on an exported forward, run by the evaluator before it scores.
+
+The probe batch is the evaluation's first batch, at the evaluation's batch size (so an
+MLX artifact is probed on the very trace that scores it). For each cut c, a few rows of
+that batch get their tokens from c on replaced by the same positions of other real val
+rows (real text, not random tokens, so a model cannot key on implausible input). Then
+  - altered rows: logits before c must not move;
+  - all other rows: logits must not move at all (no information across rows).
+Differences are reduced on the device to (B, T) maxima; only those come to the host.
+
+Tolerance: PROBE_RTOL x (1 + max|logit|). An exported program recomputes a row with the
+same kernels at the same shapes, so an honest model moves by ~0 (exactly 0 on the CPU).
+A model that leaks the next token into logits under the tolerance gains at most about
+that many nats per token: 1e-4 x 16 ~ 0.0016 nats for softcapped logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+PROBE_RTOL = 1e-4
+FIXED_CUTS = 2      # the first and the last position are always cut
+RANDOM_CUTS = 3     # plus this many cut points drawn per artifact
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    max_diff: float
+    tolerance: float
+    cuts: list[int]
+    rows: list[int]          # positions in the batch that were altered
+    batch_size: int
+    reason: str = ""
+    per_cut: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe_cuts(seq_len: int, seed: int) -> list[int]:
+    """Cut 1 and T-1, plus RANDOM_CUTS positions drawn from the artifact's own hash."""
+    fixed = {1, seq_len - 1} if seq_len > 1 else set()
+    rng = np.random.default_rng(seed)
+    drawn = rng.integers(2, seq_len - 1, size=RANDOM_CUTS) if seq_len > 3 else []
+    return sorted(c for c in fixed | {int(c) for c in drawn} if 1 <= c < seq_len)
+
+
+def first_batch(rows: np.ndarray, batch_size: int) -> np.ndarray:
+    """Row indices of the evaluation's first batch, padded with row 0 as evaluate_bpb pads."""
+    real = min(batch_size, rows.shape[0])
+    return np.array(list(range(real)) + [0] * (batch_size - real))
+
+
+def _rowwise_max(a: Any) -> Any:
+    return a.amax(-1) if hasattr(a, "amax") else a.max(axis=-1)   # torch / mlx
+
+
+def probe_causality(engine: Any, logits_fn: Callable[[Any], Any], rows: np.ndarray, batch_size: int,
+                    vocab_size: int, seed: int = 0) -> ProbeResult:
+    """Raises ValueError when the logits are not (batch_size, T, vocab_size)."""
+    n, T = rows.shape[0], rows.shape[1] - 1
+    index = first_batch(rows, batch_size)
+    base = np.ascontiguousarray(rows[index, :-1]).astype(np.int32)
+    ref = logits_fn(engine.to_device(base))
+    if tuple(ref.shape) != (batch_size, T, vocab_size):
+        raise ValueError(f"the artifact returns logits {tuple(ref.shape)}, expected {(batch_size, T, vocab_size)} "
+                         f"(batch, tokens, vocab)")
+    scale = float(engine.to_numpy(_rowwise_max(abs(ref))).max())
+    tol = PROBE_RTOL * (1.0 + scale) if np.isfinite(scale) else 0.0
+    altered_rows = sorted({0, batch_size // 2, batch_size - 1})
+    cuts = probe_cuts(T, seed)
+    result = ProbeResult(True, 0.0, tol, cuts, altered_rows, batch_size)
+    if not np.isfinite(scale):
+        result.ok, result.max_diff, result.reason = False, float("nan"), "the artifact's logits are not finite"
+        return result
+    for k, cut in enumerate(cuts):
+        x = base.copy()
+        for j, p in enumerate(altered_rows):
+            donor = (batch_size + k * len(altered_rows) + j) % n
+            if donor == index[p]:
+                donor = (donor + 1) % n
+            x[p, cut:] = rows[donor, cut:-1]
+        out = logits_fn(engine.to_device(x))
+        d = engine.to_numpy(_rowwise_max(abs(out - ref))).astype(np.float64)   # (B, T)
+        del out
+        prefix = max(float(d[p, :cut].max()) for p in altered_rows)
+        others = [r for r in range(batch_size) if r not in altered_rows]
+        across = float(d[others].max()) if others else 0.0
+        worst = max(prefix, across)
+        result.per_cut.append(worst)
+        result.max_diff = max(result.max_diff, worst) if np.isfinite(worst) else float("nan")
+        if not (np.isfinite(worst) and worst <= tol):
+            result.ok = False
+            where = (f"logits before position {cut} changed by {prefix:.3g} when tokens from {cut} on changed"
+                     if not prefix <= tol else
+                     f"logits of unaltered rows changed by {across:.3g} when other rows changed")
+            result.reason = f"{where} (tolerance {tol:.3g}): the model looks ahead"
+            break
+    return result
