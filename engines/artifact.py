@@ -218,7 +218,8 @@ def _load_torch(data: bytes, device: str | None) -> tuple[Callable, dict]:
     except Exception as e:  # noqa: BLE001 - a malformed archive can raise anything; one line says what
         raise ArtifactError(f"not a loadable .pt2 ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
                             f"re-export the forward") from e
-    if device is not None:
+    weights = list(program.state_dict.values()) + list(program.constants.values())
+    if device is not None and any(w.device.type != torch.device(device).type for w in weights):
         from torch.export.passes import move_to_device_pass
         program = move_to_device_pass(program, device)
     module = program.module()

@@ -133,7 +133,7 @@ def score(backend: str, artifact: Path, data_dir: Path, device: str | None = Non
     engine.sync()
     seconds["probe"] = time.perf_counter() - t0
     verdict["causality"] = {"ok": probe.ok, "max_diff": probe.max_diff, "cuts": probe.cuts,
-                            "tolerance": probe.tolerance, "rows": probe.rows}
+                            "tolerance": probe.tolerance, "rows": len(probe.pairs), "forwards": probe.forwards}
     if not probe.ok:
         raise fail(f"INVALID: {probe.reason}")
 
