@@ -39,6 +39,15 @@ class ProbeResult:
     forwards: int = 0
     reason: str = ""
 
+    def within(self, moved: float, what: str, verdict: str) -> bool:
+        """Records one difference; False (and the reason) when it is over the tolerance or not finite."""
+        self.max_diff = max(self.max_diff, moved) if np.isfinite(moved) else float("nan")
+        if np.isfinite(moved) and moved <= self.tolerance:
+            return True
+        self.ok = False
+        self.reason = f"{what.format(f'{moved:.3g}')} (tolerance {self.tolerance:.3g}): {verdict}"
+        return False
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -95,19 +104,12 @@ def probe_causality(engine: Any, logits_fn: Callable[[Any], Any], rows: np.ndarr
         del out
         result.forwards += 1
         for cut, p in zip(group, where):
-            moved = float(d[p, :cut].max())
-            result.max_diff = max(result.max_diff, moved) if np.isfinite(moved) else float("nan")
-            if not (np.isfinite(moved) and moved <= result.tolerance):
-                result.ok = False
-                result.reason = (f"logits before position {cut} changed by {moved:.3g} when tokens from {cut} on "
-                                 f"changed (tolerance {result.tolerance:.3g}): the model looks ahead")
+            if not result.within(float(d[p, :cut].max()), f"logits before position {cut} changed by {{}} when "
+                                 f"tokens from {cut} on changed", "the model looks ahead"):
                 return result
         others = np.setdiff1d(np.arange(batch_size), where)
-        across = float(d[others].max()) if others.size else 0.0
-        result.max_diff = max(result.max_diff, across) if np.isfinite(across) else float("nan")
-        if not (np.isfinite(across) and across <= result.tolerance):
-            result.ok = False
-            result.reason = (f"logits of unaltered rows changed by {across:.3g} when other rows of the batch changed "
-                             f"(tolerance {result.tolerance:.3g}): the model reads across rows")
+        if not result.within(float(d[others].max()) if others.size else 0.0, "logits of unaltered rows changed by "
+                             "{} when other rows of the batch changed", "the model reads across rows"):
             return result
+    return result
     return result
