@@ -15,7 +15,12 @@ path hierarchies and single files: reads are granted on the system and Python
 locations, on each allowed file of the data folder (so val_rows.npy beside the train
 shards stays unreadable) and on each allowed top-level entry of the repo; writes on
 the run folder, the temp folder and FRAMEWORK_WRITABLE. Anything else fails with
-`PermissionError: [Errno 13] Permission denied: '<path>'`.
+`PermissionError: [Errno 13] Permission denied: '<path>'`. Two limits of an allow-list
+of hierarchies: Python's import system must list the repo folder (to find prepare.py
+and engines/), and a listing grant covers every folder beneath, so names under
+bench/, .arun/ and .git can be listed though never read; and files created after
+launch in a read-only place stay unreadable. On ABI >= 6 the process also may not
+signal processes outside its sandbox (the harness). The network is not restricted.
 We call the three Landlock syscalls through ctypes (about 60 lines below) rather than
 the PyPI `landlock` package: that package is an alpha pre-release (1.0.0.devN, which
 pip does not pick without --pre), it grants the same rights to files and folders (the
@@ -24,16 +29,18 @@ out), and it does not know signal scoping (ABI 6).
 
 macOS: Seatbelt via `sandbox-exec -p PROFILE`. Python and Metal need many system
 locations that are impractical to enumerate, so the profile allows reads by default,
-denies reading the contents of the hidden areas (the data cache, bench/, .arun/, .git)
-except the files the policy lists, and denies every write outside the writable folders.
+denies reading the contents of the hidden areas (the data cache, bench/, .arun/, .git,
+run.log) except the files the policy lists, and denies every write outside the
+writable folders (plus the per-user cache folder, where Metal keeps compiled shaders).
 
 What torch and MLX need: TMPDIR points at the private temp folder, which is where MLX's
 CPU backend writes its JIT kernels (<tmp>/mlx/<version>/cpu) and where gcc writes its
 scratch files; torch inductor, Triton and the CUDA JIT caches are pointed into it by
 FRAMEWORK_ENV. Python's own packages are read-only (a .pth dropped into site-packages
-would run inside the evaluator). /dev is open for device ioctls (GPU drivers) and
-/dev/shm for shared-memory tensors and semaphores. Add locations with
-ARUN_SANDBOX_EXTRA_READ and ARUN_SANDBOX_EXTRA_WRITE (colon-separated paths).
+would run inside the evaluator; .pyc files are then simply not written). /dev is open
+for device ioctls (GPU drivers) and /dev/shm for shared-memory tensors and semaphores.
+Add locations with ARUN_SANDBOX_EXTRA_READ and ARUN_SANDBOX_EXTRA_WRITE (colon-separated
+paths), read by the launcher when it applies the policy.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import os
 import platform
 import shutil
 import site
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -59,7 +67,7 @@ FRAMEWORK_WRITABLE = ["/dev/shm"]
 FRAMEWORK_ENV = {"TMPDIR": "", "TMP": "", "TEMP": "", "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
                  "TRITON_CACHE_DIR": "triton", "CUDA_CACHE_PATH": "nv"}
 # Top-level entries of the repo a train file never reads: ledgers, run folders, history.
-REPO_HIDDEN = {".git", "bench", ".arun"}
+REPO_HIDDEN = {".git", "bench", ".arun", "run.log"}
 # Files of a prepared data folder a train file needs; everything else (val and test rows) stays out.
 DATA_READABLE = ("tokenizer.pkl", "token_bytes.npy", "manifest.json", "train_*")
 
@@ -162,6 +170,14 @@ def python_paths() -> list[Path]:
     return [Path(p) for p in sorted(paths) if p]
 
 
+def _darwin_cache() -> list[Path]:
+    """macOS: the per-user cache folder, where Metal keeps compiled shaders (MLX on the GPU)."""
+    if platform.system() != "Darwin":
+        return []
+    out = subprocess.run(["getconf", "DARWIN_USER_CACHE_DIR"], capture_output=True, text=True)
+    return [Path(out.stdout.strip())] if out.returncode == 0 and out.stdout.strip() else []
+
+
 def _under(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
@@ -183,13 +199,13 @@ class Policy:
         return _existing([*self.read, *extra, *_env_paths("ARUN_SANDBOX_EXTRA_READ")])
 
     def writable(self) -> list[Path]:
-        extra = [Path(p) for p in FRAMEWORK_WRITABLE] if self.system else []
+        extra = [Path(p) for p in FRAMEWORK_WRITABLE] + _darwin_cache() if self.system else []
         temp = [self.temp] if self.temp else []
         return _existing([*self.write, *temp, *extra, *_env_paths("ARUN_SANDBOX_EXTRA_WRITE")])
 
     def check(self) -> None:
-        """Refuses a policy whose folder grants would make a hidden area readable."""
-        for granted in [p for p in self.readable() + self.writable() if p.is_dir()]:
+        """Refuses a policy whose grants would make a hidden area readable."""
+        for granted in self.readable() + self.writable():
             for hidden in self.hide:
                 if _under(hidden.resolve(), granted):
                     raise ValueError(f"sandbox: {hidden} would be readable through the grant on {granted}; "
@@ -209,8 +225,9 @@ def _existing(paths: list[Path]) -> list[Path]:
 
 
 def training_policy(repo: Path, data_dir: Path, run_dir: Path, temp: Path) -> Policy:
-    """A train process: reads the repo (not bench/, .arun/, .git) and the data folder's tokenizer,
-    token bytes, manifest and train shards; writes only its run folder and its temp folder."""
+    """A train process: reads the repo (not bench/, .arun/, .git, run.log) and the data folder's
+    tokenizer, token bytes, manifest and train shards; writes only its run folder and its temp
+    folder. The process needs ARUN_DATA_DIR set: the cache's current.json is not readable."""
     repo, data_dir = Path(repo).resolve(), Path(data_dir).resolve()
     read = [p for p in sorted(repo.iterdir()) if p.name not in REPO_HIDDEN]
     read += [p for pattern in DATA_READABLE for p in sorted(data_dir.glob(pattern)) if p.is_file()]
@@ -238,15 +255,20 @@ def landlock_rules(policy: Policy, abi: int) -> list[tuple[Path, int]]:
     return [(p, (rights if p.is_dir() else rights & FILE_RIGHTS) & handled) for p, rights in rules]
 
 
+def _make_writable_folders(policy: Policy) -> None:
+    """Missing write paths and the temp folder are created as folders: rules bind to what exists."""
+    for path in [policy.temp, *policy.write]:
+        if path is not None and not Path(path).exists():
+            Path(path).mkdir(parents=True)
+
+
 def restrict_self(policy: Policy) -> int:
     """Confines this process and every process it starts from now on. Returns the ABI used."""
     abi = landlock_abi()
     if abi <= 0:
         raise OSError(f"sandbox: {available()[1]}")
     policy.check()
-    for path in [policy.temp, *policy.write]:
-        if path is not None:
-            Path(path).mkdir(parents=True, exist_ok=True)  # rules bind to existing folders
+    _make_writable_folders(policy)
     libc = _libc()
     attr = _RulesetAttr(handled_rights(abi), 0, SCOPE_SIGNAL if abi >= 6 else 0)
     size = ctypes.sizeof(attr) if abi >= 6 else 8  # older kernels reject fields they do not know
@@ -281,8 +303,8 @@ def _sb_string(path: Path) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _sb_filters(paths: list[Path]) -> str:
-    return " ".join(f"({'subpath' if p.is_dir() else 'literal'} {_sb_string(p)})" for p in paths)
+def _sb_filters(paths: list[Path], subpath: bool = False) -> str:
+    return " ".join(f"({'subpath' if subpath or p.is_dir() else 'literal'} {_sb_string(p)})" for p in paths)
 
 
 def seatbelt_profile(policy: Policy) -> str:
@@ -291,7 +313,8 @@ def seatbelt_profile(policy: Policy) -> str:
     require-not filters, so the result does not depend on rule order."""
     writable = policy.writable() + ([Path("/dev")] if policy.system else [])
     reopened = policy.readable() + writable
-    hidden = _existing(policy.hide)
+    # Hidden areas may not exist yet (bench/ before the first record): they are denied all the same.
+    hidden = [Path(p).expanduser().resolve() for p in policy.hide]
     lines = [
         "(version 1)",
         "(allow default)",
@@ -301,7 +324,7 @@ def seatbelt_profile(policy: Policy) -> str:
     if hidden:
         # file-read-data is contents and listings; stat stays allowed, as under Landlock.
         lines += ["; reads: not the data cache, ledgers, other runs or git history, except what the policy lists",
-                  f"(deny file-read-data (require-all (require-any {_sb_filters(hidden)}) "
+                  f"(deny file-read-data (require-all (require-any {_sb_filters(hidden, subpath=True)}) "
                   f"(require-not (require-any {_sb_filters(reopened)}))))"]
     return "\n".join(lines) + "\n"
 
@@ -317,9 +340,7 @@ def confined_command(policy: Policy, cmd: list[str]) -> list[str]:
     if not ok:
         raise OSError(f"sandbox: {reason}")
     if platform.system() == "Darwin":
-        for path in [policy.temp, *policy.write]:
-            if path is not None:
-                Path(path).mkdir(parents=True, exist_ok=True)
+        _make_writable_folders(policy)
         env = [f"{k}={v}" for k, v in sandbox_env(policy).items()]
         return ["sandbox-exec", "-p", seatbelt_profile(policy), "/usr/bin/env", *env, *cmd]
     args = [sys.executable, "-I", os.path.abspath(__file__)]

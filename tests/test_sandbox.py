@@ -32,6 +32,7 @@ def project(tmp_path: Path) -> dict[str, Path]:
     (repo / "engines").mkdir()
     (repo / "engines" / "__init__.py").write_text("")
     (repo / "train_cuda.py").write_text("print('training')\n")
+    (repo / "run.log").write_text("val_bpb: 1.0\n")
     (repo / "bench" / "cpu-test").mkdir(parents=True)
     (repo / "bench" / "cpu-test" / "ledger.jsonl").write_text('{"val_bpb": 1.0}\n')
     other, run = repo / ".arun" / "runs" / "other", repo / ".arun" / "runs" / "me"
@@ -77,12 +78,13 @@ def test_allowed_files_read(project):
 
 
 @linux
-@pytest.mark.parametrize("target", ["val_rows", "test_rows", "raw_val", "other_weights", "ledger", "git"])
+@pytest.mark.parametrize("target", ["val_rows", "test_rows", "raw_val", "other_weights", "ledger", "git", "run_log"])
 def test_secret_reads_denied(project, target):
     repo, d = project["repo"], project["data"]
     path = {"val_rows": d / "val_rows.npy", "test_rows": d / "test_rows.npy",
             "raw_val": d.parent / "raw" / "val_shard.parquet", "other_weights": project["other"] / "weights0.npz",
-            "ledger": repo / "bench" / "cpu-test" / "ledger.jsonl", "git": repo / ".git" / "HEAD"}[target]
+            "ledger": repo / "bench" / "cpu-test" / "ledger.jsonl", "git": repo / ".git" / "HEAD",
+            "run_log": repo / "run.log"}[target]
     proc = confined(project, f"open({str(path)!r}, 'rb').read()")
     assert denied(proc, path), proc.stderr
 
@@ -165,10 +167,12 @@ def test_frameworks_work_confined(project):
     assert (project["temp"] / "mlx").is_dir() and (project["temp"] / "torchinductor").is_dir()
 
 
-def test_hidden_area_under_a_grant_is_refused(tmp_path):
+@pytest.mark.parametrize("grant", ["folder", "file"])
+def test_hidden_area_under_a_grant_is_refused(tmp_path, grant):
+    val = tmp_path / "val_rows.npy"
+    val.write_text("x")
     with pytest.raises(ValueError, match="val_rows.npy would be readable through"):
-        (tmp_path / "val_rows.npy").write_text("x")
-        Policy(read=[tmp_path], hide=[tmp_path / "val_rows.npy"], system=False).check()
+        Policy(read=[tmp_path if grant == "folder" else val], hide=[val], system=False).check()
 
 
 def test_rules_fit_the_abi(project):
@@ -199,7 +203,7 @@ def test_seatbelt_profile(project):
     assert profile.startswith("(version 1)\n(allow default)\n")
     reads, writes = _clause(profile, "file-read-data"), _clause(profile, "file-write*")
     hidden, reopened = reads.split("(require-not", 1)
-    for area in (repo / "bench", repo / ".arun", repo / ".git", d.parent):
+    for area in (repo / "bench", repo / ".arun", repo / ".git", repo / "run.log", d.parent):
         assert f'(subpath "{area}")' in hidden
     for secret in ("val_rows.npy", "test_rows.npy"):
         assert str(d / secret) not in profile
