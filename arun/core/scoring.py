@@ -23,7 +23,8 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
                    timeout: float = SCORE_TIMEOUT_FLOOR) -> dict:
     """Scores `artifact` on the fixed rows of `split`; returns the verdict (with `error` and no score
     when it could not be scored) and adds `wall_seconds`, the harness's view of the process."""
-    cmd = [sys.executable, "-P", "-m", "engines.score", "--backend", backend, "--artifact", str(artifact),
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
+    cmd = [sys.executable, *safe_path, "-m", "engines.score", "--backend", backend, "--artifact", str(artifact),
            "--data-dir", str(data_dir), "--out", str(out), "--split", split]
     if device:
         cmd += ["--device", device]
