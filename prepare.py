@@ -1,6 +1,6 @@
 """
 The fixed runtime data API that train files read: the time budget, the active data's
-constants, the prepared tokenizer, the fixed val rows and the training dataloader.
+constants, the prepared tokenizer, the fixed val and test rows and the training dataloader.
 The research agent never edits this file: everything that defines *what* is measured
 is fixed. Building the data (sources, tokenizer training, downloads) is arun_data's job:
 
@@ -38,7 +38,7 @@ BOS_TOKEN = SPECIAL_TOKENS[0]  # every document starts with it, so every packed 
 
 @dataclass(frozen=True)
 class Profile:
-    max_seq_len: int      # context length of training and of the fixed val rows
+    max_seq_len: int      # context length of training and of the fixed val and test rows
     eval_tokens: int      # tokens scored by the evaluator
     vocab_size: int       # BPE vocabulary including special tokens
     tokenizer_chars: int  # characters of training text the tokenizer learns from
@@ -187,7 +187,14 @@ class PreparedData:
             self.manifest: dict = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
             raise PrepareError(f"{manifest_path}: corrupt manifest ({e.msg}); rerun arun prepare with --force") from e
+        if "test_rows_sha256" not in self.manifest:
+            # Never scored without a held-out test split: the key of such data could not name one.
+            raise PrepareError(f"{self.dir}: prepared before test rows existed; rerun: {self.prepare_command()}")
         self.profile = Profile(**self.manifest["profile_values"])
+
+    def prepare_command(self) -> str:
+        """The command that rebuilds this folder."""
+        return f"arun prepare --dataset {self.manifest['dataset']} --profile {self.manifest['profile']} --force"
 
     @classmethod
     def open(cls, path: Path | str | None = None) -> "PreparedData":
@@ -204,7 +211,7 @@ class PreparedData:
     def verify_file(self, name: str, expected: str) -> Path:
         path = self.dir / name
         if not path.exists():
-            raise PrepareError(f"{path}: missing; rerun arun prepare --dataset {self.manifest['dataset']} --profile {self.manifest['profile']} --force")
+            raise PrepareError(f"{path}: missing; rerun {self.prepare_command()}")
         got = sha256_file(path)
         if got != expected:
             raise PrepareError(f"{path}: sha256 {got[:12]} does not match the manifest ({expected[:12]}); the cache was modified, rerun prepare with --force")
@@ -217,6 +224,7 @@ class PreparedData:
         self.verify_file("tokenizer.pkl", self.manifest["tokenizer_sha256"])
         self.token_bytes()
         self.val_rows()
+        self.test_rows()
 
     @staticmethod
     def _load_array(path: Path) -> np.ndarray:
@@ -226,13 +234,21 @@ class PreparedData:
             raise PrepareError(f"{path}: unreadable array ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                                f"rerun prepare with --force") from e
 
-    def val_rows(self) -> np.ndarray:
-        path = self.verify_file("val_rows.npy", self.manifest["val_rows_sha256"])
+    def _rows(self, split: str) -> np.ndarray:
+        path = self.verify_file(f"{split}_rows.npy", self.manifest[f"{split}_rows_sha256"])
         rows = self._load_array(path)
-        want = tuple(self.manifest["val_rows_shape"])
+        want = tuple(self.manifest[f"{split}_rows_shape"])
         if rows.shape != want or rows.dtype != np.int32:
-            raise PrepareError(f"{path}: val rows are {rows.dtype}{rows.shape}, manifest says int32{want}; rerun prepare with --force")
+            raise PrepareError(f"{path}: {split} rows are {rows.dtype}{rows.shape}, manifest says int32{want}; rerun prepare with --force")
         return rows
+
+    def val_rows(self) -> np.ndarray:
+        """The fixed validation rows the ratchet scores, verified against the manifest."""
+        return self._rows("val")
+
+    def test_rows(self) -> np.ndarray:
+        """The fixed test rows (held out from training and validation), verified against the manifest."""
+        return self._rows("test")
 
     def token_bytes(self) -> np.ndarray:
         path = self.verify_file("token_bytes.npy", self.manifest["token_bytes_sha256"])
@@ -257,7 +273,8 @@ class PreparedData:
         return {
             "dataset": m["dataset"], "profile": m["profile"],
             "dataset_fingerprint": m["dataset_fingerprint"], "tokenizer_sha256": m["tokenizer_sha256"],
-            "val_rows_sha256": m["val_rows_sha256"], "max_seq_len": m["max_seq_len"], "eval_tokens": m["eval_tokens"],
+            "val_rows_sha256": m["val_rows_sha256"], "test_rows_sha256": m["test_rows_sha256"],
+            "max_seq_len": m["max_seq_len"], "eval_tokens": m["eval_tokens"],
         }
 
 
@@ -300,7 +317,7 @@ def make_dataloader(batch_size: int, seq_len: int, split: str = "train", seed: i
     A background thread packs ahead so the trainer never waits on data.
     """
     if split != "train":
-        raise ValueError("the validation split is the fixed val rows: use PreparedData.val_rows()")
+        raise ValueError("the validation and test splits are fixed rows: use PreparedData.val_rows() / test_rows()")
     data = PreparedData.open(data_dir)
     epoch_box = [1]
     packer = BestFitPacker(_train_documents(data.train_shards(), seed, epoch_box), seq_len + 1, buffer_size)

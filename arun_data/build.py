@@ -1,6 +1,6 @@
 """
-The builder behind `arun prepare`: sources -> tokenizer -> train shards + fixed val rows
--> manifest, in a scratch folder renamed into place, then made the current data.
+The builder behind `arun prepare`: sources -> tokenizer -> train shards + fixed val and
+test rows -> manifest, in a scratch folder renamed into place, then made the current data.
 
     arun prepare --dataset pystdlib --profile small     # offline, works anywhere
     arun prepare --dataset climbmix --num-shards 10     # upstream's data
@@ -12,6 +12,7 @@ What it makes, under $ARUN_CACHE (default ~/.cache/arun), one folder per dataset
     train_XXXXX.bin     uint16 token stream of BOS-prefixed training documents
     train_XXXXX.idx.npy int64 document offsets into that stream
     val_rows.npy        int32 (rows, MAX_SEQ_LEN+1): the fixed validation rows
+    test_rows.npy       int32, same shape: the fixed test rows, from documents in neither train nor val
     manifest.json       fingerprints and sha256s that make results comparable
 """
 
@@ -35,7 +36,7 @@ from arun_data.sources import get_source
 from arun_data.tokenizer import token_byte_lengths, train_tokenizer
 from prepare import PROFILES, BestFitPacker, PrepareError, Profile, Tokenizer, cache_root, data_dir_for, sha256_file
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: test rows
 TRAIN_SHARD_TOKENS = 50_000_000  # tokens per training shard file
 
 
@@ -96,8 +97,17 @@ def _write_train_shards(out: Path, tok: Tokenizer, docs: Iterable[str], on_token
     return shards
 
 
-def pack_val_rows(tok: Tokenizer, docs: Iterable[str], profile: Profile) -> np.ndarray:
-    """The fixed validation rows: the val documents in order, best-fit packed, once."""
+def _too_small_fix(profile: Profile, hint: str) -> str:
+    """The advice that works: the source's own hint, else a smaller profile where one exists, else more data."""
+    if hint:
+        return hint
+    smaller = sorted((p.eval_tokens, name) for name, p in PROFILES.items() if p.eval_tokens < profile.eval_tokens)
+    return f"add data or use --profile {smaller[0][1]}" if smaller else "add data"
+
+
+def pack_rows(tok: Tokenizer, docs: Iterable[str], profile: Profile, split: str = "validation",
+              hint: str = "") -> np.ndarray:
+    """Fixed eval rows (validation or test): the split's documents in order, best-fit packed, once."""
     n_rows = max(1, profile.eval_tokens // profile.max_seq_len)
 
     def encoded() -> Iterator[np.ndarray]:
@@ -109,9 +119,14 @@ def pack_val_rows(tok: Tokenizer, docs: Iterable[str], profile: Profile) -> np.n
     rows = np.empty((n_rows, profile.max_seq_len + 1), dtype=np.int32)
     for r in range(n_rows):
         if not packer.fill(rows[r]):
-            raise PrepareError(f"validation split too small: {r} of {n_rows} rows of {profile.max_seq_len + 1} tokens "
-                               f"(the profile scores {profile.eval_tokens} tokens); add data or use a smaller --profile")
+            raise PrepareError(f"{split} split too small: {r} of {n_rows} rows of {profile.max_seq_len + 1} tokens "
+                               f"(the profile scores {profile.eval_tokens} tokens); {_too_small_fix(profile, hint)}")
     return rows
+
+
+def is_stale(manifest: dict) -> bool:
+    """True for a folder prepared before test rows existed."""
+    return manifest.get("version", 1) < MANIFEST_VERSION or "test_rows_sha256" not in manifest
 
 
 def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, workers: int = 8,
@@ -123,9 +138,11 @@ def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, 
     profile = PROFILES[profile_name]
     final = data_dir_for(dataset, profile_name)
     if (final / "manifest.json").exists() and not force:
-        log(f"Data: already prepared at {final}")
-        _make_current(final)
-        return final
+        if not is_stale(_read_manifest(final)):
+            log(f"Data: already prepared at {final}")
+            _make_current(final)
+            return final
+        log(f"Data: {final} was prepared before test rows existed; rebuilding it")
 
     source = get_source(dataset, num_shards=num_shards, workers=workers, txt_split=txt_split)
     log(f"Data: {source.describe}")
@@ -147,7 +164,7 @@ def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, 
         np.save(tmp / "token_bytes.npy", token_byte_lengths(enc))
         log(f"Tokenizer: vocab {enc.n_vocab} trained in {time.time() - t0:.1f}s")
 
-        train_hash, val_hash = _Hasher(), _Hasher()
+        train_hash, val_hash, test_hash = _Hasher(), _Hasher(), _Hasher()
         done = [0]
 
         def on_tokens(n: int) -> None:
@@ -157,12 +174,17 @@ def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, 
         shards = _write_train_shards(tmp, tok, train_hash.wrap(source.train_docs()), on_tokens)
         if not shards:
             raise PrepareError(f"{dataset}: no training documents; add data")
-        rows = pack_val_rows(tok, val_hash.wrap(source.val_docs()), profile)
+        rows = pack_rows(tok, val_hash.wrap(source.val_docs()), profile, "validation", source.small_hint)
         np.save(tmp / "val_rows.npy", rows)
+        test = pack_rows(tok, test_hash.wrap(source.test_docs()), profile, "test", source.small_hint)
+        np.save(tmp / "test_rows.npy", test)
         train_tokens = sum(s["num_tokens"] for s in shards)
-        log(f"Tokens: {train_tokens:,} train in {train_hash.docs:,} docs; val rows {rows.shape} from {val_hash.docs:,} docs")
+        log(f"Tokens: {train_tokens:,} train in {train_hash.docs:,} docs; val rows {rows.shape} from "
+            f"{val_hash.docs:,} docs; test rows {test.shape} from {test_hash.docs:,} docs")
 
-        fingerprint = hashlib.sha256(f"{source.name}|{train_hash.h.hexdigest()}|{val_hash.h.hexdigest()}".encode()).hexdigest()
+        # Any change to any split (which documents, their order, their text) changes the fingerprint.
+        digests = "|".join(h.h.hexdigest() for h in (train_hash, val_hash, test_hash))
+        fingerprint = hashlib.sha256(f"{source.name}|{digests}".encode()).hexdigest()
         manifest = {
             "version": MANIFEST_VERSION,
             "dataset": dataset if not dataset.startswith("files:") else source.name,
@@ -177,10 +199,13 @@ def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, 
             "token_bytes_sha256": sha256_file(tmp / "token_bytes.npy"),
             "val_rows_sha256": sha256_file(tmp / "val_rows.npy"),
             "val_rows_shape": list(rows.shape),
+            "test_rows_sha256": sha256_file(tmp / "test_rows.npy"),
+            "test_rows_shape": list(test.shape),
             "train_shards": shards,
             "train_tokens": train_tokens,
             "train_docs": train_hash.docs,
             "val_docs": val_hash.docs,
+            "test_docs": test_hash.docs,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -195,6 +220,13 @@ def prepare(dataset: str, profile_name: str = "small", *, num_shards: int = 10, 
     return final
 
 
+def _read_manifest(path: Path) -> dict:
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}  # unreadable counts as stale: rebuilt
+
+
 def _make_current(path: Path) -> None:
     current = cache_root() / "current.json"
     tmp = current.with_suffix(f".tmp-{os.getpid()}")
@@ -204,7 +236,7 @@ def _make_current(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python prepare.py ...`: the flags of `arun prepare`, without the progress bar."""
-    p = argparse.ArgumentParser(prog="prepare.py", description="Download data, train the tokenizer, pack the fixed validation rows.")
+    p = argparse.ArgumentParser(prog="prepare.py", description="Download data, train the tokenizer, pack the fixed validation and test rows.")
     p.add_argument("--dataset", default="pystdlib", help="climbmix | tinystories | pystdlib | files:PATH (a file, directory or glob)")
     p.add_argument("--profile", default="small", help="upstream | small | tiny")
     p.add_argument("--num-shards", type=int, default=10, help="climbmix training shards to download")

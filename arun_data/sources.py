@@ -1,9 +1,10 @@
 """
-Document sources for the builder: each dataset is a Source whose train_docs() and
-val_docs() yield the text of its documents, split the same way on every machine.
+Document sources for the builder: each dataset is a Source whose train_docs(), val_docs()
+and test_docs() yield the text of three disjoint sets of documents, split the same way on
+every machine.
 
-    climbmix      upstream's parquet shards from the Hugging Face hub, pinned val shard
-    tinystories   one parquet file from the hub; the first stories are validation
+    climbmix      upstream's parquet shards from the Hugging Face hub, pinned val and test shards
+    tinystories   one parquet file from the hub; the first stories are validation, the next test
     pystdlib      offline: the running Python's standard-library sources, split by path hash
     files:PATH    the user's .txt / .jsonl / .parquet documents, split by a stable hash
 """
@@ -28,27 +29,44 @@ from prepare import PrepareError, cache_root
 CLIMBMIX_REPO = "karpathy/climbmix-400b-shuffle"
 CLIMBMIX_MAX_SHARD = 6542                      # shard_06542.parquet is the last one
 CLIMBMIX_VAL_SHARD = CLIMBMIX_MAX_SHARD        # pinned validation shard, as upstream
+CLIMBMIX_TEST_SHARD = CLIMBMIX_VAL_SHARD - 1   # pinned test shard; training stops below it
 TINYSTORIES_REPO = "karpathy/tinystories-gpt4-clean"
 TINYSTORIES_FILE = "tinystories_gpt4_clean.parquet"
 TINYSTORIES_VAL_DOCS = 120_000                 # the first stories are validation, pinned
+TINYSTORIES_TEST_DOCS = 120_000                # the next block of stories is test; training starts after it
 DOWNLOAD_ATTEMPTS = 5                          # per file, with exponential backoff between tries
 DOWNLOAD_BACKOFF = 1.0                         # seconds before the second try
-VAL_EVERY = 8                  # hash-split datasets send 1 in VAL_EVERY documents to validation
+VAL_EVERY = 8                  # hash-split datasets send 1 in VAL_EVERY documents to validation,
+                               # and another, disjoint 1 in VAL_EVERY to test
 PYSTDLIB_DOC_CHARS = 1500      # pystdlib files are cut into documents of about this size
+# The standard library is small and splits by whole files, so one bucket's share is lumpy: in
+# Python 3.11 the test bucket holds 1.0M characters, 364 of the 512 rows --profile small needs.
+# Two buckets go to test there; the packer takes only the rows it needs from them.
+PYSTDLIB_TEST_BUCKETS = 2
 
 
 def _stable_bucket(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
 
 
+def hash_split(key: str, test_buckets: int = 1) -> str:
+    """'val', 'test' or 'train' for a document's stable key, in buckets of 1 in VAL_EVERY. Bucket 0 is
+    validation, as before the test split existed, so adding it moved documents only out of training."""
+    bucket = _stable_bucket(key) % VAL_EVERY
+    return "val" if bucket == 0 else "test" if bucket <= test_buckets else "train"
+
+
 @dataclass
 class Source:
-    """A dataset as two document streams; `describe` is the one line prepare logs and the manifest keeps."""
+    """A dataset as three disjoint document streams; `describe` is the one line prepare logs and the
+    manifest keeps; `small_hint` is the fix to suggest when a held-out split is too small to pack."""
 
     name: str
     describe: str
     train_docs: Callable[[], Iterator[str]]
     val_docs: Callable[[], Iterator[str]]
+    test_docs: Callable[[], Iterator[str]]
+    small_hint: str = ""
 
 
 def _parquet_texts(paths: Iterable[Path], start: int = 0, stop: int | None = None) -> Iterator[str]:
@@ -82,22 +100,33 @@ def _hub_files(repo: str, files: list[str], dest: Path, workers: int) -> list[Pa
         raise PrepareError(str(e)) from e
 
 
+def _climbmix_name(shard: int) -> str:
+    return f"shard_{shard:05d}.parquet"
+
+
+def climbmix_train_shards(num_shards: int) -> list[str]:
+    """The first num_shards shards, never the pinned test or val shard (they sit at the end)."""
+    return [_climbmix_name(i) for i in range(min(num_shards, CLIMBMIX_TEST_SHARD))]
+
+
 def climbmix_source(num_shards: int, workers: int) -> Source:
     raw = cache_root() / "raw" / "climbmix"
-    names = [f"shard_{i:05d}.parquet" for i in range(min(num_shards, CLIMBMIX_MAX_SHARD))]
-    val_name = f"shard_{CLIMBMIX_VAL_SHARD:05d}.parquet"
-    paths = _hub_files(CLIMBMIX_REPO, names + [val_name], raw, workers)
-    train, val = paths[:-1], paths[-1:]
-    return Source("climbmix", f"climbmix: {len(train)} train shards + pinned val shard {val_name}",
-                  lambda: _parquet_texts(train), lambda: _parquet_texts(val))
+    val_name, test_name = _climbmix_name(CLIMBMIX_VAL_SHARD), _climbmix_name(CLIMBMIX_TEST_SHARD)
+    paths = _hub_files(CLIMBMIX_REPO, climbmix_train_shards(num_shards) + [val_name, test_name], raw, workers)
+    train, val, test = paths[:-2], paths[-2:-1], paths[-1:]
+    return Source("climbmix", f"climbmix: {len(train)} train shards + pinned val shard {val_name} + pinned test shard {test_name}",
+                  lambda: _parquet_texts(train), lambda: _parquet_texts(val), lambda: _parquet_texts(test))
 
 
 def tinystories_source(workers: int) -> Source:
     raw = cache_root() / "raw" / "tinystories"
     (path,) = _hub_files(TINYSTORIES_REPO, [TINYSTORIES_FILE], raw, workers)
-    return Source("tinystories", f"tinystories: first {TINYSTORIES_VAL_DOCS} stories are validation",
-                  lambda: _parquet_texts([path], start=TINYSTORIES_VAL_DOCS),
-                  lambda: _parquet_texts([path], stop=TINYSTORIES_VAL_DOCS))
+    # The module constants are read when the streams run, not now, so a test can shrink the blocks.
+    return Source("tinystories", f"tinystories: first {TINYSTORIES_VAL_DOCS} stories are validation, "
+                                 f"the next {TINYSTORIES_TEST_DOCS} test",
+                  lambda: _parquet_texts([path], start=TINYSTORIES_VAL_DOCS + TINYSTORIES_TEST_DOCS),
+                  lambda: _parquet_texts([path], stop=TINYSTORIES_VAL_DOCS),
+                  lambda: _parquet_texts([path], start=TINYSTORIES_VAL_DOCS, stop=TINYSTORIES_VAL_DOCS + TINYSTORIES_TEST_DOCS))
 
 
 def _read_utf8(path: Path) -> str:
@@ -157,13 +186,17 @@ def files_source(spec: str, txt_split: str = "auto") -> Source:
         # One big text file is a corpus of paragraphs; many text files are one document each.
         txt_split = "blank" if sum(f.suffix == ".txt" for f in files) == 1 else "file"
     describe = f"files: {len(files)} files under {root} (.txt: {'split on blank lines' if txt_split == 'blank' else 'one document per file'})"
+    # A row holds at most one document's start, so few long .txt documents fill few rows, whatever their size.
+    hint = ("each .txt file is one document and a row starts at most one, so rerun with --txt-split blank "
+            "to split them on blank lines, or add files") if txt_split == "file" and any(f.suffix == ".txt" for f in files) else ""
 
-    def split(want_val: bool) -> Iterator[str]:
+    def split(want: str) -> Iterator[str]:
         for key, text in _file_documents(files, root, txt_split):
-            if (_stable_bucket(key) % VAL_EVERY == 0) == want_val:
+            if hash_split(key) == want:
                 yield text
 
-    return Source(f"files:{os.path.abspath(pattern)}", describe, lambda: split(False), lambda: split(True))
+    return Source(f"files:{os.path.abspath(pattern)}", describe,
+                  lambda: split("train"), lambda: split("val"), lambda: split("test"), hint)
 
 
 def _chunks(text: str, max_chars: int) -> Iterator[str]:
@@ -195,15 +228,15 @@ def pystdlib_files() -> tuple[Path, list[Path]]:
 def pystdlib_source() -> Source:
     root, files = pystdlib_files()
 
-    def split(want_val: bool) -> Iterator[str]:
+    def split(want: str) -> Iterator[str]:
+        # Split by file, before chunking: chunks of one file (and its near-copies of itself) stay together.
         for path in files:
-            rel = path.relative_to(root).as_posix()
-            if (_stable_bucket(rel) % VAL_EVERY == 0) == want_val:
+            if hash_split(path.relative_to(root).as_posix(), PYSTDLIB_TEST_BUCKETS) == want:
                 yield from _chunks(path.read_text(encoding="utf-8", errors="replace"), PYSTDLIB_DOC_CHARS)
 
     version = ".".join(map(str, sys.version_info[:3]))
     return Source("pystdlib", f"pystdlib: {len(files)} source files of Python {version} at {root}",
-                  lambda: split(False), lambda: split(True))
+                  lambda: split("train"), lambda: split("val"), lambda: split("test"))
 
 
 def get_source(dataset: str, num_shards: int = 10, workers: int = 8, txt_split: str = "auto") -> Source:

@@ -1,9 +1,11 @@
-"""prepare.py on real files: sources, tokenizer, packing, fixed val rows, manifest, bad input."""
+"""prepare.py on real files: sources, tokenizer, packing, fixed val and test rows, manifest, bad input."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import prepare
-from arun_data import build
+from arun_data import build, sources
 from prepare import BestFitPacker, PrepareError, PreparedData, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,61 @@ def test_val_rows_are_fixed_and_bos_aligned(tiny_data: Path, cache: Path) -> Non
     # a second, independent prepare of the same data gives byte-identical rows
     again = build.prepare("pystdlib", "tiny", log=lambda s: None)
     assert np.array_equal(PreparedData(again).val_rows(), rows)
-    assert PreparedData(again).manifest["val_rows_sha256"] == data.manifest["val_rows_sha256"]
+    assert np.array_equal(PreparedData(again).test_rows(), data.test_rows())
+    assert PreparedData(again).key() == data.key()
+
+
+def _row_pieces(rows: np.ndarray, bos: int) -> list[np.ndarray]:
+    """The document pieces of packed rows: each starts at a BOS."""
+    out = []
+    for row in rows:
+        starts = list(np.flatnonzero(row == bos)) + [len(row)]
+        out += [row[a:b] for a, b in zip(starts, starts[1:])]
+    return out
+
+
+def test_test_rows_are_held_out(tiny_data: Path) -> None:
+    data = PreparedData(tiny_data)
+    val, test = data.val_rows(), data.test_rows()
+    assert test.dtype == np.int32 and test.shape == val.shape == tuple(data.manifest["test_rows_shape"])
+    bos = Tokenizer.from_directory(tiny_data).bos_token_id
+    assert (test[:, 0] == bos).all()
+    assert not np.array_equal(test, val)
+    m = data.manifest
+    assert m["version"] == build.MANIFEST_VERSION and m["test_docs"] > 0
+    assert data.key()["test_rows_sha256"] == m["test_rows_sha256"] == prepare.sha256_file(tiny_data / "test_rows.npy")
+    data.verify()
+    # pystdlib splits by file; the stdlib itself has byte-identical chunks in different files, which are
+    # the only texts allowed in two splits
+    root, files = sources.pystdlib_files()
+    owners: dict[str, set[Path]] = {}
+    for f in files:
+        for chunk in sources._chunks(f.read_text(encoding="utf-8", errors="replace"), sources.PYSTDLIB_DOC_CHARS):
+            owners.setdefault(chunk, set()).add(f)
+    src = sources.pystdlib_source()
+    train, val_docs, test_docs = set(src.train_docs()), set(src.val_docs()), set(src.test_docs())
+    assert len(test_docs) > 100
+    assert all(len(owners[t]) > 1 for t in test_docs & (train | val_docs))
+
+
+def test_files_test_split_is_disjoint_by_document(tmp_path: Path, cache: Path) -> None:
+    words = _corpus_text(3000)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"id{i:05d} {w}"}) for i, w in enumerate(words)))
+    path = build.prepare(f"files:{tmp_path / 'd.jsonl'}", "tiny", log=lambda s: None)
+    data = PreparedData(path)
+    tok = Tokenizer.from_directory(path)
+
+    def ids(pieces: list) -> set[int]:
+        found = (re.match(r"id(\d{5}) ", tok.decode([int(t) for t in p[1:]])) for p in pieces)
+        return {int(f.group(1)) for f in found if f}
+
+    train = ids([tokens[offsets[i]:offsets[i + 1]] for tokens, offsets in data.train_shards() for i in range(len(offsets) - 1)])
+    val = ids(_row_pieces(data.val_rows(), tok.bos_token_id))
+    test = ids(_row_pieces(data.test_rows(), tok.bos_token_id))
+    assert len(train) == data.manifest["train_docs"] and len(test) > 50 and len(val) > 50
+    assert not test & val and not test & train and not val & train
+    # the val selection is the one from before the test split existed: 1 in VAL_EVERY by hash bucket 0
+    assert all(sources._stable_bucket(f"d.jsonl#{i}") % sources.VAL_EVERY == 0 for i in val)
 
 
 def test_packer_invariants() -> None:
@@ -133,8 +189,8 @@ def test_files_dataset_formats(fmt: str, tmp_path: Path, cache: Path) -> None:
         spec = str(src / "part*.jsonl")
     path = build.prepare(f"files:{spec}", "tiny", log=lambda s: None)
     m = PreparedData(path).manifest
-    assert m["train_docs"] > m["val_docs"] > 0
-    assert m["train_docs"] + m["val_docs"] == (len(docs) if fmt != "txt-dir" else len(docs))
+    assert m["train_docs"] > m["val_docs"] > 0 and m["test_docs"] > 0
+    assert m["train_docs"] + m["val_docs"] + m["test_docs"] == len(docs)
     assert json.loads((cache / "current.json").read_text())["data_dir"] == str(path)
 
 
@@ -155,7 +211,9 @@ def test_bad_input_one_line_errors(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
     _fails(f"files:{tmp_path / 'bad.jsonl'}", match="'text'")
     (tmp_path / "small.txt").write_text("\n\n".join(_corpus_text(30)))
-    _fails(f"files:{tmp_path / 'small.txt'}", match="validation split too small")
+    msg = _fails(f"files:{tmp_path / 'small.txt'}", match="validation split too small")
+    assert "add data" in msg and "--profile" not in msg  # tiny is already the smallest profile
+    assert "--profile tiny" in _fails(f"files:{tmp_path / 'small.txt'}", profile="small", match="too small")
     _fails("wikipedia", match="unknown dataset")
     _fails("pystdlib", profile="huge", match="unknown profile")
     (tmp_path / "trunc.parquet").write_bytes(b"PAR1" + b"\0" * 100)
@@ -164,20 +222,68 @@ def test_bad_input_one_line_errors(tmp_path: Path, cache: Path) -> None:
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in cache.glob("*")) if cache.exists() else True
 
 
+def test_too_small_splits_name_the_fix_that_works(tmp_path: Path, cache: Path) -> None:
+    # many .txt files are one document each, and a row starts at most one: few rows however long they are
+    books = tmp_path / "books"
+    books.mkdir()
+    for i in range(60):
+        (books / f"{i:03d}.txt").write_text("\n\n".join(_corpus_text(60, seed=i)))
+    msg = _fails(f"files:{books}", match="split too small")
+    assert "--txt-split blank" in msg and "--profile" not in msg
+    path = build.prepare(f"files:{books}", "tiny", txt_split="blank", log=lambda s: None)
+    assert PreparedData(path).test_rows().shape == PreparedData(path).val_rows().shape
+    # a test split too small on its own is named as such
+    lines = [json.dumps({"text": "" if sources.hash_split(f"d.jsonl#{i}") == "test" else t})
+             for i, t in enumerate(_corpus_text(3000))]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    _fails(f"files:{tmp_path / 'd.jsonl'}", match="test split too small: 0 of 128 rows")
+
+
+def test_data_without_test_rows_is_refused(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _corpus_text(3000)))
+    dataset = f"files:{tmp_path / 'd.jsonl'}"
+    path = build.prepare(dataset, "tiny", log=lambda s: None)
+    old = json.loads((path / "manifest.json").read_text())
+    old["version"] = 1
+    for k in ("test_rows_sha256", "test_rows_shape", "test_docs"):
+        del old[k]
+    (path / "manifest.json").write_text(json.dumps(old))
+    (path / "test_rows.npy").unlink()
+    want = f"{path}: prepared before test rows existed; rerun: arun prepare --dataset {dataset} --profile tiny --force"
+    monkeypatch.setenv("ARUN_DATA_DIR", str(path))
+    for opening in (lambda: PreparedData(path), PreparedData.open, Tokenizer.from_directory,
+                    lambda: next(prepare.make_dataloader(2, 64, prefetch=0))):
+        with pytest.raises(PrepareError) as e:
+            opening()
+        assert str(e.value) == want
+    # prepare itself does not reuse such a folder: it rebuilds it
+    again = build.prepare(dataset, "tiny", log=lambda s: None)
+    assert PreparedData(again).test_rows().shape == PreparedData(again).val_rows().shape
+
+
 def test_no_data_names_the_prepare_command(cache: Path) -> None:
     with pytest.raises(PrepareError, match="arun prepare --dataset pystdlib"):
         PreparedData.open()
 
 
-def test_corrupt_cache_is_detected(tiny_data: Path, tmp_path: Path) -> None:
-    import shutil
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_corrupt_cache_is_detected(split: str, tiny_data: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_data, copy)
-    rows = np.load(copy / "val_rows.npy")
+    rows = np.load(copy / f"{split}_rows.npy")
     rows[0, 1] += 1
-    np.save(copy / "val_rows.npy", rows)
+    np.save(copy / f"{split}_rows.npy", rows)
     with pytest.raises(PrepareError, match="does not match the manifest"):
-        PreparedData(copy).val_rows()
+        getattr(PreparedData(copy), f"{split}_rows")()
+    with pytest.raises(PrepareError, match=f"{split}_rows.npy"):
+        PreparedData(copy).verify()
+    # a manifest edited to match a reshaped array is caught by the shape check
+    np.save(copy / f"{split}_rows.npy", rows[:-1])
+    m = json.loads((copy / "manifest.json").read_text())
+    m[f"{split}_rows_sha256"] = prepare.sha256_file(copy / f"{split}_rows.npy")
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PrepareError, match="manifest says int32"):
+        PreparedData(copy).verify()
     (copy / "token_bytes.npy").unlink()
     with pytest.raises(PrepareError, match="missing"):
         PreparedData(copy).token_bytes()

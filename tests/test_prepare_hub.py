@@ -14,13 +14,38 @@ import pyarrow.parquet as pq
 import pytest
 
 from arun_data import build, sources
-from prepare import PrepareError, PreparedData
+from prepare import PrepareError, PreparedData, Tokenizer
 
 
 def _docs(n: int, seed: int) -> list[str]:
     rng = np.random.default_rng(seed)
     words = ["alpha", "beta", "gamma", "delta", "ünï", "文字", "story", "the", "and", "1234"]
     return [" ".join(rng.choice(words, size=rng.integers(20, 80))) for _ in range(n)]
+
+
+def _origins(path: Path, split: str, docs_by_origin: dict[str, list[str]]) -> set[str]:
+    """Which document sets the pieces of the split's rows (or, for 'train', the train documents)
+    come from, matched by bytes: a piece is a prefix of its document, cropped at most. Pieces under
+    16 tokens are skipped: a few random words may start documents of any set."""
+    data, tok = PreparedData(path), Tokenizer.from_directory(path)
+    if split == "train":
+        pieces = [t[o[i]:o[i + 1]] for t, o in data.train_shards() for i in range(len(o) - 1)]
+    else:
+        pieces = []
+        for row in getattr(data, f"{split}_rows")():
+            starts = list(np.flatnonzero(row == tok.bos_token_id)) + [len(row)]
+            pieces += [row[a:b] for a, b in zip(starts, starts[1:])]
+    by_start: dict[bytes, list[tuple[str, bytes]]] = {}  # an index on the first 8 bytes keeps this fast
+    for name, docs in docs_by_origin.items():
+        for d in docs:
+            by_start.setdefault(d.encode()[:8], []).append((name, d.encode()))
+    found = set()
+    for piece in (p for p in pieces if len(p) >= 16):
+        head = tok.enc.decode_bytes([int(t) for t in piece[1:]])
+        hits = {name for name, doc in by_start.get(head[:8], []) if doc.startswith(head)}
+        assert hits, f"a {split} piece matches no source document"
+        found |= hits
+    return found
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -33,7 +58,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     root = tmp_path / "hub"
     climb = root / "datasets" / sources.CLIMBMIX_REPO / "resolve" / "main"
     climb.mkdir(parents=True)
-    for i in [0, 1, sources.CLIMBMIX_VAL_SHARD]:
+    for i in [0, 1, sources.CLIMBMIX_TEST_SHARD, sources.CLIMBMIX_VAL_SHARD]:
         pq.write_table(pa.table({"text": _docs(1500, i)}), climb / f"shard_{i:05d}.parquet", row_group_size=400)
     stories = root / "datasets" / sources.TINYSTORIES_REPO / "resolve" / "main"
     stories.mkdir(parents=True)
@@ -47,13 +72,22 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.shutdown()
 
 
-def test_climbmix_downloads_shards_and_pins_val(hub: Path, tmp_path: Path) -> None:
+def test_climbmix_downloads_shards_and_pins_val_and_test(hub: Path, tmp_path: Path) -> None:
     path = build.prepare("climbmix", "tiny", num_shards=2, workers=3, log=lambda s: None)
     m = PreparedData(path).manifest
     raw = tmp_path / "cache" / "raw" / "climbmix"
-    assert sorted(p.name for p in raw.glob("*.parquet")) == ["shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"]
+    assert sorted(p.name for p in raw.glob("*.parquet")) == [
+        "shard_00000.parquet", "shard_00001.parquet", "shard_06541.parquet", "shard_06542.parquet"]
     assert not list(raw.glob("*.part"))
-    assert m["train_docs"] == 3000 and m["val_docs"] > 0
+    assert m["train_docs"] == 3000 and m["val_docs"] > 0 and m["test_docs"] > 0
+    shards = {name: _docs(1500, i) for name, i in
+              [("train", 0), ("train1", 1), ("test", sources.CLIMBMIX_TEST_SHARD), ("val", sources.CLIMBMIX_VAL_SHARD)]}
+    assert _origins(path, "test", shards) == {"test"}
+    assert _origins(path, "val", shards) == {"val"}
+    assert _origins(path, "train", shards) == {"train", "train1"}
+    # however many shards are asked for, training never reaches the pinned test and val shards
+    names = sources.climbmix_train_shards(10**6)
+    assert len(names) == sources.CLIMBMIX_TEST_SHARD and "shard_06541.parquet" not in names
     # the cache resumes: a rerun with --force re-tokenizes without re-downloading
     for p in hub.rglob("shard_*.parquet"):
         p.unlink()
@@ -63,11 +97,17 @@ def test_climbmix_downloads_shards_and_pins_val(hub: Path, tmp_path: Path) -> No
 
 def test_tinystories_split_is_pinned(hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sources, "TINYSTORIES_VAL_DOCS", 300)
+    monkeypatch.setattr(sources, "TINYSTORIES_TEST_DOCS", 400)
     stories = hub / "datasets" / sources.TINYSTORIES_REPO / "resolve" / "main" / sources.TINYSTORIES_FILE
-    pq.write_table(pa.table({"text": _docs(3000, 7)}), stories)
+    docs = _docs(3000, 7)
+    pq.write_table(pa.table({"text": docs}), stories)
     path = build.prepare("tinystories", "tiny", log=lambda s: None)
     m = PreparedData(path).manifest
-    assert (m["train_docs"], m["val_docs"]) == (2700, 300)
+    assert (m["train_docs"], m["val_docs"], m["test_docs"]) == (2300, 300, 400)
+    blocks = {"val": docs[:300], "test": docs[300:700], "train": docs[700:]}
+    assert _origins(path, "test", blocks) == {"test"}
+    assert _origins(path, "val", blocks) == {"val"}
+    assert _origins(path, "train", blocks) == {"train"}
 
 
 def test_truncated_shard_is_refused_and_nothing_is_left(hub: Path, tmp_path: Path) -> None:

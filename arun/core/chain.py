@@ -1,0 +1,147 @@
+"""
+Seals for ledger lines, so an edited, deleted, inserted or forged record is detected and named.
+
+Every line carries three fields besides the record itself:
+
+    prev    the `chain` value of the line before it ("" for the first line)
+    chain   sha256(prev + the record's canonical JSON): anyone can recompute it, so an edit,
+            a deletion or an insertion breaks the chain wherever the ledger is read
+    mac     HMAC-SHA256 of `chain` under this machine's secret key (kept outside the repo, which
+            confined train and agent processes cannot read); `mac_key` names the key. A writer
+            that recomputes the whole chain still cannot produce the mac.
+
+Lines from before sealing existed (no `chain`) are accepted only as a prefix of the file: an
+unsealed line after a sealed one is reported like any other forgery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+SEAL_FIELDS = ("prev", "chain", "mac", "mac_key")
+
+
+def key_path() -> Path:
+    """$ARUN_HOME/ledger.key, default ~/.config/arun/ledger.key: outside every repo."""
+    home = os.environ.get("ARUN_HOME")
+    base = Path(home).expanduser() if home else Path.home() / ".config" / "arun"
+    return base / "ledger.key"
+
+
+def machine_key() -> bytes:
+    """This machine's sealing key, made on first use (0600, written atomically so two aruns agree)."""
+    path = key_path()
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    try:
+        os.link(tmp, path)  # fails if another process made it first: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"arun-ledger-key:" + key).hexdigest()[:12]
+
+
+def _canonical(record: dict) -> bytes:
+    body = {k: v for k, v in record.items() if k not in SEAL_FIELDS}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def chain_of(prev: str, record: dict) -> str:
+    return hashlib.sha256(prev.encode() + b"\n" + _canonical(record)).hexdigest()
+
+
+def seal(record: dict, prev: str, key: bytes) -> dict:
+    """The record with its seal fields set, ready to be written after a line whose chain is `prev`."""
+    out = {k: v for k, v in record.items() if k not in SEAL_FIELDS}
+    # The JSON round trip first: what is sealed must be exactly what a reader will parse back.
+    out = json.loads(json.dumps(out, default=str))
+    chain = chain_of(prev, out)
+    out.update(prev=prev, chain=chain, mac=hmac.new(key, chain.encode(), hashlib.sha256).hexdigest(),
+               mac_key=key_id(key))
+    return out
+
+
+def tail_chain(record: dict | None, prev: str = "") -> str:
+    """The chain value that the next line must name as its prev (legacy lines get one computed)."""
+    if record is None:
+        return ""
+    return record.get("chain") or chain_of(prev, record)
+
+
+@dataclass
+class Problem:
+    line: int          # 1-based line number among the parsed records
+    record_id: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"line {self.line} (id {self.record_id}): {self.what}"
+
+
+@dataclass
+class Verdict:
+    problems: list[Problem]
+    bad: set[int]        # indexes of records that fail their seal: never believed
+    foreign: set[int]    # sealed under another machine's key: only their chain could be checked
+    legacy: set[int]     # written before sealing existed
+
+
+def check(records: list[dict], key: bytes | None) -> Verdict:
+    """Checks the seals of one ledger file's records, in file order. A record is trusted when its
+    own chain holds, its prev names the line before it, and its mac verifies under our key. A
+    record sealed under another key came from another machine (or claims to): it is shown, marked,
+    but a decision on this machine never rests on it."""
+    problems: list[Problem] = []
+    bad: set[int] = set()
+    foreign: set[int] = set()
+    legacy: set[int] = set()
+    ours = key_id(key) if key is not None else None
+    prev, sealed_seen = "", False
+    for i, rec in enumerate(records):
+        rid = str(rec.get("id", "?"))
+        if "chain" not in rec:
+            if sealed_seen:
+                problems.append(Problem(i + 1, rid, "unsealed line after sealed ones: not written by arun"))
+                bad.add(i)
+            else:
+                legacy.add(i)
+            prev = chain_of(prev, rec)
+            continue
+        sealed_seen = True
+        if rec.get("prev") != prev:
+            problems.append(Problem(i + 1, rid, "does not follow the line before it: a line was deleted, "
+                                                "inserted or moved here"))
+            bad.add(i)
+        if chain_of(str(rec.get("prev", "")), rec) != rec["chain"]:
+            problems.append(Problem(i + 1, rid, "edited after it was written (its content no longer matches its seal)"))
+            bad.add(i)
+        elif ours is not None and rec.get("mac_key") == ours:
+            want = hmac.new(key, str(rec["chain"]).encode(), hashlib.sha256).hexdigest()
+            if not hmac.compare_digest(want, str(rec.get("mac", ""))):
+                problems.append(Problem(i + 1, rid, "forged: its seal was not made with this machine's ledger key"))
+                bad.add(i)
+        elif not rec.get("mac_key") or not rec.get("mac"):
+            problems.append(Problem(i + 1, rid, "forged: sealed without a key"))
+            bad.add(i)
+        else:
+            foreign.add(i)
+        prev = rec["chain"]
+    return Verdict(problems, bad, foreign, legacy)

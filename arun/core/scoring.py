@@ -1,0 +1,52 @@
+"""
+The harness's side of the boundary: it hands an exported forward to the fixed evaluator process
+(`python -m engines.score`) and reads back the verdict. The number of record comes from here,
+never from the train process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from arun.core.process import child_env, last_error_line
+
+SCORE_TIMEOUT_FLOOR = 300.0  # a cold compile of the evaluator's graph on a slow machine
+
+
+def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, device: str | None = None,
+                   split: str = "val", expect_fixed_sha: str | None = None,
+                   timeout: float = SCORE_TIMEOUT_FLOOR) -> dict:
+    """Scores `artifact` on the fixed rows of `split`; returns the verdict (with `error` and no score
+    when it could not be scored) and adds `wall_seconds`, the harness's view of the process."""
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
+    cmd = [sys.executable, *safe_path, "-m", "engines.score", "--backend", backend, "--artifact", str(artifact),
+           "--data-dir", str(data_dir), "--out", str(out), "--split", split]
+    if device:
+        cmd += ["--device", device]
+    if expect_fixed_sha:
+        cmd += ["--expect-fixed-sha", expect_fixed_sha]
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    # The working directory is a fresh empty folder: nothing the agent left in the repo can shadow
+    # a module the evaluator imports (-P keeps the script's folder off sys.path as well).
+    with tempfile.TemporaryDirectory(prefix="arun-score-") as cwd:
+        try:
+            p = subprocess.run(cmd, cwd=cwd, env=child_env(data_dir, device), stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"the evaluator did not finish in {timeout:.0f}s", "wall_seconds": timeout}
+    wall = time.perf_counter() - t0
+    try:
+        verdict = json.loads(out.read_text())
+    except (OSError, json.JSONDecodeError):
+        tail = last_error_line(p.stderr.splitlines() + p.stdout.splitlines())
+        verdict = {"error": f"the evaluator failed (exit {p.returncode}): {tail}"}
+    if p.returncode != 0 and "error" not in verdict:
+        verdict["error"] = f"the evaluator exited {p.returncode}"
+    verdict["wall_seconds"] = wall
+    return verdict

@@ -1,0 +1,230 @@
+"""
+The model crosses the boundary as data. A train file's output that counts is its
+forward exported by the framework's own exporter, a pure function with its weights:
+
+    int32 token ids (B, T)  ->  logits (B, T, V)
+
+MLX: mx.export_function -> .mlxfn (a graph of MLX primitives and constant arrays).
+PyTorch: torch.export -> .pt2 (an ATen graph, weights stored as raw tensor bytes).
+
+Export traces the forward once per input shape, so whatever Python state the train
+file keeps is frozen into the graph at export time: the function the evaluator's
+causality probe sees is the function it scores.
+
+Which shapes an artifact accepts. T is fixed (the prepared data's sequence length).
+The batch size belongs to the evaluator: it picks one from BATCH_LADDER by memory and
+uses it for the probe and the evaluation alike, so the artifact must accept every size
+on the ladder.
+- torch: one graph with a dynamic batch Dim (1..max of the ladder).
+- MLX: one trace per ladder size (mx.exporter), weights stored once. shapeless=True
+  is no option: the GPT's reshapes and the attention slices are traced with constant
+  sizes, so a shapeless import fails ("Slice cannot infer output shapes") or, worse,
+  could silently compute with the traced sizes. Each trace is its own graph, so a
+  forward could behave differently per batch size; the evaluator therefore probes the
+  very trace it scores with.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+FORMAT = "arun-forward/1"
+BATCH_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+SUFFIX: dict[str, str] = {"mlx": ".mlxfn", "cuda": ".pt2"}
+CONTRACT_FILE = "arun_contract.json"   # inside a .pt2: extra/arun_contract.json; in .mlxfn: the metadata string
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be written, read or trusted; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedForward:
+    """An imported artifact: call it with a device int32 array (B, T), get logits (B, T, V)."""
+    fn: Callable[[Any], Any]
+    contract: dict
+    sha256: str
+    bytes: int
+    batch_sizes: tuple[int, ...] = field(default=())
+
+    def __call__(self, idx: Any) -> Any:
+        return self.fn(idx)
+
+
+def _contract(backend: str, seq_len: int, batch_sizes: Sequence[int]) -> dict:
+    return {"format": FORMAT, "backend": backend, "input": {"dtype": "int32", "shape": ["B", seq_len]},
+            "output": {"dtype": "float", "shape": ["B", seq_len, "V"]}, "seq_len": seq_len,
+            "batch_sizes": sorted(set(int(b) for b in batch_sizes))}
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def export_forward(backend: str, forward: Callable, model: Any, path: Path, *, seq_len: int,
+                   batch_sizes: Sequence[int] = BATCH_LADDER) -> dict:
+    """
+    Writes `forward` (token ids -> logits) with the weights it uses to `path`, by the framework's
+    exporter, and returns its metadata: sha256, bytes, seconds and the input shape contract.
+    `model` owns the weights (an mlx.nn.Module or torch.nn.Module; torch lifts its parameters
+    into the program's state dict). The file is written next to `path` and renamed into place.
+    """
+    if backend not in SUFFIX:
+        raise ArtifactError(f"unknown backend {backend!r}; choose one of: {', '.join(SUFFIX)}")
+    if seq_len < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ArtifactError(f"seq_len={seq_len}, batch_sizes={list(batch_sizes)}: need a positive length and batch sizes")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contract = _contract(backend, seq_len, batch_sizes)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # keeps the suffix torch.export.save checks for
+    t0 = time.perf_counter()
+    try:
+        if backend == "mlx":
+            _export_mlx(forward, model, tmp, contract)
+        else:
+            _export_torch(forward, model, tmp, contract)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    seconds = time.perf_counter() - t0
+    data = path.read_bytes()
+    return {"path": str(path), "sha256": _sha256(data), "bytes": len(data), "seconds": seconds, "contract": contract}
+
+
+def _export_mlx(forward: Callable, model: Any, path: Path, contract: dict) -> None:
+    import mlx.core as mx
+    if model is not None and hasattr(model, "parameters"):
+        mx.eval(model.parameters())  # constants are stored evaluated; no lazy graph of the init crosses over
+
+    def pure(idx):
+        return forward(idx)
+
+    try:
+        with mx.exporter(str(path), pure, metadata=json.dumps(contract)) as trace:
+            for b in contract["batch_sizes"]:
+                trace(mx.zeros((b, contract["seq_len"]), dtype=mx.int32))
+    except ValueError as e:
+        raise ArtifactError(f"mx.export_function cannot export this forward ({str(e).splitlines()[0]}); "
+                            f"keep the forward to plain MLX ops (no custom functions, streams or "
+                            f"mx.contiguous)") from e
+
+
+def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> None:
+    import torch
+    from torch.export import Dim
+
+    from engines.pt2check import check_pt2
+
+    class Forward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model                   # registers the weights: they become the program's state
+            object.__setattr__(self, "_fn", forward)  # the callable itself is traced, never stored
+
+        def forward(self, idx):
+            return self._fn(idx)
+
+    params = list(model.parameters()) if model is not None else []
+    device = params[0].device if params else torch.device("cpu")
+    # an example batch of 2: torch specializes sizes 0 and 1, so a batch of 1 would pin the Dim
+    example = torch.zeros((2, contract["seq_len"]), dtype=torch.int32, device=device)
+    batch = Dim("batch", min=1, max=max(contract["batch_sizes"]))
+    try:
+        with torch.no_grad():
+            program = torch.export.export(Forward(), (example,), dynamic_shapes={"idx": {0: batch}}, strict=False)
+    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says which op or guard
+        raise ArtifactError(f"torch.export cannot export this forward ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:200]}); keep it free of data-dependent Python "
+                            f"control flow and use SDPA attention") from e
+    torch.export.save(program, str(path), extra_files={CONTRACT_FILE: json.dumps(contract)})
+    check_pt2(path.read_bytes())  # the evaluator refuses what this refuses: say so now, in the train process
+
+
+def load_forward(backend: str, path: Path, device: str | None = None) -> LoadedForward:
+    """
+    Imports an artifact without running any code from it: the file is read once (its sha256 is
+    of exactly the bytes loaded), checked, and handed to the framework's importer. `device`:
+    torch 'cpu' or 'cuda' (the program is moved there); MLX 'cpu' or 'gpu' (None: MLX's default).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror or e}); did the run export its forward?") from e
+    if not data:
+        raise ArtifactError(f"{path}: empty artifact file; the run's export did not finish")
+    if backend == "mlx":
+        fn, contract = _load_mlx(data, device)
+    elif backend == "cuda":
+        fn, contract = _load_torch(data, device)
+    else:
+        raise ArtifactError(f"unknown backend {backend!r}; choose one of: {', '.join(SUFFIX)}")
+    if contract.get("format") != FORMAT or contract.get("backend") != backend:
+        raise ArtifactError(f"{path}: not an {FORMAT} artifact for the {backend} engine "
+                            f"(says format={contract.get('format')!r}, backend={contract.get('backend')!r})")
+    sizes = tuple(int(b) for b in contract.get("batch_sizes", ()))
+    return LoadedForward(fn, contract, _sha256(data), len(data), sizes)
+
+
+def _load_mlx(data: bytes, device: str | None) -> tuple[Callable, dict]:
+    # .mlxfn is a graph of MLX primitives and constant arrays, read by MLX's C++ importer:
+    # there is no Python in it to run. import_function takes a path, so the bytes we hashed are
+    # written to a private file first (the artifact on disk may change under us; this copy cannot).
+    import mlx.core as mx
+    if device is not None:
+        mx.set_default_device(mx.gpu if device in ("gpu", "cuda") else mx.cpu)
+    with tempfile.TemporaryDirectory(prefix="arun-artifact-") as tmp:
+        private = Path(tmp) / "forward.mlxfn"
+        private.write_bytes(data)
+        try:
+            imported, metadata = mx.import_function(str(private), return_metadata=True)
+        except (RuntimeError, ValueError) as e:
+            raise ArtifactError(f"not a readable .mlxfn ({str(e).splitlines()[0][:160]}); re-export the forward") from e
+    try:
+        contract = json.loads(metadata or "{}")
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"the .mlxfn metadata is not the contract JSON ({e.msg}); re-export with export_forward") from e
+
+    def fn(idx):
+        return imported(idx)[0]
+    return fn, contract
+
+
+def _load_torch(data: bytes, device: str | None) -> tuple[Callable, dict]:
+    # What torch.export.load (torch 2.13) would execute on load, and why check_pt2 runs first:
+    # load_pt2 unpickles tensor payloads marked use_pickle (torch.load(weights_only=False)), opaque
+    # constants (pickle.loads) and torchbind objects; the sample inputs go through torch.load with a
+    # fallback to weights_only=False; symbolic shape strings go through sympy.sympify, which calls
+    # eval(); and ExportedProgram.module() exec()s the program's guards_code and resolves node
+    # targets by getattr from `torch`, `math` or `operator` (so "torch.os.system" would be called).
+    # check_pt2 allows only raw tensor payloads, ATen ops, plain shape guards and plain symbol
+    # expressions, and makes sure the weights_only sample-input load succeeds (no fallback), so the
+    # remaining load path deserializes JSON and raw tensor bytes only.
+    import torch
+
+    from engines.pt2check import check_pt2
+
+    contract = check_pt2(data)
+    try:
+        program = torch.export.load(io.BytesIO(data))
+    except Exception as e:  # noqa: BLE001 - a malformed archive can raise anything; one line says what
+        raise ArtifactError(f"not a loadable .pt2 ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+                            f"re-export the forward") from e
+    weights = list(program.state_dict.values()) + list(program.constants.values())
+    if device is not None and any(w.device.type != torch.device(device).type for w in weights):
+        from torch.export.passes import move_to_device_pass
+        program = move_to_device_pass(program, device)
+    module = program.module()
+
+    def fn(idx):
+        with torch.no_grad():
+            return module(idx)
+    return fn, contract

@@ -1,0 +1,184 @@
+"""
+The evaluator process: the score of record, from an exported forward, in a process
+that runs fixed code only (prepare.py, engines/, numpy and the framework; never a
+train file).
+
+    python -m engines.score --backend mlx|cuda --artifact PATH --data-dir DIR --out verdict.json
+                            [--device cpu|cuda] [--split val] [--expect-fixed-sha SHA]
+
+It verifies the prepared data against its manifest, loads the artifact, probes its
+causality, scores the fixed val rows with engines.evaluator's arithmetic at a batch
+size it chooses, and writes a JSON verdict. Exit 0: scored. Exit 1: the verdict has
+an `error` (a causality failure, a broken artifact, bad data) and no val_bpb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("val",)
+# Bytes of fp32 logits one batch may take. The probe holds three batches of them at once
+# (reference, altered, difference), so a CUDA budget is a sixth of the free memory.
+LOGITS_BUDGET_CPU = 2**28
+LOGITS_BUDGET_GPU = 2**31
+
+
+class ScoreError(Exception):
+    """A one-line reason the artifact was not scored."""
+
+
+def logits_budget(backend: str, device: str) -> int:
+    if device == "cpu":
+        return LOGITS_BUDGET_CPU
+    if backend == "cuda":
+        import torch
+        free, _ = torch.cuda.mem_get_info()
+        return min(2**32, free // 6)
+    return LOGITS_BUDGET_GPU
+
+
+def choose_batch_size(accepted: tuple[int, ...], n_rows: int, seq_len: int, vocab_size: int, budget: int) -> int:
+    """The largest ladder size the artifact accepts whose logits fit the budget (and no more than the rows)."""
+    from engines.artifact import BATCH_LADDER
+    cap = min(n_rows, max(1, budget // (seq_len * vocab_size * 4)))
+    fits = [b for b in BATCH_LADDER if b in accepted and b <= cap]
+    if not fits:
+        raise ScoreError(f"the artifact accepts batch sizes {list(accepted)}, the evaluator needs one of "
+                         f"{[b for b in BATCH_LADDER if b <= cap]}; re-export with engines.artifact.export_forward")
+    return max(fits)
+
+
+def failed_to_run(e: Exception) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"the artifact failed to run ({type(e).__name__}: {first[:160]})"
+
+
+def _select_device(backend: str, device: str | None) -> str:
+    """Points the engine adapter at the device; returns its kind ('cpu', 'cuda' or 'gpu')."""
+    if backend == "cuda":
+        device = device or os.environ.get("ARUN_DEVICE") or "cuda"
+        os.environ["ARUN_DEVICE"] = device   # engines.cuda reads it; this process only
+        return device
+    import mlx.core as mx
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    return "cpu" if mx.default_device().type == mx.cpu else "gpu"
+
+
+def score(backend: str, artifact: Path, data_dir: Path, device: str | None = None, split: str = "val",
+          expect_fixed_sha: str | None = None) -> dict:
+    """The verdict of one artifact; raises ScoreError with the partial verdict in its args[1]."""
+    from engines import get_engine
+    from engines.artifact import ArtifactError, load_forward
+    from engines.evaluator import evaluate_bpb
+    from engines.fingerprint import fixed_code_sha256
+    from engines.probe import probe_causality
+    from prepare import PrepareError, PreparedData
+
+    verdict: dict = {"backend": backend, "split": split, "artifact": str(artifact)}
+
+    def fail(message: str) -> ScoreError:
+        return ScoreError(message.splitlines()[0] if message else "failed", verdict)
+
+    if split not in SPLITS:
+        raise fail(f"--split {split}: only {', '.join(SPLITS)} can be scored for now; use --split val")
+    verdict["fixed_code_sha256"] = fixed_code_sha256(REPO)
+    if expect_fixed_sha and verdict["fixed_code_sha256"] != expect_fixed_sha:
+        raise fail(f"the fixed code here hashes to {verdict['fixed_code_sha256'][:12]}, the key pins "
+                   f"{expect_fixed_sha[:12]}: restore the pinned prepare.py and engines/ before scoring")
+    try:
+        data = PreparedData(Path(data_dir))
+        data.verify()
+        rows, token_bytes = data.val_rows(), data.token_bytes()
+    except PrepareError as e:
+        raise fail(str(e))
+    verdict["data"] = data.key()
+    kind = _select_device(backend, device)
+    verdict["device"] = kind
+    engine = get_engine(backend)
+    ok, why = engine.available()
+    if not ok:
+        raise fail(why)
+
+    t0 = time.perf_counter()
+    try:
+        fn = load_forward(backend, artifact, kind if backend == "cuda" else None)
+    except ArtifactError as e:
+        raise fail(str(e))
+    except Exception as e:  # noqa: BLE001 - an importer meeting a hostile file may raise anything
+        raise fail(f"broken artifact ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}); "
+                   f"re-export the forward")
+    verdict["artifact_sha256"] = fn.sha256
+    verdict["artifact_bytes"] = fn.bytes
+    seconds = {"load": time.perf_counter() - t0}
+    verdict["seconds"] = seconds
+    seq_len, vocab = rows.shape[1] - 1, int(token_bytes.shape[0])
+    if fn.contract.get("seq_len") != seq_len:
+        raise fail(f"the artifact takes sequences of {fn.contract.get('seq_len')} tokens, the data's rows have "
+                   f"{seq_len}; export with seq_len={seq_len}")
+    batch = choose_batch_size(fn.batch_sizes, rows.shape[0], seq_len, vocab, logits_budget(backend, kind))
+    verdict["batch_size"] = batch
+
+    t0 = time.perf_counter()
+    try:
+        probe = probe_causality(engine, fn, rows, batch, vocab, seed=int(fn.sha256[:8], 16))
+    except Exception as e:  # noqa: BLE001 - a graph that fails at run time is a broken artifact
+        raise fail(failed_to_run(e))
+    engine.sync()
+    seconds["probe"] = time.perf_counter() - t0
+    verdict["causality"] = {"ok": probe.ok, "max_diff": probe.max_diff, "cuts": probe.cuts,
+                            "tolerance": probe.tolerance, "rows": len(probe.pairs), "forwards": probe.forwards}
+    if not probe.ok:
+        raise fail(f"INVALID: {probe.reason}")
+
+    try:
+        result = evaluate_bpb(engine, fn, batch, rows, token_bytes)
+    except Exception as e:  # noqa: BLE001 - as above
+        raise fail(failed_to_run(e))
+    seconds["eval"] = result.seconds
+    if not result.val_bpb == result.val_bpb:   # NaN
+        raise fail("the artifact's logits are not finite on the val rows")
+    verdict.update(val_bpb=result.val_bpb, nats=result.nats, bytes=result.bytes, tokens=result.tokens)
+    return verdict
+
+
+def write_verdict(path: Path, verdict: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(verdict, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engines.score", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", required=True, choices=["mlx", "cuda"])
+    ap.add_argument("--artifact", required=True, type=Path)
+    ap.add_argument("--data-dir", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--device", choices=["cpu", "cuda", "gpu"], default=None)
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--expect-fixed-sha", default=None)
+    args = ap.parse_args(argv)
+    try:
+        verdict = score(args.backend, args.artifact, args.data_dir, args.device, args.split, args.expect_fixed_sha)
+    except ScoreError as e:
+        verdict = dict(e.args[1]) if len(e.args) > 1 else {}
+        verdict["error"] = str(e.args[0])
+        write_verdict(args.out, verdict)
+        print(f"error: {verdict['error']}", file=sys.stderr)
+        return 1
+    write_verdict(args.out, verdict)
+    s = verdict["seconds"]
+    print(f"val_bpb {verdict['val_bpb']:.6f} | batch {verdict['batch_size']} | load {s['load']:.2f}s "
+          f"probe {s['probe']:.2f}s eval {s['eval']:.2f}s | causality max diff {verdict['causality']['max_diff']:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
