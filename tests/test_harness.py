@@ -351,7 +351,7 @@ def test_crashes_are_recorded_with_their_error_line(sequence: dict) -> None:
     assert bug["rec"]["status"] == "crash"
     assert bug["rec"]["error"] == "RuntimeError: boom: deliberate bug"
     assert fail["rec"]["status"] == "crash" and fail["rec"]["error"].startswith("FAIL: training loss")
-    assert invalid["rec"]["status"] == "invalid" and invalid["rec"]["error"].startswith("INVALID: logits before position")
+    assert invalid["rec"]["status"] == "invalid" and invalid["rec"]["error"].startswith("the evaluator refused the exported forward: logits before position")
     for s in (bug, fail, invalid):
         assert s["rec"]["val_bpb"] is None and s["rec"]["commit"] == keep["rec"]["commit"]
         assert s["after"] == keep["after"] and s["subjects"] == keep["subjects"]
