@@ -13,7 +13,8 @@ from rich.table import Table
 
 import prepare
 from arun_data import build
-from arun.core import gitops
+from arun.core import artifacts, gitops
+from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import all_records
@@ -70,6 +71,12 @@ def timeout_option(help: str = "hard kill of a training run (seconds)"):
     return click.option("--timeout", "hard_timeout", type=float, default=None, help=help)
 
 
+def allowance_option():
+    return click.option("--allowance", type=float, default=None,
+                        help="seconds a run may spend besides training: start-up, compilation, export "
+                             "(default: max(60, budget/5)); the rest of its wall time is charged as training")
+
+
 def seeds_option(help: str = "score every change over N seeds", default: int = 1):
     return click.option("--seeds", type=int, default=default, show_default=True, help=help)
 
@@ -102,6 +109,7 @@ experiment_options = options(
     budget_option(),
     device_option("torch engine device; cpu is explicit, never a fallback"),
     timeout_option("hard kill after this many seconds (default: budget + max(120, budget), 600 s at 300)"),
+    allowance_option(),
     seeds_option("score the change over N seeds"),
     confidence_option("with --seeds: keep only when better at this confidence (e.g. 0.95)"),
     click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
@@ -109,7 +117,8 @@ experiment_options = options(
 
 
 def run_one(backend: str | None, description: str, budget: float | None, device: str | None,
-            hard_timeout: float | None, seeds: int, confidence: float | None, wait: float) -> dict:
+            hard_timeout: float | None, seeds: int, confidence: float | None, wait: float,
+            allowance: float | None) -> dict:
     if backend is None:
         fail("no backend given; use arun --backend mlx or arun --backend cuda")
     decide_fn = None
@@ -121,6 +130,7 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
     try:
         return run_experiment(Path.cwd(), backend, description, budget=budget, seeds=seeds, device=device,
                               hard_timeout=hard_timeout, confidence=confidence, wait=wait, decide_fn=decide_fn,
+                              allowance=allowance,
                               log=say)
     except KeyboardInterrupt as e:
         if e.args:  # raised by run_experiment after it recorded the interrupted run
@@ -219,10 +229,24 @@ def log_cmd(tag: str | None) -> None:
 @cli.command("show")
 @click.argument("ident", metavar="ID")
 def show_cmd(ident: str) -> None:
-    """One experiment's record and its diff (an id from arun log; a unique prefix is enough)."""
+    """One experiment's record, its diff and, for one not kept, where its train file is saved
+    (an id from arun log; a unique prefix or suffix is enough)."""
     rec = find_record(tag_records(Path.cwd(), None), ident)
     for part in show_renderables(rec):
         console.print(part)
+    if rec.get("status") != "keep" and load_attempt(Path.cwd(), rec.get("train_sha256")) is not None:
+        console.print(f"its train file is saved: arun restore {rec['id']} writes it back to {rec.get('train_file')}")
+
+
+@cli.command("restore")
+@click.argument("ident", metavar="ID")
+@click.option("--force", is_flag=True, help="overwrite uncommitted edits of the train file")
+def restore_cmd(ident: str, force: bool) -> None:
+    """Write an experiment's train file back (a discarded, crashed or invalid attempt; no edit is lost)."""
+    rec = find_record(tag_records(Path.cwd(), None), ident)
+    target = restore_attempt(Path.cwd(), rec, force=force)
+    console.print(f"restored {target.name} as experiment {rec['id']} ran it ({rec.get('status')}); "
+                  f"run it with arun --backend {rec.get('backend')}")
 
 
 @cli.command("plot")
@@ -301,6 +325,9 @@ def doctor_cmd() -> None:
         console.print(f"data: {data.dir} ({data.manifest['describe']})")
     except Exception as e:
         console.print(f"data: {e}")
+    files, size = artifacts.disk_use(Path.cwd())
+    console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {artifacts.store_dir(Path.cwd())} "
+                  f"(each key's best and the last {artifacts.KEEP_RECENT} keeps)")
 
 
 @cli.command("swarm")
@@ -318,21 +345,22 @@ def doctor_cmd() -> None:
 @timeout_option()
 @click.option("--agent-timeout", type=float, default=None, help="seconds an agent gets per proposal (default as arun loop)")
 @near_miss_option()
+@allowance_option()
 @click.option("--max-crashes", type=int, default=3, show_default=True,
               help="drop a worker after K consecutive experiments without a score; 0: never")
 @click.option("--max-restarts", type=int, default=3, show_default=True, help="restarts of a dead worker before it is dropped")
 @click.option("--run", "run_name", default=None, help="run name: branches autoresearch/<run>-w<k> (default: swarm-<time>)")
 def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str, hours: float | None,
               iterations: int | None, budget: float | None, device: str | None, seeds: int, confidence: float | None,
-              hard_timeout: float | None, agent_timeout: float | None, near_miss: float | None, max_crashes: int,
-              max_restarts: int, run_name: str | None) -> None:
+              hard_timeout: float | None, agent_timeout: float | None, near_miss: float | None,
+              allowance: float | None, max_crashes: int, max_restarts: int, run_name: str | None) -> None:
     """Run the loop on every GPU of a Ray cluster: a worktree per worker, one ledger, adopt the best."""
     if iterations is not None and iterations < 1:
         fail(f"--iterations must be at least 1, got {iterations}")
     if hours is not None and hours <= 0:
         fail(f"--hours must be positive, got {hours}")
     loop_options = {k: v for k, v in {"seeds": seeds, "confidence": confidence, "hard_timeout": hard_timeout,
-                                      "near_miss": near_miss}.items() if v is not None}
+                                      "near_miss": near_miss, "allowance": allowance}.items() if v is not None}
     try:
         repo = Path(gitops.run_git(Path.cwd(), "rev-parse", "--show-toplevel"))
         opts = SwarmOptions(repo_dir=repo, backend=backend, agent=agent, workers=workers, run=run_name,
@@ -369,13 +397,15 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
 @click.option("--max-crashes", type=int, default=3, show_default=True,
               help="stop after K consecutive iterations without a score (crash, timeout, invalid); 0: never")
 @near_miss_option()
+@allowance_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
              confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
-             agent_timeout: float, max_crashes: int, near_miss: float | None) -> None:
+             agent_timeout: float, max_crashes: int, near_miss: float | None, allowance: float | None) -> None:
     """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
     result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
                       confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
-                      agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss, log=say)
+                      agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
+                      allowance=allowance, log=say)
     sys.exit({"interrupted": 130, "crashes": 3}.get(result.reason, 0))
 
 
@@ -385,10 +415,13 @@ def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | No
 @budget_option()
 @device_option()
 @timeout_option()
-def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None) -> None:
+@allowance_option()
+def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None,
+              allowance: float | None) -> None:
     """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""
     try:
-        measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout, log=say)
+        measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout,
+                      allowance=allowance, log=say)
     except KeyboardInterrupt:
         fail("interrupted: nothing was stored", code=130)
 

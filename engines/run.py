@@ -1,7 +1,8 @@
 """
-The fixed end of every training run: causality probe, evaluation, summary,
-result JSON and checkpoint. Train files call finish_run() once, after training,
-and nothing else, so the number they report is always produced by fixed code.
+The fixed end of every training run. Train files call finish_run() once, after
+training, and nothing else: it exports the trained forward (engines.artifact) for the
+harness's evaluator process, writes the training diagnostics and prints a training
+summary. The number of record never comes from this process.
 Also the small helpers a train loop shares: the seed, the step log, fail-fast.
 """
 
@@ -9,16 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 import prepare
-from engines.evaluator import EVALUATOR_VERSION, CausalityError, check_causality, evaluate_bpb
-from engines.report import finish
+from engines.artifact import SUFFIX, export_forward
+from engines.report import atomic_write_json, summary_text
 from engines.timer import TimeBudget
-from engines.weights import count_params, inference, model_config, save_checkpoint
+from engines.weights import count_params, model_config, save_checkpoint
 
 
 def env_seed(default: int) -> int:
@@ -65,43 +68,64 @@ def hyperparameters(constants: dict) -> dict:
             if k.isupper() and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
 
 
+def exportable(backend: str, model: Any, forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The function to export: torch.compile's wrapper is unwrapped (torch.export traces the module
+    itself), and a torch model is put in eval mode first, as any evaluation would."""
+    if backend == "cuda":
+        model.eval()
+        return getattr(forward, "_orig_mod", forward)
+    return forward
+
+
 def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget: TimeBudget, t_start: float,
                tokens_per_step: int, flops_per_token: float, eval_batch_size: int, seed: int, constants: dict,
                extra: dict | None = None) -> dict:
     """
-    The one call a train file makes after training. model: the trained model (its parameters
-    are the checkpoint; its `config` dataclass, when it has one, rebuilds it); forward: token ids
-    (B, T) -> logits (B, T, V), the model itself or a compiled version of it; constants: the
-    file's globals(), whose ALL_CAPS names are recorded. Probes causality, evaluates on the fixed
-    val rows, saves the checkpoint ($ARUN_CHECKPOINT), prints the summary, writes the result JSON.
+    The one call a train file makes after training. model: the trained model (it owns the
+    weights); forward: token ids (B, T) -> logits (B, T, V), the model itself or a compiled
+    version of it, exported as a pure function; constants: the file's globals(), whose ALL_CAPS
+    names are recorded. Under the harness ($ARUN_ARTIFACT) it exports the forward there and
+    writes the result JSON ($ARUN_RESULT_JSON): training diagnostics only, no val_bpb. Run by
+    hand, it exports to a temp file and scores it in this process with the evaluator's own code
+    (engines.score), so upstream's summary block with val_bpb is printed as before.
+    eval_batch_size is recorded only: the evaluator chooses its own batch size.
     """
     data = prepare.PreparedData.open()
-    rows, token_bytes = data.val_rows(), data.token_bytes()
-    logits_fn = inference(engine, model, forward)
-    t_eval = time.perf_counter()
-    try:
-        causality_diff = check_causality(engine, logits_fn, rows, eval_batch_size, data.manifest["vocab_size"],
-                                         seed=seed)
-    except CausalityError as e:
-        raise SystemExit(f"INVALID: {e}")
-    result_eval = evaluate_bpb(engine, logits_fn, eval_batch_size, rows, token_bytes)
-    eval_seconds = time.perf_counter() - t_eval
+    seq_len = int(data.manifest["max_seq_len"])
+    by_hand = not os.environ.get("ARUN_ARTIFACT")
+    with tempfile.TemporaryDirectory(prefix="arun-forward-") as tmp:
+        path = Path(os.environ.get("ARUN_ARTIFACT") or Path(tmp) / f"forward{SUFFIX[engine.name]}")
+        exported = export_forward(engine.name, exportable(engine.name, model, forward), model, path, seq_len=seq_len)
+        result = training_result(engine, model, budget, t_start, tokens_per_step, flops_per_token, seed, constants,
+                                 data, exported)
+        result["eval_batch_size"] = eval_batch_size
+        result.update(extra or {})
+        result = json.loads(json.dumps(result, default=float))
+        checkpoint = os.environ.get("ARUN_CHECKPOINT")  # opt-in, for tests that inspect the weights' layout
+        if checkpoint:
+            save_checkpoint(model, checkpoint)
+        if by_hand:
+            result.update(score_in_process(engine.name, path, data.dir))
+        else:
+            result["total_seconds"] = time.time() - t_start
+    print(summary_text(result, with_score=by_hand), flush=True)
+    if os.environ.get("ARUN_RESULT_JSON"):
+        atomic_write_json(os.environ["ARUN_RESULT_JSON"], result)
+    return result
 
-    checkpoint = os.environ.get("ARUN_CHECKPOINT")
-    if checkpoint:
-        save_checkpoint(model, checkpoint)
 
-    hw = engine.hardware()
+def training_result(engine: Any, model: Any, budget: TimeBudget, t_start: float, tokens_per_step: int,
+                    flops_per_token: float, seed: int, constants: dict, data: Any, exported: dict) -> dict:
+    """What the train process measured: the diagnostics of the record, never its score."""
     num_params = count_params(model)
     counted = budget.counted_steps
     train_tokens = budget.step * tokens_per_step
-    steady_mfu = mfu_percent(flops_per_token, counted * tokens_per_step, budget.training_seconds, engine.peak_flops())
     result = {
-        "val_bpb": result_eval.val_bpb,
         "training_seconds": budget.training_seconds,
         "total_seconds": time.time() - t_start,
         "peak_vram_mb": engine.peak_memory_mb(),
-        "mfu_percent": steady_mfu,
+        "mfu_percent": mfu_percent(flops_per_token, counted * tokens_per_step, budget.training_seconds,
+                                   engine.peak_flops()),
         "total_tokens_M": train_tokens / 1e6,
         "num_steps": budget.step,
         "num_params_M": num_params / 1e6,
@@ -109,16 +133,13 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
         # beyond upstream's block: what the harness records
         "status": "ok",
         "backend": engine.name,
-        "hardware": hw.to_dict(),
+        "hardware": engine.hardware().to_dict(),
         "time_budget": budget.seconds,
         "warmup_steps": budget.warmup_steps,
         "warmup_seconds": budget.warmup_seconds,
-        "eval_seconds": eval_seconds,
-        "eval_tokens": result_eval.tokens,
-        "eval_bytes": result_eval.bytes,
-        "eval_nats": result_eval.nats,
-        "evaluator_version": EVALUATOR_VERSION,
-        "causality_max_diff": causality_diff,
+        "export_seconds": exported["seconds"],
+        "artifact_sha256": exported["sha256"],
+        "artifact_bytes": exported["bytes"],
         "tokens_per_second": counted * tokens_per_step / budget.training_seconds if budget.training_seconds else None,
         "total_tokens": train_tokens,
         "num_params": num_params,
@@ -129,5 +150,15 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
     }
     if model_config(model):
         result["model_config"] = model_config(model)
-    result.update(extra or {})
-    return finish(json.loads(json.dumps(result, default=float)))
+    return result
+
+
+def score_in_process(backend: str, artifact: Path, data_dir: Path) -> dict:
+    """A run by hand scores its own export with the evaluator's function (the harness never uses this)."""
+    from engines.score import ScoreError, score
+    try:
+        verdict = score(backend, artifact, data_dir)
+    except ScoreError as e:
+        raise SystemExit(e.args[0] if str(e.args[0]).startswith("INVALID:") else f"FAIL: {e.args[0]}")
+    return {"val_bpb": verdict["val_bpb"], "eval_seconds": sum(verdict["seconds"].values()),
+            "causality_max_diff": verdict["causality"]["max_diff"]}

@@ -559,30 +559,30 @@ def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Pa
     assert_worktree_at(repo, recs[0]["commit"])
 
 
-# =========================================================================== an interrupt during the reproduction
+# =========================================================================== an interrupt during the scoring
 
-def test_sigterm_during_the_reproduction_records_an_interrupted_crash(tmp_path: Path, tiny_data: Path,
+def test_sigterm_during_the_scoring_records_an_interrupted_crash(tmp_path: Path, tiny_data: Path,
                                                                      tiny_cache: Path) -> None:
-    """SIGTERM while the harness re-evaluates a would-be keep: recorded as crash (interrupted), nothing
+    """SIGTERM while the evaluator process scores the run: recorded as crash (interrupted), nothing
     committed, the train file exactly as before the run, exit 130."""
     repo = tmp_path / "repo"
     head = make_project(repo)
     pre_run = (repo / TRAIN).read_bytes()
-    proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", "interrupted while reproduced"), cwd=repo,
+    proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", "interrupted while scored"), cwd=repo,
                             env=arun_env(tiny_data, tiny_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if line.startswith("arun: reproducing"):
+        if line.startswith("arun: scoring"):
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
     kill_under(repo, grace=5)
-    assert any(s.startswith("arun: reproducing") for s in seen), "".join(seen) + err
+    assert any(s.startswith("arun: scoring") for s in seen), "".join(seen) + err
     assert proc.returncode == 130, "".join(seen) + out + err
     [rec] = ledger_records(repo)
-    assert rec["status"] == "crash" and "while the harness reproduced" in rec["error"], rec["error"]
+    assert rec["status"] == "crash" and "while the harness scored" in rec["error"], rec["error"]
     assert (repo / TRAIN).read_bytes() == pre_run and rec["commit"] == head == git(repo, "rev-parse", "HEAD")
     assert git(repo, "diff", "--cached", "--name-only") == ""
-    report_faults("SIGTERM during the reproduction of a keep", 1, 0)
+    report_faults("SIGTERM during the scoring of a run", 1, 0)

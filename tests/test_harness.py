@@ -104,7 +104,7 @@ def train():
 
 
 def load_eval_model(config, weights):
-    """For the harness's re-evaluation (arun.core.verify): this file's model from saved weights."""
+    """Unused by the harness since the evaluator scores the exported forward; kept as a plain helper."""
     model = Bigram(weights["table.weight"].shape[0])
     model.table.weight = mx.array(weights["table.weight"])
     return model
@@ -170,7 +170,7 @@ def train():
 
 
 def load_eval_model(config, weights):
-    """For the harness's re-evaluation (arun.core.verify): this file's model from saved weights."""
+    """Unused by the harness since the evaluator scores the exported forward; kept as a plain helper."""
     table = torch.nn.Embedding(*weights["table.weight"].shape).to(ENGINE.device())
     with torch.no_grad():
         table.weight.copy_(torch.from_numpy(weights["table.weight"]))
@@ -351,7 +351,7 @@ def test_crashes_are_recorded_with_their_error_line(sequence: dict) -> None:
     assert bug["rec"]["status"] == "crash"
     assert bug["rec"]["error"] == "RuntimeError: boom: deliberate bug"
     assert fail["rec"]["status"] == "crash" and fail["rec"]["error"].startswith("FAIL: training loss")
-    assert invalid["rec"]["status"] == "invalid" and invalid["rec"]["error"].startswith("INVALID: logits before position")
+    assert invalid["rec"]["status"] == "invalid" and invalid["rec"]["error"].startswith("the evaluator refused the exported forward: logits before position")
     for s in (bug, fail, invalid):
         assert s["rec"]["val_bpb"] is None and s["rec"]["commit"] == keep["rec"]["commit"]
         assert s["after"] == keep["after"] and s["subjects"] == keep["subjects"]
@@ -603,8 +603,9 @@ def test_cli_runs_an_experiment_and_prints_upstreams_summary(data_env: Path, tmp
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("arun: train_mlx.py on mlx-cpu") and "baseline run" in lines[0]
-    assert lines[1].startswith("arun: reproducing the result")  # a keep is re-evaluated before it is committed
-    assert lines[2] == "---" and lines[3].startswith("val_bpb:") and "arun: KEEP" in lines[-1]
+    assert lines[1].startswith("arun: scoring the exported forward")  # every run is scored by the evaluator process
+    assert lines[2].startswith("arun: scoring the exported forward")  # (one per seed)
+    assert lines[3] == "---" and lines[4].startswith("val_bpb:") and "arun: KEEP" in lines[-1]
     rec = Ledger(next((repo / "bench").glob("*/ledger.jsonl"))).records()[-1]
     assert rec["seeds"] == [1, 2] and len(rec["val_bpb_seeds"]) == 2
     assert abs(rec["val_bpb"] - sum(rec["val_bpb_seeds"]) / 2) < 1e-12

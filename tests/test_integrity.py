@@ -1,14 +1,15 @@
 """
 The metric cannot be gamed: each known attack from SECURITY.md, carried out by a real train file.
 
-Unit level: the causality probe on honest and cheating models of both engines, the harness's
-re-evaluation (arun.core.verify) of a real run's weights, audit_timing and matches.
+Unit level: the causality probe on honest and cheating models of both engines, and the timing
+audit (arun.core.timing.audit_timing).
 CLI level: `arun --backend cuda --device cpu` in tmp git repos with a tiny train_cuda.py whose
 model or loop cheats. A cheat must never be kept, must be recorded `invalid` with a reason, and
 must leave the worktree at the best commit with every earlier record intact.
 
-The harness (arun/core/experiment.py) runs audit_timing on every result and re-evaluates every keep
-with `python -m arun.core.verify` before committing it; the CLI attacks below go through that path.
+The harness (arun/core/experiment.py) scores every run's exported forward in the evaluator process
+(python -m engines.score) and audits its timing; the CLI attacks below go through that path
+(tests/attacks/test_boundary.py has the attacks on the boundary itself).
 
 The two slow attacks (45 s past the budget, 1000 uncounted warm-up steps) start in the
 background when the module starts and are checked by the last tests, so they overlap the rest.
@@ -29,8 +30,12 @@ from helpers_repo import (REPO, arun_cmd, arun_env, assert_failure_recorded, inj
 
 
 def _load(path: Path):
-    from arun.core.verify import load_train_module
-    return load_train_module(path)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("integrity_train_module", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up while GPTConfig is built
+    spec.loader.exec_module(module)
+    return module
 
 
 def noncausal_train_text() -> str:
@@ -120,141 +125,61 @@ def test_causality_probe_mlx_passes_the_real_model_and_catches_cheats(val_rows: 
         check_causality(engine, model, val_rows, 8, 512)
 
 
-# =========================================================================== audit_timing and matches
+# =========================================================================== audit_timing
 
 HONEST = {"time_budget": 300.0, "warmup_steps": 10, "warmup_seconds": 25.0, "training_seconds": 300.3,
-          "startup_seconds": 12.0, "eval_seconds": 9.0}
+          "startup_seconds": 12.0, "export_seconds": 2.0}
+ALLOWANCE = 60.0   # max(60, budget/5) at 300 s
 
 
-def _audit(wall: float = 350.0, budget: float = 300.0, **changes: object) -> str | None:
-    from arun.core.verify import audit_timing
-    return audit_timing({**HONEST, **changes}, wall, budget)
+def _audit(wall: float = 350.0, budget: float = 300.0, allowance: float = ALLOWANCE, **changes: object) -> str | None:
+    from arun.core.timing import audit_timing
+    return audit_timing({**HONEST, **changes}, wall, budget, allowance)
 
 
 def test_audit_timing_passes_honest_runs() -> None:
     assert _audit() is None
-    assert _audit(wall=346.3 + 59.9) is None                  # just inside the slack (10% of budget + 30 s)
-    assert _audit(warmup_steps=20) is None                    # upstream uses 10; 20 is the limit
-    assert _audit(warmup_seconds=150.0, wall=500.0) is None   # max(budget/2, 120)
-    from arun.core.verify import audit_timing
-    assert audit_timing({}, 5.0, 1.0) is None                 # a run that reports nothing explains 31 s
-    assert audit_timing({"training_seconds": 1.02, "time_budget": 1.0, "warmup_steps": 1}, 12.0, 1.0) is None
+    assert _audit(wall=300 + 15 + 60 - 0.1) is None            # just inside budget + slack (15 s) + allowance
+    assert _audit(warmup_steps=20) is None                     # upstream uses 10; 20 is the limit
+    from arun.core.timing import audit_timing
+    assert audit_timing({}, 5.0, 1.0, 60.0) is None             # a run that reports nothing: 5 s < 1 + 2 + 60
+    assert audit_timing({"training_seconds": 1.02, "time_budget": 1.0, "warmup_steps": 1}, 12.0, 1.0, 60.0) is None
 
 
-@pytest.mark.parametrize("changes, wall, budget, reason", [
-    ({}, 346.3 + 60.5, 300.0, "unexplained"),                                     # trained past the budget, claimed 300 s
-    ({"training_seconds": 1.0, "time_budget": 1.0, "startup_seconds": 3.0, "eval_seconds": 0.5,
-      "warmup_seconds": 0.1}, 49.0, 1.0, "unexplained"),                          # the CLI attack below
-    ({"warmup_steps": 21}, 350.0, 300.0, "warm-up steps"),
-    ({"warmup_steps": 1000}, 350.0, 300.0, "warm-up steps"),
-    ({"warmup_seconds": 151.0}, 500.0, 300.0, "warm-up"),
-    ({"warmup_seconds": 121.0, "time_budget": 1.0}, 200.0, 1.0, "warm-up"),
-    ({"time_budget": 600.0}, 350.0, 300.0, "time budget"),                        # ran with another budget
-    ({"training_seconds": 480.5}, 520.0, 300.0, "training took"),
-    ({"training_seconds": "300"}, 1000.0, 300.0, "unexplained"),                  # strings are numbers too
+@pytest.mark.parametrize("changes, wall, budget, allowance, reason", [
+    ({}, 300.3 + 60 + 15.5, 300.0, ALLOWANCE, "charged"),                   # trained past the budget, claimed 300 s
+    ({"warmup_seconds": 200.0}, 520.0, 300.0, ALLOWANCE, "charged"),       # training booked as warm-up
+    ({"training_seconds": 1.0, "time_budget": 1.0}, 10.0, 1.0, 2.0, "charged"),   # a small --allowance
+    ({"warmup_steps": 21}, 350.0, 300.0, ALLOWANCE, "warm-up steps"),
+    ({"warmup_steps": 1000}, 350.0, 300.0, ALLOWANCE, "warm-up steps"),
+    ({"time_budget": 600.0}, 350.0, 300.0, ALLOWANCE, "time budget"),      # ran with another budget
+    ({"training_seconds": 480.5}, 520.0, 300.0, ALLOWANCE, "training took"),
+    ({"training_seconds": "300"}, 1000.0, 300.0, ALLOWANCE, "charged"),    # strings are numbers too
     # Numbers that would slip past every comparison (NaN > x is False) or crash the harness:
-    ({"eval_seconds": float("nan")}, 1000.0, 300.0, "finite"),
-    ({"training_seconds": float("nan")}, 1000.0, 300.0, "finite"),
-    ({"eval_seconds": float("inf")}, 1000.0, 300.0, "finite"),
-    ({"startup_seconds": -600.0}, 1000.0, 300.0, "negative"),
-    ({"warmup_steps": "1000"}, 350.0, 300.0, "warm-up steps"),
-    ({"warmup_steps": "many"}, 350.0, 300.0, "not a number"),
-    ({"warmup_seconds": [1]}, 350.0, 300.0, "not a number"),
+    ({"export_seconds": float("nan")}, 1000.0, 300.0, ALLOWANCE, "finite"),
+    ({"training_seconds": float("nan")}, 1000.0, 300.0, ALLOWANCE, "finite"),
+    ({"warmup_seconds": float("inf")}, 1000.0, 300.0, ALLOWANCE, "finite"),
+    ({"startup_seconds": -600.0}, 1000.0, 300.0, ALLOWANCE, "negative"),
+    ({"warmup_steps": "1000"}, 350.0, 300.0, ALLOWANCE, "warm-up steps"),
+    ({"warmup_steps": "many"}, 350.0, 300.0, ALLOWANCE, "not a number"),
+    ({"warmup_seconds": [1]}, 350.0, 300.0, ALLOWANCE, "not a number"),
 ])
-def test_audit_timing_flags_each_overrun(changes: dict, wall: float, budget: float, reason: str) -> None:
-    got = _audit(wall=wall, budget=budget, **changes)
+def test_audit_timing_flags_each_overrun(changes: dict, wall: float, budget: float, allowance: float,
+                                         reason: str) -> None:
+    got = _audit(wall=wall, budget=budget, allowance=allowance, **changes)
     assert got is not None and reason in got, got
     assert "\n" not in got
 
 
-def test_audit_timing_does_not_trust_claimed_startup_or_eval_time() -> None:
-    """The wall time is the only thing the harness sees from outside; the start-up and evaluation
-    seconds are the train file's own account. Claiming minutes of either must not hide minutes of
-    extra training: start-up is capped like warm-up, and evaluation by the harness's own
-    re-evaluation of the same weights when it has one."""
-    assert _audit(startup_seconds=151.0, wall=500.0) is not None
-    from arun.core.verify import audit_timing
-    hidden = {**HONEST, "eval_seconds": 150.0}
-    assert audit_timing(hidden, 500.0, 300.0) is None                 # plausible on its own (a slow GPU)...
-    got = audit_timing(hidden, 500.0, 300.0, reference={"eval_seconds": 9.0})
-    assert got is not None and "evaluation" in got                    # ...not when fixed code took 9 s
-    assert audit_timing(HONEST, 350.0, 300.0, reference={"eval_seconds": 14.0}) is None
+def test_audit_timing_does_not_trust_claimed_startup_warmup_or_export_time() -> None:
+    """The wall time is the only thing the harness sees from outside: whatever the run books as
+    start-up, warm-up or export, at most the allowance of it is not charged as training."""
+    for name in ("startup_seconds", "warmup_seconds", "export_seconds"):
+        assert _audit(wall=500.0, **{name: 190.0}) is not None
+    from arun.core.timing import charged_seconds, default_allowance
+    assert default_allowance(300.0) == 60.0 and default_allowance(1000.0) == 200.0 and default_allowance(5, 1) == 1.0
+    assert charged_seconds({"training_seconds": 300.0}, 500.0, 60.0) == 440.0
 
-
-def test_matches_tolerance() -> None:
-    from arun.core.verify import REL_TOLERANCE, matches
-    assert matches(1.0, 1.0) and matches(1.0, 1.0 + 0.9 * REL_TOLERANCE) and matches(1.0019, 1.0)
-    assert not matches(1.0, 1.0 + 2.1 * REL_TOLERANCE)
-    assert not matches(0.1, 2.8)                    # a printed fake
-    assert not matches(2.8, float("nan")) and not matches(2.8, float("inf"))
-    assert not matches(float("nan"), 2.8)
-
-
-# =========================================================================== the harness's re-evaluation
-
-@pytest.fixture(scope="module")
-def honest_run(tiny_data: Path, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The real tiny train_cuda.py run directly (no harness) for 1 s: result JSON + checkpoint."""
-    d = tmp_path_factory.mktemp("honest")
-    (d / "train_cuda.py").write_text(tiny_train_text())
-    env = arun_env(tiny_data, tiny_cache, ARUN_DEVICE="cpu", ARUN_TIME_BUDGET="1", ARUN_RESULT_JSON=str(d / "r.json"),
-                   ARUN_CHECKPOINT=str(d / "w.npz"), PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "train_cuda.py"], cwd=d, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return {"dir": d, "result": json.loads((d / "r.json").read_text()), "checkpoint": d / "w.npz", "env": env}
-
-
-def test_reevaluation_reproduces_an_honest_run(honest_run: dict) -> None:
-    """`python -m arun.core.verify`, a fresh process running fixed code, gets the run's own number."""
-    d, out = honest_run["dir"], honest_run["dir"] / "verdict.json"
-    p = subprocess.run([sys.executable, "-m", "arun.core.verify", "--backend", "cuda", "--repo", str(d),
-                        "--checkpoint", str(honest_run["checkpoint"]), "--out", str(out)],
-                       cwd=d, env=honest_run["env"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    verdict = json.loads(out.read_text())
-    from arun.core.verify import matches
-    claimed = honest_run["result"]["val_bpb"]
-    assert "val_bpb" in verdict, verdict
-    assert matches(claimed, verdict["val_bpb"]), (claimed, verdict)
-    assert not matches(0.1, verdict["val_bpb"])  # a printed 0.1 next to these weights is caught
-
-
-def test_reevaluation_catches_a_model_that_looks_ahead(honest_run: dict, tmp_path: Path, data_env: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same weights under a train file whose attention has no causal mask: the harness's own
-    probe says invalid, whatever the train process printed."""
-    monkeypatch.setenv("ARUN_DEVICE", "cpu")
-    (tmp_path / "train_cuda.py").write_text(noncausal_train_text())
-    from arun.core.verify import reevaluate
-    verdict = reevaluate("cuda", tmp_path, honest_run["checkpoint"], 32)
-    assert "looks ahead" in verdict.get("invalid", ""), verdict
-
-
-def test_reevaluation_reports_missing_or_foreign_weights(honest_run: dict, tmp_path: Path, data_env: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from arun.core import verify
-    monkeypatch.setenv("ARUN_DEVICE", "cpu")
-    (tmp_path / "train_cuda.py").write_text(tiny_train_text())
-
-    def verdict(checkpoint: Path) -> dict:
-        out = tmp_path / "v.json"
-        monkeypatch.setattr(sys, "argv", ["arun.core.verify", "--backend", "cuda", "--repo", str(tmp_path),
-                                          "--checkpoint", str(checkpoint), "--out", str(out)])
-        verify.main()
-        return json.loads(out.read_text())
-
-    missing = verdict(tmp_path / "nothing.npz")
-    assert "val_bpb" not in missing and "No such file" in missing["error"]
-    with np.load(honest_run["checkpoint"]) as npz:
-        weights = {k: npz[k] for k in npz.files}
-    weights.pop("lm_head.weight")  # another model's checkpoint: a parameter is missing
-    np.savez(tmp_path / "other.npz", **weights)
-    (tmp_path / "other.json").write_text(honest_run["checkpoint"].with_suffix(".json").read_text())
-    other = verdict(tmp_path / "other.npz")
-    assert "val_bpb" not in other and "lm_head.weight" in other["error"]
-
-
-# =========================================================================== attacks through the CLI
 
 def _cli_attack(root: Path, tiny_data: Path, tiny_cache: Path, train_text: str, *args: str,
                 overrides: dict | None = None) -> tuple[Path, subprocess.CompletedProcess]:
@@ -275,13 +200,13 @@ def test_noncausal_model_is_recorded_invalid(tmp_path: Path, tiny_data: Path, ti
     assert rec["val_bpb"] is None and proc.returncode == 2
 
 
-def test_probe_disabled_in_the_train_process_is_caught_by_the_reevaluation(tmp_path: Path, tiny_data: Path,
-                                                                          tiny_cache: Path) -> None:
-    """No causal mask, and the in-process probe patched out: only the harness's own re-evaluation,
-    in a process the train file never runs in, can see it."""
+def test_probe_disabled_in_the_train_process_is_caught_by_the_evaluator(tmp_path: Path, tiny_data: Path,
+                                                                       tiny_cache: Path) -> None:
+    """No causal mask, and the probe patched out in the train process: the evaluator process, which
+    never runs the train file, probes the exported forward itself."""
     text = noncausal_train_text()
-    text = inject(text, "from engines.run import", "import engines.run as _engines_run\n"
-                  "_engines_run.check_causality = lambda *args, **kwargs: 0.0  # cheat: skip the probe")
+    text = inject(text, "from engines.run import", "import engines.probe as _probe\n"
+                  "_probe.probe_causality = lambda *args, **kwargs: None  # cheat: skip the probe")
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
     assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")
 
@@ -299,7 +224,7 @@ if __name__ == "__main__":
     budget = float(os.environ["ARUN_TIME_BUDGET"])
     result = {"val_bpb": 0.1, "training_seconds": budget, "total_seconds": budget + 1.0, "time_budget": budget,
               "warmup_steps": 1, "warmup_seconds": 0.05, "startup_seconds": 0.5, "eval_seconds": 0.4,
-              "num_steps": 50, "status": "ok", "evaluator_version": 1, "causality_max_diff": 0.0}
+              "num_steps": 50, "status": "ok", "causality_max_diff": 0.0}
     print("---")
     print("val_bpb:          0.100000")
     print(f"training_seconds: {budget:.1f}")
@@ -312,7 +237,8 @@ def test_fake_result_json_is_never_kept(tmp_path: Path, tiny_data: Path, tiny_ca
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, FAKE_RESULT)
     recs = ledger_records(repo)
     assert all(r["status"] != "keep" for r in recs), [(r["status"], r.get("val_bpb")) for r in recs]
-    assert_failure_recorded(repo, proc, [], "invalid", r"reproduc|re-?evaluat|verif|weights|checkpoint")
+    rec = assert_failure_recorded(repo, proc, [], "crash", r"export")
+    assert rec["claimed_val_bpb"] == 0.1 and rec["val_bpb"] is None
 
 
 # --------------------------------------------------------------------------- slow attacks, in the background
@@ -328,11 +254,11 @@ def _over_budget_text() -> str:
 
 
 BACKGROUND = {
-    # test name: (train text, constants overrides)
-    "test_training_past_the_budget_is_invalid": (_over_budget_text, None),
+    # test name: (train text, constants overrides, arun options)
+    "test_training_past_the_budget_is_invalid": (_over_budget_text, None, ("--allowance", "10")),
     # 1000 steps "not counted": minimal steps so the attack costs ~30 s of one core.
     "test_uncounted_warmup_steps_are_invalid": (tiny_train_text, {"WARMUP_STEPS": 1000, "DEVICE_BATCH_SIZE": 1,
-                                                                  "TOTAL_BATCH_SIZE": 64}),
+                                                                  "TOTAL_BATCH_SIZE": 64}, ()),
 }
 
 
@@ -343,7 +269,7 @@ def background(request: pytest.FixtureRequest, tiny_data: Path, tiny_cache: Path
     selected = {item.name for item in request.session.items if item.module is request.module}
     runs: dict[str, dict] = {}
     root = tmp_path_factory.mktemp("background")
-    for name, (text_fn, overrides) in BACKGROUND.items():
+    for name, (text_fn, overrides, options) in BACKGROUND.items():
         if name not in selected:
             continue
         repo = root / name / "repo"
@@ -351,7 +277,7 @@ def background(request: pytest.FixtureRequest, tiny_data: Path, tiny_cache: Path
         from arun.core.trainfile import rewrite_constants
         (repo / "train_cuda.py").write_text(rewrite_constants(text_fn(), overrides or {}))
         out, err = open(repo.parent / "stdout", "w"), open(repo.parent / "stderr", "w")
-        proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", name), cwd=repo, env=arun_env(tiny_data, tiny_cache),
+        proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", name, *options), cwd=repo, env=arun_env(tiny_data, tiny_cache),
                                 stdout=out, stderr=err, text=True)
         runs[name] = {"repo": repo, "proc": proc, "files": (out, err)}
     yield runs
@@ -379,7 +305,7 @@ def test_training_past_the_budget_is_invalid(background: dict) -> None:
     proc = _finish(run)
     [rec] = ledger_records(run["repo"])
     assert rec["total_seconds"] > 45 and rec["training_seconds"] == pytest.approx(1.0, abs=0.01)  # the attack ran
-    rec = assert_failure_recorded(run["repo"], proc, [], "invalid", r"unexplained|budget")
+    rec = assert_failure_recorded(run["repo"], proc, [], "invalid", r"charged")
     assert rec["status"] != "keep"
 
 

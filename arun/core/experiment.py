@@ -3,13 +3,15 @@ One experiment, end to end: check, run, record, keep or revert.
 
     engine + data + scope guard (refuse before touching anything)
     -> repo lock -> run branch -> the train file in a subprocess per seed
-       (env contract, hard timeout, run.log, progress bar)
-    -> result JSON -> decision against the best record of the same key
-    -> commit (keep) or restore the best commit's train file (anything else)
+       (env contract, hard timeout, run.log, progress bar): it trains and exports its forward
+    -> the evaluator process scores each exported forward (python -m engines.score)
+    -> timing audit -> decision on the evaluator's number against the best record of the same key
+    -> commit and store the forward (keep) or restore the best commit's train file, saving the
+       attempt (anything else)
     -> one ledger record
 
 The printed summary is for people and for agents written for upstream
-(`grep "^val_bpb:" run.log`); the decision only ever reads the result JSON.
+(`grep "^val_bpb:" run.log`): only the harness writes it, with the evaluator's number.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from arun.core import gitops
+from arun.core import artifacts, gitops
+from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, new_id
@@ -36,13 +39,15 @@ from arun.core.progress import Progress
 from arun.core.ratchet import NEAR_MISS, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
-from arun.core.reproduce import audit_outcomes, reproduce
+from arun.core.scoring import score_artifact
+from arun.core.timing import audit_timing, charged_seconds, default_allowance
 from arun.core.trainfile import constants
+from engines.artifact import SUFFIX
 from engines.report import summary_text
 
 
 def default_hard_timeout(budget: float) -> float:
-    """Budget plus an allowance for start-up, compilation and evaluation: at the default 300 s budget
+    """Budget plus an allowance for start-up, compilation and export: at the default 300 s budget
     this is upstream's "if a run exceeds 10 minutes, kill it"."""
     return budget + max(120.0, budget)
 
@@ -109,7 +114,13 @@ class Attempt:
     log_is_stdout: bool
     seed_list: list[int | None]
     outcomes: list[RunOutcome] = field(default_factory=list)
+    verdicts: list[dict] = field(default_factory=list)   # the evaluator's, one per run that exited ok
+    allowance: float = 0.0       # non-training seconds a run may use (arun.core.timing)
     interrupted: str | None = None
+
+    def artifact(self, i: int) -> Path:
+        """Where run i exports its forward."""
+        return self.run_dir / f"forward{i}{SUFFIX[self.ctx.backend]}"
 
     @property
     def results(self) -> list[dict]:
@@ -126,7 +137,7 @@ DecideFn = Callable[[list[float], "dict | None", list[dict]], tuple[str, bool]]
 def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *, budget: float | None = None,
                    seeds: int = 1, device: str | None = None, hard_timeout: float | None = None,
                    show_progress: bool = True, proposer: str | None = None, near_miss: float | None = None,
-                   confidence: float | None = None, wait: float = 0.0,
+                   confidence: float | None = None, wait: float = 0.0, allowance: float | None = None,
                    record_sink: Callable[[dict], dict] | None = None, decide_fn: DecideFn | None = None,
                    log: Callable[[str], None] = print) -> dict:
     """One experiment on the current train file; returns the ledger record it appended.
@@ -134,6 +145,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     record_sink: where the record goes instead of bench/<tag>/ledger.jsonl (the swarm's one writer).
     decide_fn(val_bpb per seed, best record, key's records) -> (status, near_miss): a replacement
     for the plain "strictly lower than the best" rule (e.g. a significance test over seeds).
+    allowance: non-training seconds a run may use (default max(60, budget/5); arun.core.timing).
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
     budget, hard_timeout = check_limits(seeds, budget, hard_timeout)
@@ -141,13 +153,15 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     with repo_lock(ctx.repo_dir, wait):
         check_scope(ctx.repo_dir, ctx.train_file)  # again: whoever held the lock may have committed meanwhile
         att = begin(ctx, description, seeds, proposer, confidence, log)
+        att.allowance = default_allowance(ctx.budget, allowance)
         launch(att, hard_timeout, show_progress)
+        score_runs(att, log)
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
-        if status == "keep":
-            status, near = reproduce_keep(att, hard_timeout, log)
         att.record.update(result_fields(att.outcomes, att.results))
-        if status == "invalid" and val is not None:  # a number the harness could not stand behind is not a result
-            att.record.update({"claimed_val_bpb": val})
+        att.record.update(score_fields(att))
+        status = keep_artifacts(att, status)
+        if status == "invalid" and val is not None:  # a run that broke the rules has no result
+            att.record.update({"scored_val_bpb": val})
             val = None
         att.record.update({"status": status, "near_miss": bool(near), "val_bpb": val,
                            "best_before": att.best["val_bpb"] if att.best else None,
@@ -222,7 +236,8 @@ def launch(att: Attempt, hard_timeout: float, show_progress: bool) -> None:
         for i, seed in enumerate(att.seed_list):
             env = child_env(ctx.data.dir, ctx.device, seed, ARUN_TIME_BUDGET=repr(ctx.budget),
                             ARUN_RESULT_JSON=str(att.run_dir / f"result{i}.json"),
-                            ARUN_CHECKPOINT=str(att.run_dir / f"weights{i}.npz"))
+                            ARUN_ARTIFACT=str(att.artifact(i)))
+            env.pop("ARUN_CHECKPOINT", None)
             if n > 1:
                 bar.new_run(f"{label} (seed {seed}, {i + 1}/{n})")
             prefix = f"[seed {seed}] " if n > 1 else ""
@@ -238,19 +253,49 @@ def launch(att: Attempt, hard_timeout: float, show_progress: bool) -> None:
                 break
 
 
+def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
+    """Every run that exited ok is scored by the evaluator process from its exported forward (fixed
+    code pinned by the key; the train file never runs there). A forward it cannot score makes the
+    run invalid (it looks ahead, does not load, ...); an evaluator that does not finish, a crash."""
+    ctx = att.ctx
+    t0 = time.perf_counter()
+    try:
+        with sigterm_as_interrupt():
+            for i, o in enumerate(att.outcomes):
+                if o.status != "ok":
+                    continue
+                log("arun: scoring the exported forward in the evaluator process"
+                    + (f" (seed {o.seed})" if len(att.seed_list) > 1 else ""))
+                verdict = score_artifact(ctx.backend, att.artifact(i), ctx.data.dir, att.run_dir / f"score{i}.json",
+                                         device=ctx.device, expect_fixed_sha=ctx.key.get("fixed_code_sha256"),
+                                         fixed_from=ctx.repo_dir)
+                att.verdicts.append(verdict)
+                if "error" in verdict:
+                    reason = str(verdict["error"]).removeprefix("INVALID: ")
+                    o.status = "crash" if reason.startswith("the evaluator did not finish") else "invalid"
+                    o.error = f"the evaluator refused the exported forward: {reason}"
+                    break
+    except KeyboardInterrupt as e:
+        att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        att.outcomes.append(RunOutcome(None, status="crash",
+                                       error=f"interrupted ({att.interrupted}) while the harness scored the run"))
+    att.record.update({"score_seconds": time.perf_counter() - t0})
+
+
 def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[str, bool, float | None]:
     """(status, near_miss, val_bpb): a failed run is its own status; a scored one is audited, then judged
-    against the best of its key."""
+    on the evaluator's number against the best of its key."""
     failed = att.failed
     if failed is not None:
         att.record.error = failed.error
         return failed.status, False, None
-    vals = [float(r["val_bpb"]) for r in att.results]
+    vals = [float(v["val_bpb"]) for v in att.verdicts]
     val = statistics.fmean(vals)
     att.record.val_bpb_seeds = vals
-    att.record.error = audit_outcomes(att.outcomes, att.ctx.budget)
-    if att.record.error:
-        return "invalid", False, val
+    for o in att.outcomes:
+        att.record.error = audit_timing(o.result or {}, o.wall_seconds, att.ctx.budget, att.allowance)
+        if att.record.error:
+            return "invalid", False, val
     if decide_fn is not None:
         status, near = decide_fn(vals, att.best, [r for r in att.records if r.get("key_id") == att.ctx.key_id])
     else:
@@ -258,28 +303,48 @@ def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[
     return status, near, val
 
 
-def reproduce_keep(att: Attempt, hard_timeout: float, log: Callable[[str], None]) -> tuple[str, bool]:
-    """A keep stands only when fixed code gets the same number from the saved weights."""
+def score_fields(att: Attempt) -> dict:
+    """What the evaluator measured, the charged time, and the run's own claims (diagnostics only)."""
+    fields: dict = {"allowance_seconds": att.allowance,
+                    "charged_seconds": sum(charged_seconds(o.result, o.wall_seconds, att.allowance)
+                                           for o in att.outcomes if o.result) if att.results else None}
+    scored = [v for v in att.verdicts if "val_bpb" in v]
+    if scored:
+        first = scored[0]
+        fields.update({"eval_seconds": sum(sum((v.get("seconds") or {}).values()) for v in scored),
+                       "fixed_code_sha256": first.get("fixed_code_sha256"),
+                       "artifact_sha256": first.get("artifact_sha256"), "artifact_bytes": first.get("artifact_bytes"),
+                       "causality_max_diff": max((v.get("causality") or {}).get("max_diff", 0.0) for v in scored),
+                       "eval_batch_size": first.get("batch_size")})
+    claims: dict = {}
+    for o in att.outcomes:
+        for name, value in (o.claimed or {}).items():
+            claims.setdefault(name, value)
+        v = (o.result or {}).get("val_bpb")
+        if "claimed_val_bpb" not in claims and v is not None:
+            claims["claimed_val_bpb"] = v if finite(v) is not None else str(v)[:40]
+    fields.update(claims)
+    return fields
+
+
+def keep_artifacts(att: Attempt, status: str) -> str:
+    """A keep's forwards move to the content-addressed store (checked to be the bytes the evaluator
+    scored); every other run's are deleted. Returns the status (invalid if a forward changed)."""
     ctx = att.ctx
-    if ctx.train_path.read_bytes() != att.pre_run:
-        # Edited while it ran (an agent that did not wait): what is checked and committed is what ran.
-        log(f"arun: {ctx.train_file} changed during the run; keeping the version that ran, your edit is dropped")
-        gitops.write_atomic(ctx.train_path, att.pre_run)
-    status: tuple[str, bool] = ("keep", False)
-    t_verify = time.perf_counter()
-    try:
-        with sigterm_as_interrupt():
-            log("arun: reproducing the result: re-evaluating the saved weights with fixed code")
-            att.record.error = reproduce(ctx.repo_dir, att.run_dir, ctx.backend, att.outcomes, ctx.data.dir,
-                                         ctx.device, hard_timeout, ctx.budget)
-    except KeyboardInterrupt as e:
-        att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
-        status = ("crash", False)
-        att.record.error = f"interrupted ({att.interrupted}) while the harness reproduced the result"
-    else:
-        if att.record.error:
-            status = ("invalid", False)
-    att.record.update({"verify_seconds": time.perf_counter() - t_verify})
+    files = [att.artifact(i) for i in range(len(att.outcomes))]
+    if status != "keep":
+        for f in files:
+            f.unlink(missing_ok=True)
+        return status
+    shas = []
+    for f, verdict in zip(files, att.verdicts):
+        sha, _ = artifacts.store(ctx.repo_dir, ctx.backend, f)
+        if sha != verdict.get("artifact_sha256"):
+            att.record.error = "the exported forward changed after the evaluator scored it"
+            return "invalid"
+        shas.append(sha)
+    if len(shas) > 1:
+        att.record.update({"artifact_sha256_seeds": shas})
     return status
 
 
@@ -287,6 +352,10 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
     """keep -> commit (the train file, and the ledger unless a sink writes it); anything else -> the
     train file goes back to the best commit (after Ctrl-C: exactly as it was before the run)."""
     ctx, rec = att.ctx, att.record
+    if rec.status == "keep" and ctx.train_path.read_bytes() != att.pre_run:
+        # Edited while it ran (an agent that did not wait): what is committed is what ran; the edit is saved.
+        save_attempt(ctx.repo_dir, ctx.train_path.read_bytes())
+        gitops.write_atomic(ctx.train_path, att.pre_run)
     if rec.status == "keep":
         message = (f"{rec.description or 'arun keep'}\n\narun: val_bpb {rec.val_bpb:.6f} on {ctx.tag} "
                    f"(key {ctx.key_id}, id {rec.id})")
@@ -297,6 +366,7 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
             rec.status, rec.near_miss, rec.error = "crash", False, str(e)
     if rec.status != "keep":
         rec.commit = att.base_commit
+        rec.train_sha256 = save_attempt(ctx.repo_dir, att.pre_run)  # no edit is lost: arun restore ID
         if att.interrupted:
             gitops.write_atomic(ctx.train_path, att.pre_run)
         else:
@@ -304,29 +374,37 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
 
 
 def write_record(att: Attempt, t_begin: float, record_sink: Callable[[dict], dict] | None) -> dict:
-    """The timing totals, then one ledger line (or the sink's); weights kept for the best run only."""
+    """The timing totals, then one ledger line (or the sink's); after a keep, the store's retention."""
     rec = att.record
     wall = time.perf_counter() - t_begin
     rec.wall_seconds = wall
-    rec.bookkeeping_seconds = max(0.0, wall - sum(o.wall_seconds for o in att.outcomes))
+    scoring = rec.extra.get("score_seconds") or 0.0
+    rec.bookkeeping_seconds = max(0.0, wall - sum(o.wall_seconds for o in att.outcomes) - scoring)
     rec.overhead_seconds = wall - (rec.training_seconds or 0.0)
     line = rec.to_json()
     appended = record_sink(line) if record_sink else Ledger(att.ctx.ledger_path).append(line)
-    _prune_checkpoints(att.ctx.repo_dir, att.run_dir, appended, att.best)
+    if appended.get("status") == "keep":
+        artifacts.retain(att.ctx.repo_dir, all_records(att.ctx.repo_dir) + ([appended] if record_sink else []))
     return appended
 
 
+def all_records(repo_dir: Path) -> list[dict]:
+    """Every ledger's records in this repo: the store holds the forwards of every tag."""
+    return [r for path in sorted((Path(repo_dir) / "bench").glob("*/ledger.jsonl")) for r in Ledger(path).records()]
+
+
 def report(att: Attempt, appended: dict, log: Callable[[str], None]) -> None:
-    """Upstream's summary block and the verdict, to the log and to run.log."""
-    summary = summary_text(_summary_values(appended, att.results)) if att.results and att.failed is None else None
+    """Upstream's summary block (the evaluator's val_bpb; only for a scored, valid run) and the verdict,
+    to the log and to run.log. The train process's own summary-looking lines were neutralised."""
+    scored = att.results and att.failed is None and appended.get("val_bpb") is not None
+    summary = summary_text(_summary_values(appended, att.results)) if scored else None
     verdict = verdict_line(appended)
-    several = len(att.seed_list) > 1
     if not att.log_is_stdout:  # (when stdout is run.log, the lines below land there anyway)
         with open(att.log_path, "a", encoding="utf-8") as f:
-            if summary and several:
-                f.write(summary + "\n")  # the children's blocks are prefixed by seed; this one is the experiment's
+            if summary:
+                f.write(summary + "\n")
             f.write(verdict + "\n")
-    if summary and not (att.log_is_stdout and not several):  # (else the child's own block is already there)
+    if summary:
         log(summary)
     log(verdict)
 
@@ -349,7 +427,7 @@ def result_fields(outcomes: list[RunOutcome], results: list[dict]) -> dict:
         "launch_seconds": total("launch_seconds", splits),
         "startup_seconds": total("startup_seconds", splits),
         "warmup_seconds": total("warmup_seconds", splits),
-        "eval_seconds": total("eval_seconds", splits),
+        "export_seconds": total("export_seconds", splits),
         "peak_memory_mb": max(memory) if memory else None,
         "mfu_percent": first.get("mfu_percent"),
         "total_tokens": first.get("total_tokens"),
@@ -367,18 +445,6 @@ def _summary_values(rec: dict, results: list[dict]) -> dict:
     return first
 
 
-def _prune_checkpoints(repo_dir: Path, run_dir: Path, rec: dict, best: dict | None) -> None:
-    """Weights are kept for the best run of each key only (a checkpoint can be hundreds of MB);
-    result JSONs stay for every run."""
-    if rec.get("status") == "keep":
-        if best and best.get("run_dir"):
-            for w in (repo_dir / best["run_dir"]).glob("weights*"):
-                w.unlink(missing_ok=True)
-    else:
-        for w in run_dir.glob("weights*"):
-            w.unlink(missing_ok=True)
-
-
 def verdict_line(rec: dict) -> str:
     val, best, status = rec.get("val_bpb"), rec.get("best_before"), rec["status"]
     where = f"[{rec['tag']}] id {rec['id']}"
@@ -388,7 +454,7 @@ def verdict_line(rec: dict) -> str:
     if status == "discard":
         near = " (near miss)" if rec.get("near_miss") else ""
         return (f"arun: DISCARD {val:.6f} vs best {best:.6f}{near}; train file restored to {rec['commit'][:10]} "
-                f"{where}")
+                f"{where}; restore: arun restore {rec['id']}")
     restored = ("train file as it was before the run" if str(rec.get("error", "")).startswith("interrupted")
                 else f"train file restored to {rec['commit'][:10]}")
-    return f"arun: {status.upper()}: {rec.get('error')}; {restored}; see run.log {where}"
+    return f"arun: {status.upper()}: {rec.get('error')}; {restored}; see run.log {where}; restore: arun restore {rec['id']}"

@@ -1,6 +1,8 @@
 """
 One run of the train file as a child process: its environment, its own process group (so a kill
-reaches everything it started), the hard timeout, run.log, and what it left behind (the result JSON).
+reaches everything it started), the hard timeout, run.log, and what it left behind (the result JSON
+and the exported forward). Its output reaches run.log with summary-looking lines neutralised
+(`train| val_bpb: ...`): only the harness writes the summary block agents grep for.
 """
 
 from __future__ import annotations
@@ -54,6 +56,29 @@ class RunOutcome:
     launch_time: float = 0.0        # time.time() at process start
     wall_seconds: float = 0.0
     returncode: int | None = None
+    claimed: dict | None = None     # summary figures the run printed itself (diagnostics only)
+
+
+SUMMARY_LINE = re.compile(r"^\s*(val_bpb|test_bpb|training_seconds|total_seconds|peak_vram_mb|mfu_percent|"
+                          r"total_tokens_M|num_steps|num_params_M|depth)\s*:")
+
+
+def neutralise(line: str) -> str:
+    """A train-process line that looks like a summary line is marked as the train process's."""
+    return "train| " + line if SUMMARY_LINE.match(line) else line
+
+
+def printed_claims(lines: list[str]) -> dict:
+    """`name: number` summary figures the run printed (the last of each), as claimed_<name>."""
+    claims = {}
+    for line in lines:
+        m = SUMMARY_LINE.match(line)
+        if m:
+            try:
+                claims[f"claimed_{m.group(1)}"] = float(line.split(":", 1)[1].split()[0])
+            except (ValueError, IndexError):
+                pass
+    return claims
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b.*")
@@ -106,7 +131,7 @@ def _die_with_parent() -> None:
 
 
 def child_env(data_dir: Path, device: str | None, seed: int | None = None, **values: str) -> dict:
-    """The environment of a process the harness starts (a run, a re-evaluation): ours, with the data
+    """The environment of a process the harness starts (a run, the evaluator): ours, with the data
     folder, the torch device and the seed set explicitly, never inherited from the caller."""
     env = dict(os.environ, ARUN_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", **values)
     env.pop("ARUN_SEED", None)
@@ -122,9 +147,10 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
                    on_line: Callable[[str], None] | None = None, prefix: str = "",
                    seed: int | None = None, log_is_stdout: bool = False) -> RunOutcome:
     """Runs the train file as its own process group (so a kill reaches compile workers and
-    dataloader processes too), streaming stdout+stderr into run.log and to on_line."""
+    dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line."""
     out = RunOutcome(seed)
     lines: list[str] = []
+    claims: list[str] = []
     timed_out = threading.Event()
     result_path = Path(env["ARUN_RESULT_JSON"])
     with log_sink(log_path, log_is_stdout) as log:
@@ -145,8 +171,10 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
-                log.write(prefix + line)
+                log.write(prefix + neutralise(line))
                 log.flush()
+                if SUMMARY_LINE.match(line) and len(claims) < 100:
+                    claims.append(line)
                 lines.append(line)
                 if len(lines) > 400:
                     del lines[:200]
@@ -168,6 +196,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
             # Whatever the child started in its group (compile workers, loader processes) goes too.
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
+    out.claimed = printed_claims(claims)
     if timed_out.is_set():
         out.status, out.error = "timeout", f"killed at the hard timeout of {hard_timeout:.0f}s"
         return out
@@ -190,9 +219,13 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
     except (json.JSONDecodeError, OSError) as e:
         out.status, out.error = "crash", f"the result JSON is unreadable ({e})"
         return out
-    v = out.result.get("val_bpb")
-    if not isinstance(v, (int, float)) or not math.isfinite(v):
-        out.status, out.error = "crash", f"val_bpb is {v} (the model diverged or produced non-finite logits)"
+    if not isinstance(out.result, dict):
+        out.status, out.error, out.result = "crash", "the result JSON is not an object", None
+        return out
+    artifact = env.get("ARUN_ARTIFACT")
+    if artifact and not Path(artifact).is_file():
+        out.status = "crash"
+        out.error = "the train file exited without exporting its forward (engines.run.finish_run was not reached)"
     return out
 
 
@@ -202,18 +235,18 @@ def finite(v: object) -> float | None:
 
 
 def overhead_split(o: RunOutcome) -> dict:
-    """Where one run's wall time went besides training. The train file's clock starts in train()
-    (after imports), so launch = process start -> train(), read off the result file's mtime
-    (written at the end of finish_run, total_seconds after train() began)."""
+    """Where one run's wall time went besides training, by its own account (the record's split; the
+    timing audit never trusts it). The train file's clock starts in train() (after imports), so
+    launch = process start -> train(), read off the result file's mtime (written at the end of
+    finish_run, total_seconds after train() began)."""
     r = o.result or {}
     total, training = finite(r.get("total_seconds")), finite(r.get("training_seconds")) or 0.0
-    warmup, evaluation = finite(r.get("warmup_seconds")) or 0.0, finite(r.get("eval_seconds")) or 0.0
+    warmup, export = finite(r.get("warmup_seconds")) or 0.0, finite(r.get("export_seconds")) or 0.0
     launch = None
     if total is not None and o.result_mtime is not None:
         launch = max(0.0, o.result_mtime - total - o.launch_time)
     setup = finite(r.get("startup_seconds"))
     if setup is None and total is not None:
-        setup = max(0.0, total - training - warmup - evaluation)
-    startup = None if setup is None else setup + (launch or 0.0)
-    return {"launch_seconds": launch, "startup_seconds": startup, "warmup_seconds": warmup if r else None,
-            "eval_seconds": evaluation if r else None}
+        setup = max(0.0, total - training - warmup - export)
+    return {"launch_seconds": launch, "startup_seconds": setup, "warmup_seconds": warmup if r else None,
+            "export_seconds": export if r else None}

@@ -7,6 +7,7 @@ never from the train process.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,15 +15,18 @@ import time
 from pathlib import Path
 
 from arun.core.process import child_env, last_error_line
+from engines.fingerprint import fixed_files
 
 SCORE_TIMEOUT_FLOOR = 300.0  # a cold compile of the evaluator's graph on a slow machine
 
 
 def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, device: str | None = None,
                    split: str = "val", expect_fixed_sha: str | None = None,
-                   timeout: float = SCORE_TIMEOUT_FLOOR) -> dict:
+                   timeout: float = SCORE_TIMEOUT_FLOOR, fixed_from: Path | None = None) -> dict:
     """Scores `artifact` on the fixed rows of `split`; returns the verdict (with `error` and no score
-    when it could not be scored) and adds `wall_seconds`, the harness's view of the process."""
+    when it could not be scored) and adds `wall_seconds`, the harness's view of the process.
+    fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
+    evaluator runs, copied into its private folder; else the installed arun's."""
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
     cmd = [sys.executable, *safe_path, "-m", "engines.score", "--backend", backend, "--artifact", str(artifact),
            "--data-dir", str(data_dir), "--out", str(out), "--split", split]
@@ -35,8 +39,17 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
     # The working directory is a fresh empty folder: nothing the agent left in the repo can shadow
     # a module the evaluator imports (-P keeps the script's folder off sys.path as well).
     with tempfile.TemporaryDirectory(prefix="arun-score-") as cwd:
+        env = child_env(data_dir, device)
+        env.pop("PYTHONPATH", None)
+        if fixed_from is not None:
+            # Only the fixed files cross over: the key's fixed_code_sha256 is their hash, and no other
+            # file of the project (an agent's numpy.py, a stale .pyc) can shadow a module.
+            for rel in fixed_files(Path(fixed_from)):
+                (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(fixed_from) / rel, Path(cwd) / rel)
+            env["PYTHONPATH"] = cwd
         try:
-            p = subprocess.run(cmd, cwd=cwd, env=child_env(data_dir, device), stdin=subprocess.DEVNULL,
+            p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                capture_output=True, text=True, timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired:
             return {"error": f"the evaluator did not finish in {timeout:.0f}s", "wall_seconds": timeout}

@@ -196,11 +196,12 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
 # --------------------------------------------------------------------------- show
 
 def find_record(records: list[dict], ident: str) -> dict:
-    """The record whose id is `ident` or starts with it (unique prefix)."""
+    """The record whose id is `ident`, starts with it (unique prefix) or ends with it (the suffix the
+    output prints, e.g. 850a)."""
     exact = [r for r in records if r.get("id") == ident]
     if exact:
         return exact[-1]
-    hits = [r for r in records if str(r.get("id", "")).startswith(ident)]
+    hits = [r for r in records if str(r.get("id", "")).startswith(ident) or str(r.get("id", "")).endswith(ident)]
     if not hits:
         raise ArunError(f"no experiment with id {ident!r}; list them with arun log")
     if len({r["id"] for r in hits}) > 1:
@@ -211,8 +212,9 @@ def find_record(records: list[dict], ident: str) -> dict:
 
 SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "status", "baseline", "val_bpb", "val_bpb_seeds",
                "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
-               "train_file", "train_sha256", "seeds", "proposer", "training_seconds", "total_seconds",
-               "wall_seconds", "startup_seconds", "warmup_seconds", "eval_seconds", "bookkeeping_seconds",
+               "train_file", "train_sha256", "seeds", "proposer", "claimed_val_bpb", "artifact_sha256", "training_seconds",
+               "charged_seconds", "allowance_seconds", "total_seconds", "wall_seconds", "startup_seconds",
+               "warmup_seconds", "export_seconds", "eval_seconds", "score_seconds", "bookkeeping_seconds",
                "overhead_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps", "num_params"]
 
 

@@ -127,7 +127,7 @@ def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path |
 def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any = None, budget: float | None = None,
               device: str | None = None, seeds: int = 1, confidence: float | None = None,
               near_miss: float | None = None, hard_timeout: float | None = None, show_progress: bool = True,
-              on_proposal: Callable[[str, str], Any] | None = None, log: Callable[[str], None] = print,
+              allowance: float | None = None, on_proposal: Callable[[str, str], Any] | None = None, log: Callable[[str], None] = print,
               number: int = 1, noise_std: float | None = None) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
     append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up."""
@@ -141,6 +141,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
         decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
                                          **({"near_miss": near_miss} if near_miss is not None else {}))
     run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
+                      allowance=allowance,
                       near_miss=near_miss, confidence=confidence, decide_fn=decide_fn, log=log,
                       record_sink=ledger.append if ledger is not None else None)
     name = getattr(proposer, "name", "proposer")
@@ -255,7 +256,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
              device: str | None = None, hard_timeout: float | None = None,
              agent_timeout: float = DEFAULT_AGENT_TIMEOUT, max_crashes: int = DEFAULT_MAX_CRASHES,
              near_miss: float | None = None, show_progress: bool = True, seed: int = 0,
-             log: Callable[[str], None] = print) -> LoopResult:
+             allowance: float | None = None, log: Callable[[str], None] = print) -> LoopResult:
     """Iterates until `iterations` experiments, `hours` of wall clock, `max_crashes` consecutive
     unscored iterations, or Ctrl-C. With neither limit it runs until stopped, like upstream's agent."""
     repo_dir = Path(repo_dir).resolve()
@@ -285,7 +286,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                 n += 1
                 rec = iteration(repo_dir, backend, proposer, budget=budget, device=device, seeds=seeds,
                                 confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,
-                                show_progress=show_progress, log=log, number=n)
+                                show_progress=show_progress, allowance=allowance, log=log, number=n)
                 result.records.append(rec)
                 streak = 0 if rec.get("status") in SCORED else streak + 1
                 if max_crashes > 0 and streak >= max_crashes:

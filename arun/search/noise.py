@@ -72,7 +72,7 @@ def spread(values: list[float]) -> dict:
 
 def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: float | None = None,
                   device: str | None = None, hard_timeout: float | None = None, show_progress: bool = True,
-                  log: Callable[[str], None] = print) -> dict:
+                  allowance: float | None = None, log: Callable[[str], None] = print) -> dict:
     """Runs the best train file `seeds` times and saves the spread; returns the stored entry.
     Refuses (ArunError) when the train file differs from the best commit: the runs restore it."""
     if seeds < 2:
@@ -105,6 +105,7 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
     t0 = time.time()
     run_experiment(repo_dir, backend, f"noise: best over {seeds} seeds", budget=budget, seeds=seeds,
                    device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
+                   allowance=allowance,
                    record_sink=sink, decide_fn=lambda vals, best, recs: ("discard", False), log=quiet)
     rec = captured[-1]
     if rec.get("status") != "discard" or not rec.get("val_bpb_seeds"):

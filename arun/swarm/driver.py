@@ -63,7 +63,7 @@ class SwarmOptions:
     agent_timeout: float | None = None  # an external agent's wall clock per proposal (arun loop's default)
     num_cpus: int | None = None         # local cluster only (default: this machine's cores, >= workers)
     object_store_mb: int = 128          # local cluster only: records and bundles are small
-    loop_options: dict = field(default_factory=dict)    # to arun.search.loop.iteration: seeds, confidence, near_miss, hard_timeout
+    loop_options: dict = field(default_factory=dict)    # to arun.search.loop.iteration: seeds, confidence, near_miss, hard_timeout, allowance
     worker_repos: dict = field(default_factory=dict)    # k -> the clone worker k works in (as on another machine)
 
 
