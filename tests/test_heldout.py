@@ -141,7 +141,7 @@ def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: 
     from test_artifact import Built
 
     from arun.core.context import experiment_context
-    from arun.core.heldout import score_test
+    from arun.core.heldout import run_artifacts, score_test
     from engines import get_engine
     from engines.evaluator import evaluate_bpb
     from prepare import PreparedData
@@ -157,7 +157,7 @@ def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: 
     data = PreparedData(data_env)
     expected = evaluate_bpb(get_engine("cuda"), built.honest, 16, data.test_rows(), data.token_bytes()).val_bpb
     assert fields["test_bpb"] == pytest.approx(expected, rel=1e-4) and len(fields["test_bpb_seeds"]) == 2
-    assert "test_error" not in fields and lines[-1].startswith("arun: test_bpb ")
+    assert "test_error" not in fields and not lines
     assert (tmp_path / "test0.json").exists() and (tmp_path / "test1.json").exists()
 
     broken = tmp_path / "broken.pt2"
@@ -165,3 +165,6 @@ def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: 
     fields = score_test(ctx, [broken], tmp_path / "b", log=lines.append)
     assert fields["test_bpb"] is None and fields["test_error"].startswith("seed 1/1: ")
     assert "\n" not in fields["test_error"] and "the decision stands" in lines[-1]
+    assert score_test(ctx, run_artifacts(tmp_path / "empty", "cuda", 2), tmp_path)["test_error"] == \
+        "no exported forward to score"
+    assert run_artifacts(tmp_path, "cuda", 2) == [first, tmp_path / "forward1.pt2"]

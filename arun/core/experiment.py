@@ -29,6 +29,7 @@ from filelock import FileLock, Timeout
 from arun.core import gitops
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.errors import ArunError
+from arun.core.heldout import run_artifacts, score_test
 from arun.core.ledger import Ledger, new_id
 from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
                                sigterm_as_interrupt)
@@ -145,6 +146,9 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
         if status == "keep":
             status, near = reproduce_keep(att, hard_timeout, log)
+        if status == "keep":  # held-out test rows: recorded for the report, never read by the ratchet
+            att.record.update(score_test(ctx, run_artifacts(att.run_dir, ctx.backend, len(att.seed_list)),
+                                         att.run_dir, log))
         att.record.update(result_fields(att.outcomes, att.results))
         if status == "invalid" and val is not None:  # a number the harness could not stand behind is not a result
             att.record.update({"claimed_val_bpb": val})

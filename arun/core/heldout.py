@@ -16,13 +16,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from arun.core.scoring import score_artifact
+from engines.artifact import SUFFIX
+
+
+def run_artifacts(run_dir: Path, backend: str, runs: int) -> list[Path]:
+    """The exported forwards of a run folder, one per seed in seed order (forward0.pt2, forward1.pt2, ...);
+    empty when the folder holds none at all. A missing one among others is the evaluator's error to report."""
+    paths = [Path(run_dir) / f"forward{i}{SUFFIX[backend]}" for i in range(runs)]
+    return paths if any(p.exists() for p in paths) else []
 
 
 def score_test(ctx: Any, artifacts: Sequence[Path], out_dir: Path,
                log: Callable[[str], None] = print) -> dict:
     """Scores each artifact (one per seed) on the test rows; returns the record's fields:
     `test_bpb` (the mean over seeds, None when any seed could not be scored), `test_bpb_seeds`,
-    `test_seconds`, and `test_error` when a seed failed. A failure never changes the decision.
+    `test_seconds`, and `test_error` when a seed failed (logged). A failure never changes the decision.
 
     ctx: the experiment's context (backend, data, device and key are read)."""
     t0 = time.perf_counter()
@@ -40,7 +48,6 @@ def score_test(ctx: Any, artifacts: Sequence[Path], out_dir: Path,
                     "test_seconds": time.perf_counter() - t0}
     if error:
         fields["test_error"] = error
+    if error and artifacts:  # (a success is shown by the reports; a run folder without forwards by the record)
         log(f"arun: the test rows could not be scored ({error}); the decision stands, test_bpb is left empty")
-    else:
-        log(f"arun: test_bpb {fields['test_bpb']:.6f} (held-out rows; reported, never used to decide)")
     return fields
