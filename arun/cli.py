@@ -21,6 +21,7 @@ from arun.core.ledger import all_records
 from arun.core.trainfile import constants, rewrite_constants, safe_eval
 from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
 from arun.report.export import write_tsv
+from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
 from arun.report.summary import parse_time, report, select
 from arun.search.loop import run_loop
@@ -213,6 +214,7 @@ def compare_cmd(refs: tuple[str, ...]) -> None:
         return
     for table in compare_tables(summaries):
         console.print(table)
+    say("\n".join(heldout_report([r for s in summaries for r in s.records])))
 
 
 @cli.command("log")
@@ -224,6 +226,7 @@ def log_cmd(tag: str | None) -> None:
         console.print("no experiments yet")
         return
     console.print(log_table(log_rows(records), show_tag=len({r.get("tag") for r in records}) > 1))
+    say("\n".join(heldout_report(records)))
 
 
 @cli.command("show")

@@ -4,12 +4,14 @@ that runs fixed code only (prepare.py, engines/, numpy and the framework; never 
 train file).
 
     python -m engines.score --backend mlx|cuda --artifact PATH --data-dir DIR --out verdict.json
-                            [--device cpu|cuda] [--split val] [--expect-fixed-sha SHA]
+                            [--device cpu|cuda] [--split val|test] [--expect-fixed-sha SHA]
 
 It verifies the prepared data against its manifest, loads the artifact, probes its
-causality, scores the fixed val rows with engines.evaluator's arithmetic at a batch
-size it chooses, and writes a JSON verdict. Exit 0: scored. Exit 1: the verdict has
-an `error` (a causality failure, a broken artifact, bad data) and no val_bpb.
+causality, scores the fixed rows of the split (val: what the ratchet reads; test: the
+held-out rows that only confirm or refute a gain) with engines.evaluator's arithmetic at
+a batch size it chooses, and writes a JSON verdict whose score is `<split>_bpb`.
+Exit 0: scored. Exit 1: the verdict has an `error` (a causality failure, a broken
+artifact, bad data) and no score.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = ("val",)
+SPLITS = ("val", "test")
 # Bytes of fp32 logits one batch may take. The probe holds three batches of them at once
 # (reference, altered, difference), so a CUDA budget is a sixth of the free memory.
 LOGITS_BUDGET_CPU = 2**28
@@ -87,7 +89,7 @@ def score(backend: str, artifact: Path, data_dir: Path, device: str | None = Non
         return ScoreError(message.splitlines()[0] if message else "failed", verdict)
 
     if split not in SPLITS:
-        raise fail(f"--split {split}: only {', '.join(SPLITS)} can be scored for now; use --split val")
+        raise fail(f"--split {split}: unknown split; use --split val or --split test")
     verdict["fixed_code_sha256"] = fixed_code_sha256(REPO)
     if expect_fixed_sha and verdict["fixed_code_sha256"] != expect_fixed_sha:
         raise fail(f"the fixed code here hashes to {verdict['fixed_code_sha256'][:12]}, the key pins "
@@ -95,7 +97,8 @@ def score(backend: str, artifact: Path, data_dir: Path, device: str | None = Non
     try:
         data = PreparedData(Path(data_dir))
         data.verify()
-        rows, token_bytes = data.val_rows(), data.token_bytes()
+        rows = data.val_rows() if split == "val" else data.test_rows()
+        token_bytes = data.token_bytes()
     except PrepareError as e:
         raise fail(str(e))
     verdict["data"] = data.key()
@@ -143,8 +146,10 @@ def score(backend: str, artifact: Path, data_dir: Path, device: str | None = Non
         raise fail(failed_to_run(e))
     seconds["eval"] = result.seconds
     if not result.val_bpb == result.val_bpb:   # NaN
-        raise fail("the artifact's logits are not finite on the val rows")
-    verdict.update(val_bpb=result.val_bpb, nats=result.nats, bytes=result.bytes, tokens=result.tokens)
+        raise fail(f"the artifact's logits are not finite on the {split} rows")
+    # (the evaluator names its result val_bpb whatever rows it was given)
+    verdict.update({f"{split}_bpb": result.val_bpb, "nats": result.nats, "bytes": result.bytes,
+                    "tokens": result.tokens})
     return verdict
 
 
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--device", choices=["cpu", "cuda", "gpu"], default=None)
-    ap.add_argument("--split", default="val")
+    ap.add_argument("--split", default="val", help="val (the ratchet's rows) or test (held-out rows)")
     ap.add_argument("--expect-fixed-sha", default=None)
     args = ap.parse_args(argv)
     try:
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_verdict(args.out, verdict)
     s = verdict["seconds"]
-    print(f"val_bpb {verdict['val_bpb']:.6f} | batch {verdict['batch_size']} | load {s['load']:.2f}s "
+    score_name = f"{args.split}_bpb"
+    print(f"{score_name} {verdict[score_name]:.6f} | batch {verdict['batch_size']} | load {s['load']:.2f}s "
           f"probe {s['probe']:.2f}s eval {s['eval']:.2f}s | causality max diff {verdict['causality']['max_diff']:.3g}")
     return 0
 

@@ -232,12 +232,36 @@ def test_broken_artifacts_get_a_one_line_error(backend: str, env: Path, tmp_path
         assert verdict["error"] and "\n" not in verdict["error"] and "val_bpb" not in verdict, (name, verdict)
 
 
-def test_only_the_val_split_is_scored_for_now(env: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ENGINES)
+def test_the_test_split_is_scored_like_val(backend: str, env: Path, tmp_path: Path) -> None:
+    """One artifact, both splits: each verdict equals the in-process evaluation of its own rows."""
+    from engines import get_engine
+    from engines.evaluator import evaluate_bpb
+    from prepare import PreparedData
+    built = Built(backend)
+    path = tmp_path / f"forward{'.mlxfn' if backend == 'mlx' else '.pt2'}"
+    built.export(path)
+    data = PreparedData(env)
+    got = {}
+    for split, rows in (("val", data.val_rows()), ("test", data.test_rows())):
+        rc, verdict, out = run_scorer(backend, path, env, tmp_path / f"{split}.json", "--split", split)
+        assert rc == 0, out
+        assert verdict["split"] == split and verdict["causality"]["ok"]
+        other = "test" if split == "val" else "val"
+        assert f"{other}_bpb" not in verdict and f"{split}_bpb {verdict[f'{split}_bpb']:.6f}" in out
+        expected = evaluate_bpb(get_engine(backend), built.honest, 16, rows, data.token_bytes()).val_bpb
+        assert abs(verdict[f"{split}_bpb"] - expected) <= 1e-4 * expected, (split, verdict, expected)
+        got[split] = verdict[f"{split}_bpb"]
+    assert abs(got["val"] - got["test"]) > 1e-4, got   # different documents, a different number
+
+
+def test_an_unknown_split_is_not_scored(env: Path, tmp_path: Path) -> None:
     from engines.score import main
     out = tmp_path / "v.json"
     assert main(["--backend", "cuda", "--artifact", str(tmp_path / "x.pt2"), "--data-dir", str(env),
-                 "--out", str(out), "--split", "test"]) == 1
-    assert "--split val" in json.loads(out.read_text())["error"]
+                 "--out", str(out), "--split", "train"]) == 1
+    error = json.loads(out.read_text())["error"]
+    assert "--split val or --split test" in error and "\n" not in error
 
 
 # =========================================================================== .pt2 archives that would run code

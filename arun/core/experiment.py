@@ -32,6 +32,7 @@ from arun.core import artifacts, gitops
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.errors import ArunError
+from arun.core.heldout import score_test
 from arun.core.ledger import Ledger, new_id
 from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
                                sigterm_as_interrupt)
@@ -157,6 +158,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         launch(att, hard_timeout, show_progress)
         score_runs(att, log)
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
+        status = score_heldout(att, status, log)
         att.record.update(result_fields(att.outcomes, att.results))
         att.record.update(score_fields(att))
         status = keep_artifacts(att, status)
@@ -280,6 +282,22 @@ def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
         att.outcomes.append(RunOutcome(None, status="crash",
                                        error=f"interrupted ({att.interrupted}) while the harness scored the run"))
     att.record.update({"score_seconds": time.perf_counter() - t0})
+
+
+def score_heldout(att: Attempt, status: str, log: Callable[[str], None]) -> str:
+    """A keep's forwards are scored once more, on the held-out test rows (arun.core.heldout), for the
+    morning report; the ratchet never reads the number. Returns the status (crash if interrupted)."""
+    if status != "keep":
+        return status
+    try:
+        with sigterm_as_interrupt():
+            forwards = [att.artifact(i) for i in range(len(att.outcomes))]
+            att.record.update(score_test(att.ctx, forwards, att.run_dir, log))
+    except KeyboardInterrupt as e:
+        att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
+        att.record.error = f"interrupted ({att.interrupted}) while the harness scored the test rows"
+        return "crash"
+    return status
 
 
 def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[str, bool, float | None]:

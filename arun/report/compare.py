@@ -211,7 +211,7 @@ def find_record(records: list[dict], ident: str) -> dict:
 
 
 SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "status", "baseline", "val_bpb", "val_bpb_seeds",
-               "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
+               "test_bpb", "test_bpb_seeds", "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
                "train_file", "train_sha256", "seeds", "proposer", "claimed_val_bpb", "artifact_sha256", "training_seconds",
                "charged_seconds", "allowance_seconds", "total_seconds", "wall_seconds", "startup_seconds",
                "warmup_seconds", "export_seconds", "eval_seconds", "score_seconds", "bookkeeping_seconds",

@@ -13,6 +13,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from arun.core.ratchet import baseline_record, best_record, scored
+from arun.report.heldout import held_out, heldout_lines
 
 STATUS_ORDER = ("keep", "discard", "crash", "timeout", "invalid")
 
@@ -138,6 +139,7 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
             if s["best_before_period"] is not None and s["best_before_period"] != s["best"]:
                 lines.append(f"  best when this period began: {_v(s['best_before_period'])} "
                              f"(this period: {s['best'] - s['best_before_period']:+.6f})")
+            lines += heldout_lines(held_out(history or period, s["key_id"], {r.get("id") for r in period}))
         if s["top"]:
             lines.append("  top changes:")
             for t in s["top"]:
