@@ -19,7 +19,7 @@ from arun.core.errors import ArunError
 from arun.core.keys import comparability_key, key_id
 from arun.core.ledger import ledger_path
 from engines import BACKENDS, TRAIN_FILES, EngineUnavailable, get_engine
-from engines.evaluator import EVALUATOR_VERSION
+from engines.fingerprint import fixed_code_sha256
 
 DEVICE_BACKENDS = ("cuda",)  # engines that read ARUN_DEVICE (the torch engine)
 
@@ -88,7 +88,7 @@ def experiment_context(repo_dir: Path | str, backend: str, budget: float | None,
     seconds = default_budget(budget)
     engine, hardware = resolve_engine(backend, device)
     data = data if data is not None else open_data(verify=verify_data)
-    key = comparability_key(backend, hardware.tag, data.key(), seconds, EVALUATOR_VERSION)
+    key = comparability_key(backend, hardware.tag, data.key(), seconds, fixed_code_sha256(Path(repo_dir)))
     seq_len = getattr(getattr(data, "profile", None), "max_seq_len", None) or key.get("max_seq_len")
     return ExperimentContext(repo_dir=Path(repo_dir).resolve(), backend=backend, engine=engine, hardware_info=hardware,
                              data=data, train_file=TRAIN_FILES.get(backend) or engine.train_file, budget=seconds,

@@ -7,13 +7,13 @@ import json
 
 
 def comparability_key(backend: str, hardware_tag: str, data_key: dict, time_budget: float,
-                      evaluator_version: int) -> dict:
+                      fixed_code_sha256: str) -> dict:
     return {
         "backend": backend,
         "hardware": hardware_tag,
         **data_key,  # dataset, profile, fingerprints, val-rows sha256, MAX_SEQ_LEN, EVAL_TOKENS
         "time_budget": float(time_budget),
-        "evaluator_version": int(evaluator_version),
+        "fixed_code_sha256": str(fixed_code_sha256),  # the code that scores: a change to it is a new key
     }
 
 
