@@ -225,6 +225,27 @@ def show_cmd(ident: str) -> None:
         console.print(part)
 
 
+@cli.command("audit")
+@click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
+@click.option("--ref", default=None, metavar="REF", help="audit the ledgers on this git ref instead of the working tree")
+def audit_cmd(tag: str | None, ref: str | None) -> None:
+    """Check every ledger line's seal and re-score every keep whose forward is still stored; writes
+    bench/<tag>/audit.json, which log, compare, summary and the ratchet honour. Exit 1 if any record fails."""
+    from arun.core.audit import RTOL, audit
+    rows = audit(Path.cwd(), tag, ref)
+    table = Table(expand=False)
+    for col in ("tag", "id", "status", "recorded", "re-scored", "verdict"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "recorded", "re-scored"))
+    for r in rows:
+        style = "bold red" if r.fails else ("green" if r.verdict == "ok" else "yellow")
+        table.add_row(r.tag, r.id, r.status, "-" if r.recorded is None else f"{r.recorded:.6f}",
+                      "-" if r.rescored is None else f"{r.rescored:.6f}", f"[{style}]{r.verdict}[/]")
+    console.print(table)
+    failed = [r for r in rows if r.fails]
+    console.print(f"{len(rows)} record(s) shown, {len(failed)} failed (re-scores must match within {RTOL:g} relative)")
+    sys.exit(1 if failed else 0)
+
+
 @cli.command("plot")
 @click.option("--tag", default=None, help="one hardware tag (default: every tag)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,

@@ -84,6 +84,12 @@ def trusted(record: dict) -> bool:
     return record.get(TRUST, "ok") == "ok"
 
 
+def trust_mark(record: dict) -> str:
+    """A short mark for tables: "" for a trusted record, else foreign / legacy / forged / edited / audit failed."""
+    trust = str(record.get(TRUST, "ok"))
+    return "" if trust == "ok" else trust.split(":")[0]
+
+
 def audit_verdicts(folder: Path) -> dict[str, str]:
     """bench/<tag>/audit.json as written by `arun audit`: record id -> verdict ("ok" or why not)."""
     path = Path(folder) / AUDIT_FILE
@@ -116,8 +122,8 @@ def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str
         else:
             rec[TRUST] = "ok"
         audited = audit.get(str(rec.get("id")))
-        if rec[TRUST] == "ok" and audited and audited != "ok" and not audited.startswith("not retained"):
-            rec[TRUST] = f"audit failed: {audited}"
+        if rec[TRUST] == "ok" and audited and audited.startswith("failed"):
+            rec[TRUST] = "audit failed: " + audited[len("failed:"):].strip()
     return records
 
 
@@ -125,13 +131,14 @@ class Ledger:
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
-    def records(self) -> list[dict]:
-        """The records in file order, each with its trust (see the module's docstring)."""
+    def records(self, audit: bool = True) -> list[dict]:
+        """The records in file order, each with its trust (see the module's docstring); `audit`: honour
+        the folder's audit.json (`arun audit` itself reads without it)."""
         if not self.path.exists():
             return []
         lines: list[int] = []
         recs = parse_lines(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), lines)
-        return annotate(recs, lines, str(self.path), audit_verdicts(self.path.parent))
+        return annotate(recs, lines, str(self.path), audit_verdicts(self.path.parent) if audit else {})
 
     def _prev(self, fd: int) -> str:
         """The chain value of the file's last line (read under the lock): the prev of the next line."""
