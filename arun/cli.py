@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 import prepare
 from arun_data import build
@@ -239,7 +240,7 @@ def audit_cmd(tag: str | None, ref: str | None) -> None:
     for r in rows:
         style = "bold red" if r.fails else ("green" if r.verdict == "ok" else "yellow")
         table.add_row(r.tag, r.id, r.status, "-" if r.recorded is None else f"{r.recorded:.6f}",
-                      "-" if r.rescored is None else f"{r.rescored:.6f}", f"[{style}]{r.verdict}[/]")
+                      "-" if r.rescored is None else f"{r.rescored:.6f}", Text(r.verdict, style=style))
     console.print(table)
     failed = [r for r in rows if r.fails]
     console.print(f"{len(rows)} record(s) shown, {len(failed)} failed (re-scores must match within {RTOL:g} relative)")
