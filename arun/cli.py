@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 import prepare
 from arun_data import build
@@ -250,6 +251,27 @@ def restore_cmd(ident: str, force: bool) -> None:
     target = restore_attempt(Path.cwd(), rec, force=force)
     console.print(f"restored {target.name} as experiment {rec['id']} ran it ({rec.get('status')}); "
                   f"run it with arun --backend {rec.get('backend')}")
+
+
+@cli.command("audit")
+@click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
+@click.option("--ref", default=None, metavar="REF", help="audit the ledgers on this git ref instead of the working tree")
+def audit_cmd(tag: str | None, ref: str | None) -> None:
+    """Check every ledger line's seal and re-score every keep whose forward is still stored; writes
+    bench/<tag>/audit.json, which log, compare, summary and the ratchet honour. Exit 1 if any record fails."""
+    from arun.core.audit import RTOL, audit
+    rows = audit(Path.cwd(), tag, ref)
+    table = Table(expand=False)
+    for col in ("tag", "id", "status", "recorded", "re-scored", "verdict"):
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "recorded", "re-scored"))
+    for r in rows:
+        style = "bold red" if r.fails else ("green" if r.verdict == "ok" else "yellow")
+        table.add_row(r.tag, r.id, r.status, "-" if r.recorded is None else f"{r.recorded:.6f}",
+                      "-" if r.rescored is None else f"{r.rescored:.6f}", Text(r.verdict, style=style))
+    console.print(table)
+    failed = [r for r in rows if r.fails]
+    console.print(f"{len(rows)} record(s) shown, {len(failed)} failed (re-scores must match within {RTOL:g} relative)")
+    sys.exit(1 if failed else 0)
 
 
 @cli.command("plot")

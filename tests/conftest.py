@@ -36,3 +36,15 @@ def data_env(tiny_data: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ARUN_CACHE", str(tiny_cache))
     monkeypatch.setenv("ARUN_DATA_DIR", str(tiny_data))
     return tiny_data
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ledger_key_home(tmp_path_factory: pytest.TempPathFactory):
+    """The machine's ledger key lives in a test folder, never in the user's ~/.config/arun."""
+    old = os.environ.get("ARUN_HOME")
+    os.environ["ARUN_HOME"] = str(tmp_path_factory.mktemp("arun-home"))
+    yield
+    if old is None:
+        os.environ.pop("ARUN_HOME", None)
+    else:
+        os.environ["ARUN_HOME"] = old

@@ -451,14 +451,15 @@ def _garbage_is_skipped(project: dict, path: Path, good: list[dict]) -> None:
         p = subprocess.run(cli + cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
         assert "skipped 1 unreadable line" in p.stderr, p.stderr
-    from arun.core.ledger import Ledger
-    assert Ledger(path).records() == good
+    from arun.core.ledger import Ledger, written
+    back = Ledger(path).records()
+    assert [written(r) for r in back] == good and {r["_trust"] for r in back} == {"ok"}  # seals survive the garbage
     # A run still reads the best correctly and appends after the garbage; this run's train file
     # has a syntax error: recorded crash, naming SyntaxError.
     _edit(project, None, "def train(", "x = (1,  # never closed")
     p = run_arun(repo, env, "--budget", "1", "-m", "a syntax error", timeout=300)
     recs = Ledger(path).records()
-    assert recs[:-1] == good and recs[-1]["status"] == "crash" and recs[-1]["best_before"] is not None
+    assert [written(r) for r in recs[:-1]] == good and recs[-1]["status"] == "crash" and recs[-1]["best_before"] is not None
     assert recs[-1]["error"].startswith("SyntaxError") and "\n" not in recs[-1]["error"], recs[-1]["error"]
     assert any(line.startswith("arun: CRASH: SyntaxError") for line in p.stdout.splitlines()), p.stdout[-1500:]
     assert path.read_text().splitlines()[1] == "this is not json {"  # the ledger is append-only: left in place

@@ -14,7 +14,8 @@ from helpers_repo import empty_repo, git
 
 from arun.core.errors import ArunError
 from arun.core.keys import comparability_key, key_id
-from arun.core.ledger import Ledger, all_records, ledger_path
+from arun.core.chain import SEAL_FIELDS
+from arun.core.ledger import Ledger, all_records, ledger_path, written
 from arun.core.ratchet import baseline_record, best_record, decide, running_best
 from arun.core.record import Record
 
@@ -26,7 +27,10 @@ def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
     a = led.append({"status": "keep", "val_bpb": 1.0, "description": "tab\there, newline\nthere, ünïcode"})
     b = led.append({"id": "fixed", "time": "2026-01-01T00:00:00+0000", "status": "crash"})
     assert a["id"] and a["time"] and b["id"] == "fixed"
-    assert led.records() == [a, b]
+    back = led.records()
+    assert [r["_trust"] for r in back] == ["ok", "ok"]  # sealed by this machine
+    assert [written(r) for r in back] == [a, b]
+    assert "_trust" not in led.path.read_text()  # the trust mark lives in memory only
     assert len(led.path.read_text().splitlines()) == 2  # one line per record, whatever the text holds
 
 
@@ -163,4 +167,6 @@ def test_record_round_trips_and_keeps_fields_it_does_not_know(tmp_path: Path) ->
     out = rec.to_json()
     assert {k: out[k] for k in line} == line  # every field it read comes back unchanged
     Ledger(ledger_path(tmp_path, "t")).append(out)
-    assert Record.from_json(Ledger(ledger_path(tmp_path, "t")).records()[0]).to_json() == out
+    back = Record.from_json(Ledger(ledger_path(tmp_path, "t")).records()[0]).to_json()
+    assert "_trust" not in back  # the reader's mark never becomes a field
+    assert {k: v for k, v in back.items() if k not in SEAL_FIELDS} == out

@@ -55,6 +55,15 @@ def machine_key() -> bytes:
     return bytes.fromhex(path.read_text().strip())
 
 
+def existing_key() -> bytes | None:
+    """The machine key if one was made, else None (a reader never creates one: with no key nothing
+    here can have been sealed by this machine)."""
+    try:
+        return bytes.fromhex(key_path().read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def key_id(key: bytes) -> str:
     return hashlib.sha256(b"arun-ledger-key:" + key).hexdigest()[:12]
 
@@ -86,9 +95,19 @@ def tail_chain(record: dict | None, prev: str = "") -> str:
     return record.get("chain") or chain_of(prev, record)
 
 
+def head(records: list[dict]) -> str:
+    """The chain value the next line must name as its prev: the last line's, walking the file as
+    check() does (an unsealed or broken line still moves the chain on, so honest lines after it hold)."""
+    prev = ""
+    for rec in records:
+        chain = rec.get("chain")
+        prev = chain if isinstance(chain, str) else chain_of(prev, rec)
+    return prev
+
+
 @dataclass
 class Problem:
-    line: int          # 1-based line number among the parsed records
+    line: int          # 1-based line number in the file (among the parsed records when not given)
     record_id: str
     what: str
 
@@ -104,7 +123,7 @@ class Verdict:
     legacy: set[int]     # written before sealing existed
 
 
-def check(records: list[dict], key: bytes | None) -> Verdict:
+def check(records: list[dict], key: bytes | None, lines: list[int] | None = None) -> Verdict:
     """Checks the seals of one ledger file's records, in file order. A record is trusted when its
     own chain holds, its prev names the line before it, and its mac verifies under our key. A
     record sealed under another key came from another machine (or claims to): it is shown, marked,
@@ -116,32 +135,44 @@ def check(records: list[dict], key: bytes | None) -> Verdict:
     ours = key_id(key) if key is not None else None
     prev, sealed_seen = "", False
     for i, rec in enumerate(records):
-        rid = str(rec.get("id", "?"))
+        rid, n = str(rec.get("id", "?")), lines[i] if lines else i + 1
         if "chain" not in rec:
             if sealed_seen:
-                problems.append(Problem(i + 1, rid, "unsealed line after sealed ones: not written by arun"))
+                problems.append(Problem(n, rid, "unsealed line after sealed ones: not written by arun"))
                 bad.add(i)
             else:
                 legacy.add(i)
             prev = chain_of(prev, rec)
             continue
         sealed_seen = True
+        if not isinstance(rec.get("chain"), str):
+            problems.append(Problem(n, rid, "forged: its seal is not a hash"))
+            bad.add(i)
+            prev = chain_of(prev, rec)
+            continue
         if rec.get("prev") != prev:
-            problems.append(Problem(i + 1, rid, "does not follow the line before it: a line was deleted, "
+            problems.append(Problem(n, rid, "does not follow the line before it: a line was deleted, "
                                                 "inserted or moved here"))
             bad.add(i)
         if chain_of(str(rec.get("prev", "")), rec) != rec["chain"]:
-            problems.append(Problem(i + 1, rid, "edited after it was written (its content no longer matches its seal)"))
+            problems.append(Problem(n, rid, "edited after it was written (its content no longer matches its seal)"))
             bad.add(i)
         elif ours is not None and rec.get("mac_key") == ours:
             want = hmac.new(key, str(rec["chain"]).encode(), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(want, str(rec.get("mac", ""))):
-                problems.append(Problem(i + 1, rid, "forged: its seal was not made with this machine's ledger key"))
+                problems.append(Problem(n, rid, "forged: its seal was not made with this machine's ledger key"))
                 bad.add(i)
         elif not rec.get("mac_key") or not rec.get("mac"):
-            problems.append(Problem(i + 1, rid, "forged: sealed without a key"))
+            problems.append(Problem(n, rid, "forged: sealed without a key"))
             bad.add(i)
         else:
             foreign.add(i)
         prev = rec["chain"]
     return Verdict(problems, bad, foreign, legacy)
+
+
+def trust_label(what: str) -> str:
+    """A problem's text as a record's trust mark: "edited: ..." or "forged: ..."."""
+    if what.startswith("edited"):
+        return "edited: " + what[len("edited"):].strip()
+    return what if what.startswith("forged") else "forged: " + what

@@ -44,6 +44,7 @@ from arun.core.scoring import score_artifact
 from arun.core.timing import audit_timing, charged_seconds, default_allowance
 from arun.core.trainfile import constants
 from engines.artifact import SUFFIX
+from engines.fingerprint import fixed_code_sha256, fixed_files
 from engines.report import summary_text
 
 
@@ -84,7 +85,8 @@ def train_constants(text: str) -> dict:
 
 
 def check_scope(repo_dir: Path, train_file: str) -> None:
-    """Only the backend's train file may differ from HEAD (the last kept commit)."""
+    """Only the backend's train file may differ from the run's pinned base commit (HEAD before the
+    run branch exists), committed or not; and the fixed code must hash as it did when the run began."""
     gitops.open_repo(repo_dir)
     if not (repo_dir / train_file).exists():
         raise ArunError(f"{repo_dir / train_file} not found; run arun from the project root")
@@ -92,11 +94,27 @@ def check_scope(repo_dir: Path, train_file: str) -> None:
         gitops.file_at(repo_dir, "HEAD", train_file)
     except Exception:  # noqa: BLE001 - git's error text is the same point said worse
         raise ArunError(f"{train_file} is not committed; git add {train_file} && git commit -m 'add {train_file}'") from None
-    offending = gitops.offending_files(repo_dir, train_file)
+    pin = gitops.run_pin(repo_dir)
+    base = pin["base"] if pin else gitops.head_sha(repo_dir)
+    offending = gitops.offending_files(repo_dir, train_file, base if pin else None)
     if offending:
-        shown = ", ".join(offending[:20]) + (f" (+{len(offending) - 20} more)" if len(offending) > 20 else "")
-        raise ArunError(f"only {train_file} may differ from the last kept commit, but these do too: {shown}; "
-                        f"commit them (outside the experiment) or revert them (git checkout -- FILE / delete)")
+        raise ArunError(scope_message(repo_dir, train_file, base, offending))
+    if pin and fixed_code_sha256(repo_dir) != pin["fixed_code_sha256"]:
+        raise ArunError(f"the fixed code ({', '.join(fixed_files(repo_dir)[:3])}, ...) no longer hashes as it did when "
+                        f"this run began at {base[:10]}; restore it with: git checkout {base[:10]} -- engines arun_data "
+                        f"prepare.py, and remove files git ignores there (a change to fixed code needs a new run: "
+                        f"arun start NAME)")
+
+
+def scope_message(repo_dir: Path, train_file: str, base: str, offending: list[str]) -> str:
+    """The scope guard's refusal: what differs and the command that restores it (never a commit)."""
+    def shown(paths: list[str]) -> str:
+        return " ".join(paths[:20]) + (f" (+{len(paths) - 20} more)" if len(paths) > 20 else "")
+    old = [p for p in offending if gitops.path_in(repo_dir, base, p)]
+    new = [p for p in offending if p not in old]
+    fixes = ([f"git checkout {base[:10]} -- {shown(old)}"] if old else []) + ([f"rm {shown(new)}"] if new else [])
+    return (f"only {train_file} may differ from the run's base ({base[:10]}), but these do too: {shown(offending)}; "
+            f"restore them with: {'; '.join(fixes)} (a change to fixed code needs a new run: arun start NAME)")
 
 
 # --------------------------------------------------------------------------- the experiment, in stages

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import git
 
+from arun.core import pins
 from arun.core.errors import ArunError
 
 IGNORED_PREFIXES = ("bench/", ".arun/")
@@ -48,10 +49,23 @@ def changed_paths(repo_dir: Path | str) -> list[str]:
     return [entry[3:] for entry in out.split("\0") if len(entry) > 3]
 
 
-def offending_files(repo_dir: Path | str, train_file: str) -> list[str]:
-    """Everything but the train file that differs from HEAD: tracked changes, staged or not, and new files
-    (bench/, .arun/ and run.log are the harness's own and never count)."""
-    return sorted({p for p in changed_paths(repo_dir) if not _ignored(p, train_file)})
+def offending_files(repo_dir: Path | str, train_file: str, base: str | None = None) -> list[str]:
+    """Everything but the train file that differs from `base` (default HEAD): committed since base, staged
+    or not, and new files (bench/, .arun/ and run.log are the harness's own and never count)."""
+    paths = set(changed_paths(repo_dir))
+    if base is not None:
+        out = open_repo(repo_dir).git.diff("--name-only", "-z", "--no-renames", base, "--")
+        paths |= {p for p in out.split("\0") if p}
+    return sorted(p for p in paths if not _ignored(p, train_file))
+
+
+def run_pin(repo_dir: Path | str) -> dict | None:
+    """The pin of the branch checked out here (None off a run branch, or before its first run).
+    A run branch made before pins existed is pinned where it stands."""
+    branch = current_branch(repo_dir)
+    if not branch or not branch.startswith("autoresearch/"):
+        return None
+    return pins.read_pin(repo_dir, branch) or pins.write_pin(repo_dir, branch, head_sha(repo_dir))
 
 
 def current_branch(repo_dir: Path | str) -> str | None:
@@ -87,6 +101,7 @@ def ensure_run_branch(repo_dir: Path | str, name: str | None = None) -> tuple[st
             branch = f"{stem}-{n}"
     # A new branch at HEAD: the working tree (the experiment's train file included) stays as it is.
     repo.create_head(branch).checkout()
+    pins.write_pin(repo_dir, branch, repo.head.commit.hexsha)
     return branch, True
 
 
@@ -107,6 +122,15 @@ def _git_reason(e: git.GitCommandError) -> str:
 def commit_exists(repo_dir: Path | str, sha: str) -> bool:
     try:
         open_repo(repo_dir).git.cat_file("-e", f"{sha}^{{commit}}")
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def path_in(repo_dir: Path | str, commit: str, path: str) -> bool:
+    """Whether `path` exists in `commit`."""
+    try:
+        open_repo(repo_dir).git.cat_file("-e", f"{commit}:{path}")
         return True
     except git.GitCommandError:
         return False

@@ -6,6 +6,12 @@ fsync, so two processes never interleave and a completed record is on disk.
 A writer killed mid-line leaves a torn tail; the next append cuts it off
 (keeping the bytes in ledger.jsonl.torn) before writing. Readers skip lines
 that do not parse rather than fail.
+
+Every line is sealed (arun/core/chain.py) against the line before it, under the same lock.
+Readers give each record its trust, in memory only (the `_trust` key, never written):
+"ok" (sealed by this machine), "foreign" (another machine's key), "legacy" (written before
+seals), "forged: ..." / "edited: ..." (its seal fails), "audit failed: ..." (bench/<tag>/audit.json).
+Decisions rest on "ok" records only.
 """
 
 from __future__ import annotations
@@ -21,7 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from arun.core import chain
 from arun.core.errors import ArunError
+
+TRUST = "_trust"     # the in-memory trust mark; a key that starts with "_" is never written
+AUDIT_FILE = "audit.json"
+_warned: set[tuple[str, int, str]] = set()
 
 
 def new_id() -> str:
@@ -40,9 +51,10 @@ def _warn(msg: str) -> None:
     print(f"arun: {msg}", file=sys.stderr)
 
 
-def parse_lines(text: str, source: str) -> list[dict]:
+def parse_lines(text: str, source: str, numbers: list[int] | None = None) -> list[dict]:
+    """The records of a ledger's text; `numbers`, when given, gets each record's 1-based line number."""
     records, bad = [], 0
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -52,6 +64,8 @@ def parse_lines(text: str, source: str) -> list[dict]:
             continue
         if isinstance(rec, dict):
             records.append(rec)
+            if numbers is not None:
+                numbers.append(n)
         else:
             bad += 1
     if bad:
@@ -59,14 +73,89 @@ def parse_lines(text: str, source: str) -> list[dict]:
     return records
 
 
+def written(record: dict) -> dict:
+    """The record as a ledger line holds it: in-memory marks (keys starting with "_") left out."""
+    return {k: v for k, v in record.items() if not str(k).startswith("_")}
+
+
+def trusted(record: dict) -> bool:
+    """Whether a decision may rest on this record. Records read from a ledger carry their trust;
+    one built in memory by this process (no mark) is ours."""
+    return record.get(TRUST, "ok") == "ok"
+
+
+def trust_mark(record: dict) -> str:
+    """A short mark for tables: "" for a trusted record, else foreign / legacy / forged / edited / audit failed."""
+    trust = str(record.get(TRUST, "ok"))
+    return "" if trust == "ok" else trust.split(":")[0]
+
+
+def audit_verdicts(folder: Path) -> dict[str, str]:
+    """bench/<tag>/audit.json as written by `arun audit`: record id -> verdict ("ok" or why not)."""
+    path = Path(folder) / AUDIT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError):
+        _warn(f"{path}: unreadable, ignored; rerun arun audit to rewrite it")
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str, str]) -> list[dict]:
+    """Sets each record's trust from its seal and the audit's verdict; one warning per bad record."""
+    verdict = chain.check(records, chain.existing_key(), lines)
+    why: dict[int, str] = {}
+    for p in verdict.problems:
+        why.setdefault(p.line, p.what)
+        if (source, p.line, p.record_id) not in _warned:
+            _warned.add((source, p.line, p.record_id))
+            _warn(f"{source} line {p.line} (id {p.record_id}): {p.what}; ignored")
+    for i, rec in enumerate(records):
+        if i in verdict.bad:
+            rec[TRUST] = chain.trust_label(why.get(lines[i], "its seal does not hold"))
+        elif i in verdict.foreign:
+            rec[TRUST] = "foreign"
+        elif i in verdict.legacy:
+            rec[TRUST] = "legacy"
+        else:
+            rec[TRUST] = "ok"
+        audited = audit.get(str(rec.get("id")))
+        if rec[TRUST] == "ok" and audited and audited.startswith("failed"):
+            rec[TRUST] = "audit failed: " + audited[len("failed:"):].strip()
+    return records
+
+
 class Ledger:
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
-    def records(self) -> list[dict]:
+    def records(self, audit: bool = True) -> list[dict]:
+        """The records in file order, each with its trust (see the module's docstring); `audit`: honour
+        the folder's audit.json (`arun audit` itself reads without it)."""
         if not self.path.exists():
             return []
-        return parse_lines(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path))
+        lines: list[int] = []
+        recs = parse_lines(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), lines)
+        return annotate(recs, lines, str(self.path), audit_verdicts(self.path.parent) if audit else {})
+
+    def _prev(self, fd: int) -> str:
+        """The chain value of the file's last line (read under the lock): the prev of the next line."""
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, min(size, 1 << 16), max(0, size - (1 << 16))).rstrip(b"\n")
+        last = tail[tail.rfind(b"\n") + 1:] if b"\n" in tail or size <= (1 << 16) else b""
+        try:
+            rec = json.loads(last) if last.strip() else None
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("chain"), str):
+            return rec["chain"]
+        if size == 0:
+            return ""
+        # An unsealed or unreadable last line (or a long one): walk the whole file as a reader would.
+        text = os.pread(fd, size, 0).decode("utf-8", errors="replace")
+        return chain.head(parse_lines(text, str(self.path)))
 
     def _repair(self, fd: int) -> None:
         size = os.fstat(fd).st_size
@@ -90,10 +179,11 @@ class Ledger:
         _warn(f"{self.path}: repaired a torn last line ({len(torn)} bytes) left by a killed writer")
 
     def append(self, record: dict) -> dict:
-        record = dict(record)
+        """Seals the record against the file's last line and appends it; returns the sealed record."""
+        record = written(record)
         record.setdefault("id", new_id())
         record.setdefault("time", now_iso())
-        line = (json.dumps(record, default=str) + "\n").encode()
+        key = chain.machine_key()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -102,6 +192,8 @@ class Ledger:
             try:
                 self._repair(fd)  # inside the try: a full disk can stop the repair too
                 size = os.fstat(fd).st_size
+                record = chain.seal(record, self._prev(fd), key)
+                line = (json.dumps(record) + "\n").encode()
                 view = memoryview(line)
                 while view:
                     view = view[os.write(fd, view):]
@@ -135,7 +227,7 @@ def all_records(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) ->
     seen: dict[str, dict] = {}
     for path in ledgers_in(repo_dir):
         for rec in Ledger(path).records():
-            seen.setdefault(rec.get("id") or json.dumps(rec, sort_keys=True), rec)
+            seen.setdefault(rec.get("id") or json.dumps(written(rec), sort_keys=True), rec)
     for ref in refs:
         try:
             names = subprocess.run(["git", "ls-tree", "-r", "--name-only", ref, "--", "bench"], cwd=repo_dir,
@@ -146,6 +238,9 @@ def all_records(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) ->
             if name.endswith("/ledger.jsonl"):
                 text = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=repo_dir, capture_output=True,
                                       text=True, check=True).stdout
-                for rec in parse_lines(text, f"{ref}:{name}"):
-                    seen.setdefault(rec.get("id") or json.dumps(rec, sort_keys=True), rec)
+                lines: list[int] = []
+                recs = parse_lines(text, f"{ref}:{name}", lines)
+                audit = audit_verdicts((Path(repo_dir) / name).parent)
+                for rec in annotate(recs, lines, f"{ref}:{name}", audit):
+                    seen.setdefault(rec.get("id") or json.dumps(written(rec), sort_keys=True), rec)
     return sorted(seen.values(), key=lambda r: (r.get("time", ""), r.get("id", "")))

@@ -1,8 +1,12 @@
-"""Keep/discard decisions. Only records with the same comparability key are ever compared."""
+"""Keep/discard decisions. Only records with the same comparability key are ever compared, and only
+records this machine sealed (and no audit failed) are believed: a forged, edited, foreign or legacy
+line is shown by the reports but never becomes a best or a baseline."""
 
 from __future__ import annotations
 
 import math
+
+from arun.core.ledger import trusted
 
 NEAR_MISS = 0.002  # n-autoresearch's threshold: a discard this close to the best is worth a second look
 SCORED = ("keep", "discard")  # the statuses that carry a val_bpb
@@ -14,8 +18,8 @@ def scored(record: dict) -> bool:
 
 
 def key_records(records: list[dict], key_id: str) -> list[dict]:
-    """The records of one key, in ledger order: the only ones a decision about that key may read."""
-    return [r for r in records if r.get("key_id") == key_id]
+    """The trusted records of one key, in ledger order: the only ones a decision about that key may read."""
+    return [r for r in records if r.get("key_id") == key_id and trusted(r)]
 
 
 def best_record(records: list[dict], key_id: str) -> dict | None:
@@ -47,7 +51,7 @@ def running_best(records: list[dict]) -> list[float | None]:
     """For each record (one key, ledger order), the best kept val_bpb after it."""
     out, best = [], None
     for r in records:
-        if r.get("status") == "keep" and scored(r) and (best is None or r["val_bpb"] < best):
+        if r.get("status") == "keep" and scored(r) and trusted(r) and (best is None or r["val_bpb"] < best):
             best = r["val_bpb"]
         out.append(best)
     return out

@@ -77,14 +77,15 @@ class Record:
         for name in ("id", "time"):
             if out[name] is None:
                 del out[name]
-        out.update(self.extra)
+        # A reader's in-memory marks (the trust of a record, "_trust") never become part of a line.
+        out.update({k: v for k, v in self.extra.items() if not str(k).startswith("_")})
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Record":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         rec = cls(**{k: v for k, v in data.items() if k in known})
-        rec.extra = {k: v for k, v in data.items() if k not in known}
+        rec.extra = {k: v for k, v in data.items() if k not in known and not str(k).startswith("_")}
         return rec
 
     def update(self, values: dict) -> None:

@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from arun.core.errors import ArunError
-from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in
+from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in, trust_mark, trusted
 from arun.core.ratchet import baseline_record, best_record, scored
 
 FAILED = ("crash", "timeout", "invalid")
@@ -45,6 +45,7 @@ class KeySummary:
     winning_change: str
     best_commit: str | None
     records: list[dict] = field(repr=False, default_factory=list)
+    untrusted: int = 0           # foreign, legacy, forged, edited or audit-failed: shown, never a best
 
 
 def config_changes(before: dict | None, after: dict | None) -> list[str]:
@@ -92,7 +93,8 @@ def summarize(records: list[dict]) -> list[KeySummary]:
             time_budget=key.get("time_budget"), baseline=b0, best=b1, improvement_percent=improvement,
             runs=len(recs), kept=sum(r.get("status") == "keep" for r in recs),
             crashed=sum(r.get("status") in FAILED for r in recs), hours=sum(record_hours(r) for r in recs),
-            winning_change=winning_change(base, best), best_commit=(best or {}).get("commit"), records=recs))
+            winning_change=winning_change(base, best), best_commit=(best or {}).get("commit"), records=recs,
+            untrusted=sum(not trusted(r) for r in recs)))
     return sorted(out, key=lambda s: (s.dataset, s.profile, s.best if s.best is not None else float("inf")))
 
 
@@ -116,9 +118,14 @@ def compare_tables(summaries: list[KeySummary]) -> list[Table]:
         for s in rows:
             table.add_row(s.tag, s.backend, _f(s.time_budget, "{:g}s"), _f(s.baseline), _f(s.best),
                           _f(s.improvement_percent, "{:.2f}%"), str(s.runs), str(s.kept), str(s.crashed),
-                          f"{s.hours:.2f}", s.winning_change)
+                          f"{s.hours:.2f}", s.winning_change + _untrusted_note(s))
         tables.append(table)
     return tables
+
+
+def _untrusted_note(s: KeySummary) -> str:
+    marks = sorted({trust_mark(r) for r in s.records} - {""})
+    return f" ({s.untrusted} not believed: {', '.join(marks)})" if s.untrusted else ""
 
 
 def compare(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) -> list[KeySummary]:
@@ -150,6 +157,7 @@ class LogRow:
     baseline: bool
     description: str
     commit: str | None
+    mark: str = ""               # why the record is not believed ("" when it is)
 
 
 def log_rows(records: list[dict]) -> list[LogRow]:
@@ -163,13 +171,13 @@ def log_rows(records: list[dict]) -> list[LogRow]:
         before = best_so_far.get(kid)
         val = r.get("val_bpb") if scored(r) else None
         delta = val - before if val is not None and before is not None else None
-        if r.get("status") == "keep" and val is not None and (before is None or val < before):
+        if r.get("status") == "keep" and val is not None and trusted(r) and (before is None or val < before):
             best_so_far[kid] = val
         budget = (r.get("key") or {}).get("time_budget")
         short = f"{kid[:6]} {budget:g}s" if isinstance(budget, (int, float)) else kid[:6]
         rows.append(LogRow(counts[kid], str(r.get("id", "?")), str(r.get("tag", "?")), short, str(r.get("status", "?")),
                            val, delta, bool(r.get("baseline")) and r.get("status") == "keep",
-                           str(r.get("description") or ""), r.get("commit")))
+                           str(r.get("description") or ""), r.get("commit"), trust_mark(r)))
     return rows
 
 
@@ -187,6 +195,8 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
     for row in rows:
         delta = "baseline" if row.baseline else ("-" if row.delta is None else f"{row.delta:+.6f}")
         status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+        if row.mark:
+            status.append(f" [{row.mark}]", style="bold red" if row.mark != "foreign" else "yellow")
         cells = [str(row.n), row.id] + ([row.tag] if show_tag else []) + ([row.key] if show_key else []) + [
             status, _f(row.val_bpb), delta, (row.commit or "")[:7], row.description]
         table.add_row(*cells)
@@ -210,7 +220,7 @@ def find_record(records: list[dict], ident: str) -> dict:
     return hits[0]
 
 
-SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "status", "baseline", "val_bpb", "val_bpb_seeds",
+SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "_trust", "status", "baseline", "val_bpb", "val_bpb_seeds",
                "test_bpb", "test_bpb_seeds", "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
                "train_file", "train_sha256", "seeds", "proposer", "claimed_val_bpb", "artifact_sha256", "training_seconds",
                "charged_seconds", "allowance_seconds", "total_seconds", "wall_seconds", "startup_seconds",
@@ -233,7 +243,9 @@ def show_renderables(rec: dict) -> list[RenderableType]:
     for name in SHOW_FIELDS:
         if name in rec:
             value = _fmt_value(rec[name])
-            if name == "status":
+            if name == "_trust":
+                grid.add_row("trust", Text(value, style="" if value == "ok" else "bold red"))
+            elif name == "status":
                 grid.add_row(name, Text(value, style=STATUS_STYLE.get(value, "")))
             else:
                 grid.add_row(name, value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from arun.core.ledger import trust_mark
 from arun.core.ratchet import scored
 
 HEADER = ("commit", "val_bpb", "memory_gb", "status", "description")
@@ -28,6 +29,8 @@ def tsv_rows(records: list[dict]) -> list[tuple[str, str, str, str, str]]:
     for r in records:
         status = r.get("status") or "crash"
         desc = _clean(r.get("description") or "")
+        if trust_mark(r):  # upstream's five columns have no place for it: the description says it
+            desc = f"{desc} [not believed: {_clean(str(r.get('_trust')))}]".strip()
         if status in ("keep", "discard") and scored(r):
             val = f"{r['val_bpb']:.6f}"
             mem = r.get("peak_memory_mb")

@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from datetime import datetime, timezone
 
+from arun.core.ledger import trust_mark, trusted
 from arun.core.ratchet import baseline_record, best_record, scored
 from arun.report.heldout import held_out, heldout_lines
 
@@ -73,9 +74,10 @@ def summarize(period: list[dict], history: list[dict] | None = None) -> list[dic
         best = best_record(hist, kid)
         base = baseline_record(hist, kid)
         counts = Counter(r.get("status") for r in recs)
+        marks = Counter(trust_mark(r) for r in recs if trust_mark(r))
         improvements = []
         for r in recs:
-            if r.get("status") == "keep" and scored(r) and isinstance(r.get("best_before"), (int, float)):
+            if r.get("status") == "keep" and scored(r) and trusted(r) and isinstance(r.get("best_before"), (int, float)):
                 improvements.append({"gain": r["best_before"] - r["val_bpb"], "val_bpb": r["val_bpb"],
                                      "description": r.get("description") or "", "id": r.get("id"),
                                      "commit": r.get("commit")})
@@ -90,6 +92,7 @@ def summarize(period: list[dict], history: list[dict] | None = None) -> list[dic
             "key_id": kid, "tag": recs[0].get("tag"), "backend": recs[0].get("backend"), "key": key,
             "experiments": len(recs), "counts": {s: counts.get(s, 0) for s in STATUS_ORDER},
             "near_misses": sum(1 for r in recs if r.get("near_miss")),
+            "not_believed": dict(marks),
             "baseline": base["val_bpb"] if base else None,
             "best": best["val_bpb"] if best else None,
             "best_commit": best.get("commit") if best else None,
@@ -130,6 +133,9 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
         parts = [f"{c[k]} {k}" for k in STATUS_ORDER if c[k]]
         near = f" ({s['near_misses']} near miss{'es' if s['near_misses'] > 1 else ''})" if s["near_misses"] else ""
         lines.append(f"  experiments: {s['experiments']}: " + ", ".join(parts) + near)
+        if s["not_believed"]:
+            marks = ", ".join(f"{n} {m}" for m, n in sorted(s["not_believed"].items()))
+            lines.append(f"  not believed (shown, never a best): {marks}; see arun log and arun audit")
         if s["best"] is not None:
             vs = ""
             if s["baseline"] is not None:

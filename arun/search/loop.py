@@ -177,7 +177,9 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     committed = restore_head(repo_dir, pre)
     new = (repo_dir / train_file).read_bytes()
     diff = gitops.diff_against(repo_dir, base, train_file)
-    outside = sorted(set(gitops.offending_files(repo_dir, train_file)) | (set(committed) - {train_file}))
+    pin = gitops.run_pin(repo_dir)  # the same guard as check_scope: against the run's pinned base
+    outside = sorted(set(gitops.offending_files(repo_dir, train_file, pin["base"] if pin else None))
+                     | (set(committed) - {train_file}))
     extra = {k: v for k, v in proposal.extra.items() if k.startswith("agent_")}
 
     def invalid(error: str) -> dict:

@@ -15,7 +15,7 @@ from typing import Any
 from arun.core import gitops
 from arun.core.context import cached_context
 from arun.core.errors import ArunError
-from arun.core.ledger import ledger_path
+from arun.core.ledger import ledger_path, written
 from arun.search.loop import iteration
 from arun.search.loop import make_proposer as loop_proposer
 from arun.swarm.actors import ray_get
@@ -52,7 +52,7 @@ class SwarmLedger:
         path = ledger_path(wt, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".swarm-tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self._records), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(written(r), default=str) + "\n" for r in self._records), encoding="utf-8")
         tmp.replace(path)
         return path
 

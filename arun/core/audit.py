@@ -1,0 +1,141 @@
+"""
+`arun audit`: checks every ledger line's seal and re-scores every keep whose forward is still in
+the artifact store, with the fixed evaluator process, on the same data. The verdicts go to
+bench/<tag>/audit.json (record id -> verdict), which every later read honours: a keep whose
+number could not be reproduced is marked and never a best again.
+
+Verdicts: "ok", "not retained" (retention deleted its forward: nothing to check, not a failure),
+"skipped: <why>" (it cannot be re-scored here: other data, other hardware, other fixed code),
+"failed: <why>", and the seal's own "forged: ..." / "edited: ...".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from arun.core import artifacts
+from arun.core.context import open_data, resolve_engine
+from arun.core.errors import ArunError
+from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, ledgers_in, parse_lines
+from arun.core.gitops import run_git
+from arun.core.ratchet import scored
+from arun.core.scoring import score_artifact
+
+# The re-score runs the same fixed code on the same artifact, rows and device as the score of record,
+# and sums in float64: an honest keep reproduces to the last few bits (1e-9 and below in practice).
+# 1e-6 relative leaves room for a nondeterministic reduction order on a GPU and is still a hundred times
+# finer than any gain the ratchet cares about (NEAR_MISS is 2e-3 absolute).
+RTOL = 1e-6
+FAILING = ("failed", "forged", "edited")
+
+
+@dataclass
+class Row:
+    tag: str
+    id: str
+    status: str
+    recorded: float | None
+    rescored: float | None
+    verdict: str
+
+    @property
+    def fails(self) -> bool:
+        return self.verdict.startswith(FAILING)
+
+
+def _ledgers(repo_dir: Path, tag: str | None, ref: str | None) -> list[tuple[str, str, list[dict]]]:
+    """(tag, source, records with their seal trust but no earlier audit) for each ledger to audit."""
+    out = []
+    if ref is None:
+        paths = [ledger_path(repo_dir, tag)] if tag else ledgers_in(repo_dir)
+        for path in paths:
+            if not path.exists():
+                known = ", ".join(p.parent.name for p in ledgers_in(repo_dir)) or "none yet"
+                raise ArunError(f"no ledger for tag {tag!r} at {path}; tags here: {known}")
+            out.append((path.parent.name, str(path), Ledger(path).records(audit=False)))
+        return out
+    names = run_git(repo_dir, "ls-tree", "-r", "--name-only", ref, "--", "bench").split()
+    for name in names:
+        t = Path(name).parent.name
+        if name.endswith("/ledger.jsonl") and (tag is None or t == tag):
+            lines: list[int] = []
+            recs = parse_lines(run_git(repo_dir, "show", f"{ref}:{name}"), f"{ref}:{name}", lines)
+            out.append((t, f"{ref}:{name}", annotate(recs, lines, f"{ref}:{name}", {})))
+    return out
+
+
+def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None, str]:
+    """(re-scored val_bpb, verdict) of one keep."""
+    backend, sha = str(rec.get("backend")), str(rec["artifact_sha256"])
+    if backend not in artifacts.SUFFIX:
+        return None, f"skipped: unknown backend {backend!r}"
+    path = artifacts.path_for(repo_dir, backend, sha)
+    if not path.exists():
+        return None, "not retained"
+    key = rec.get("key") or {}
+    here = data.key()
+    if any(key.get(k) != v for k, v in here.items()):
+        return None, f"skipped: recorded on other data ({key.get('dataset')}/{key.get('profile')}); prepare that data to audit it"
+    device = rec.get("device")
+    if (backend, device) not in tags:
+        try:
+            tags[(backend, device)] = resolve_engine(backend, device)[1].tag
+        except ArunError as e:
+            tags[(backend, device)] = f"unavailable ({e})"
+    if tags[(backend, device)] != rec.get("tag"):
+        return None, f"skipped: recorded on {rec.get('tag')}, this machine is {tags[(backend, device)]}"
+    with tempfile.TemporaryDirectory(prefix="arun-audit-") as d:
+        verdict = score_artifact(backend, path, data.dir, Path(d) / "verdict.json", device=device,
+                                 expect_fixed_sha=key.get("fixed_code_sha256"))
+    got = verdict.get("val_bpb")
+    swapped = artifacts.sha256_of(path) != sha
+    if "error" in verdict or not isinstance(got, (int, float)):
+        return None, f"failed: the evaluator refused its forward ({verdict.get('error', 'no val_bpb')})"
+    seeds = rec.get("val_bpb_seeds") or []
+    want = float(seeds[0]) if len(seeds) > 1 else float(rec["val_bpb"])  # one forward: the first seed's
+    if swapped:
+        return got, "failed: the stored forward's bytes no longer match the record's artifact_sha256 (swapped)"
+    if not math.isclose(got, want, rel_tol=RTOL, abs_tol=0.0):
+        return got, f"failed: re-scored {got:.6f}, recorded {want:.6f} (beyond {RTOL:g} relative)"
+    return got, "ok"
+
+
+def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) -> list[Row]:
+    """Audits the ledgers (one tag's, or all; from a git ref when given) and writes each tag's audit.json."""
+    repo_dir = Path(repo_dir).resolve()
+    ledgers = _ledgers(repo_dir, tag, ref)
+    data = None
+    tags: dict = {}
+    rows: list[Row] = []
+    for t, _source, records in ledgers:
+        verdicts: dict[str, str] = {}
+        for rec in records:
+            rid, trust = str(rec.get("id", "?")), str(rec.get(TRUST, "ok"))
+            recorded = rec["val_bpb"] if scored(rec) else None
+            rescored, verdict = None, trust if trust != "ok" else "ok"
+            if trust.startswith(("forged", "edited")):
+                pass
+            elif rec.get("status") == "keep" and rec.get("artifact_sha256") and recorded is not None:
+                data = data if data is not None else open_data(verify=True)
+                rescored, verdict = _rescore(repo_dir, rec, data, tags)
+                if trust != "ok" and not verdict.startswith(FAILING):
+                    verdict = f"{verdict} ({trust})"
+            elif rec.get("status") == "keep" and trust in ("ok", "foreign"):
+                verdict = "skipped: no artifact recorded (kept before artifacts existed)"
+            verdicts[rid] = verdict
+            if rec.get("status") == "keep" or verdict != "ok":
+                rows.append(Row(t, rid, str(rec.get("status")), recorded, rescored, verdict))
+        _write(repo_dir / "bench" / t / AUDIT_FILE, verdicts)
+    return rows
+
+
+def _write(path: Path, verdicts: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(verdicts, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
