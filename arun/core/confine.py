@@ -55,6 +55,13 @@ def banner() -> str:
     return f"arun: confined ({how})" if ok else f"arun: NOT confined: {how}"
 
 
+def doctor_line() -> str:
+    ok, how = state()
+    if ok:
+        return f"confinement: confined ({how}): train process, scorer and the loop's agent"
+    return f"confinement: NOT confined: {how} (runs are recorded confined: false; --require-confinement refuses them)"
+
+
 def required() -> bool:
     return os.environ.get("ARUN_REQUIRE_CONFINEMENT", "").strip().lower() in ("1", "true", "yes")
 

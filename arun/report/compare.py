@@ -22,6 +22,13 @@ from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in
 from arun.core.ratchet import baseline_record, best_record, scored
 
 FAILED = ("crash", "timeout", "invalid")
+UNCONFINED = " (unconfined)"  # marks a result whose train process the OS did not confine
+
+
+def unconfined(r: dict | None) -> bool:
+    """A scored result whose train process ran without OS confinement (records older than
+    confinement carry no `confined` field: they ran unconfined too)."""
+    return bool(r) and scored(r) and r.get("confined") is not True
 STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "magenta"}
 
 
@@ -44,6 +51,8 @@ class KeySummary:
     hours: float
     winning_change: str
     best_commit: str | None
+    best_unconfined: bool = False
+    unconfined: int = 0           # scored results of the key whose train process ran unconfined
     records: list[dict] = field(repr=False, default_factory=list)
 
 
@@ -92,7 +101,8 @@ def summarize(records: list[dict]) -> list[KeySummary]:
             time_budget=key.get("time_budget"), baseline=b0, best=b1, improvement_percent=improvement,
             runs=len(recs), kept=sum(r.get("status") == "keep" for r in recs),
             crashed=sum(r.get("status") in FAILED for r in recs), hours=sum(record_hours(r) for r in recs),
-            winning_change=winning_change(base, best), best_commit=(best or {}).get("commit"), records=recs))
+            winning_change=winning_change(base, best), best_commit=(best or {}).get("commit"),
+            best_unconfined=unconfined(best), unconfined=sum(unconfined(r) for r in recs), records=recs))
     return sorted(out, key=lambda s: (s.dataset, s.profile, s.best if s.best is not None else float("inf")))
 
 
@@ -110,13 +120,15 @@ def compare_tables(summaries: list[KeySummary]) -> list[Table]:
         table = Table(title=f"{dataset} / {profile}", title_style="bold", expand=False)
         for col, just in [("hardware tag", "left"), ("backend", "left"), ("budget", "right"),
                           ("baseline", "right"), ("best", "right"), ("improvement", "right"),
-                          ("run", "right"), ("kept", "right"), ("crashed", "right"), ("hours", "right"),
+                          ("run", "right"), ("kept", "right"), ("crashed", "right"), ("unconfined", "right"),
+                          ("hours", "right"),
                           ("winning change", "left")]:
             table.add_column(col, justify=just, overflow="fold")
         for s in rows:
-            table.add_row(s.tag, s.backend, _f(s.time_budget, "{:g}s"), _f(s.baseline), _f(s.best),
+            best = _f(s.best) + (UNCONFINED if s.best_unconfined else "")
+            table.add_row(s.tag, s.backend, _f(s.time_budget, "{:g}s"), _f(s.baseline), best,
                           _f(s.improvement_percent, "{:.2f}%"), str(s.runs), str(s.kept), str(s.crashed),
-                          f"{s.hours:.2f}", s.winning_change)
+                          str(s.unconfined), f"{s.hours:.2f}", s.winning_change)
         tables.append(table)
     return tables
 
@@ -150,6 +162,7 @@ class LogRow:
     baseline: bool
     description: str
     commit: str | None
+    unconfined: bool = False
 
 
 def log_rows(records: list[dict]) -> list[LogRow]:
@@ -169,7 +182,7 @@ def log_rows(records: list[dict]) -> list[LogRow]:
         short = f"{kid[:6]} {budget:g}s" if isinstance(budget, (int, float)) else kid[:6]
         rows.append(LogRow(counts[kid], str(r.get("id", "?")), str(r.get("tag", "?")), short, str(r.get("status", "?")),
                            val, delta, bool(r.get("baseline")) and r.get("status") == "keep",
-                           str(r.get("description") or ""), r.get("commit")))
+                           str(r.get("description") or ""), r.get("commit"), unconfined(r)))
     return rows
 
 
@@ -186,7 +199,7 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
         table.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("tag", "description", "key"))
     for row in rows:
         delta = "baseline" if row.baseline else ("-" if row.delta is None else f"{row.delta:+.6f}")
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+        status = Text(row.status + (UNCONFINED if row.unconfined else ""), style=STATUS_STYLE.get(row.status, ""))
         cells = [str(row.n), row.id] + ([row.tag] if show_tag else []) + ([row.key] if show_key else []) + [
             status, _f(row.val_bpb), delta, (row.commit or "")[:7], row.description]
         table.add_row(*cells)
@@ -210,7 +223,7 @@ def find_record(records: list[dict], ident: str) -> dict:
 
 
 SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "status", "baseline", "val_bpb", "val_bpb_seeds",
-               "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
+               "best_before", "near_miss", "confined", "confinement", "description", "error", "commit", "parent_commit", "branch",
                "train_file", "train_sha256", "seeds", "proposer", "training_seconds", "total_seconds",
                "wall_seconds", "startup_seconds", "warmup_seconds", "eval_seconds", "bookkeeping_seconds",
                "overhead_seconds", "peak_memory_mb", "mfu_percent", "total_tokens", "num_steps", "num_params"]

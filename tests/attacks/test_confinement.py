@@ -28,8 +28,7 @@ BUDGET = 1.5
 TRAIN = "train_cuda.py"
 CONFINED, WHY = sandbox.available()
 
-pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.skipif(not CONFINED, reason=f"no OS confinement here: {WHY}")]
+pytestmark = pytest.mark.timeout(300)
 
 
 def run(repo: Path, description: str) -> dict:
@@ -43,6 +42,8 @@ def run(repo: Path, description: str) -> dict:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Path:
     """A project whose honest baseline ran confined (one real run)."""
+    if not CONFINED:
+        pytest.skip(f"no OS confinement here: {WHY}")
     pytest.importorskip("torch")
     repo = tmp_path_factory.mktemp("confine") / "repo"
     make_project(repo, TRAIN)
@@ -196,3 +197,44 @@ def test_a_confined_agent_in_the_loop_records_as_before(project: Path) -> None:
     assert len(ledger_records(project)) == before + 1
     assert any(line == f"arun: confined ({WHY})" for line in lines)
     assert json.loads(json.dumps(rec))["confinement"] == WHY
+
+
+# --------------------------------------------------------------------------- where the OS cannot confine
+
+@pytest.fixture
+def no_confinement(monkeypatch: pytest.MonkeyPatch) -> str:
+    """This machine as one without Landlock or Seatbelt (the only stand-in here: the OS probe)."""
+    why = "Landlock is not available on kernel 5.4 (it needs Linux >= 5.13 with landlock in the lsm= boot list)"
+    monkeypatch.setattr(confine, "state", lambda: (False, why))
+    monkeypatch.delenv("ARUN_REQUIRE_CONFINEMENT", raising=False)
+    return why
+
+
+def test_unconfined_runs_work_are_marked_and_can_be_refused(tmp_path: Path, data_env: Path, no_confinement: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from arun.cli import cli
+    from arun.core.errors import ArunError
+    from arun.report.compare import compare_tables, log_rows, summarize
+    pytest.importorskip("torch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = tmp_path / "repo"
+    make_project(repo, TRAIN)
+    rec = run(repo, "baseline")
+    assert rec["status"] == "keep" and rec["confined"] is False and rec["confinement"] == no_confinement
+    assert rec["_lines"][0] == f"arun: NOT confined: {no_confinement}"
+    assert log_rows([rec])[0].unconfined and summarize([rec])[0].best_unconfined
+    assert compare_tables(summarize([rec]))  # renders with the mark
+    before = (next((repo / "bench").glob("*/ledger.jsonl"))).read_bytes()
+    with pytest.raises(ArunError, match="confinement is required"):
+        from arun.core.experiment import run_experiment
+        run_experiment(repo, "cuda", "again", budget=BUDGET, device="cpu", require_confinement=True, log=lambda s: None)
+    monkeypatch.chdir(repo)
+    for args in (["run", "--backend", "cuda", "--device", "cpu"], ["loop", "--backend", "cuda", "--agent", "sweep"],
+                 ["noise", "--backend", "cuda"], ["swarm", "--backend", "cuda"]):
+        res = CliRunner().invoke(cli, [*args, "--require-confinement"])
+        assert res.exit_code == 1 and "confinement is required" in res.output, res.output
+        assert len(res.output.strip().splitlines()) <= 3  # one line (wrapped at the terminal's width)
+        monkeypatch.delenv("ARUN_REQUIRE_CONFINEMENT", raising=False)
+    assert next((repo / "bench").glob("*/ledger.jsonl")).read_bytes() == before
