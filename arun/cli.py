@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from rich.text import Text
 
 import prepare
 from arun_data import build
-from arun.core import artifacts, gitops
+from arun.core import artifacts, confine, gitops
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
@@ -95,6 +96,22 @@ def near_miss_option():
     return click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
 
 
+def require_confinement_option():
+    """--require-confinement (or ARUN_REQUIRE_CONFINEMENT=1): refuse to run where the OS cannot confine
+    the train process. Set in the environment, so the harness checks it again wherever it launches one
+    (every loop iteration, every swarm worker)."""
+    def apply(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+        if value:
+            os.environ["ARUN_REQUIRE_CONFINEMENT"] = "1"
+            try:
+                confine.require(True)
+            except ArunError as e:
+                fail(str(e))
+        return value
+    return click.option("--require-confinement", is_flag=True, envvar="ARUN_REQUIRE_CONFINEMENT", expose_value=False,
+                        callback=apply, help="refuse to run unless the OS confines the train process (Landlock, Seatbelt)")
+
+
 def options(*opts):
     """Applies options in the order listed (as stacked decorators would read)."""
     def apply(f):
@@ -115,6 +132,7 @@ experiment_options = options(
     seeds_option("score the change over N seeds"),
     confidence_option("with --seeds: keep only when better at this confidence (e.g. 0.95)"),
     click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
+    require_confinement_option(),
 )
 
 
@@ -345,6 +363,7 @@ def doctor_cmd() -> None:
             ok, why, tag = False, f"{type(e).__name__}: {e}", "-"
         table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", tag, why)
     console.print(table)
+    console.print(confine.doctor_line(), markup=False, highlight=False)
     try:
         data = prepare.PreparedData.open()
         console.print(f"data: {data.dir} ({data.manifest['describe']})")
@@ -375,6 +394,7 @@ def doctor_cmd() -> None:
               help="drop a worker after K consecutive experiments without a score; 0: never")
 @click.option("--max-restarts", type=int, default=3, show_default=True, help="restarts of a dead worker before it is dropped")
 @click.option("--run", "run_name", default=None, help="run name: branches autoresearch/<run>-w<k> (default: swarm-<time>)")
+@require_confinement_option()
 def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str, hours: float | None,
               iterations: int | None, budget: float | None, device: str | None, seeds: int, confidence: float | None,
               hard_timeout: float | None, agent_timeout: float | None, near_miss: float | None,
@@ -423,6 +443,7 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
               help="stop after K consecutive iterations without a score (crash, timeout, invalid); 0: never")
 @near_miss_option()
 @allowance_option()
+@require_confinement_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
              confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
              agent_timeout: float, max_crashes: int, near_miss: float | None, allowance: float | None) -> None:
@@ -441,6 +462,7 @@ def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | No
 @device_option()
 @timeout_option()
 @allowance_option()
+@require_confinement_option()
 def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None,
               allowance: float | None) -> None:
     """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""

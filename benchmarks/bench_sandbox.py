@@ -8,6 +8,12 @@ other processes on a shared machine).
 
     python benchmarks/bench_sandbox.py                     # both engines, 5 rounds of 5 s
     python benchmarks/bench_sandbox.py --engines torch --rounds 5 --seconds 10
+    python benchmarks/bench_sandbox.py --real              # the real train files, through the harness
+
+--real runs the project's own train_cuda.py (torch on the CPU) and train_mlx.py at a tiny config
+(depth 1, 64-token rows of the pystdlib `tiny` data, built in a scratch cache unless ARUN_DATA_DIR
+is set) through arun.core.process.run_train_file, confined and plain, and compares the
+tokens_per_second each run reports (training steps only: start-up and evaluation excluded).
 """
 
 from __future__ import annotations
@@ -97,11 +103,69 @@ def run_worker(engine: str, seconds: float, confined: bool, scratch: Path) -> di
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"DEPTH": 1, "ASPECT_RATIO": 64, "HEAD_DIM": 32, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 512,
+        "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32, "WARMUP_STEPS": 1}
+TRAIN_FILES = {"torch": ("train_cuda.py", "cpu"), "mlx": ("train_mlx.py", None)}
+
+
+def real_project(scratch: Path) -> Path:
+    """The fixed files and both train files at the tiny config, as a user's clone holds them."""
+    import shutil
+    from arun.core.trainfile import rewrite_constants
+    repo = scratch / "project"
+    repo.mkdir()
+    shutil.copy2(REPO / "prepare.py", repo / "prepare.py")
+    for pkg in ("engines", "arun_data"):
+        shutil.copytree(REPO / pkg, repo / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, _ in TRAIN_FILES.values():
+        (repo / name).write_text(rewrite_constants((REPO / name).read_text(), TINY))
+    return repo
+
+
+def real_round(engine: str, repo: Path, data_dir: Path, seconds: float, confined: bool, n: int) -> dict:
+    from arun.core.process import child_env, run_train_file
+    train_file, device = TRAIN_FILES[engine]
+    run_dir = repo / ".arun" / "runs" / f"{engine}-{n}-{'confined' if confined else 'plain'}"
+    run_dir.mkdir(parents=True)
+    env = child_env(data_dir, device, ARUN_TIME_BUDGET=repr(seconds), ARUN_RESULT_JSON=str(run_dir / "result.json"),
+                    ARUN_CHECKPOINT=str(run_dir / "weights.npz"), OMP_NUM_THREADS="1")
+    out = run_train_file(repo, train_file, env, run_dir / "run.log", hard_timeout=seconds + 300, confine=confined)
+    if out.status != "ok" or out.confined != confined:
+        raise SystemExit(f"{engine} {'confined' if confined else 'plain'} run failed: {out.status}: {out.error}")
+    return {"tokens_per_s": float(out.result["tokens_per_second"]), "wall_s": out.wall_seconds}
+
+
+def main_real(engines: list[str], rounds: int, seconds: float) -> None:
+    import os
+    with tempfile.TemporaryDirectory() as scratch:
+        data_dir = os.environ.get("ARUN_DATA_DIR")
+        if not data_dir:
+            os.environ["ARUN_CACHE"] = str(Path(scratch) / "cache")
+            from arun_data import build
+            data_dir = str(build.prepare("pystdlib", "tiny", log=lambda s: None))
+        repo = real_project(Path(scratch))
+        for engine in engines:
+            pairs = []
+            for r in range(rounds):
+                pair = {c: real_round(engine, repo, Path(data_dir), seconds, c, r)
+                        for c in ((False, True) if r % 2 == 0 else (True, False))}
+                print(f"  {engine:5s} round {r + 1}: plain {pair[False]['tokens_per_s']:10,.0f} tok/s   "
+                      f"confined {pair[True]['tokens_per_s']:10,.0f} tok/s")
+                pairs.append(pair)
+            ratio = statistics.median(p[True]["tokens_per_s"] / p[False]["tokens_per_s"] for p in pairs)
+            plain = statistics.median(p[False]["tokens_per_s"] for p in pairs)
+            conf = statistics.median(p[True]["tokens_per_s"] for p in pairs)
+            print(f"{engine:5s} {TRAIN_FILES[engine][0]}: plain {plain:,.0f} tok/s, confined {conf:,.0f} tok/s, "
+                  f"median paired ratio {ratio:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", default="torch,mlx")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--real", action="store_true", help="the real train files through the harness (tiny config)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -114,6 +178,9 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"cannot compare: {why}")
     print(f"confinement: {why}; {args.rounds} alternating rounds of {args.seconds:g} s per engine")
+    if args.real:
+        main_real(args.engines.split(","), args.rounds, args.seconds)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         for engine in args.engines.split(","):
             rounds = []

@@ -224,14 +224,27 @@ def _existing(paths: list[Path]) -> list[Path]:
     return out
 
 
+def spread(root: Path, hidden: list[Path]) -> list[Path]:
+    """`root` as grants that leave out every hidden path beneath it: root itself when nothing hidden
+    lies beneath, else its entries, split the same way (an allow-list cannot subtract, so a grant on
+    a home folder that holds the data cache becomes grants on the cache's siblings)."""
+    root = Path(root).expanduser().resolve()
+    inside = [h for h in (Path(p).expanduser().resolve() for p in hidden) if _under(h, root)]
+    if not inside:
+        return [root] if root.exists() else []
+    if root in inside or not root.is_dir():
+        return []
+    return [p for child in sorted(root.iterdir()) for p in spread(child, inside)]
+
+
 def training_policy(repo: Path, data_dir: Path, run_dir: Path, temp: Path) -> Policy:
     """A train process: reads the repo (not bench/, .arun/, .git, run.log) and the data folder's
     tokenizer, token bytes, manifest and train shards; writes only its run folder and its temp
     folder. The process needs ARUN_DATA_DIR set: the cache's current.json is not readable."""
     repo, data_dir = Path(repo).resolve(), Path(data_dir).resolve()
-    read = [p for p in sorted(repo.iterdir()) if p.name not in REPO_HIDDEN]
-    read += [p for pattern in DATA_READABLE for p in sorted(data_dir.glob(pattern)) if p.is_file()]
     hide = [repo / name for name in sorted(REPO_HIDDEN)] + [data_dir.parent]
+    read = spread(repo, hide)  # (a data cache inside the repo stays out too)
+    read += [p for pattern in DATA_READABLE for p in sorted(data_dir.glob(pattern)) if p.is_file()]
     # Python's import system lists the script's folder to find prepare.py and engines/. Landlock
     # grants are hierarchical, so this lets names (never contents) beneath the repo be listed.
     return Policy(read=read, write=[Path(run_dir)], listable=[repo, data_dir], temp=Path(temp), hide=hide)

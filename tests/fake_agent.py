@@ -13,6 +13,10 @@ the last stdout line. Modes:
     nochange             print something and exit without editing
     break                write a syntax error into the train file (unique per iteration)
     fail                 exit 3 without editing
+    attack WHAT          try something the loop's confinement forbids (val: read the val rows of
+                         $ARUN_DATA_DIR; bench: write into bench/; pth: drop a .pth into site-packages;
+                         evaluator: edit engines/evaluator.py), print "denied: ..." or "done: ...",
+                         then make an honest edit of the train file (in place) and run `git diff`
 
 $FAKE_AGENT_DUMP: if set, the prompt read from stdin is written there (with the env it saw).
 $FAKE_AGENT_PIDS: if set, `hang` writes "<own pid> <grandchild pid>" there once it is running.
@@ -38,6 +42,26 @@ def rewrite(path: Path, overrides: dict) -> None:
 def append(path: Path, line: str) -> None:
     with open(path, "a") as f:
         f.write(line + "\n")
+
+
+def attack(what: str, train: Path, it: str) -> None:
+    import sysconfig
+    target = {"val": Path(os.environ.get("ARUN_DATA_DIR", ".")) / "val_rows.npy", "bench": Path("bench") / "stolen.txt",
+              "pth": Path(sysconfig.get_paths()["purelib"]) / "zz_agent.pth", "evaluator": Path("engines") / "evaluator.py"}[what]
+    try:
+        if what == "val":
+            target.read_bytes()
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as f:
+                f.write("import os  # the agent was here\n")
+        print(f"done: {target}")
+    except OSError as e:
+        print(f"denied: {e}")
+    append(train, f"# honest edit {it}")
+    diff = subprocess.run(["git", "diff", "--stat"], capture_output=True, text=True)
+    print(f"git diff exit {diff.returncode}: {diff.stdout.strip()[:80]}")
+    print(f"attack {what}")
 
 
 def main(argv: list[str]) -> int:
@@ -80,6 +104,8 @@ def main(argv: list[str]) -> int:
         if pids:
             Path(pids).write_text(f"{os.getpid()} {child.pid}")
         time.sleep(600)
+    elif mode == "attack":
+        attack(args[0], train, it)
     elif mode == "nochange":
         print("I looked and changed nothing")
     elif mode == "break":

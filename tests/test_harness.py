@@ -562,8 +562,10 @@ def test_ctrl_c_kills_the_run_restores_the_train_file_and_records_crash(data_env
     repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX})
     set_constants(repo, "train_mlx.py", LEARNING_RATE=0.01)
     experiment = (repo / "train_mlx.py").read_text()
-    pid_file = tmp_path / "child.pid"
-    env = dict(os.environ, TEST_PID_FILE=str(pid_file))
+    (tmp_path / "pid").mkdir()
+    pid_file = tmp_path / "pid" / "child.pid"
+    # (a confined run writes only its run folder: the test's pid folder is granted explicitly)
+    env = dict(os.environ, TEST_PID_FILE=str(pid_file), ARUN_SANDBOX_EXTRA_WRITE=str(pid_file.parent))
     proc = subprocess.Popen([sys.executable, "-m", "arun.cli", "--backend", "mlx", "-m", "long run", "--budget", "120"],
                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -70,7 +70,22 @@ def project(base_project: Path, tmp_path: Path, data_env: Path, monkeypatch: pyt
     return repo
 
 
-def loop(repo: Path, agent: str, **kw):
+@pytest.fixture
+def agent_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder the (confined) fake agent may write its pid and dump files to."""
+    out = tmp_path / "agent-out"
+    out.mkdir()
+    monkeypatch.setenv("ARUN_AGENT_EXTRA_WRITE", str(out))
+    return out
+
+
+def unconfined(spec: str):
+    """An agent with the caller's rights: what the scope check has to catch where the OS confines nothing."""
+    from arun.search.proposers import AgentProposer
+    return AgentProposer(spec, confine=False)
+
+
+def loop(repo: Path, agent, **kw):
     from arun.search.loop import run_loop
     lines: list[str] = []
     kw.setdefault("iterations", 1)
@@ -231,7 +246,7 @@ def test_consecutive_crashes_stop_the_loop(project: Path) -> None:
 
 def test_an_agent_editing_a_fixed_file_is_reverted_and_recorded_invalid(project: Path) -> None:
     prepare_before = (project / "prepare.py").read_text()
-    result = loop(project, f"{FAKE} forbidden")
+    result = loop(project, unconfined(f"{FAKE} forbidden"))
     (rec,) = result.records
     assert rec["status"] == "invalid" and rec["val_bpb"] is None
     assert "notes.txt" in rec["error"] and "prepare.py" in rec["error"] and "reverted" in rec["error"]
@@ -248,16 +263,16 @@ def test_an_agent_editing_a_fixed_file_is_reverted_and_recorded_invalid(project:
 def test_an_agent_that_commits_outside_the_train_file_is_rolled_back(project: Path) -> None:
     head = git(project, "rev-parse", "HEAD")
     branch = git(project, "branch", "--show-current")
-    result = loop(project, f"{FAKE} forbidden-commit")
+    result = loop(project, unconfined(f"{FAKE} forbidden-commit"))
     (rec,) = result.records
     assert rec["status"] == "invalid" and "prepare.py" in rec["error"]
     assert git(project, "rev-parse", "HEAD") == head and git(project, "branch", "--show-current") == branch
     assert_clean_at_best(project)
 
 
-def test_a_hanging_agent_is_killed_at_its_time_limit(project: Path, tmp_path: Path,
+def test_a_hanging_agent_is_killed_at_its_time_limit(project: Path, agent_out: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    pids = tmp_path / "pids"
+    pids = agent_out / "pids"
     monkeypatch.setenv("FAKE_AGENT_PIDS", str(pids))
     t0 = time.monotonic()
     result = loop(project, f"{FAKE} hang", agent_timeout=3)
@@ -270,8 +285,8 @@ def test_a_hanging_agent_is_killed_at_its_time_limit(project: Path, tmp_path: Pa
 
 
 def test_no_change_is_recorded_invalid_without_running_and_the_prompt_follows_the_convention(
-        project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    dump = tmp_path / "dump.json"
+        project: Path, agent_out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dump = agent_out / "dump.json"
     monkeypatch.setenv("FAKE_AGENT_DUMP", str(dump))
     (project / "program.md").write_text("PROGRAM-MD-MARKER: research hard\n")
     git(project, "add", "program.md")
@@ -329,8 +344,9 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
 
 def test_ctrl_c_ends_the_loop_cleanly_with_the_train_file_at_the_best(project: Path, tmp_path: Path,
                                                                     tiny_data: Path, tiny_cache: Path) -> None:
-    pids = tmp_path / "pids"
-    env = arun_env(tiny_data, tiny_cache, FAKE_AGENT_PIDS=str(pids))
+    (tmp_path / "agent-out").mkdir()
+    pids = tmp_path / "agent-out" / "pids"
+    env = arun_env(tiny_data, tiny_cache, FAKE_AGENT_PIDS=str(pids), ARUN_AGENT_EXTRA_WRITE=str(pids.parent))
     cmd = [sys.executable, "-c", "import sys; from arun.cli import main; sys.argv[0] = 'arun'; main()",
            "loop", "--backend", "cuda", "--device", "cpu", "--budget", str(BUDGET), "--agent", f"{FAKE} hang"]
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from arun.core import artifacts, gitops
+from arun.core import artifacts, confine, gitops
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.errors import ArunError
@@ -158,7 +158,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                    show_progress: bool = True, proposer: str | None = None, near_miss: float | None = None,
                    confidence: float | None = None, wait: float = 0.0, allowance: float | None = None,
                    record_sink: Callable[[dict], dict] | None = None, decide_fn: DecideFn | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   require_confinement: bool | None = None, log: Callable[[str], None] = print) -> dict:
     """One experiment on the current train file; returns the ledger record it appended.
 
     record_sink: where the record goes instead of bench/<tag>/ledger.jsonl (the swarm's one writer).
@@ -168,6 +168,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
     budget, hard_timeout = check_limits(seeds, budget, hard_timeout)
+    confine.require(require_confinement)
     ctx = guard(repo_dir, backend, budget, device)
     with repo_lock(ctx.repo_dir, wait):
         check_scope(ctx.repo_dir, ctx.train_file)  # again: whoever held the lock may have committed meanwhile
@@ -179,6 +180,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         status = score_heldout(att, status, log)
         att.record.update(result_fields(att.outcomes, att.results))
         att.record.update(score_fields(att))
+        att.record.update(confinement_fields(att.outcomes))
         status = keep_artifacts(att, status)
         if status == "invalid" and val is not None:  # a run that broke the rules has no result
             att.record.update({"scored_val_bpb": val})
@@ -218,6 +220,8 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
           confidence: float | None, log: Callable[[str], None]) -> Attempt:
     """The run branch, the best of the key, the undecided record, the run folder and run.log."""
     repo_dir = ctx.repo_dir
+    banner = confine.banner()  # the run's first line: whether the OS confines the train process
+    log(banner)
     branch, created = gitops.ensure_run_branch(repo_dir)
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
@@ -240,7 +244,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     log_path = repo_dir / "run.log"
     log_is_stdout = same_file(sys.stdout, log_path)
     if not log_is_stdout:
-        log_path.write_text("")
+        log_path.write_text(banner + "\n")
     against = "baseline run" if best is None else f"best so far {best['val_bpb']:.6f}"
     log(f"arun: {ctx.train_file} on {ctx.tag}, {ctx.budget:g}s budget (key {ctx.key_id}), {against}; output in run.log")
     base_seed = config["SEED"] if isinstance(config.get("SEED"), int) else 42
@@ -472,6 +476,16 @@ def result_fields(outcomes: list[RunOutcome], results: list[dict]) -> dict:
         "num_params": first.get("num_params"),
         "depth": first.get("depth"),
     }
+
+
+def confinement_fields(outcomes: list[RunOutcome]) -> dict:
+    """confined only when every run of the experiment was; confinement says how, or why not."""
+    ran = [o for o in outcomes if o.confinement]
+    if not ran:
+        ok, how = confine.state()
+        return {"confined": False, "confinement": f"not run ({how})" if ok else how}
+    loose = next((o for o in ran if not o.confined), None)
+    return {"confined": loose is None, "confinement": (loose or ran[0]).confinement}
 
 
 def _summary_values(rec: dict, results: list[dict]) -> dict:

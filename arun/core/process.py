@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+from arun.core import confine as confinement
+
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM while an experiment runs."""
@@ -57,6 +59,8 @@ class RunOutcome:
     wall_seconds: float = 0.0
     returncode: int | None = None
     claimed: dict | None = None     # summary figures the run printed itself (diagnostics only)
+    confined: bool = False          # ran under OS confinement (arun.core.confine)
+    confinement: str = ""           # how, or why not
 
 
 SUMMARY_LINE = re.compile(r"^\s*(val_bpb|test_bpb|training_seconds|total_seconds|peak_vram_mb|mfu_percent|"
@@ -145,18 +149,23 @@ def child_env(data_dir: Path, device: str | None, seed: int | None = None, **val
 
 def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, hard_timeout: float,
                    on_line: Callable[[str], None] | None = None, prefix: str = "",
-                   seed: int | None = None, log_is_stdout: bool = False) -> RunOutcome:
+                   seed: int | None = None, log_is_stdout: bool = False, confine: bool = True) -> RunOutcome:
     """Runs the train file as its own process group (so a kill reaches compile workers and
-    dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line."""
+    dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line. Where the OS
+    can, the process is confined: it writes only its run folder (the folder of $ARUN_RESULT_JSON,
+    with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs."""
     out = RunOutcome(seed)
     lines: list[str] = []
     claims: list[str] = []
     timed_out = threading.Event()
     result_path = Path(env["ARUN_RESULT_JSON"])
+    policy = confinement.train_policy(Path(repo_dir), Path(env["ARUN_DATA_DIR"]), result_path.parent)
+    run = confinement.wrap(policy, [sys.executable, "-u", train_file], env, confine)
+    out.confined, out.confinement = run.confined, run.how
     with log_sink(log_path, log_is_stdout) as log:
         out.launch_time = time.time()
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-u", train_file], cwd=repo_dir, env=env, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(run.cmd, cwd=repo_dir, env=run.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
                                 start_new_session=True, preexec_fn=_die_with_parent)
 

@@ -51,6 +51,8 @@ class Record:
     error: str | None = None
     best_before: float | None = None
     run_dir: str | None = None
+    confined: bool | None = None     # the train process ran under OS confinement (None: nothing ran)
+    confinement: str | None = None   # how ("landlock ABI 7"), or why not
     # what was measured (seconds are totals over the experiment's seeds)
     seeds: list = field(default_factory=list)
     training_seconds: float | None = None

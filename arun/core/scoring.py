@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from arun.core import confine
 from arun.core.process import child_env, last_error_line
 from engines.fingerprint import fixed_files
 
@@ -24,7 +25,8 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
                    split: str = "val", expect_fixed_sha: str | None = None,
                    timeout: float = SCORE_TIMEOUT_FLOOR, fixed_from: Path | None = None) -> dict:
     """Scores `artifact` on the fixed rows of `split`; returns the verdict (with `error` and no score
-    when it could not be scored) and adds `wall_seconds`, the harness's view of the process.
+    when it could not be scored) and adds `wall_seconds`, the harness's view of the process, and
+    `confined`/`confinement`.
     fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
     evaluator runs, copied into its private folder; else the installed arun's."""
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
@@ -38,6 +40,8 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
     t0 = time.perf_counter()
     # The working directory is a fresh empty folder: nothing the agent left in the repo can shadow
     # a module the evaluator imports (-P keeps the script's folder off sys.path as well).
+    # Confined where the OS can: it reads the data, the artifact and fixed code, writes only `out`'s
+    # folder and its temp folder (so nothing in the artifact can reach the ledger or the repo).
     with tempfile.TemporaryDirectory(prefix="arun-score-") as cwd:
         env = child_env(data_dir, device)
         env.pop("PYTHONPATH", None)
@@ -48,11 +52,14 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
                 (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(fixed_from) / rel, Path(cwd) / rel)
             env["PYTHONPATH"] = cwd
+        policy = confine.scorer_policy(data_dir, artifact, out.parent, Path(cwd) / "tmp")
+        policy.read.append(Path(cwd))
+        run = confine.wrap(policy, cmd, env)
         try:
-            p = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+            p = subprocess.run(run.cmd, cwd=cwd, env=run.env, stdin=subprocess.DEVNULL,
                                capture_output=True, text=True, timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired:
-            return {"error": f"the evaluator did not finish in {timeout:.0f}s", "wall_seconds": timeout}
+            return {"error": f"the evaluator did not finish in {timeout:.0f}s", "wall_seconds": timeout, **run.fields()}
     wall = time.perf_counter() - t0
     try:
         verdict = json.loads(out.read_text())
@@ -61,5 +68,5 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
         verdict = {"error": f"the evaluator failed (exit {p.returncode}): {tail}"}
     if p.returncode != 0 and "error" not in verdict:
         verdict["error"] = f"the evaluator exited {p.returncode}"
-    verdict["wall_seconds"] = wall
+    verdict.update(wall_seconds=wall, **run.fields())
     return verdict

@@ -22,6 +22,13 @@ from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in, trust
 from arun.core.ratchet import baseline_record, best_record, scored
 
 FAILED = ("crash", "timeout", "invalid")
+UNCONFINED = " (unconfined)"  # marks a result whose train process the OS did not confine
+
+
+def unconfined(r: dict | None) -> bool:
+    """A scored result whose train process ran without OS confinement (records older than
+    confinement carry no `confined` field: they ran unconfined too)."""
+    return bool(r) and scored(r) and r.get("confined") is not True
 STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "magenta"}
 
 
@@ -44,6 +51,8 @@ class KeySummary:
     hours: float
     winning_change: str
     best_commit: str | None
+    best_unconfined: bool = False
+    unconfined: int = 0           # scored results of the key whose train process ran unconfined
     records: list[dict] = field(repr=False, default_factory=list)
     untrusted: int = 0           # foreign, legacy, forged, edited or audit-failed: shown, never a best
 
@@ -94,7 +103,8 @@ def summarize(records: list[dict]) -> list[KeySummary]:
             runs=len(recs), kept=sum(r.get("status") == "keep" for r in recs),
             crashed=sum(r.get("status") in FAILED for r in recs), hours=sum(record_hours(r) for r in recs),
             winning_change=winning_change(base, best), best_commit=(best or {}).get("commit"), records=recs,
-            untrusted=sum(not trusted(r) for r in recs)))
+            untrusted=sum(not trusted(r) for r in recs),
+            best_unconfined=unconfined(best), unconfined=sum(unconfined(r) for r in recs)))
     return sorted(out, key=lambda s: (s.dataset, s.profile, s.best if s.best is not None else float("inf")))
 
 
@@ -112,13 +122,15 @@ def compare_tables(summaries: list[KeySummary]) -> list[Table]:
         table = Table(title=f"{dataset} / {profile}", title_style="bold", expand=False)
         for col, just in [("hardware tag", "left"), ("backend", "left"), ("budget", "right"),
                           ("baseline", "right"), ("best", "right"), ("improvement", "right"),
-                          ("run", "right"), ("kept", "right"), ("crashed", "right"), ("hours", "right"),
+                          ("run", "right"), ("kept", "right"), ("crashed", "right"), ("unconfined", "right"),
+                          ("hours", "right"),
                           ("winning change", "left")]:
             table.add_column(col, justify=just, overflow="fold")
         for s in rows:
-            table.add_row(s.tag, s.backend, _f(s.time_budget, "{:g}s"), _f(s.baseline), _f(s.best),
+            best = _f(s.best) + (UNCONFINED if s.best_unconfined else "")
+            table.add_row(s.tag, s.backend, _f(s.time_budget, "{:g}s"), _f(s.baseline), best,
                           _f(s.improvement_percent, "{:.2f}%"), str(s.runs), str(s.kept), str(s.crashed),
-                          f"{s.hours:.2f}", s.winning_change + _untrusted_note(s))
+                          str(s.unconfined), f"{s.hours:.2f}", s.winning_change + _untrusted_note(s))
         tables.append(table)
     return tables
 
@@ -158,6 +170,7 @@ class LogRow:
     description: str
     commit: str | None
     mark: str = ""               # why the record is not believed ("" when it is)
+    unconfined: bool = False
 
 
 def log_rows(records: list[dict]) -> list[LogRow]:
@@ -177,7 +190,7 @@ def log_rows(records: list[dict]) -> list[LogRow]:
         short = f"{kid[:6]} {budget:g}s" if isinstance(budget, (int, float)) else kid[:6]
         rows.append(LogRow(counts[kid], str(r.get("id", "?")), str(r.get("tag", "?")), short, str(r.get("status", "?")),
                            val, delta, bool(r.get("baseline")) and r.get("status") == "keep",
-                           str(r.get("description") or ""), r.get("commit"), trust_mark(r)))
+                           str(r.get("description") or ""), r.get("commit"), trust_mark(r), unconfined(r)))
     return rows
 
 
@@ -194,7 +207,7 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
         table.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("tag", "description", "key"))
     for row in rows:
         delta = "baseline" if row.baseline else ("-" if row.delta is None else f"{row.delta:+.6f}")
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+        status = Text(row.status + (UNCONFINED if row.unconfined else ""), style=STATUS_STYLE.get(row.status, ""))
         if row.mark:
             status.append(f" [{row.mark}]", style="bold red" if row.mark != "foreign" else "yellow")
         cells = [str(row.n), row.id] + ([row.tag] if show_tag else []) + ([row.key] if show_key else []) + [
@@ -221,7 +234,7 @@ def find_record(records: list[dict], ident: str) -> dict:
 
 
 SHOW_FIELDS = ["id", "time", "tag", "backend", "key_id", "_trust", "status", "baseline", "val_bpb", "val_bpb_seeds",
-               "test_bpb", "test_bpb_seeds", "best_before", "near_miss", "description", "error", "commit", "parent_commit", "branch",
+               "test_bpb", "test_bpb_seeds", "best_before", "near_miss", "confined", "confinement", "description", "error", "commit", "parent_commit", "branch",
                "train_file", "train_sha256", "seeds", "proposer", "claimed_val_bpb", "artifact_sha256", "training_seconds",
                "charged_seconds", "allowance_seconds", "total_seconds", "wall_seconds", "startup_seconds",
                "warmup_seconds", "export_seconds", "eval_seconds", "score_seconds", "bookkeeping_seconds",

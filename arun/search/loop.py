@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from arun.core import confine as confinement
 from arun.core import gitops
 from arun.core.context import ExperimentContext, cached_context, open_data
 from arun.core.errors import ArunError
@@ -230,6 +231,7 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
               confidence: float | None, log: Callable[[str], None]) -> ExperimentContext:
     """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
     and whether --confidence has a spread to test against."""
+    confinement.require()  # (ARUN_REQUIRE_CONFINEMENT, set by --require-confinement)
     info = cached_context(repo_dir, backend, budget, device)
     open_data(verify=True)
     train_file = info.train_file
@@ -271,6 +273,10 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
     info = preflight(repo_dir, backend, budget, device, seeds, confidence, log)
     proposer = agent if not isinstance(agent, str) else make_proposer(agent, repo_dir=repo_dir, backend=backend,
                                                                       seed=seed, agent_timeout=agent_timeout)
+    if isinstance(proposer, AgentProposer):
+        ok, how = confinement.state()
+        where = f"confined ({how})" if proposer.confine and ok else f"NOT confined: {how if proposer.confine else 'turned off'}"
+        log(f"arun loop: the agent runs {where}")
     start = len(key_records(read_records(repo_dir, info.tag), info.key_id))  # the ledger only grows
     deadline = time.monotonic() + hours * 3600 if hours else None
     result = LoopResult(reason="done")

@@ -20,6 +20,10 @@ The external-agent convention (also in program.md):
     last non-empty line the agent printed on stdout.
     The agent gets --agent-timeout seconds of wall clock; then its whole process group is killed,
     whatever it changed is reverted, and the attempt is recorded `invalid` ("agent timed out").
+    Where the OS can, the agent runs confined (arun.core.confine.agent_policy): it reads the repo
+    and its own settings, writes the train file (in place), .arun/agent/ and the CLI config and
+    cache folders of confine.AGENT_WRITABLE (extend: ARUN_AGENT_EXTRA_WRITE), and nothing else;
+    it never reads the val or test rows, bench/ or the rest of .arun/.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arun.core import confine as confinement
 from arun.core.errors import ArunError
 
 DEFAULT_AGENT_TIMEOUT = 900.0  # 15 minutes to think and edit; a training run is 5
@@ -174,7 +179,8 @@ def _last_line(text: str) -> str:
 class AgentProposer:
     """Runs an external coding agent once per iteration (see the module docstring for the convention)."""
 
-    def __init__(self, spec: str, timeout: float = DEFAULT_AGENT_TIMEOUT, program_file: str = "program.md"):
+    def __init__(self, spec: str, timeout: float = DEFAULT_AGENT_TIMEOUT, program_file: str = "program.md",
+                 confine: bool = True):
         try:
             argv = shlex.split(spec)
         except ValueError as e:
@@ -189,6 +195,7 @@ class AgentProposer:
         self.spec, self.argv, self.timeout, self.program_file = spec, argv, float(timeout), program_file
         self.name = f"agent:{spec}"
         self.calls = 0
+        self.confine = confine  # False: the agent runs with the caller's rights (the scope check still reverts)
 
     def command(self, prompt_file: Path, prompt: str) -> list[str]:
         return [a.replace("{prompt_file}", str(prompt_file)).replace("{prompt}", prompt) for a in self.argv]
@@ -206,10 +213,13 @@ class AgentProposer:
         desc_file.unlink(missing_ok=True)
         env = dict(os.environ, ARUN_PROMPT_FILE=str(prompt_file), ARUN_DESCRIPTION_FILE=str(desc_file),
                    ARUN_TRAIN_FILE=ctx.train_file, ARUN_BACKEND=ctx.backend, ARUN_ITERATION=str(ctx.iteration))
+        cmd = self.command(prompt_file, prompt)
+        policy = confinement.agent_policy(ctx.repo_dir, ctx.train_file, state, os.environ.get("ARUN_DATA_DIR"), cmd)
+        run = confinement.wrap(policy, cmd, env, self.confine)
         t0 = time.monotonic()
         with open(prompt_file, "rb") as stdin, open(out_file, "wb") as out, open(err_file, "wb") as err:
             # Files, not pipes: an agent's grandchild holding a pipe open can never hang us.
-            proc = subprocess.Popen(self.command(prompt_file, prompt), cwd=ctx.repo_dir, env=env, stdin=stdin,
+            proc = subprocess.Popen(run.cmd, cwd=ctx.repo_dir, env=run.env, stdin=stdin,
                                     stdout=out, stderr=err, start_new_session=True)
             try:
                 proc.wait(timeout=self.timeout)
@@ -227,10 +237,11 @@ class AgentProposer:
                     os.killpg(proc.pid, signal.SIGKILL)
         seconds = time.monotonic() - t0
         description = self._description(desc_file, out_file)
-        extra = {"agent_exit": proc.returncode}
+        extra = {"agent_exit": proc.returncode, "agent_confined": run.confined, "agent_confinement": run.how}
         if proc.returncode != 0:
             why = _last_line(err_file.read_text(errors="replace")) or _last_line(out_file.read_text(errors="replace"))
-            extra["agent_error"] = f"agent exited with code {proc.returncode}: {why[:300]}"
+            why = confinement.rename_hint(why[:300], ctx.train_file) if run.confined else why[:300]
+            extra["agent_error"] = f"agent exited with code {proc.returncode}: {why}"
         return Proposal(description=description or "(the agent gave no description)", seconds=seconds, extra=extra)
 
     @staticmethod

@@ -1,0 +1,148 @@
+"""
+The harness's use of OS confinement (engines.sandbox): which process gets which policy, whether
+confinement is required, and the one line that says how a run was confined.
+
+Three kinds of process run code or data the harness does not trust, each confined when the OS can:
+- the train process: the repo (not bench/, .arun/, .git), the training shards; writes its run folder;
+- the scorer (`python -m engines.score`): the data folder, the artifact; writes its output folder;
+- under `arun loop`, the agent command: the repo (.git included: agents run `git diff`) and its own
+  config; writes the train file, its exchange folder and AGENT_WRITABLE, never the val/test rows.
+
+Where no confinement exists the processes still run, unconfined, and every record says so, unless
+confinement is required (`--require-confinement` or ARUN_REQUIRE_CONFINEMENT=1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import prepare
+from arun.core.errors import ArunError
+from engines import sandbox
+
+# Where coding-agent CLIs keep their settings, sessions and caches: the agent may write these (those
+# that exist when it starts). Extend with ARUN_AGENT_EXTRA_WRITE (colon-separated paths). Grants on a
+# folder holding something hidden (the data cache under ~/.cache, the ledger key under ~/.config)
+# become grants on its other entries.
+AGENT_WRITABLE = ["~/.claude", "~/.claude.json", "~/.codex", "~/.config", "~/.cache", "~/.npm", "~/.local/state"]
+# Until the train process exports its forward instead of evaluating it (the evaluation boundary),
+# finish_run scores in-process and needs the val rows; the test rows stay unreadable either way.
+TRAIN_EVALUATES = True
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A command as it will run: confined or not, and how (or why not)."""
+    cmd: list[str]
+    env: dict
+    confined: bool
+    how: str
+
+    def fields(self) -> dict:
+        return {"confined": self.confined, "confinement": self.how}
+
+
+def state() -> tuple[bool, str]:
+    """(True, how) or (False, why not), for this machine."""
+    return sandbox.available()
+
+
+def banner() -> str:
+    ok, how = state()
+    return f"arun: confined ({how})" if ok else f"arun: NOT confined: {how}"
+
+
+def doctor_line() -> str:
+    ok, how = state()
+    if ok:
+        return f"confinement: confined ({how}): train process, scorer and the loop's agent"
+    return f"confinement: NOT confined: {how} (runs are recorded confined: false; --require-confinement refuses them)"
+
+
+def required() -> bool:
+    return os.environ.get("ARUN_REQUIRE_CONFINEMENT", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(flag: bool | None = None) -> None:
+    """Refuses (ArunError) when confinement is required here but the OS cannot provide it."""
+    ok, why = state()
+    if (flag or (flag is None and required())) and not ok:
+        raise ArunError(f"confinement is required (--require-confinement / ARUN_REQUIRE_CONFINEMENT) but {why}; "
+                        "run on a kernel with Landlock (Linux >= 5.13) or macOS, or drop the requirement")
+
+
+def wrap(policy: sandbox.Policy, cmd: list[str], env: dict, confine: bool = True) -> Launch:
+    """`cmd` under `policy` where the OS can confine it, else as it is (refused when required)."""
+    ok, how = state()
+    if not confine:
+        return Launch(cmd, env, False, "confinement turned off for this process")
+    if not ok:
+        require()
+        return Launch(cmd, env, False, how)
+    return Launch(sandbox.confined_command(policy, cmd), {**env, **sandbox.sandbox_env(policy)}, True, how)
+
+
+# --------------------------------------------------------------------------- the three policies
+
+def train_policy(repo: Path, data_dir: Path, run_dir: Path) -> sandbox.Policy:
+    """The train process: sandbox.training_policy with its temp folder inside the run folder."""
+    policy = sandbox.training_policy(repo, data_dir, run_dir, Path(run_dir) / "tmp")
+    val = Path(data_dir) / "val_rows.npy"
+    if TRAIN_EVALUATES and val.exists():
+        policy.read.append(val)
+    return policy
+
+
+def installed_code() -> list[Path]:
+    """The harness's own code as installed (engines/, prepare.py, arun_data/, arun/): public, and
+    what the scorer and a script-driven agent import, wherever the project itself lives."""
+    code = [Path(sandbox.__file__).resolve().parent, Path(prepare.__file__).resolve(), Path(__file__).resolve().parents[1]]
+    spec = importlib.util.find_spec("arun_data")
+    return code + ([Path(spec.origin).resolve().parent] if spec and spec.origin else [])
+
+
+def scorer_policy(data_dir: Path, artifact: Path, out_dir: Path, temp: Path) -> sandbox.Policy:
+    """The evaluator: fixed code, the whole data folder (val and test rows), the artifact; writes only
+    its output folder and its temp folder."""
+    return sandbox.Policy(read=[*installed_code(), Path(data_dir), Path(artifact)], write=[Path(out_dir)],
+                          temp=Path(temp))
+
+
+def agent_writable() -> list[Path]:
+    return [Path(p).expanduser() for p in AGENT_WRITABLE] + sandbox._env_paths("ARUN_AGENT_EXTRA_WRITE")
+
+
+def agent_hidden(repo: Path, data_dir: Path | None = None) -> list[Path]:
+    """What an agent never reads: the repo's ledgers and runs, the data cache, the machine's ledger key."""
+    from arun.core.chain import key_path
+    hide = [Path(repo) / "bench", Path(repo) / ".arun", prepare.cache_root(), key_path().parent]
+    return hide + ([Path(data_dir).parent] if data_dir else [])
+
+
+def agent_policy(repo: Path, train_file: str, exchange: Path, data_dir: Path | None = None,
+                 cmd: list[str] | None = None) -> sandbox.Policy:
+    """The loop's agent: reads the repo (git history included, never bench/ or .arun/) and the home
+    folder (its CLI and settings; not the data cache or the ledger key); writes the train file (in
+    place: a single-file grant does not cover save-to-temp-and-rename), its exchange folder (prompt,
+    description, TMPDIR) and AGENT_WRITABLE. The harness's code and any file named on `cmd` are
+    readable too."""
+    repo, exchange = Path(repo).resolve(), Path(exchange).resolve()
+    hide = agent_hidden(repo, data_dir)
+    home = sandbox.spread(Path.home(), hide)
+    own = [Path(a) for a in cmd or [] if os.path.isfile(a)]  # a script named on the agent's command line
+    read = sandbox.spread(repo, hide) + home + [p for c in installed_code() + own for p in sandbox.spread(c, hide)]
+    write = [repo / train_file, exchange] + [p for w in agent_writable() for p in sandbox.spread(w, hide)]
+    # Names (never contents) under the repo and the home folder stay listable: agents and shells list them.
+    return sandbox.Policy(read=read, write=write, listable=[repo, Path.home()], temp=exchange / "tmp", hide=hide)
+
+
+def rename_hint(error: str, train_file: str) -> str:
+    """A denied write next to the train file is most likely an editor saving through a temp file and a
+    rename, which a single-file grant refuses: say so."""
+    if "Permission denied" in error or "Operation not permitted" in error:
+        return (f"{error} (under confinement the agent may write {train_file} in place only, not save a "
+                "temp file beside it and rename it over; add paths with ARUN_AGENT_EXTRA_WRITE)")
+    return error
