@@ -35,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from engines.pt2check import CONTRACT_FILE, ArtifactError, check_pt2
+
 FORMAT = "arun-forward/1"
 BATCH_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 SUFFIX: dict[str, str] = {"mlx": ".mlxfn", "cuda": ".pt2"}
-CONTRACT_FILE = "arun_contract.json"   # inside a .pt2: extra/arun_contract.json; in .mlxfn: the metadata string
-
-
-class ArtifactError(Exception):
-    """The artifact cannot be written, read or trusted; the message names the problem and the fix."""
 
 
 @dataclass
@@ -121,7 +118,6 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
     import torch
     from torch.export import Dim
 
-    from engines.pt2check import check_pt2
 
     class Forward(torch.nn.Module):
         def __init__(self) -> None:
@@ -210,7 +206,6 @@ def _load_torch(data: bytes, device: str | None) -> tuple[Callable, dict]:
     # remaining load path deserializes JSON and raw tensor bytes only.
     import torch
 
-    from engines.pt2check import check_pt2
 
     contract = check_pt2(data)
     try:

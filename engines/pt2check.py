@@ -22,7 +22,11 @@ import re
 import zipfile
 from typing import Any
 
-from engines.artifact import CONTRACT_FILE, ArtifactError
+CONTRACT_FILE = "arun_contract.json"   # inside a .pt2: extra/arun_contract.json; in .mlxfn: the metadata string
+
+
+class ArtifactError(Exception):
+    """The artifact cannot be written, read or trusted; the message names the problem and the fix."""
 
 _MEMBERS = re.compile(
     r"(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"

@@ -28,9 +28,6 @@ from engines import sandbox
 # folder holding something hidden (the data cache under ~/.cache, the ledger key under ~/.config)
 # become grants on its other entries.
 AGENT_WRITABLE = ["~/.claude", "~/.claude.json", "~/.codex", "~/.config", "~/.cache", "~/.npm", "~/.local/state"]
-# Until the train process exports its forward instead of evaluating it (the evaluation boundary),
-# finish_run scores in-process and needs the val rows; the test rows stay unreadable either way.
-TRAIN_EVALUATES = True
 
 
 @dataclass(frozen=True)
@@ -89,11 +86,7 @@ def wrap(policy: sandbox.Policy, cmd: list[str], env: dict, confine: bool = True
 
 def train_policy(repo: Path, data_dir: Path, run_dir: Path) -> sandbox.Policy:
     """The train process: sandbox.training_policy with its temp folder inside the run folder."""
-    policy = sandbox.training_policy(repo, data_dir, run_dir, Path(run_dir) / "tmp")
-    val = Path(data_dir) / "val_rows.npy"
-    if TRAIN_EVALUATES and val.exists():
-        policy.read.append(val)
-    return policy
+    return sandbox.training_policy(repo, data_dir, run_dir, Path(run_dir) / "tmp")
 
 
 def installed_code() -> list[Path]:

@@ -113,8 +113,6 @@ def targets(repo: Path, data: Path) -> dict[str, tuple[str, Path]]:
                                   "bench_write", "repo_write"])
 def test_a_train_file_reaching_outside_is_denied_recorded_and_changes_nothing(project: Path, data_env: Path,
                                                                             name: str, monkeypatch) -> None:
-    # (until finish_run stops evaluating in-process the harness grants the val rows; an exporting run never needs them)
-    monkeypatch.setattr(confine, "TRAIN_EVALUATES", False)
     code, path = targets(project, data_env)[name]
     if not path.exists() and name == "test_rows":
         pytest.skip("this data has no test rows")
