@@ -62,10 +62,12 @@ def failed_to_run(e: Exception) -> str:
 
 
 def _select_device(backend: str, device: str | None) -> str:
-    """Points the engine adapter at the device; returns its kind ('cpu', 'cuda' or 'gpu')."""
+    """Points the engine adapter at the device; returns its kind ('cpu', 'cuda' or 'gpu'). The torch
+    adapter reads $ARUN_DEVICE: the caller of score() restores it (an in-process score, e.g. by a
+    train file run by hand, must not change its process's device)."""
     if backend == "cuda":
         device = device or os.environ.get("ARUN_DEVICE") or "cuda"
-        os.environ["ARUN_DEVICE"] = device   # engines.cuda reads it; this process only
+        os.environ["ARUN_DEVICE"] = device
         return device
     import mlx.core as mx
     if device == "cpu":
@@ -76,6 +78,18 @@ def _select_device(backend: str, device: str | None) -> str:
 def score(backend: str, artifact: Path, data_dir: Path, device: str | None = None, split: str = "val",
           expect_fixed_sha: str | None = None) -> dict:
     """The verdict of one artifact; raises ScoreError with the partial verdict in its args[1]."""
+    before = os.environ.get("ARUN_DEVICE")
+    try:
+        return _score(backend, artifact, data_dir, device, split, expect_fixed_sha)
+    finally:
+        if before is None:
+            os.environ.pop("ARUN_DEVICE", None)
+        else:
+            os.environ["ARUN_DEVICE"] = before
+
+
+def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, split: str,
+           expect_fixed_sha: str | None) -> dict:
     from engines import get_engine
     from engines.artifact import ArtifactError, load_forward
     from engines.evaluator import evaluate_bpb

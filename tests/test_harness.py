@@ -29,6 +29,7 @@ from arun.core.process import last_error_line
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.progress import parse_step_line
 from arun.core.trainfile import rewrite_constants
+from engines.artifact import SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -371,6 +372,7 @@ def test_read_side_commands_on_the_real_ledger(sequence: dict, monkeypatch: pyte
     tag = steps[0]["rec"]["tag"]
     monkeypatch.chdir(repo)
     import arun.cli
+from engines.artifact import SUFFIX
     monkeypatch.setattr(arun.cli.console, "width", 250)  # a wide terminal: table cells unwrapped
     runner = CliRunner()
 
@@ -405,7 +407,8 @@ def test_read_side_commands_on_the_real_ledger(sequence: dict, monkeypatch: pyte
     rows = [line.split("\t") for line in lines[1:]]
     assert [r[3] for r in rows] == ["keep", "keep", "discard", "crash", "crash", "crash"]
     assert rows[1][0] == steps[1]["rec"]["commit"][:7] and rows[1][1] == f"{steps[1]['rec']['val_bpb']:.6f}"
-    assert rows[3][1:3] == ["0.000000", "0.0"] and rows[5][4].startswith("peek at the next token (invalid: INVALID:")
+    assert rows[3][1:3] == ["0.000000", "0.0"] and rows[5][4].startswith("peek at the next token (invalid: the evaluator refused the exported forward: ")
+    assert "looks ahead" in rows[5][4]
 
 
 # --------------------------------------------------------------------------- refusals: nothing touched
@@ -648,7 +651,8 @@ def test_the_real_train_files_run_under_the_harness(backend: str, train_file: st
     assert 0 < rec["val_bpb"] < 20 and rec["num_params"] > 0 and rec["num_steps"] >= 2
     assert rec["config"]["DEPTH"] == 1 and rec["startup_seconds"] > 0
     assert subjects(repo)[0] == "tiny real model"          # the tiny block differed from HEAD: committed
-    assert (repo / rec["run_dir"] / "weights0.npz").exists()  # the best run keeps its checkpoint
+    stored = repo / ".arun" / "artifacts" / f"{rec['artifact_sha256']}{SUFFIX[backend]}"
+    assert stored.exists() and rec["artifact_bytes"] == stored.stat().st_size  # the keep keeps its forward
 
 
 # --------------------------------------------------------------------------- small parts
