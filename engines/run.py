@@ -161,4 +161,5 @@ def score_in_process(backend: str, artifact: Path, data_dir: Path) -> dict:
     except ScoreError as e:
         raise SystemExit(e.args[0] if str(e.args[0]).startswith("INVALID:") else f"FAIL: {e.args[0]}")
     return {"val_bpb": verdict["val_bpb"], "eval_seconds": sum(verdict["seconds"].values()),
+            "eval_tokens": verdict["tokens"], "eval_bytes": verdict["bytes"], "eval_nats": verdict["nats"],
             "causality_max_diff": verdict["causality"]["max_diff"]}

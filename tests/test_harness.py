@@ -372,7 +372,6 @@ def test_read_side_commands_on_the_real_ledger(sequence: dict, monkeypatch: pyte
     tag = steps[0]["rec"]["tag"]
     monkeypatch.chdir(repo)
     import arun.cli
-from engines.artifact import SUFFIX
     monkeypatch.setattr(arun.cli.console, "width", 250)  # a wide terminal: table cells unwrapped
     runner = CliRunner()
 
@@ -540,9 +539,12 @@ def test_keys_never_ratchet_against_each_other(data_env: Path, tmp_path: Path) -
 
 # --------------------------------------------------------------------------- kills
 
-def test_hard_timeout_kills_the_whole_process_group(data_env: Path, tmp_path: Path) -> None:
+def test_hard_timeout_kills_the_whole_process_group(data_env: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX})
-    pids = tmp_path / "pids"
+    (tmp_path / "out").mkdir()
+    pids = tmp_path / "out" / "pids"
+    monkeypatch.setenv("ARUN_SANDBOX_EXTRA_WRITE", str(pids.parent))  # (a confined run writes its run folder only)
     edit(repo, "train_mlx.py", "    seed = env_seed(SEED)\n", (
         "    import subprocess\n"
         "    child = subprocess.Popen(['sleep', '600'])\n"
@@ -607,6 +609,8 @@ def test_cli_runs_an_experiment_and_prints_upstreams_summary(data_env: Path, tmp
                          cwd=repo, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
+    assert lines[0].startswith(("arun: confined", "arun: NOT confined"))  # said first, every run
+    lines = lines[1:]
     assert lines[0].startswith("arun: train_mlx.py on mlx-cpu") and "baseline run" in lines[0]
     assert lines[1].startswith("arun: scoring the exported forward")  # every run is scored by the evaluator process
     assert lines[2].startswith("arun: scoring the exported forward")  # (one per seed)
@@ -628,7 +632,8 @@ def test_cli_runs_an_experiment_and_prints_upstreams_summary(data_env: Path, tmp
                               cwd=repo, stdout=f, stderr=subprocess.STDOUT, timeout=120)
     assert done.returncode == 0
     log = (repo / "run.log").read_text().splitlines()
-    assert log[0].startswith("arun: train_mlx.py on") and "best so far" in log[0]
+    assert log[0].startswith(("arun: confined", "arun: NOT confined"))
+    assert log[1].startswith("arun: train_mlx.py on") and "best so far" in log[1]
     assert len([line for line in log if line.startswith("val_bpb:")]) == 1
     assert any(line.startswith("step 00001 |") for line in log) and log[-1].startswith("arun: DISCARD")
 

@@ -291,6 +291,8 @@ def test_no_change_is_recorded_invalid_without_running_and_the_prompt_follows_th
     (project / "program.md").write_text("PROGRAM-MD-MARKER: research hard\n")
     git(project, "add", "program.md")
     git(project, "commit", "-qm", "program.md")
+    for pin in (project / ".arun" / "pins").rglob("*.json"):  # the human re-pins the run at the new base
+        pin.unlink()
     before = len(ledger_records(project))
     result = loop(project, f"{FAKE} nochange {{prompt_file}}", iterations=2, max_crashes=5)
     assert [r["status"] for r in result.records] == ["invalid", "invalid"]

@@ -25,6 +25,7 @@ from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, l
 from arun.core.gitops import run_git
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
+from engines.fingerprint import fixed_code_sha256
 
 # The re-score runs the same fixed code on the same artifact, rows and device as the score of record,
 # and sums in float64: an honest keep reproduces to the last few bits (1e-9 and below in practice).
@@ -89,9 +90,11 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
             tags[(backend, device)] = f"unavailable ({e})"
     if tags[(backend, device)] != rec.get("tag"):
         return None, f"skipped: recorded on {rec.get('tag')}, this machine is {tags[(backend, device)]}"
+    if key.get("fixed_code_sha256") and key["fixed_code_sha256"] != fixed_code_sha256(repo_dir):
+        return None, "skipped: scored by other fixed code (another run's pin); check out that commit to audit it"
     with tempfile.TemporaryDirectory(prefix="arun-audit-") as d:
         verdict = score_artifact(backend, path, data.dir, Path(d) / "verdict.json", device=device,
-                                 expect_fixed_sha=key.get("fixed_code_sha256"))
+                                 expect_fixed_sha=key.get("fixed_code_sha256"), fixed_from=repo_dir)
     got = verdict.get("val_bpb")
     swapped = artifacts.sha256_of(path) != sha
     if "error" in verdict or not isinstance(got, (int, float)):
