@@ -6,10 +6,11 @@ overhead split of each, then the median.
     launch      process start -> train() begins (interpreter, imports: torch/mlx, prepare)
     setup       train() -> first training step (model build, optimizer, data loader)
     warm-up     the WARMUP_STEPS steps the budget does not count (compilation)
-    eval        causality probe + val_bpb over the fixed rows
-    verify      a keep only: the harness's re-evaluation of the saved weights (python -m arun.core.verify)
+    export      the train process exporting its forward (engines.artifact.export_forward)
+    score       the evaluator process on val: start, load the forward, causality probe, val_bpb
+    test        a keep only: the evaluator process again, on the held-out test rows
     harness     arun's other time outside the child (engine probe, git, ledger, commit/restore)
-    other       the rest: checkpoint save, result JSON, interpreter exit
+    other       the rest: result JSON, interpreter exit
     overhead    wall - training  (= the sum of the above)
 
     python benchmarks/bench_overhead.py                              # mlx, tiny model, tiny data, 5 x 2 s
@@ -40,13 +41,13 @@ def split(rec: dict) -> dict:
     def v(name: str) -> float:
         x = rec.get(name)
         return float(x) if isinstance(x, (int, float)) else 0.0
-    launch, startup, warmup, evaluation = v("launch_seconds"), v("startup_seconds"), v("warmup_seconds"), v("eval_seconds")
-    verify, overhead = v("verify_seconds"), v("overhead_seconds")
-    harness = v("bookkeeping_seconds") - verify
+    launch, startup, warmup, export = v("launch_seconds"), v("startup_seconds"), v("warmup_seconds"), v("export_seconds")
+    score, test, overhead = v("score_seconds"), v("test_seconds"), v("overhead_seconds")
+    harness = max(0.0, v("bookkeeping_seconds") - test)
     setup = max(0.0, startup - launch)
-    other = overhead - launch - setup - warmup - evaluation - verify - harness
+    other = overhead - launch - setup - warmup - export - score - test - harness
     return {"wall": v("wall_seconds"), "training": v("training_seconds"), "launch": launch, "setup": setup,
-            "warm-up": warmup, "eval": evaluation, "verify": verify, "harness": harness, "other": other,
+            "warm-up": warmup, "export": export, "score": score, "test": test, "harness": harness, "other": other,
             "overhead": overhead,
             "overhead %": 100 * overhead / v("wall_seconds") if v("wall_seconds") else 0.0}
 
@@ -75,8 +76,8 @@ def main() -> None:
         train_file = TRAIN_FILES[args.backend]
         repo = tmp / "repo"
         make_project(repo, train_file, tiny=not args.full)
-        cols = ["wall", "training", "launch", "setup", "warm-up", "eval", "verify", "harness", "other", "overhead",
-                "overhead %"]
+        cols = ["wall", "training", "launch", "setup", "warm-up", "export", "score", "test", "harness", "other",
+                "overhead", "overhead %"]
         print(f"backend {args.backend}{' device ' + args.device if args.device else ''}, "
               f"{'full' if args.full else 'tiny'} model, budget {args.budget:g}s, {args.n} experiments (seconds)")
         print(f"{'#':>3} {'status':8} " + " ".join(f"{c:>10}" for c in cols))
@@ -95,9 +96,9 @@ def main() -> None:
         if rows:
             med = {c: statistics.median(r[c] for r in rows) for c in cols}
             print(f"{'med':>3} {'':8} " + " ".join(f"{med[c]:>10.2f}" for c in cols))
-            verified = [r["verify"] for r in rows if r["verify"] > 0]
-            if verified:
-                print(f"a keep's reproduction (median of {len(verified)}): {statistics.median(verified):.2f}s")
+            tested = [r["test"] for r in rows if r["test"] > 0]
+            if tested:
+                print(f"a keep's test-row scoring (median of {len(tested)}): {statistics.median(tested):.2f}s")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 
 from helpers_repo import inject, make_project
 
+from arun.core import confine
 from arun.core.artifacts import path_for
 from arun.core.experiment import run_experiment
 from arun.core.ledger import Ledger
@@ -109,8 +111,10 @@ def in_process_bpb(project: Project, rec: dict) -> float:
 
 
 def make(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path, train_file: str,
-         backend: str) -> Project:
-    os.environ.update(ARUN_CACHE=str(tiny_cache), ARUN_DATA_DIR=str(tiny_data), ARUN_DEVICE="cpu", OMP_NUM_THREADS="1")
+         backend: str, mp: pytest.MonkeyPatch) -> Project:
+    for name, value in dict(ARUN_CACHE=str(tiny_cache), ARUN_DATA_DIR=str(tiny_data), ARUN_DEVICE="cpu",
+                            OMP_NUM_THREADS="1").items():
+        mp.setenv(name, value)  # for this module's tests only
     root = tmp_path_factory.mktemp(f"attack-{backend}") / "repo"
     make_project(root, train_file, overrides=FAST)
     project = Project(root, train_file, backend)
@@ -121,13 +125,15 @@ def make(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: 
 
 
 @pytest.fixture(scope="module")
-def mlx_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Project:
-    return make(tmp_path_factory, tiny_data, tiny_cache, "train_mlx.py", "mlx")
+def mlx_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Iterator[Project]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield make(tmp_path_factory, tiny_data, tiny_cache, "train_mlx.py", "mlx", mp)
 
 
 @pytest.fixture(scope="module")
-def torch_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Project:
-    return make(tmp_path_factory, tiny_data, tiny_cache, "train_cuda.py", "cuda")
+def torch_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Iterator[Project]:
+    with pytest.MonkeyPatch.context() as mp:
+        yield make(tmp_path_factory, tiny_data, tiny_cache, "train_cuda.py", "cuda", mp)
 
 
 # =========================================================================== honest controls
@@ -235,9 +241,17 @@ def train():
 '''
 
 
-def test_reloading_the_best_forward_with_a_lower_claim_is_not_an_improvement(mlx_project: Project) -> None:
+def test_reloading_the_best_forward_with_a_lower_claim_is_not_an_improvement(mlx_project: Project,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     text = inject(mlx_project.with_constants(FROZEN), 'if __name__ == "__main__":', REEXPORT_BEST, before=True)
-    rec = mlx_project.run(inject(text, "import time", "import os\nfrom pathlib import Path"))
+    text = inject(text, "import time", "import os\nfrom pathlib import Path")
+    if confine.state()[0]:  # confined: the stored forwards are out of reach
+        rec = mlx_project.run(text)
+        assert rec["status"] == "crash" and "Permission denied" in rec["error"] and ".arun" in rec["error"], rec
+        mlx_project.assert_not_kept(rec)
+    # and where nothing confines the run, the evaluator's number still decides
+    monkeypatch.setattr(confine, "state", lambda: (False, "turned off for this test"))
+    rec = mlx_project.run(text)
     assert rec["status"] == "discard" and rec["claimed_val_bpb"] == 0.5, rec
     assert rec["val_bpb"] == pytest.approx(mlx_project.baseline["val_bpb"], rel=1e-9)  # the harness's number
     mlx_project.assert_not_kept(rec)
