@@ -215,7 +215,8 @@ def test_sweep_keeps_only_improvements_and_never_rescores_a_train_file(project: 
             assert r["val_bpb"] >= r["best_before"] == best
     shas = [r["train_sha256"] for r in recs]
     assert len(set(shas)) == len(shas)
-    assert git(project, "rev-parse", "HEAD") == best_commit(project)  # every keep was committed, in order
+    # every keep was committed, in order (each experiment's ledger line rides in an `arun: record` commit)
+    assert git(project, "log", "-1", "--format=%H", "--invert-grep", "--grep=^arun: record ") == best_commit(project)
     assert_clean_at_best(project)
     assert "arun loop (done)" in result.summary and "experiments: 3" in result.summary
 
