@@ -50,8 +50,9 @@ def require_project(cwd: Path) -> None:
         gitops.open_repo(cwd)
     except ArunError as e:
         fail(f"not an arun project: {e}")
-    if not (cwd / "prepare.py").is_file() or not any((cwd / f).is_file() for f in TRAIN_FILES.values()):
-        fail(f"not an arun project: {cwd} has no prepare.py and train file; cd into the project (your clone of arun)")
+    if not (cwd / "prepare.py").is_file() and not any((cwd / "bench").glob("*/ledger.jsonl")):
+        fail(f"not an arun project: {cwd} has neither prepare.py nor bench/*/ledger.jsonl; "
+             f"cd into the project (your clone of arun)")
 
 
 class ArunGroup(click.Group):
