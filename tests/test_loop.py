@@ -267,7 +267,9 @@ def test_an_agent_that_commits_outside_the_train_file_is_rolled_back(project: Pa
     result = loop(project, unconfined(f"{FAKE} forbidden-commit"))
     (rec,) = result.records
     assert rec["status"] == "invalid" and "prepare.py" in rec["error"]
-    assert git(project, "rev-parse", "HEAD") == head and git(project, "branch", "--show-current") == branch
+    # the agent's commit is gone; the only new commit carries the invalid attempt's ledger line
+    assert git(project, "rev-parse", "HEAD^") == head and git(project, "branch", "--show-current") == branch
+    assert git(project, "log", "-1", "--format=%s") == f"arun: record {rec['id']} (invalid)"
     assert_clean_at_best(project)
 
 
