@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
@@ -20,7 +22,7 @@ from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import all_records
-from arun.core.trainfile import constants, rewrite_constants, safe_eval
+from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
 from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
@@ -37,8 +39,20 @@ err_console = Console(stderr=True, highlight=False)
 
 def fail(message: str, code: int = 1) -> None:
     """One line naming the problem and the fix, then a non-zero exit."""
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    # escape: a hint such as pip install -e '.[sweep]' must keep its [extra] (rich reads [..] as markup)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
+
+
+def require_project(cwd: Path) -> None:
+    """The read-side commands name a wrong directory instead of reporting "no experiments yet"."""
+    try:
+        gitops.open_repo(cwd)
+    except ArunError as e:
+        fail(f"not an arun project: {e}")
+    if not (cwd / "prepare.py").is_file() and not any((cwd / "bench").glob("*/ledger.jsonl")):
+        fail(f"not an arun project: {cwd} has neither prepare.py nor bench/*/ledger.jsonl; "
+             f"cd into the project (your clone of arun)")
 
 
 class ArunGroup(click.Group):
@@ -169,6 +183,10 @@ def cli(ctx: click.Context, backend: str | None, **opts) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if backend is None:
+        given = [p.opts[-1] for p in ctx.command.params
+                 if ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:  # options of an experiment without its engine: an error, not the help text
+            fail(f"{' '.join(given)} given without a backend; add --backend mlx|cuda (e.g. arun --backend mlx -m \"...\")")
         click.echo(ctx.get_help())
         return
     record = run_one(backend, **opts)
@@ -217,6 +235,10 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
     unknown = sorted(set(overrides) - set(before))
     if unknown:
         fail(f"{', '.join(unknown)} not in the hyperparameter block of {path.name}; it has: {', '.join(before)}")
+    for name, value in overrides.items():
+        problem = check_value(name, before[name], value)
+        if problem:
+            fail(f"{problem} (nothing was changed)")
     gitops.write_atomic(path, rewrite_constants(text, overrides).encode())
     for name, value in overrides.items():
         console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
@@ -240,11 +262,16 @@ def compare_cmd(refs: tuple[str, ...]) -> None:
 @click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
 def log_cmd(tag: str | None) -> None:
     """The experiments in ledger order: id, status, val_bpb, change against the best, description."""
+    require_project(Path.cwd())
     records = tag_records(Path.cwd(), tag)
     if not records:
         console.print("no experiments yet")
         return
-    console.print(log_table(log_rows(records), show_tag=len({r.get("tag") for r in records}) > 1))
+    table = log_table(log_rows(records), show_tag=len({r.get("tag") for r in records}) > 1)
+    # Piped (not a terminal): no 80-column wrap; a row is one line, as grep and less expect.
+    natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    out = console if console.is_terminal else Console(highlight=False, width=max(console.width, natural))
+    out.print(table)
     say("\n".join(heldout_report(records)))
 
 
@@ -308,13 +335,19 @@ def plot_cmd(tag: str | None, out_dir: str | None) -> None:
 
 @cli.command("export")
 @click.option("--tag", default=None, help="the hardware tag to export (needed when bench/ has several)")
-@click.option("-o", "--output", default="results.tsv", show_default=True, type=click.Path(dir_okay=False))
-def export_cmd(tag: str | None, output: str) -> None:
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False),
+              help="where to write it (default: bench/<tag>/results.tsv, beside the ledger)")
+def export_cmd(tag: str | None, output: str | None) -> None:
     """Write upstream's results.tsv (commit, val_bpb, memory_gb, status, description)."""
+    require_project(Path.cwd())
     records = tag_records(Path.cwd(), tag)
     tags = sorted({str(r.get("tag")) for r in records})
     if len(tags) > 1:
         fail(f"bench/ holds several hardware tags ({', '.join(tags)}); pick one with --tag")
+    if output is None:  # not the repo root: a new file there would trip the scope guard on the next run
+        if not tags:
+            fail("no experiments to export yet; run one with arun --backend NAME")
+        output = str(Path("bench") / tags[0] / "results.tsv")
     n = write_tsv(records, output)
     console.print(f"{output}: {n} experiment(s)" + (f" from {tags[0]}" if tags else ""))
 
@@ -361,14 +394,14 @@ def doctor_cmd() -> None:
             tag = engine.hardware().tag if ok else "-"
         except Exception as e:  # an engine module failing to import is itself a diagnosis
             ok, why, tag = False, f"{type(e).__name__}: {e}", "-"
-        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", tag, why)
+        table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", tag, escape(why))
     console.print(table)
     console.print(confine.doctor_line(), markup=False, highlight=False)
     try:
         data = prepare.PreparedData.open()
         console.print(f"data: {data.dir} ({data.manifest['describe']})")
     except Exception as e:
-        console.print(f"data: {e}")
+        console.print(f"data: {e}", markup=False)
     files, size = artifacts.disk_use(Path.cwd())
     console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {artifacts.store_dir(Path.cwd())} "
                   f"(each key's best and the last {artifacts.KEEP_RECENT} keeps)")

@@ -18,7 +18,7 @@ import numpy as np
 
 from engines.hardware import Hardware, cpu_count, cpu_model, slug, total_memory_gb
 
-INSTALL_HINT = "pip install 'arun[cuda]'"
+INSTALL_HINT = "pip install -e '.[cuda]'"  # from the project's clone, as the README installs it
 
 # Dense bf16 tensor-core peaks (no sparsity, fp32 accumulate), FLOP/s, matched on the
 # device name as a whole token: "A10" does not match "A10G", "H200" does not match "GH200".

@@ -27,10 +27,21 @@ def summary_text(result: dict, with_score: bool = True) -> str:
     for name, fmt in SUMMARY_FIELDS:
         if name == "val_bpb" and not with_score:
             continue
-        value = result.get(name)
-        text = "nan" if value is None else fmt.format(value)
-        lines.append(f"{name + ':':<18}{text}")
+        lines.append(f"{name + ':':<18}{summary_value(name, fmt, result.get(name))}")
     return "\n".join(lines)
+
+
+def summary_value(name: str, fmt: str, value: object) -> str:
+    """Always a number, as upstream prints (agents parse these lines with float()). A figure the run
+    could not measure is 0 (mfu_percent where the device's peak FLOPs are unknown, e.g. CPUs; the
+    record keeps null); millions below 1 get three decimals, so a small run does not read 0.0."""
+    if name == "val_bpb" and value is None:
+        return "nan"  # never a score that looks real
+    if value is None or (isinstance(value, float) and value != value):
+        value = 0
+    if name.endswith("_M") and isinstance(value, (int, float)) and abs(value) < 1:
+        fmt = "{:.3f}"
+    return fmt.format(value)
 
 
 def atomic_write_json(path: Path | str, obj: dict) -> None:

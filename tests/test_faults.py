@@ -584,6 +584,7 @@ def test_sigterm_during_the_scoring_records_an_interrupted_crash(tmp_path: Path,
     assert proc.returncode == 130, "".join(seen) + out + err
     [rec] = ledger_records(repo)
     assert rec["status"] == "crash" and "while the harness scored" in rec["error"], rec["error"]
-    assert (repo / TRAIN).read_bytes() == pre_run and rec["commit"] == head == git(repo, "rev-parse", "HEAD")
+    assert (repo / TRAIN).read_bytes() == pre_run and rec["commit"] == head == git(repo, "rev-parse", "HEAD^")
+    assert git(repo, "log", "-1", "--format=%s") == f"arun: record {rec['id']} (crash)"
     assert git(repo, "diff", "--cached", "--name-only") == ""
     report_faults("SIGTERM during the scoring of a run", 1, 0)

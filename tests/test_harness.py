@@ -222,7 +222,13 @@ def edit(repo: Path, train_file: str, old: str, new: str) -> None:
 
 
 def subjects(repo: Path) -> list[str]:
-    return git(repo, "log", "--format=%s").splitlines()
+    """Commit subjects, newest first, without the `arun: record <id>` commits that carry ledger lines."""
+    return [s for s in git(repo, "log", "--format=%s").splitlines() if not s.startswith("arun: record ")]
+
+
+def work_head(repo: Path) -> str:
+    """The newest commit that is not a ledger-record commit (the keep commit after a keep)."""
+    return git(repo, "log", "-1", "--format=%H", "--invert-grep", "--grep=^arun: record ")
 
 
 def run(repo: Path, backend: str = "mlx", description: str = "", **kw) -> dict:
@@ -275,10 +281,11 @@ def sequence(tiny_data: Path, tiny_cache: Path, tmp_path_factory: pytest.TempPat
             before = (repo / "train_mlx.py").read_text()
             rec = run(repo, "mlx", description)
             steps.append({"rec": rec, "before": before, "after": (repo / "train_mlx.py").read_text(),
-                          "head": git(repo, "rev-parse", "HEAD"), "subjects": subjects(repo),
+                          "head": work_head(repo), "subjects": subjects(repo),
+                          "clean": git(repo, "status", "--porcelain", "--untracked-files=all"),
                           "branch": git(repo, "branch", "--show-current"), "ledger": ledger(repo, rec),
                           "run_log": (repo / "run.log").read_text(),
-                          "head_ledger": git(repo, "show", f"HEAD:bench/{rec['tag']}/ledger.jsonl")
+                          "head_ledger": git(repo, "show", f"{rec['commit']}:bench/{rec['tag']}/ledger.jsonl")
                           if rec["status"] == "keep" and len(steps) > 0 else None})
 
         step("")                                                   # 0: baseline (LR 1e-5: barely trains)
@@ -302,8 +309,10 @@ def test_baseline_is_kept_on_a_new_run_branch(sequence: dict) -> None:
     assert rec["status"] == "keep" and rec["baseline"] is True
     assert rec["description"] == "baseline"
     assert s["branch"].startswith("autoresearch/")
-    # The train file was unchanged and no ledger existed yet: nothing to commit, the baseline is HEAD.
+    # The train file was unchanged: nothing to commit, the baseline is HEAD (its ledger line rides in
+    # the `arun: record` commit after it, as every record does: the tree is clean after every verdict).
     assert s["subjects"] == ["init"] and rec["commit"] == s["head"]
+    assert all(step["clean"] == "" for step in sequence["steps"]), [step["clean"] for step in sequence["steps"]]
     assert len(s["ledger"]) == 1 and s["ledger"][0]["id"] == rec["id"]
     assert set(RECORD_FIELDS) <= set(rec), RECORD_FIELDS - set(rec)
     assert 0 < rec["val_bpb"] < 20 and rec["val_bpb_seeds"] == [rec["val_bpb"]]
@@ -324,15 +333,19 @@ def test_improvement_is_committed_with_the_ledger(sequence: dict) -> None:
     assert rec["status"] == "keep" and rec["baseline"] is False
     assert rec["val_bpb"] < base["val_bpb"] and rec["best_before"] == base["val_bpb"]
     assert s["subjects"] == ["raise LR to 0.05", "init"]
-    assert rec["commit"] == s["head"] and rec["parent_commit"] == base["commit"]
+    assert rec["commit"] == s["head"] and git(sequence["repo"], "rev-parse", f"{rec['commit']}^") == rec["parent_commit"]
+    # its parent is the baseline's record commit, on top of the baseline's commit
+    assert git(sequence["repo"], "rev-parse", f"{rec['parent_commit']}^") == base["commit"]
     assert "LEARNING_RATE = 0.05" in s["after"] and s["after"] == s["before"]
     assert "-LEARNING_RATE = 1e-05" in rec["diff"] and "+LEARNING_RATE = 0.05" in rec["diff"]
-    # The keep commit carries the train file and the ledger as it stood before this record.
+    # The keep commit carries the train file (the ledger as it stood before this record, already
+    # committed with the baseline's record); this record rides in the `arun: record` commit after it.
     repo = sequence["repo"]
     assert git(repo, "show", f"{rec['commit']}:train_mlx.py") == s["after"].rstrip("\n")
     assert [json.loads(line)["id"] for line in s["head_ledger"].splitlines()] == [base["id"]]
-    assert sorted(git(repo, "show", "--name-only", "--format=", rec["commit"]).splitlines()) == \
-        [f"bench/{rec['tag']}/ledger.jsonl", "train_mlx.py"]
+    assert git(repo, "show", "--name-only", "--format=", rec["commit"]).splitlines() == ["train_mlx.py"]
+    record_commit = git(repo, "log", "--format=%H", f"--grep=^arun: record {rec['id']} (keep)")
+    assert git(repo, "rev-parse", f"{record_commit}^") == rec["commit"]
 
 
 def test_worse_result_is_discarded_and_the_best_train_file_restored(sequence: dict) -> None:
@@ -559,7 +572,7 @@ def test_hard_timeout_kills_the_whole_process_group(data_env: Path, tmp_path: Pa
     for pid in map(int, pids.read_text().split()):
         assert wait_dead(pid), f"pid {pid} survived the timeout"
     assert (repo / "train_mlx.py").read_text() == MINI_MLX       # restored to the best (= HEAD here)
-    assert git(repo, "rev-parse", "HEAD") == head
+    assert work_head(repo) == head and subjects(repo)[0] == "init"  # only the record commit was added
     assert ledger(repo, rec)[-1]["status"] == "timeout"
 
 
@@ -614,7 +627,7 @@ def test_cli_runs_an_experiment_and_prints_upstreams_summary(data_env: Path, tmp
     assert lines[0].startswith("arun: train_mlx.py on mlx-cpu") and "baseline run" in lines[0]
     assert lines[1].startswith("arun: scoring the exported forward")  # every run is scored by the evaluator process
     assert lines[2].startswith("arun: scoring the exported forward")  # (one per seed)
-    assert lines[3] == "---" and lines[4].startswith("val_bpb:") and "arun: KEEP" in lines[-1]
+    assert lines[3] == "---" and lines[4].startswith("val_bpb:") and "arun: BASELINE" in lines[-1]
     rec = Ledger(next((repo / "bench").glob("*/ledger.jsonl"))).records()[-1]
     assert rec["seeds"] == [1, 2] and len(rec["val_bpb_seeds"]) == 2
     assert abs(rec["val_bpb"] - sum(rec["val_bpb_seeds"]) / 2) < 1e-12

@@ -215,7 +215,8 @@ def test_sweep_keeps_only_improvements_and_never_rescores_a_train_file(project: 
             assert r["val_bpb"] >= r["best_before"] == best
     shas = [r["train_sha256"] for r in recs]
     assert len(set(shas)) == len(shas)
-    assert git(project, "rev-parse", "HEAD") == best_commit(project)  # every keep was committed, in order
+    # every keep was committed, in order (each experiment's ledger line rides in an `arun: record` commit)
+    assert git(project, "log", "-1", "--format=%H", "--invert-grep", "--grep=^arun: record ") == best_commit(project)
     assert_clean_at_best(project)
     assert "arun loop (done)" in result.summary and "experiments: 3" in result.summary
 
@@ -266,7 +267,9 @@ def test_an_agent_that_commits_outside_the_train_file_is_rolled_back(project: Pa
     result = loop(project, unconfined(f"{FAKE} forbidden-commit"))
     (rec,) = result.records
     assert rec["status"] == "invalid" and "prepare.py" in rec["error"]
-    assert git(project, "rev-parse", "HEAD") == head and git(project, "branch", "--show-current") == branch
+    # the agent's commit is gone; the only new commit carries the invalid attempt's ledger line
+    assert git(project, "rev-parse", "HEAD^") == head and git(project, "branch", "--show-current") == branch
+    assert git(project, "log", "-1", "--format=%s") == f"arun: record {rec['id']} (invalid)"
     assert_clean_at_best(project)
 
 

@@ -33,6 +33,7 @@ from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.errors import ArunError
 from arun.core.heldout import score_test
+from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
 from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
                                sigterm_as_interrupt)
@@ -190,6 +191,8 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                            "run_dir": str(att.run_dir.relative_to(ctx.repo_dir))})
         commit_or_revert(att, keep_ledger=record_sink is None)
         appended = write_record(att, t_begin, record_sink)
+        if record_sink is None:
+            commit_record(att.ctx, appended, log)
     report(att, appended, log)
     if att.interrupted:
         raise KeyboardInterrupt(att.interrupted)
@@ -246,6 +249,9 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     if not log_is_stdout:
         log_path.write_text(banner + "\n")
     against = "baseline run" if best is None else f"best so far {best['val_bpb']:.6f}"
+    if best is None and (other := other_key(records, ctx.key_id)):
+        against = (f"baseline run of a new key (differs from key {other['key_id']}: "
+                   f"{key_difference(other.get('key') or {}, ctx.key)}; its best {other['val_bpb']:.6f} is not compared)")
     log(f"arun: {ctx.train_file} on {ctx.tag}, {ctx.budget:g}s budget (key {ctx.key_id}), {against}; output in run.log")
     base_seed = config["SEED"] if isinstance(config.get("SEED"), int) else 42
     seed_list: list[int | None] = [None] if seeds <= 1 else [base_seed + i for i in range(seeds)]
@@ -428,6 +434,13 @@ def write_record(att: Attempt, t_begin: float, record_sink: Callable[[dict], dic
     return appended
 
 
+def commit_record(ctx: ExperimentContext, rec: dict, log: Callable[[str], None]) -> None:
+    """The ledger line rides in its own commit after every experiment (gitops.commit_record)."""
+    problem = gitops.commit_record(ctx.repo_dir, ctx.ledger_path, rec)
+    if problem:
+        log(problem)
+
+
 def all_records(repo_dir: Path) -> list[dict]:
     """Every ledger's records in this repo: the store holds the forwards of every tag."""
     return [r for path in sorted((Path(repo_dir) / "bench").glob("*/ledger.jsonl")) for r in Ledger(path).records()]
@@ -438,7 +451,7 @@ def report(att: Attempt, appended: dict, log: Callable[[str], None]) -> None:
     to the log and to run.log. The train process's own summary-looking lines were neutralised."""
     scored = att.results and att.failed is None and appended.get("val_bpb") is not None
     summary = summary_text(_summary_values(appended, att.results)) if scored else None
-    verdict = verdict_line(appended)
+    verdict = verdict_line(appended, other_key(att.records, att.ctx.key_id) if att.best is None else None)
     if not att.log_is_stdout:  # (when stdout is run.log, the lines below land there anyway)
         with open(att.log_path, "a", encoding="utf-8") as f:
             if summary:
@@ -495,11 +508,27 @@ def _summary_values(rec: dict, results: list[dict]) -> dict:
     return first
 
 
-def verdict_line(rec: dict) -> str:
+def other_key(records: list[dict], key_id: str) -> dict | None:
+    """The best record of the key this ledger used last, when that is not `key_id` (a new key starts)."""
+    for r in reversed(records):
+        if r.get("key_id") not in (None, key_id):
+            return best_record(records, r["key_id"])
+    return None
+
+
+def verdict_line(rec: dict, other: dict | None = None) -> str:
+    """The run's last line. A key's first run is its BASELINE, not a KEEP: it was compared with nothing
+    (other: the best of the key used before, named so a changed --budget does not read as a win)."""
     val, best, status = rec.get("val_bpb"), rec.get("best_before"), rec["status"]
     where = f"[{rec['tag']}] id {rec['id']}"
+    if status == "keep" and rec.get("baseline"):
+        why = f"first run of key {rec.get('key_id')}"
+        if other:
+            why += (f": {key_difference(other.get('key') or {}, rec.get('key') or {})}; key {other['key_id']}'s best "
+                    f"is {other['val_bpb']:.6f}, not compared")
+        return f"arun: BASELINE {val:.6f} ({why}) -> commit {rec['commit'][:10]} {where}"
     if status == "keep":
-        what = "baseline" if rec.get("baseline") else f"improved on {best:.6f} by {best - val:.6f}"
+        what = f"improved on {best:.6f} by {best - val:.6f}"
         return f"arun: KEEP {val:.6f} ({what}) -> commit {rec['commit'][:10]} {where}"
     if status == "discard":
         near = " (near miss)" if rec.get("near_miss") else ""

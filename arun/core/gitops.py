@@ -192,6 +192,18 @@ def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
     return head_sha(repo_dir)
 
 
+def commit_record(repo_dir: Path | str, ledger: Path, rec: dict) -> str | None:
+    """Commits the ledger as `arun: record <id> (<status>)`, so the tree is clean after every experiment,
+    whatever its verdict. A keep's record names the keep commit, this commit's parent: a commit cannot
+    hold its own sha. Returns a one-line problem when git refuses (the line is on disk and sealed either way)."""
+    rel = str(Path(ledger).resolve().relative_to(Path(repo_dir).resolve()))
+    try:
+        commit_keep(repo_dir, [rel], f"arun: record {rec.get('id')} ({rec.get('status')})")
+    except ArunError as e:
+        return f"arun: the ledger line is written but not committed ({e}); commit {rel} with git when that is fixed"
+    return None
+
+
 # --------------------------------------------------------------------------- the git CLI: worktrees, bundles, branches
 
 def run_git(cwd: Path | str, *args: str, check: bool = True, env: dict | None = None) -> str:

@@ -21,3 +21,22 @@ def comparability_key(backend: str, hardware_tag: str, data_key: dict, time_budg
 
 def key_id(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def key_difference(old: dict, new: dict) -> str:
+    """How key `new` differs from `old`, in the words a user changed it by: budget, data, fixed code,
+    device. E.g. "budget 300s -> 30s"; "" when the keys are the same."""
+    parts = []
+    if old.get("time_budget") != new.get("time_budget"):
+        parts.append(f"budget {old.get('time_budget', 0):g}s -> {new.get('time_budget', 0):g}s")
+    data = [f for f in ("dataset", "profile") if old.get(f) != new.get(f)]
+    if data:
+        parts.append("data (" + ", ".join(f"{f} {old.get(f)} -> {new.get(f)}" for f in data) + ")")
+    elif any(old.get(f) != new.get(f) for f in ("dataset_fingerprint", "tokenizer_sha256", "val_rows_sha256",
+                                                  "test_rows_sha256", "max_seq_len", "eval_tokens")):
+        parts.append("data (the prepared corpus was rebuilt)")
+    if old.get("fixed_code_sha256") != new.get("fixed_code_sha256"):
+        parts.append("fixed code (prepare.py, arun_data/ or engines/ changed)")
+    if old.get("backend") != new.get("backend") or old.get("hardware") != new.get("hardware"):
+        parts.append(f"device {old.get('hardware')} -> {new.get('hardware')}")
+    return "; ".join(parts)

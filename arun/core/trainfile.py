@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import math
 import operator
+import re
 from typing import Any
 
 BEGIN, END = "# --- hyperparameters ---", "# --- end hyperparameters ---"
@@ -73,6 +75,39 @@ def _source_value(value: object) -> str:
     return repr(value)
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_value(name: str, old: object, new: object) -> str | None:
+    """Why `new` cannot replace `old` as NAME's value (None when it can): the type stays the type,
+    sizes and counts are positive integers (steps and seeds may be 0), rates are positive and finite,
+    ratios and fractions lie in [0, 1]. The one-line reason names a value that would work."""
+    if isinstance(old, bool) or isinstance(new, bool):
+        return None if isinstance(old, bool) and isinstance(new, bool) else f"{name} is True or False, got {new!r}"
+    if isinstance(old, int):
+        if not isinstance(new, int):
+            return f"{name} is a whole number, got {new!r}; write e.g. {name}={old}"
+        low = 0 if name.endswith(("_STEPS", "SEED")) else 1
+        return None if new >= low else f"{name} must be at least {low}, got {new}; write e.g. {name}={old}"
+    if isinstance(old, float):
+        if not _is_number(new) or not math.isfinite(new):
+            return f"{name} is a number, got {new!r}; write e.g. {name}={old}"
+        if name.endswith(("_RATIO", "_FRAC")) and not 0.0 <= new <= 1.0:
+            return f"{name} is a fraction between 0 and 1, got {new}; write e.g. {name}={old}"
+        if name.endswith("_LR") and not 0.0 < new <= 10.0:
+            return f"{name} is a learning rate above 0 and at most 10, got {new}; write e.g. {name}={old}"
+        return None if new >= 0 else f"{name} must not be negative, got {new}; write e.g. {name}={old}"
+    if isinstance(old, tuple):
+        if not isinstance(new, tuple) or len(new) != len(old):
+            return f"{name} is a tuple of {len(old)}, got {new!r}; write e.g. {name}=\"{old!r}\""
+        bad = [why for o, n in zip(old, new) if (why := check_value(name, o, n))]
+        return bad[0] if bad else None
+    if isinstance(old, str) and not isinstance(new, str):
+        return f"{name} is text, got {new!r}; write e.g. {name}={old}"
+    return None
+
+
 def rewrite_constants(text: str, overrides: dict) -> str:
     """Replaces the values of the named constants in place, keeping comments and layout."""
     start, end = block_span(text)
@@ -96,5 +131,13 @@ def rewrite_constants(text: str, overrides: dict) -> str:
     if missing:
         raise KeyError(f"constants not in the hyperparameter block: {sorted(missing)}")
     for a, b, new in sorted(edits, reverse=True):
-        body = body[:a] + new + body[b:]
+        # Keep the `# comment` column where it was: the padding before it absorbs the value's change in length.
+        line_end = body.find("\n", b)
+        pad = re.match(r"[ \t]+(?=#)", body[b:line_end if line_end >= 0 else len(body)])
+        tail = b
+        if pad:
+            width = len(pad.group())
+            new += " " * max(width - (len(new) - (b - a)), min(width, 2))
+            tail = b + width
+        body = body[:a] + new + body[tail:]
     return text[:start] + body + text[end:]

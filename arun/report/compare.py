@@ -228,8 +228,9 @@ def find_record(records: list[dict], ident: str) -> dict:
     if not hits:
         raise ArunError(f"no experiment with id {ident!r}; list them with arun log")
     if len({r["id"] for r in hits}) > 1:
-        raise ArunError(f"id prefix {ident!r} matches {len(hits)} experiments ({', '.join(r['id'] for r in hits[:5])}); "
-                        f"give more of the id")
+        ids = sorted({r["id"] for r in hits})
+        raise ArunError(f"id {ident!r} matches {len(ids)} experiments ({', '.join(ids[:5])}"
+                        f"{', ...' if len(ids) > 5 else ''}); give more of the id")
     return hits[0]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from arun.report.compare import FAILED, tag_records
 from arun.core.ratchet import running_best, scored
@@ -56,13 +57,25 @@ def series_for(records: list[dict]) -> list[Series]:
 
 def plot_records(records: list[dict], out_path: Path | str) -> list[Series]:
     """Writes the PNG for one tag's records; returns what was plotted."""
+    import matplotlib.pyplot as plt
+    fig, panels = draw(records)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return panels
+
+
+def draw(records: list[dict]) -> tuple[Any, list[Series]]:
+    """The figure (one panel per key) and what each panel shows."""
     import matplotlib  # heavy and only needed for a plot: imported when one is drawn
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from matplotlib.transforms import blended_transform_factory
 
     panels = series_for(records)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.2 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11.5, 4.2 * len(panels)), squeeze=False)
     for ax, s in zip(axes[:, 0], panels):
         if s.discard:
             ax.scatter(*zip(*s.discard), s=22, color="#b0b0b0", label=f"discard ({len(s.discard)})", zorder=2)
@@ -72,6 +85,7 @@ def plot_records(records: list[dict], out_path: Path | str) -> list[Series]:
         if s.best:
             xs, ys = zip(*s.best)
             last = max(n for n, _ in (s.keep + s.discard)) if s.points else xs[-1]
+        if s.best and max(last, xs[-1]) > xs[0]:  # one experiment: a zero-length line, drawn nowhere, no legend entry
             ax.step(list(xs) + [max(last, xs[-1])], list(ys) + [ys[-1]], where="post", color="#2ca02c",
                     linewidth=1.5, alpha=0.8, label=f"best ({ys[-1]:.6f})", zorder=1)
         if s.crash:
@@ -83,17 +97,14 @@ def plot_records(records: list[dict], out_path: Path | str) -> list[Series]:
         ax.set_xlabel("experiment")
         ax.set_ylabel("val_bpb (lower is better)")
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are counted: no 2.5th run
         if s.points or s.crash:
-            # Lower left: early experiments sit high and crashes along the top, so this corner is free.
-            ax.legend(loc="lower left", fontsize=8)
+            # Outside the axes, on the right: inside, some night's points always sit under it.
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
         if not s.points:
             ax.text(0.5, 0.5, "no scored experiments yet", transform=ax.transAxes, ha="center", color="grey")
-    fig.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return panels
+    fig.tight_layout()  # counts the legends outside the axes: the axes shrink to make room
+    return fig, panels
 
 
 def plot_tags(repo_dir: Path | str, tag: str | None = None, out_dir: Path | str | None = None) -> dict[str, tuple[Path, list[Series]]]:

@@ -189,6 +189,8 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
                              proposer=name, config=constants(new.decode("utf-8", errors="replace")), error=error,
                              seconds=seconds, extra=extra).to_json()
         appended = ledger.append(rec) if ledger is not None else Ledger(info.ledger_path).append(rec)
+        if ledger is None and (problem := gitops.commit_record(repo_dir, info.ledger_path, appended)):
+            log(problem)
         log(f"arun: INVALID: {error}; train file restored to {base[:10]} [{info.tag}] id {appended['id']}")
         return appended
 

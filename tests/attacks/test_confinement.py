@@ -80,7 +80,9 @@ def unchanged(repo: Path, before: dict) -> None:
     after = snapshot(repo)
     assert after["ledger"].startswith(before["ledger"])  # one more line, the old ones intact
     assert after["ledger"].count(b"\n") == before["ledger"].count(b"\n") + 1
-    assert after["head"] == before["head"] and after["prepare"] == before["prepare"]
+    # nothing committed but the attempt's ledger line, in its `arun: record` commit
+    assert git(repo, "rev-parse", "HEAD^") == before["head"] and after["prepare"] == before["prepare"]
+    assert git(repo, "log", "-1", "--format=%s").startswith("arun: record ")
     assert after["best"] == before["best"]
     assert [s for s in after["tree"].splitlines() if "bench/" not in s] == \
            [s for s in before["tree"].splitlines() if "bench/" not in s]
