@@ -21,6 +21,7 @@ from arun.core import artifacts, confine, gitops
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
+from arun.core.timing import default_allowance
 from arun.core.ledger import all_records
 from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
 from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
@@ -28,6 +29,8 @@ from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
 from arun.report.summary import parse_time, report, select
+from arun.search.calibrate import Options as CalibrateOptions
+from arun.search.calibrate import calibrate, calibration_table
 from arun.search.loop import run_loop
 from arun.search.noise import measure_noise, significance_decider
 from arun.swarm.driver import SwarmOptions, run_swarm
@@ -141,7 +144,8 @@ experiment_options = options(
     click.option("-m", "--message", "description", default="", help="what this experiment tried"),
     budget_option(),
     device_option("torch engine device; cpu is explicit, never a fallback"),
-    timeout_option("hard kill after this many seconds (default: budget + max(120, budget), 600 s at 300)"),
+    timeout_option("hard kill this many seconds after the start (default: a clock that starts at the first step, "
+                   "budget + max(120, budget); compilation before it gets up to 30 minutes)"),
     allowance_option(),
     seeds_option("score the change over N seeds"),
     confidence_option("with --seeds: keep only when better at this confidence (e.g. 0.95)"),
@@ -242,6 +246,33 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
     gitops.write_atomic(path, rewrite_constants(text, overrides).encode())
     for name, value in overrides.items():
         console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
+
+
+@cli.command("calibrate")
+@backend_choice("whose train file to size")
+@device_option()
+@budget_option()
+@click.option("--probe-seconds", type=float, default=2.0, show_default=True, help="training seconds of each probe")
+@click.option("--max-depth", type=int, default=None, help="deepest model to consider (default: the file's DEPTH)")
+@click.option("--max-rows", type=int, default=None, help="most rows a step to consider (default: the file's batch)")
+@click.option("--max-probes", type=int, default=3, show_default=True, help="probe runs at most")
+def calibrate_cmd(backend: str, device: str | None, budget: float | None, probe_seconds: float,
+                  max_depth: int | None, max_rows: int | None, max_probes: int) -> None:
+    """Size the train file for this machine: short probes, then DEPTH and the batch sizes written into its
+    constants block (an ordinary edit, as arun set; the next experiment records it)."""
+    from arun.core.context import default_budget
+    opts = CalibrateOptions(budget=default_budget(budget), probe_seconds=probe_seconds, max_depth=max_depth,
+                            max_rows=max_rows, max_probes=max_probes)
+    cal = calibrate(Path.cwd(), backend, opts, device=device, log=say)
+    console.print(calibration_table(cal))
+    for line in cal.reasons:
+        say(f"  {line}")
+    say(f"one-time compilation: {cal.compile_seconds:.1f}s (measured with a cold cache, as every run has)")
+    if cal.allowance_hint:
+        say(f"a run here spends up to about {cal.allowance_hint / 1.5:.0f}s besides training, near the default "
+            f"allowance of {default_allowance(opts.budget):g}s: add --allowance {cal.allowance_hint:g} to arun")
+    say(f"{TRAIN_FILES[backend]}: " + ", ".join(f"{k} = {v!r}" for k, v in cal.chosen.items())
+        + f"; next: arun --backend {backend} --budget {opts.budget:g} -m \"baseline, calibrated\"")
 
 
 @cli.command("compare")
@@ -485,7 +516,7 @@ def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | No
                       confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
                       agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
                       allowance=allowance, log=say)
-    sys.exit({"interrupted": 130, "crashes": 3}.get(result.reason, 0))
+    sys.exit({"interrupted": 130, "crashes": 3, "baseline": 3}.get(result.reason, 0))
 
 
 @cli.command("noise")

@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from arun.core import artifacts, confine, gitops
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
+from arun.core.deadline import Limits
 from arun.core.errors import ArunError
 from arun.core.heldout import score_test
 from arun.core.keys import key_difference
@@ -47,12 +48,6 @@ from arun.core.trainfile import constants
 from engines.artifact import SUFFIX
 from engines.fingerprint import fixed_code_sha256, fixed_files
 from engines.report import summary_text
-
-
-def default_hard_timeout(budget: float) -> float:
-    """Budget plus an allowance for start-up, compilation and export: at the default 300 s budget
-    this is upstream's "if a run exceeds 10 minutes, kill it"."""
-    return budget + max(120.0, budget)
 
 
 @contextlib.contextmanager
@@ -168,14 +163,14 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     allowance: non-training seconds a run may use (default max(60, budget/5); arun.core.timing).
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
-    budget, hard_timeout = check_limits(seeds, budget, hard_timeout)
+    budget, limits = check_limits(seeds, budget, hard_timeout)
     confine.require(require_confinement)
     ctx = guard(repo_dir, backend, budget, device)
     with repo_lock(ctx.repo_dir, wait):
         check_scope(ctx.repo_dir, ctx.train_file)  # again: whoever held the lock may have committed meanwhile
         att = begin(ctx, description, seeds, proposer, confidence, log)
         att.allowance = default_allowance(ctx.budget, allowance)
-        launch(att, hard_timeout, show_progress)
+        launch(att, limits, show_progress)
         score_runs(att, log)
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
         status = score_heldout(att, status, log)
@@ -199,17 +194,17 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     return appended
 
 
-def check_limits(seeds: int, budget: float | None, hard_timeout: float | None) -> tuple[float, float]:
-    """The budget and the hard timeout, defaulted and checked before anything else happens."""
+def check_limits(seeds: int, budget: float | None, hard_timeout: float | None) -> tuple[float, Limits]:
+    """The budget and when a run is killed (arun.core.deadline), defaulted and checked before anything
+    else happens: --timeout counts from the start; by default the clock starts at the first step."""
     if seeds < 1:
         raise ArunError(f"--seeds must be at least 1, got {seeds}")
     budget = default_budget(budget)
     if not math.isfinite(budget) or budget <= 0:
         raise ArunError(f"--budget must be a positive number of seconds, got {budget}")
-    hard_timeout = float(hard_timeout) if hard_timeout else default_hard_timeout(budget)
-    if hard_timeout <= 0:
-        raise ArunError(f"--timeout must be positive, got {hard_timeout}")
-    return budget, hard_timeout
+    if hard_timeout and not (math.isfinite(hard_timeout) and hard_timeout > 0):
+        raise ArunError(f"--timeout must be a positive number of seconds, got {hard_timeout}")
+    return budget, Limits.for_run(budget, hard_timeout)
 
 
 def guard(repo_dir: Path | str, backend: str, budget: float, device: str | None) -> ExperimentContext:
@@ -258,7 +253,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     return Attempt(ctx, record, records, best, base_commit, pre_run, run_dir, log_path, log_is_stdout, seed_list)
 
 
-def launch(att: Attempt, hard_timeout: float, show_progress: bool) -> None:
+def launch(att: Attempt, limits: Limits, show_progress: bool) -> None:
     """The train file, once per seed, each in its own process; stops at the first run that fails."""
     ctx, n = att.ctx, len(att.seed_list)
     label = f"{ctx.backend} {att.record.description[:40]}".strip()
@@ -272,8 +267,8 @@ def launch(att: Attempt, hard_timeout: float, show_progress: bool) -> None:
                 bar.new_run(f"{label} (seed {seed}, {i + 1}/{n})")
             prefix = f"[seed {seed}] " if n > 1 else ""
             try:
-                outcome = run_train_file(ctx.repo_dir, ctx.train_file, env, att.log_path, hard_timeout, bar.line,
-                                         prefix, seed, att.log_is_stdout)
+                outcome = run_train_file(ctx.repo_dir, ctx.train_file, env, att.log_path, limits, bar.line,
+                                         prefix, seed, att.log_is_stdout, timeout_hint=calibrate_hint(ctx.backend))
             except KeyboardInterrupt as e:
                 att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
                 att.outcomes.append(RunOutcome(seed, status="crash", error=f"interrupted ({att.interrupted})"))
@@ -281,6 +276,11 @@ def launch(att: Attempt, hard_timeout: float, show_progress: bool) -> None:
             att.outcomes.append(outcome)
             if outcome.status != "ok":
                 break
+
+
+def calibrate_hint(backend: str) -> str:
+    """What to do when the baseline cannot finish on this machine."""
+    return f"to size the model for this machine: arun calibrate --backend {backend}"
 
 
 def score_runs(att: Attempt, log: Callable[[str], None]) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
 from arun.core import confine as confinement
+from arun.core.deadline import Clock, Limits
 
 
 class Interrupted(KeyboardInterrupt):
@@ -147,17 +148,24 @@ def child_env(data_dir: Path, device: str | None, seed: int | None = None, **val
     return env
 
 
-def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, hard_timeout: float,
+def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, limits: Limits | float,
                    on_line: Callable[[str], None] | None = None, prefix: str = "",
-                   seed: int | None = None, log_is_stdout: bool = False, confine: bool = True) -> RunOutcome:
+                   seed: int | None = None, log_is_stdout: bool = False, confine: bool = True,
+                   timeout_hint: str = "") -> RunOutcome:
     """Runs the train file as its own process group (so a kill reaches compile workers and
     dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line. Where the OS
     can, the process is confined: it writes only its run folder (the folder of $ARUN_RESULT_JSON,
-    with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs."""
+    with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs.
+    limits: when it is killed (arun.core.deadline; a number is one limit from the start)."""
     out = RunOutcome(seed)
     lines: list[str] = []
     claims: list[str] = []
     timed_out = threading.Event()
+    stop = threading.Event()
+    if not isinstance(limits, Limits):
+        limits = Limits(first_step=float(limits), total=float(limits))
+    clock = Clock(limits, timeout_hint)
+    why: list[str] = []
     result_path = Path(env["ARUN_RESULT_JSON"])
     policy = confinement.train_policy(Path(repo_dir), Path(env["ARUN_DATA_DIR"]), result_path.parent)
     run = confinement.wrap(policy, [sys.executable, "-u", train_file], env, confine)
@@ -169,17 +177,22 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
                                 start_new_session=True, preexec_fn=_die_with_parent)
 
-        def kill() -> None:
-            timed_out.set()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+        def watch() -> None:
+            while not stop.wait(0.2):
+                reason = clock.expired()
+                if reason:
+                    why.append(reason)
+                    timed_out.set()
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    return
 
-        watchdog = threading.Timer(hard_timeout, kill)
-        watchdog.daemon = True
+        watchdog = threading.Thread(target=watch, daemon=True)
         watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                clock.line(line)
                 log.write(prefix + neutralise(line))
                 log.flush()
                 if SUMMARY_LINE.match(line) and len(claims) < 100:
@@ -192,14 +205,14 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
             proc.wait()
         except BaseException:
             # Ctrl-C / SIGTERM / anything else: the child must not outlive us (it would hold the GPU).
-            watchdog.cancel()
+            stop.set()
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             out.status, out.error = "interrupted", "interrupted (Ctrl-C)"
             raise
         finally:
-            watchdog.cancel()
+            stop.set()
             out.wall_seconds = time.perf_counter() - t0
             out.returncode = proc.returncode
             # Whatever the child started in its group (compile workers, loader processes) goes too.
@@ -207,7 +220,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, h
                 os.killpg(proc.pid, signal.SIGKILL)
     out.claimed = printed_claims(claims)
     if timed_out.is_set():
-        out.status, out.error = "timeout", f"killed at the hard timeout of {hard_timeout:.0f}s"
+        out.status, out.error = "timeout", why[0] if why else "killed at the hard timeout"
         return out
     if proc.returncode != 0:
         err = last_error_line(lines)

@@ -224,7 +224,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
 
 @dataclass
 class LoopResult:
-    reason: str                          # done | hours | crashes | interrupted | error
+    reason: str                          # done | hours | crashes | baseline | interrupted | error
     records: list[dict] = field(default_factory=list)
     summary: str = ""
 
@@ -298,6 +298,10 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                                 confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,
                                 show_progress=show_progress, allowance=allowance, log=log, number=n)
                 result.records.append(rec)
+                if rec.get("baseline") and rec.get("status") not in SCORED:
+                    result.reason = "baseline"  # the train file as it is cannot finish: asking again would spin
+                    log(baseline_hint(rec, backend))
+                    break
                 streak = 0 if rec.get("status") in SCORED else streak + 1
                 if max_crashes > 0 and streak >= max_crashes:
                     result.reason = "crashes"
@@ -322,6 +326,14 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
             raise ArunError(f"arun loop stopped: {e}") from None
     _finish(repo_dir, info, result, start, log)
     return result
+
+
+def baseline_hint(rec: dict, backend: str) -> str:
+    """Why the loop stops when its baseline has no score, and what to do."""
+    fix = (f"size the model for this machine with: arun calibrate --backend {backend}" if rec.get("status") == "timeout"
+           else f"fix {rec.get('train_file') or 'the train file'} (see run.log), or size it with: arun calibrate --backend {backend}")
+    return (f"arun loop: stopping: the baseline did not finish ({rec.get('status')}: {rec.get('error')}) and every "
+            f"experiment is judged against it; {fix}, then run arun loop again")
 
 
 def _finish(repo_dir: Path, info: ExperimentContext, result: LoopResult, start: int, log: Callable[[str], None]) -> None:

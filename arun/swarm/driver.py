@@ -266,6 +266,9 @@ class Swarm:
                 deaths[k] = unscored[k] = 0
             else:  # crash, timeout, invalid, or a step that failed outside the experiment
                 unscored[k] += 1
+                if rec.get("baseline") and rec.get("status") == "timeout":
+                    self.log(f"w{k}: the baseline timed out; size the model for this machine with: "
+                             f"arun calibrate --backend {self.opts.backend}")
             if permanent:
                 drop(k, f"worker w{k} died and Ray will not restart it ({res['error']})")
             elif res["status"] == "died":
