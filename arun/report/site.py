@@ -29,6 +29,8 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
 h3 { font-size: 15px; } table { border-collapse: collapse; margin: 8px 0 16px; }
 th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; vertical-align: top; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
+.wide { overflow-x: auto; } table.leaderboard { font-size: 13px; }
+table.leaderboard td:last-child { min-width: 220px; overflow-wrap: anywhere; }
 pre.diff { background: #fafafa; border: 1px solid #ddd; padding: 8px; overflow-x: auto; font-size: 12px; }
 .add { color: #116611; } .del { color: #aa1111; } .hunk { color: #555599; }
 .bad { color: #aa1111; font-weight: bold; } .note { color: #666; font-size: 12px; }
@@ -100,10 +102,10 @@ def leaderboards(rows: list[BoardRow]) -> str:
     parts = []
     for (dataset, profile), group in groups.items():
         parts.append(f'<h2 id="board-{slug(dataset + "-" + profile)}">Leaderboard: {e(dataset)} / {e(profile)}</h2>')
-        parts.append('<table class="leaderboard">\n' + cells([e(c) for c in BOARD_COLUMNS], header=True,
+        parts.append('<div class="wide"><table class="leaderboard">\n' + cells([e(c) for c in BOARD_COLUMNS], header=True,
                                                              text_cols=(0, 1, 14, 15, 16, 17, 18)))
         parts += [board_row(r) for r in group]
-        parts.append("</table>")
+        parts.append("</table></div>")
         parts.append('<p class="note">A key is hardware tag + backend + data + budget; rows are never ranked '
                      'against each other across keys. Only records sealed on this machine count as a best '
                      '(others show as foreign).</p>')
