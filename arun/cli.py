@@ -28,11 +28,13 @@ from arun.report.compare import compare, compare_tables, find_record, log_rows, 
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
+from arun.report.site import build_site
 from arun.report.summary import parse_time, report, select
 from arun.search.calibrate import Options as CalibrateOptions
 from arun.search.calibrate import calibrate, calibration_table
 from arun.search.loop import run_loop
 from arun.search.noise import measure_noise, significance_decider
+from arun.search.transfer import transfer
 from arun.swarm.driver import SwarmOptions, run_swarm
 from engines import BACKENDS, TRAIN_FILES, get_engine
 
@@ -362,6 +364,36 @@ def plot_cmd(tag: str | None, out_dir: str | None) -> None:
     for t, (path, panels) in written.items():
         n = sum(p.points for p in panels)
         console.print(f"{path} ({t}: {n} scored, {sum(len(p.crash) for p in panels)} failed)")
+
+
+@cli.command("report")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="report", show_default=True,
+              help="folder for index.html and its assets (publishable as is)")
+@click.option("--ref", "refs", multiple=True, metavar="REF", help="also read the ledgers on this git ref; repeatable")
+def report_cmd(out_dir: str, refs: tuple[str, ...]) -> None:
+    """A static web page of every ledger: leaderboards, winning changes, transfers, progress charts."""
+    site = build_site(Path.cwd(), out_dir, refs)
+    console.print(f"{site.index} ({len(site.rows)} key(s), {site.charts} chart(s), {len(site.transfers)} transfer(s)); "
+                  f"open it in a browser, no network needed", soft_wrap=True)
+
+
+@cli.command("transfer")
+@click.option("--from", "source", required=True, metavar="TAG|COMMIT", help="the hardware tag (its best keep) or a keep's commit")
+@backend_choice("engine to try the winner on, here")
+@click.option("--agent", default=None, metavar="CMD", help="agent that ports code changes (as arun loop); else they are listed")
+@click.option("--ref", "refs", multiple=True, metavar="REF", help="also look for the winner in the ledgers on this git ref")
+@budget_option()
+@device_option()
+def transfer_cmd(source: str, backend: str, agent: str | None, refs: tuple[str, ...], budget: float | None,
+                 device: str | None) -> None:
+    """Try another machine's winner here: its changed constants that exist in this backend's train file run
+    as an ordinary experiment (recorded with transfer_from); code changes go to --agent or are listed."""
+    result = transfer(Path.cwd(), source, backend, agent=agent, budget=budget, device=device, refs=refs, log=say)
+    for rec in result.records:
+        if rec.get("transfer_from"):
+            say(f"transferred: {rec.get('status')} val_bpb {rec.get('val_bpb')} (best before {rec.get('best_before')})")
+    for item in result.not_transferred:
+        say(f"not transferred: {item}")
 
 
 @cli.command("export")

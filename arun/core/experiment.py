@@ -154,13 +154,15 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                    show_progress: bool = True, proposer: str | None = None, near_miss: float | None = None,
                    confidence: float | None = None, wait: float = 0.0, allowance: float | None = None,
                    record_sink: Callable[[dict], dict] | None = None, decide_fn: DecideFn | None = None,
-                   require_confinement: bool | None = None, log: Callable[[str], None] = print) -> dict:
+                   require_confinement: bool | None = None, extra: dict | None = None,
+                   log: Callable[[str], None] = print) -> dict:
     """One experiment on the current train file; returns the ledger record it appended.
 
     record_sink: where the record goes instead of bench/<tag>/ledger.jsonl (the swarm's one writer).
     decide_fn(val_bpb per seed, best record, key's records) -> (status, near_miss): a replacement
     for the plain "strictly lower than the best" rule (e.g. a significance test over seeds).
     allowance: non-training seconds a run may use (default max(60, budget/5); arun.core.timing).
+    extra: fields added to the record as they are (e.g. `transfer_from` of arun transfer).
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
     budget, limits = check_limits(seeds, budget, hard_timeout)
@@ -169,6 +171,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     with repo_lock(ctx.repo_dir, wait):
         check_scope(ctx.repo_dir, ctx.train_file)  # again: whoever held the lock may have committed meanwhile
         att = begin(ctx, description, seeds, proposer, confidence, log)
+        att.record.update(extra or {})
         att.allowance = default_allowance(ctx.budget, allowance)
         launch(att, limits, show_progress)
         score_runs(att, log)

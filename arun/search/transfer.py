@@ -1,0 +1,172 @@
+"""
+`arun transfer --from <tag|commit> --backend X`: try one machine's winner on this one.
+
+The winner is the best kept record of the source tag (or the keep at the given commit). What it
+changed is read off the records, never guessed: the constants whose values differ from its key's
+baseline config, and, when both commits are in this repository, the lines of its train file
+outside the hyperparameter block. The constants that also exist in this backend's train file are
+written into it and run as an ordinary experiment (same path, same ratchet, this machine's key),
+with `transfer_from: {tag, commit, id}` in the record. Code changes go to `--agent`, which ports
+them as one more ordinary experiment, or are listed as not transferred.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from arun.core import gitops
+from arun.core.context import experiment_context
+from arun.core.errors import ArunError
+from arun.core.experiment import run_experiment
+from arun.core.ledger import TRUST, Ledger, all_records, trust_mark
+from arun.core.ratchet import baseline_record, best_record, key_records
+from arun.core.trainfile import block_span, constants, rewrite_constants
+from arun.report.board import train_file_at
+from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context
+
+
+@dataclass
+class Winner:
+    """A source winner and what it changed against its key's baseline."""
+    record: dict
+    baseline: dict
+    constants: dict                                   # NAME -> the winner's value, where it differs
+    code_diff: str = ""                               # its train file's changes outside the constants
+
+    @property
+    def origin(self) -> dict:
+        return {"tag": self.record.get("tag"), "commit": self.record.get("commit"), "id": self.record.get("id")}
+
+
+@dataclass
+class Transfer:
+    winner: Winner
+    applied: dict = field(default_factory=dict)       # NAME -> value written into this backend's train file
+    not_transferred: list[str] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)  # what ran here, in order
+
+
+def believable(records: list[dict]) -> list[dict]:
+    """Records a winner may be taken from: ours, and other machines' ("foreign": their seal is theirs to
+    check); never forged, edited or audit-failed ones. The run here is judged under this machine's key."""
+    return [{**r, TRUST: "ok"} for r in records if trust_mark(r) in ("", "foreign")]
+
+
+def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[str] = ()) -> Winner:
+    """The best keep of tag `source` (its most-run key), or the keep whose commit starts with `source`."""
+    records = believable(all_records(repo_dir, refs))
+    of_tag = [r for r in records if r.get("tag") == source]
+    if of_tag:
+        counts: dict[str, int] = {}
+        for r in of_tag:
+            counts[r.get("key_id")] = counts.get(r.get("key_id"), 0) + 1
+        kid = max(counts, key=counts.get)
+        best = best_record(of_tag, kid)
+        if best is None:
+            raise ArunError(f"tag {source!r} has no scored keep yet; nothing to transfer")
+    else:
+        hits = [r for r in records if r.get("status") == "keep" and len(source) >= 7
+                and str(r.get("commit") or "").startswith(source)]
+        if not hits:
+            tags = ", ".join(sorted({str(r.get("tag")) for r in records})) or "none"
+            raise ArunError(f"{source!r} is neither a hardware tag with records nor the commit of a keep "
+                            f"(7+ hex digits); tags here: {tags}")
+        best, kid = hits[-1], hits[-1].get("key_id")
+    base = baseline_record(key_records(records, kid), kid)
+    if base is None:
+        raise ArunError(f"key {kid} of {best.get('tag')} has no baseline record; its changes cannot be told apart")
+    before, after = base.get("config") or {}, best.get("config") or {}
+    changed = {n: after[n] for n in after if before.get(n, object()) != after[n]}
+    return Winner(best, base, changed, code_diff(repo_dir, base, best))
+
+
+def _outside_block(text: str) -> list[str]:
+    try:
+        start, end = block_span(text)
+    except ValueError:
+        return text.splitlines(keepends=True)
+    return (text[:start] + text[end:]).splitlines(keepends=True)
+
+
+def code_diff(repo_dir: Path | str, base: dict, best: dict) -> str:
+    """The winner's changes outside the hyperparameter block: from git when both commits are here, else
+    the non-constant lines of the records' own diffs (each against the best commit when it ran)."""
+    path = best.get("train_file")
+    a, b = train_file_at(repo_dir, base.get("commit"), path), train_file_at(repo_dir, best.get("commit"), path)
+    if a is not None and b is not None:
+        return "".join(difflib.unified_diff(_outside_block(a), _outside_block(b), f"a/{path}", f"b/{path}"))
+    lines = [line for line in str(best.get("diff") or "").splitlines()
+             if line[:1] in "+-" and not line.startswith(("+++", "---")) and not _constant_line(line[1:])]
+    return "\n".join(lines)
+
+
+def _constant_line(code: str) -> bool:
+    name, eq, _ = code.partition("=")
+    return bool(eq) and name.strip().isupper() and name.strip().replace("_", "").isalnum()
+
+
+def _value(v: object) -> object:
+    return tuple(_value(x) for x in v) if isinstance(v, list) else v  # JSON turned the file's tuples into lists
+
+
+def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | None = None,
+             budget: float | None = None, device: str | None = None, refs: tuple[str, ...] | list[str] = (),
+             agent_timeout: float = DEFAULT_AGENT_TIMEOUT, log: Callable[[str], None] = print) -> Transfer:
+    """Runs the winner's transferable changes here as ordinary experiments; returns what was done."""
+    repo_dir = Path(repo_dir)
+    winner = find_winner(repo_dir, source, refs)
+    ctx = experiment_context(repo_dir, backend, budget, device)
+    out = Transfer(winner)
+    here = constants(ctx.train_path.read_text(), keep_source=True)
+    for name, value in winner.constants.items():
+        if name not in here:
+            out.not_transferred.append(f"{name}={value!r} (no such constant in {ctx.train_file})")
+        elif here[name] != _value(value):
+            out.applied[name] = _value(value)
+    if winner.code_diff.strip() and agent is None:
+        out.not_transferred.append("code change outside the constants (pass --agent to port it):\n" + winner.code_diff)
+    log(f"arun transfer: {winner.origin['tag']} id {winner.origin['id']} at {str(winner.origin['commit'])[:10]} "
+        f"changed {', '.join(f'{n}={v!r}' for n, v in winner.constants.items()) or 'no constants'}")
+    if not out.applied and not (agent and winner.code_diff.strip()):
+        log("arun transfer: nothing to run here (every change is already so, or not transferable)")
+        return out
+    run = dict(budget=budget, device=device, log=log)
+    if best_record(Ledger(ctx.ledger_path).records(), ctx.key_id) is None:
+        # A gain here needs something to beat: the unchanged train file runs first, as this key's baseline.
+        out.records.append(run_experiment(repo_dir, backend, "baseline", **run))
+    origin = {"transfer_from": winner.origin}
+    if out.applied:
+        text = rewrite_constants(ctx.train_path.read_text(), out.applied)
+        gitops.write_atomic(ctx.train_path, text.encode())
+        what = ", ".join(f"{n}={v!r}" for n, v in out.applied.items())
+        out.records.append(run_experiment(repo_dir, backend, f"transfer from {winner.origin['tag']}: {what}",
+                                          extra={**origin, "transfer_applied": out.applied}, **run))
+    if agent and winner.code_diff.strip():
+        out.records.append(_agent_port(repo_dir, ctx, winner, agent, agent_timeout, origin, run))
+    return out
+
+
+def _agent_port(repo_dir: Path, ctx, winner: Winner, agent: str, timeout: float, origin: dict, run: dict) -> dict:
+    """The agent ports the code change (a prompt of program.md plus the change), then it runs as usual."""
+    brief = repo_dir / ".arun" / "agent" / "transfer.md"
+    brief.parent.mkdir(parents=True, exist_ok=True)
+    program = repo_dir / "program.md"
+    brief.write_text((program.read_text() if program.exists() else "") +
+                     f"\n\n## This iteration: port a change found on {winner.origin['tag']}\n"
+                     f"Apply the idea of this change to {ctx.train_file} (it was made to "
+                     f"{winner.record.get('train_file')}); change nothing else.\n\n```diff\n{winner.code_diff}\n```\n")
+    proposer = AgentProposer(agent, timeout=timeout, program_file=str(brief))
+    records = Ledger(ctx.ledger_path).records()
+    mine = key_records(records, ctx.key_id)
+    proposal = proposer.propose(Context(repo_dir=repo_dir, backend=ctx.backend, train_file=ctx.train_file,
+                                        key_id=ctx.key_id, tag=ctx.tag, records=mine,
+                                        best=best_record(mine, ctx.key_id), baseline=baseline_record(mine, ctx.key_id),
+                                        seq_len=ctx.seq_len, budget=ctx.budget))
+    if proposal.error:
+        gitops.restore_train_file(repo_dir, ctx.train_file, "HEAD")
+        raise ArunError(f"the agent could not port the change ({proposal.error}); nothing was run")
+    return run_experiment(repo_dir, ctx.backend, f"transfer from {winner.origin['tag']} (agent): {proposal.description}",
+                          proposer=proposer.name, extra={**origin, "transfer_code": True, **proposal.extra}, **run)
