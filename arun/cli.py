@@ -189,8 +189,10 @@ def cli(ctx: click.Context, backend: str | None, **opts) -> None:
     if ctx.invoked_subcommand is not None:
         return
     if backend is None:
+        # (a setting from the environment, e.g. ARUN_REQUIRE_CONFINEMENT=1 in a profile, is not an option given)
         given = [p.opts[-1] for p in ctx.command.params
-                 if ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+                 if ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT,
+                                                             click.core.ParameterSource.ENVIRONMENT)]
         if given:  # options of an experiment without its engine: an error, not the help text
             fail(f"{' '.join(given)} given without a backend; add --backend mlx|cuda (e.g. arun --backend mlx -m \"...\")")
         click.echo(ctx.get_help())

@@ -60,7 +60,7 @@ def attack(what: str, train: Path, it: str) -> None:
         print(f"denied: {e}")
     append(train, f"# honest edit {it}")
     diff = subprocess.run(["git", "diff", "--stat"], capture_output=True, text=True)
-    print(f"git diff exit {diff.returncode}: {diff.stdout.strip()[:80]}")
+    print(f"git diff exit {diff.returncode}: {diff.stdout.strip()[:80]} {diff.stderr.strip()[:200]}")
     print(f"attack {what}")
 
 

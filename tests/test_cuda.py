@@ -159,7 +159,7 @@ def test_cuda_build_with_unusable_driver(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_torch_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` does without torch installed
     ok, why = ENGINE.available()
-    assert not ok and "pip install 'arun[cuda]'" in why
+    assert not ok and "pip install -e '.[cuda]'" in why
 
 
 def test_unknown_device_is_an_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:

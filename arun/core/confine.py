@@ -109,15 +109,17 @@ def agent_writable() -> list[Path]:
 
 
 def agent_hidden(repo: Path, data_dir: Path | None = None) -> list[Path]:
-    """What an agent never reads: the repo's ledgers and runs, the data cache, the machine's ledger key."""
+    """What an agent never reads: the repo's runs and kept forwards, the data cache (val and test rows),
+    the machine's ledger key. The ledgers are readable (never writable): they are tracked files that
+    `git diff` must hash, and what they hold is in the agent's prompt anyway."""
     from arun.core.chain import key_path
-    hide = [Path(repo) / "bench", Path(repo) / ".arun", prepare.cache_root(), key_path().parent]
+    hide = [Path(repo) / ".arun", prepare.cache_root(), key_path().parent]
     return hide + ([Path(data_dir).parent] if data_dir else [])
 
 
 def agent_policy(repo: Path, train_file: str, exchange: Path, data_dir: Path | None = None,
                  cmd: list[str] | None = None) -> sandbox.Policy:
-    """The loop's agent: reads the repo (git history included, never bench/ or .arun/) and the home
+    """The loop's agent: reads the repo (git history included, never .arun/; bench/ read-only) and the home
     folder (its CLI and settings; not the data cache or the ledger key); writes the train file (in
     place: a single-file grant does not cover save-to-temp-and-rename), its exchange folder (prompt,
     description, TMPDIR) and AGENT_WRITABLE. The harness's code and any file named on `cmd` are
