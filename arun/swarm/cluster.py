@@ -84,6 +84,27 @@ def log_dir() -> str:
         return str(Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs")
 
 
+def keep_ray_messages_in_logs() -> Path:
+    """Ray's driver prints the cluster's error messages (a raylet's death, with the last lines of
+    its log) to stdout whatever log_to_driver says; they go to a file in Ray's log folder instead,
+    and the console keeps the swarm's own lines. Returns that file."""
+    path = Path(log_dir()) / "arun-driver-messages.log"
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        return path
+
+    def to_file(data: dict, ignore_prefix: bool = False) -> None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("".join(f"({data.get('pid')}) {line}\n" for line in data.get("lines") or []))
+        except OSError:
+            pass
+
+    ray_worker.print_to_stdstream = to_file
+    return path
+
+
 def node_ip() -> str:
     import ray
     return ray.util.get_node_ip_address()

@@ -108,7 +108,8 @@ class Swarm:
         if dirty:
             self.log(f"note: uncommitted changes in {self.repo} stay there; workers start from {self.base[:12]} (HEAD)")
 
-        if ray.is_initialized():
+        caller_connected = ray.is_initialized()
+        if caller_connected:
             pass  # a caller (a test, a notebook) already connected; leave its cluster alone at the end
         elif o.address:
             cluster.join(o.address)
@@ -118,6 +119,8 @@ class Swarm:
             if not cluster.is_loopback(cluster.node_ip()):
                 self.log(f"note: this Ray put its node on {cluster.node_ip()}, not loopback; its ports are on the network")
         self.ray_logs = cluster.log_dir()
+        if not caller_connected:  # a caller's own connection keeps its console as it was
+            cluster.keep_ray_messages_in_logs()
         self.log(f"Ray's logs (workers, raylets): {self.ray_logs}")
         # Written once connected: a swarm that could not start leaves no ref behind.
         gitops.run_git(self.repo, "update-ref", base_ref(self.run_name), self.base)
@@ -475,8 +478,7 @@ def swarm_report(summary: dict) -> list[str]:
     for branch, commit in summary["branches"].items():
         lines.append(f"{branch} -> {commit[:12]}")
     for k, why in sorted(summary.get("dropped", {}).items()):
-        lost = summary.get("lost", {}).get(k)
-        lines.append(f"w{k} stopped early" + (f", its machine {lost} lost" if lost else "") + f": {why}")
+        lines.append(f"w{k} stopped early: {why}")
     for k, where in sorted(summary.get("left", {}).items()):
         lines.append(f"w{k}'s worktree is left at {where}")
     if summary.get("ray_logs"):
