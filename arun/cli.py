@@ -35,7 +35,7 @@ from arun.search.calibrate import calibrate, calibration_table
 from arun.search.loop import run_loop
 from arun.search.noise import measure_noise, significance_decider
 from arun.search.transfer import transfer
-from arun.swarm.driver import SwarmOptions, run_swarm
+from arun.swarm.driver import SwarmOptions, run_swarm, swarm_report
 from engines import BACKENDS, TRAIN_FILES, get_engine
 
 console = Console(highlight=False)
@@ -513,13 +513,8 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
         summary = run_swarm(opts, log=lambda line: console.print(line, soft_wrap=True, markup=False, highlight=False))
     except ImportError as e:  # Ray is optional: the swarm imports it when it starts
         fail(f"arun swarm needs Ray ({e}); install it with: pip install -e '.[swarm]'")
-    n = summary["experiments"]
-    console.print(f"swarm {summary['run']}: {n} experiment(s)" + (" (interrupted)" if summary["interrupted"] else ""))
-    for rec in summary["best"].values():
-        console.print(f"best {rec.get('val_bpb'):.6f} on {rec.get('tag')} at {str(rec.get('commit'))[:12]}"
-                      f" (worker w{(rec.get('swarm') or {}).get('worker', '-')})", highlight=False)
-    for branch, commit in summary["branches"].items():
-        console.print(f"{branch} -> {commit[:12]}", highlight=False)
+    for line in swarm_report(summary):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     sys.exit(130 if summary["interrupted"] else 0)
 
 

@@ -169,3 +169,24 @@ def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: 
     assert score_test(ctx, run_artifacts(tmp_path / "empty", "cuda", 2), tmp_path)["test_error"] == \
         "no exported forward to score"
     assert run_artifacts(tmp_path, "cuda", 2) == [first, tmp_path / "forward1.pt2"]
+
+
+def test_a_run_that_may_be_kept_is_test_scored_in_the_same_process(data_env: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_artifact import Built
+
+    from arun.core.heldout import test_fields
+    from arun.core.scoring import score_artifact
+    monkeypatch.setenv("ARUN_DEVICE", "cpu")
+    repo = Path(__file__).resolve().parents[1]
+    built = Built("cuda")
+    forward = tmp_path / "forward0.pt2"
+    built.export(forward)
+    alone = score_artifact("cuda", forward, data_env, tmp_path / "t.json", device="cpu", split="test", fixed_from=repo)
+    both = score_artifact("cuda", forward, data_env, tmp_path / "v.json", device="cpu", test_below=float("inf"),
+                          fixed_from=repo)
+    assert both["test_bpb"] == alone["test_bpb"] and "val_bpb" in both  # the same number, one process fewer
+    assert test_fields([both])["test_bpb"] == both["test_bpb"]
+    above = score_artifact("cuda", forward, data_env, tmp_path / "w.json", device="cpu",
+                           test_below=both["val_bpb"], fixed_from=repo)   # not below the best: not test-scored
+    assert "test_bpb" not in above and test_fields([above]) is None

@@ -33,7 +33,7 @@ from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
 from arun.core.errors import ArunError
-from arun.core.heldout import score_test
+from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
 from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
@@ -292,6 +292,8 @@ def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
     run invalid (it looks ahead, does not load, ...); an evaluator that does not finish, a crash."""
     ctx = att.ctx
     t0 = time.perf_counter()
+    # A run that may be kept is scored on the held-out test rows in the same evaluator process.
+    test_below = att.best["val_bpb"] if att.best else float("inf")
     try:
         with sigterm_as_interrupt():
             for i, o in enumerate(att.outcomes):
@@ -301,7 +303,7 @@ def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
                     + (f" (seed {o.seed})" if len(att.seed_list) > 1 else ""))
                 verdict = score_artifact(ctx.backend, att.artifact(i), ctx.data.dir, att.run_dir / f"score{i}.json",
                                          device=ctx.device, expect_fixed_sha=ctx.key.get("fixed_code_sha256"),
-                                         fixed_from=ctx.repo_dir)
+                                         fixed_from=ctx.repo_dir, test_below=test_below)
                 att.verdicts.append(verdict)
                 if "error" in verdict:
                     reason = str(verdict["error"]).removeprefix("INVALID: ")
@@ -316,9 +318,14 @@ def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
 
 
 def score_heldout(att: Attempt, status: str, log: Callable[[str], None]) -> str:
-    """A keep's forwards are scored once more, on the held-out test rows (arun.core.heldout), for the
-    morning report; the ratchet never reads the number. Returns the status (crash if interrupted)."""
+    """A keep's test_bpb, for the morning report (the ratchet never reads it): from its val verdicts when
+    the evaluator already scored the test rows in the same process (a run below the best), else from one
+    more evaluator process (arun.core.heldout). Returns the status (crash if interrupted)."""
     if status != "keep":
+        return status
+    scored = test_fields(att.verdicts)
+    if scored is not None:  # (the evaluator already scored the test rows with the val rows)
+        att.record.update(scored)
         return status
     try:
         with sigterm_as_interrupt():

@@ -26,6 +26,16 @@ def run_artifacts(run_dir: Path, backend: str, runs: int) -> list[Path]:
     return paths if any(p.exists() for p in paths) else []
 
 
+def test_fields(verdicts: Sequence[dict]) -> dict | None:
+    """The record's test fields from val verdicts that already carry `test_bpb` (the evaluator scores
+    the test rows in the same process when a run may be kept), or None when any seed lacks one."""
+    values = [v.get("test_bpb") for v in verdicts]
+    if not values or not all(isinstance(x, (int, float)) for x in values):
+        return None
+    return {"test_bpb": statistics.fmean(values), "test_bpb_seeds": [float(x) for x in values],
+            "test_seconds": sum(float((v.get("seconds") or {}).get("test") or 0.0) for v in verdicts)}
+
+
 def score_test(ctx: Any, artifacts: Sequence[Path], out_dir: Path,
                log: Callable[[str], None] = print) -> dict:
     """Scores each artifact (one per seed) on the test rows; returns the record's fields:

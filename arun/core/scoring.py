@@ -23,10 +23,12 @@ SCORE_TIMEOUT_FLOOR = 300.0  # a cold compile of the evaluator's graph on a slow
 
 def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, device: str | None = None,
                    split: str = "val", expect_fixed_sha: str | None = None,
-                   timeout: float = SCORE_TIMEOUT_FLOOR, fixed_from: Path | None = None) -> dict:
+                   timeout: float = SCORE_TIMEOUT_FLOOR, fixed_from: Path | None = None,
+                   test_below: float | None = None) -> dict:
     """Scores `artifact` on the fixed rows of `split`; returns the verdict (with `error` and no score
     when it could not be scored) and adds `wall_seconds`, the harness's view of the process, and
     `confined`/`confinement`.
+    test_below: also score the test rows in the same process when val_bpb is below it.
     fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
     evaluator runs, copied into its private folder; else the installed arun's."""
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
@@ -36,6 +38,8 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
         cmd += ["--device", device]
     if expect_fixed_sha:
         cmd += ["--expect-fixed-sha", expect_fixed_sha]
+    if test_below is not None:
+        cmd += ["--test-below", repr(float(test_below))]
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     # The working directory is a fresh empty folder: nothing the agent left in the repo can shadow

@@ -16,8 +16,10 @@ from arun.core.ratchet import best_record
 from arun.core.record import crash_record
 from arun.swarm.worktrees import base_ref, commit_ref
 
-# A crashed or lost worker whose in-flight experiment we record says so in this form.
-DIED = "worker w{k} died during the experiment ({why}); Ray restarts it"
+# A crashed or lost worker whose in-flight experiment we record says so in this form; `why` says what
+# happened to the worker afterwards (restarted, or its machine lost), as far as the swarm knows it.
+DIED = "worker w{k} died during the experiment: {why}"
+RESTARTED = "its process was killed or crashed; Ray restarted it"
 
 
 def ray_get(ref: Any, timeout: float | None = None) -> Any:
@@ -64,7 +66,7 @@ class Coordinator:
         previous = self.workers.get(k)
         info = dict(info, starts=(previous or {}).get("starts", 0) + 1)
         self.workers[k] = info
-        crash = self.crash(k, DIED.format(k=k, why="process restarted")) if previous else None
+        crash = self.crash(k, DIED.format(k=k, why=RESTARTED)) if previous else None
         return {"previous": previous, "crash": crash}
 
     def _load_key(self, tag: str, key_id: str) -> None:

@@ -14,15 +14,18 @@ Three things are the swarm's own:
   merges), so a win by one worker becomes every worker's starting point. Keys never
   mix: a cluster of mixed GPUs has one best per kind;
 - faults: the coordinator knows what each worker is running, so a worker that dies
-  (process killed, node lost) has its in-flight experiment recorded as `crash`; Ray
-  restarts it (max_restarts) and the swarm goes on.
+  has its in-flight experiment recorded once as `crash`, saying what happened: a killed
+  process is restarted by Ray (max_restarts); a worker whose machine left the cluster is
+  stopped for good, and the swarm goes on with the others.
 
 Commits cross machines as git bundles relative to the swarm's base commit, so a
 worker on another node can adopt a commit made elsewhere.
 
 At the end (done, or Ctrl-C) every worker is stopped, its leftover processes are
 killed, its worktree is removed (the per-worker branches stay, they hold the kept
-commits), and `autoresearch/<run>` points at the swarm's best commit.
+commits), and `autoresearch/<run>` points at this run's best commit, if it beat its start.
+A lost machine's worktree is removed when it is on this machine's disk; otherwise the summary
+says where it is and how to remove it.
 """
 
 # Ray is an optional dependency (the [swarm] extra): every module here imports it inside the
@@ -32,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +45,8 @@ from typing import Any, Callable
 from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.ratchet import SCORED
-from arun.swarm.actors import DIED, Coordinator, LedgerWriter
+from arun.swarm import cluster
+from arun.swarm.actors import DIED, RESTARTED, Coordinator, LedgerWriter
 from arun.swarm.worker import Worker, one_line
 from arun.swarm.worktrees import base_ref, cleanup_worker
 
@@ -80,11 +85,13 @@ class Swarm:
         self.ledger: Any = None
         self.own_cluster = False
         self.results: list[dict] = []
-        self.dropped: dict[int, str] = {}
+        self.dropped: dict[int, str] = {}       # worker -> why it stopped before the end
+        self.lost: dict[int, dict] = {}         # worker -> the Ray node (machine) it was lost with
         self.started = False
         self.stopped: dict | None = None
         self.pg: Any = None
         self.driver_node: str | None = None
+        self.ray_logs: str | None = None
 
     # -- start
     def start(self) -> None:
@@ -100,18 +107,23 @@ class Swarm:
         dirty = gitops.run_git(self.repo, "status", "--porcelain", "--untracked-files=no")
         if dirty:
             self.log(f"note: uncommitted changes in {self.repo} stay there; workers start from {self.base[:12]} (HEAD)")
-        gitops.run_git(self.repo, "update-ref", base_ref(self.run_name), self.base)
 
-        if ray.is_initialized():
+        caller_connected = ray.is_initialized()
+        if caller_connected:
             pass  # a caller (a test, a notebook) already connected; leave its cluster alone at the end
         elif o.address:
-            ray.init(address=o.address, logging_level="WARNING", log_to_driver=True)
+            cluster.join(o.address)
         else:
-            ncpu = o.num_cpus or max(os.cpu_count() or 1, o.workers or 1)
-            # address="local": always a fresh private instance, never one a stale /tmp/ray file points at.
-            ray.init(address="local", num_cpus=ncpu, include_dashboard=False, object_store_memory=o.object_store_mb * 2**20,
-                     logging_level="WARNING", log_to_driver=True)
+            cluster.start_local(o.num_cpus or max(os.cpu_count() or 1, o.workers or 1), o.object_store_mb)
             self.own_cluster = True
+            if not cluster.is_loopback(cluster.node_ip()):
+                self.log(f"note: this Ray put its node on {cluster.node_ip()}, not loopback; its ports are on the network")
+        self.ray_logs = cluster.log_dir()
+        if not caller_connected:  # a caller's own connection keeps its console as it was
+            cluster.keep_ray_messages_in_logs()
+        self.log(f"Ray's logs (workers, raylets): {self.ray_logs}")
+        # Written once connected: a swarm that could not start leaves no ref behind.
+        gitops.run_git(self.repo, "update-ref", base_ref(self.run_name), self.base)
         self.driver_node = ray.get_runtime_context().get_node_id()
 
         gpu = o.backend == "cuda" and (o.device or "cuda") != "cpu"
@@ -180,12 +192,11 @@ class Swarm:
         """Keeps every worker busy until `iterations` experiments (in all) were dispatched or the
         deadline passed, then waits for those in flight. Returns this call's step summaries."""
         import ray
-        from ray.exceptions import ActorDiedError, RayActorError
-        pending: dict[Any, tuple[int, str]] = {}     # ref -> (worker, "step" | "revive")
+        from ray.exceptions import RayActorError
+        pending: dict[Any, int] = {}              # step ref -> worker
         dispatched = 0
         deaths = {k: 0 for k in self.workers}     # worker process deaths in a row
         unscored = {k: 0 for k in self.workers}   # experiments in a row without a score
-        revive_until: dict[int, float] = {}
         out: list[dict] = []
 
         def more() -> bool:
@@ -197,7 +208,7 @@ class Swarm:
             nonlocal dispatched
             if k in self.dropped or not more():
                 return
-            pending[self.workers[k].step.remote()] = (k, "step")
+            pending[self.workers[k].step.remote()] = k
             dispatched += 1
 
         def drop(k: int, why: str) -> None:
@@ -206,54 +217,24 @@ class Swarm:
             if len(self.dropped) == len(self.workers):
                 raise ArunError(f"every worker failed; last: {why}")
 
-        def revive(k: int) -> None:
-            # Ray is restarting the actor; a call made too early fails with ActorUnavailableError,
-            # so the next step waits until the new process answers.
-            revive_until.setdefault(k, time.time() + 600)
-            pending[self.workers[k].info.remote()] = (k, "revive")
-
         for k in list(self.workers):
             submit(k)
         while pending:
-            if not more():  # nothing more to dispatch: a worker still coming back has nothing to do
-                for ref in [r for r, (_, kind) in pending.items() if kind == "revive"]:
-                    del pending[ref]
-                if not pending:
-                    break
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             if not ready:
                 continue
             ref = ready[0]
-            k, kind = pending.pop(ref)
-            if kind == "revive":
-                try:
-                    ray.get(ref)
-                except ActorDiedError as e:
-                    drop(k, f"worker w{k} is gone for good: {_ray_cause(e)}")
-                    continue
-                except RayActorError as e:
-                    if time.time() > revive_until[k]:
-                        drop(k, f"worker w{k} did not come back: {_ray_cause(e)}")
-                    else:
-                        time.sleep(0.5)
-                        revive(k)
-                    continue
-                revive_until.pop(k, None)
-                submit(k)
-                continue
+            k = pending.pop(ref)
+            fate = None
             try:
                 res = ray.get(ref)
             except RayActorError as e:
-                why = f"{type(e).__name__}: process killed or machine lost"
+                fate, why = self._fate(k, e)
                 crash = ray.get(self.coord.crash.remote(k, DIED.format(k=k, why=why)))
                 res = {"worker": k, "status": "died", "error": why, "record": crash,
                        "start_commit": (crash or {}).get("parent_commit")}
-                permanent = isinstance(e, ActorDiedError)
             except Exception as e:  # the step itself failed outside the experiment: a bug, reported
                 res = {"worker": k, "status": "error", "error": _ray_cause(e), "record": None}
-                permanent = False
-            else:
-                permanent = False
             res["adoptions"] = len(ray.get(self.coord.state.remote())["adoptions"])
             self.results.append(res)
             out.append(res)
@@ -269,19 +250,54 @@ class Swarm:
                 if rec.get("baseline") and rec.get("status") == "timeout":
                     self.log(f"w{k}: the baseline timed out; size the model for this machine with: "
                              f"arun calibrate --backend {self.opts.backend}")
-            if permanent:
-                drop(k, f"worker w{k} died and Ray will not restart it ({res['error']})")
-            elif res["status"] == "died":
-                if deaths[k] > self.opts.max_restarts:
-                    drop(k, f"worker w{k} died {deaths[k]} times in a row ({res['error']})")
-                else:
-                    revive(k)
-            elif self.opts.max_crashes > 0 and unscored[k] >= self.opts.max_crashes:
+            if fate is not None and fate != "restarted":
+                drop(k, res["error"])
+            elif fate == "restarted" and deaths[k] > self.opts.max_restarts:
+                self._kill(k)
+                drop(k, f"worker w{k} died {deaths[k]} times in a row ({res['error']})")
+            elif fate is None and self.opts.max_crashes > 0 and unscored[k] >= self.opts.max_crashes:
                 drop(k, f"{unscored[k]} experiments in a row without a score (crash, timeout or invalid); "
                         f"last: {rec.get('error') or res.get('error')}")
             else:
                 submit(k)
         return out
+
+    def _fate(self, k: int, error: BaseException, wait: float = 180.0) -> tuple[str, str]:
+        """What became of worker k after its process died mid-experiment: ("restarted", why) once the
+        restarted actor answers, or ("lost", why) when its machine left the cluster (the worker is then
+        stopped for good: its bundle of the placement group, or its GPU, went with the machine), or
+        ("gone", why) when Ray will not restart it. `why` is true of what happened: it goes in the record."""
+        import ray
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
+        node = (self.state()["workers"].get(k) or {}).get("node_id")
+        t_end = time.time() + wait
+        while time.time() < t_end:
+            info = self._node(node)
+            if info is not None and not info.get("Alive"):
+                self.lost[k] = info
+                self._kill(k)
+                return "lost", (f"its machine {info.get('NodeManagerHostname') or ''} "
+                                f"({info.get('NodeManagerAddress')}) left the Ray cluster; the worker is not restarted")
+            try:
+                ray.get(self.workers[k].info.remote(), timeout=2)
+                return "restarted", RESTARTED
+            except ActorDiedError as e:
+                return "gone", f"its process died and Ray will not restart it: {_ray_cause(e)}"
+            except (RayActorError, GetTimeoutError):
+                time.sleep(0.5)  # Ray is restarting it, or the cluster has not yet noticed the machine is gone
+        self._kill(k)
+        return "gone", f"its process died ({type(error).__name__}) and it did not come back within {wait:.0f} s"
+
+    def _node(self, node_id: str | None) -> dict | None:
+        import ray
+        return next((n for n in ray.nodes() if n.get("NodeID") == node_id), None) if node_id else None
+
+    def _kill(self, k: int) -> None:
+        import ray
+        try:
+            ray.kill(self.workers[k], no_restart=True)
+        except Exception:
+            pass
 
     def state(self) -> dict:
         import ray
@@ -296,8 +312,9 @@ class Swarm:
         """Stops every worker, kills what they left running, removes their worktrees (their branches
         stay), points autoresearch/<run> at the best commit. Safe after a partial start."""
         import ray
-        summary: dict = {"run": self.run_name, "interrupted": interrupted, "experiments": 0, "best": {},
-                         "branches": {}, "adoptions": []}
+        summary: dict = {"run": self.run_name, "interrupted": interrupted, "experiments": 0, "statuses": {},
+                         "best": {}, "unbeaten": {}, "branches": {}, "adoptions": [], "dropped": {}, "lost": {},
+                         "left": {}, "ray_logs": self.ray_logs}
         if self.stopped is not None:
             return self.stopped
         if not ray.is_initialized():
@@ -323,35 +340,48 @@ class Swarm:
                     ray.get(self.coord.crash.remote(k, "interrupted (Ctrl-C): the swarm was stopped"), timeout=60)
                     log(f"w{k}  interrupted: recorded as crash")
                     summary["experiments"] += 1
+                    summary["statuses"]["crash"] = summary["statuses"].get("crash", 0) + 1
                 state = ray.get(self.coord.state.remote(), timeout=60)
             except Exception as e:
                 log(f"coordinator unreachable at stop: {_ray_cause(e)}")
         registered = (state or {}).get("workers", {})
         best_runs = None if state is None else [Path(r["run_dir"]).name for r in state["best"].values()
                                                 if r.get("run_dir")]
-        where = {k: w.get("node_id") for k, w in registered.items()}
         # The killed workers' train runs and agents outlive them; each machine cleans its own worktrees.
-        cleanups = []
+        cleanups = {}
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        here = socket.gethostname()
         for k in self.workers:
-            repo = registered.get(k, {}).get("repo") or str(Path(self.opts.worker_repos.get(k, self.repo)).resolve())
-            node = where.get(k)
-            if node is None or node not in alive:
-                if node is None or node == self.driver_node:
+            reg = registered.get(k, {})
+            repo = reg.get("repo") or str(Path(self.opts.worker_repos.get(k, self.repo)).resolve())
+            node = reg.get("node_id")
+            if node is None or node == self.driver_node or (node not in alive and reg.get("host") == here):
+                # On this machine's disk (a lost node that ran on this host included): cleaned from here.
+                try:
                     cleanup_worker(repo, self.run_name, k, best_runs)
-                continue
-            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-            task = ray.remote(num_cpus=0)(cleanup_worker).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
-            cleanups.append(task.remote(repo, self.run_name, k, best_runs))
-        for ref in cleanups:
+                except Exception as e:
+                    summary["left"][k] = _left(reg, repo, k, self.run_name, f"its removal failed: {one_line(e)}")
+            elif node not in alive:
+                summary["left"][k] = _left(reg, repo, k, self.run_name, "its machine left the cluster")
+            else:
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+                task = ray.remote(num_cpus=0)(cleanup_worker).options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+                cleanups[k] = task.remote(repo, self.run_name, k, best_runs)
+        for k, ref in cleanups.items():
             try:
                 ray.get(ref, timeout=120)
             except Exception as e:
-                log(f"cleanup on a worker's machine failed: {_ray_cause(e)}")
+                summary["left"][k] = _left(registered.get(k, {}), "", k, self.run_name,
+                                           f"cleanup on its machine failed: {_ray_cause(e)}")
+        summary["dropped"] = dict(self.dropped)
+        summary["lost"] = {k: f"{n.get('NodeManagerHostname') or '?'} ({n.get('NodeManagerAddress')})"
+                           for k, n in self.lost.items()}
         if state is not None:
-            best = state["best"]
+            # This run's own results only: a best from an earlier run (the start) is not this run's.
+            best = {kid: r for kid, r in state["best"].items() if (r.get("swarm") or {}).get("run") == self.run_name}
             summary["best"] = best
+            summary["unbeaten"] = {kid: r for kid, r in state["best"].items() if kid not in best}
             summary["adoptions"] = state["adoptions"]
             for key_id, rec in best.items():
                 commit = rec.get("commit")
@@ -361,13 +391,23 @@ class Swarm:
                     f"autoresearch/{self.run_name}-{rec.get('tag') or key_id}"
                 if gitops.move_branch(self.repo, branch, commit):
                     summary["branches"][branch] = commit
-        summary["experiments"] += sum(1 for r in self.results if r.get("record"))
+        recorded = [r["record"] for r in self.results if r.get("record")]
+        summary["experiments"] += len(recorded)
+        for rec in recorded:
+            summary["statuses"][rec.get("status")] = summary["statuses"].get(rec.get("status"), 0) + 1
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
             remove_placement_group(self.pg)
         if self.own_cluster:
             ray.shutdown()
         return summary
+
+
+def _left(reg: dict, repo: str, k: int, run: str, why: str) -> str:
+    """Where a worktree the swarm could not remove is, and the command that removes it there."""
+    wt = reg.get("worktree") or f"{repo}/.arun/swarm/{run}-w{k}"
+    return (f"{reg.get('host') or 'its machine'}:{wt} ({why}); remove it there with: "
+            f"git -C {reg.get('repo') or repo or '<its clone>'} worktree remove --force {wt}")
 
 
 def measured_noise(repo: Path) -> dict[str, float]:
@@ -424,6 +464,29 @@ def drive(swarm: Swarm, iterations: int | None = None, deadline: float | None = 
             if main:
                 signal.signal(signal.SIGINT, old)
     return summary
+
+
+def swarm_report(summary: dict) -> list[str]:
+    """The end-of-swarm lines: this run's experiments, its best (or that it beat nothing), which
+    workers stopped early and why, and what is left on disk (with how to remove it)."""
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.get("statuses", {}).items()))
+    lines = [f"swarm {summary['run']}: {summary['experiments']} experiment(s)" + (f" ({counts})" if counts else "")
+             + (" (interrupted)" if summary["interrupted"] else "")]
+    for rec in summary["best"].values():
+        lines.append(f"best {rec.get('val_bpb'):.6f} on {rec.get('tag')} at {str(rec.get('commit'))[:12]}"
+                     f" (worker w{(rec.get('swarm') or {}).get('worker', '-')})")
+    for rec in summary.get("unbeaten", {}).values():
+        lines.append(f"nothing better than the starting point on {rec.get('tag')}: its best stays "
+                     f"{rec.get('val_bpb'):.6f} at {str(rec.get('commit'))[:12]}, from before this run")
+    for branch, commit in summary["branches"].items():
+        lines.append(f"{branch} -> {commit[:12]}")
+    for k, why in sorted(summary.get("dropped", {}).items()):
+        lines.append(f"w{k} stopped early: {why}")
+    for k, where in sorted(summary.get("left", {}).items()):
+        lines.append(f"w{k}'s worktree is left at {where}")
+    if summary.get("ray_logs"):
+        lines.append(f"Ray's logs: {summary['ray_logs']}")
+    return lines
 
 
 def _quiet(log: Callable[[str], None], line: str) -> None:

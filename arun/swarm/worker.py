@@ -23,9 +23,12 @@ from arun.swarm.procs import kill_processes_in
 from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, worktree_path
 
 
-def _who(record: dict) -> str:
-    w = (record.get("swarm") or {}).get("worker")
-    return f"w{w}" if w is not None else "an earlier run"
+def _who(record: dict, run: str) -> str:
+    """Who made a best: a worker of this run, or an earlier run (whose worker numbers are not ours)."""
+    swarm = record.get("swarm") or {}
+    if swarm.get("run") == run and swarm.get("worker") is not None:
+        return f"w{swarm['worker']}"
+    return f"run {swarm['run']}" if swarm.get("run") else "an earlier run"
 
 
 def one_line(e: BaseException | str) -> str:
@@ -159,7 +162,7 @@ class Worker:
         self._start_commit = commit
         best = plan["best"]
         self.log(f"swarm: w{self.k} starts from {commit[:10]}" +
-                 (f" (best {best['val_bpb']:.6f} by {_who(best)})" if best else " (no result yet: the baseline)"))
+                 (f" (best {best['val_bpb']:.6f} by {_who(best, self.run)})" if best else " (no result yet: the baseline)"))
         ledger = SwarmLedger(self, plan["records"], ledger_path(Path(self.cfg["main_repo"]), self.tag))
         try:
             self.adopt(commit)
