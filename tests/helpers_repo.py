@@ -12,6 +12,7 @@ this tree's own code, not an installed copy.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -234,3 +235,12 @@ def report_faults(kind: str, injections: int, lost: int) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"kind": kind, "injections": injections, "lost": lost}) + "\n")
+
+
+def load_module(path: Path, name: str):
+    """A train file (or any script) imported by path under `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

@@ -7,7 +7,6 @@ load the frozen copy in tests/baseline/; the attention kernels are tested in eng
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers_repo import load_module
 import torch
 
 from arun.core.trainfile import rewrite_constants
@@ -32,12 +32,6 @@ TINY = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=16, DEVICE_BATCH_SIZE=8, TOTAL_BA
 BUDGET = 3.0
 
 
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_train_file(tmp_path: Path, text_edit=None) -> Path:

@@ -119,21 +119,21 @@ def _git_reason(e: git.GitCommandError) -> str:
     return lines[0] if lines else "git refused"
 
 
-def commit_exists(repo_dir: Path | str, sha: str) -> bool:
+def _object_exists(repo_dir: Path | str, spec: str) -> bool:
     try:
-        open_repo(repo_dir).git.cat_file("-e", f"{sha}^{{commit}}")
+        open_repo(repo_dir).git.cat_file("-e", spec)
         return True
     except git.GitCommandError:
         return False
+
+
+def commit_exists(repo_dir: Path | str, sha: str) -> bool:
+    return _object_exists(repo_dir, f"{sha}^{{commit}}")
 
 
 def path_in(repo_dir: Path | str, commit: str, path: str) -> bool:
     """Whether `path` exists in `commit`."""
-    try:
-        open_repo(repo_dir).git.cat_file("-e", f"{commit}:{path}")
-        return True
-    except git.GitCommandError:
-        return False
+    return _object_exists(repo_dir, f"{commit}:{path}")
 
 
 def file_at(repo_dir: Path | str, commit: str, path: str) -> bytes:

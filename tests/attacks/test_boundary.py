@@ -10,18 +10,15 @@ baseline first, then one attack per test, each restored to the baseline by the h
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pytest
 
-from helpers_repo import inject, make_project
+from helpers_repo import inject, load_module, make_project
 
 from arun.core import confine
 from arun.core.artifacts import path_for
@@ -83,14 +80,6 @@ def assert_summary_is_the_harness(log: Path, rec: dict) -> None:
         assert lines == [f"val_bpb:          {rec['val_bpb']:.6f}"], lines
 
 
-def load_train_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # dataclasses look their module up while GPTConfig is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def in_process_bpb(project: Project, rec: dict) -> float:
     """engines.evaluator on the model itself, rebuilt here from the run's saved weights (no patches)."""
     from engines import get_engine
@@ -101,7 +90,7 @@ def in_process_bpb(project: Project, rec: dict) -> float:
     config = json.loads(weights_path.with_suffix(".json").read_text())["config"]
     with np.load(weights_path) as npz:
         weights = {k: npz[k] for k in npz.files}
-    mod = load_train_module(project.repo / project.train_file, f"attack_train_{project.backend}_{rec['id'][-4:]}")
+    mod = load_module(project.repo / project.train_file, f"attack_train_{project.backend}_{rec['id'][-4:]}")
     engine = get_engine(project.backend)
     model = mod.GPT(mod.GPTConfig(**config))
     model.init_weights()
@@ -156,22 +145,22 @@ def test_an_honest_run_is_kept_and_scored_like_the_model_itself(engine: str, req
 def test_patching_the_engine_adapter_at_import_changes_nothing(mlx_project: Project) -> None:
     text = inject(mlx_project.with_constants(FROZEN), "from engines.mlx import ENGINE",
                   "ENGINE.token_nats = (lambda f: (lambda logits, y: 0.01 * f(logits, y)))(ENGINE.token_nats)")
-    rec = mlx_project.run(text)
-    assert rec["status"] == "discard", rec
-    honest = in_process_bpb(mlx_project, rec)
-    assert abs(rec["val_bpb"] - honest) <= 1e-4 * honest
-    mlx_project.assert_not_kept(rec)
+    assert_scored_honestly(mlx_project, mlx_project.run(text))
 
 
 def test_patching_a_framework_function_at_import_changes_nothing(torch_project: Project) -> None:
     text = inject(torch_project.with_constants(FROZEN), "from engines.cuda import ENGINE",
                   "import torch.nn.functional as _F\n"
                   "_F.cross_entropy = (lambda f: (lambda *a, **k: 0.01 * f(*a, **k)))(_F.cross_entropy)")
-    rec = torch_project.run(text)
+    assert_scored_honestly(torch_project, torch_project.run(text))
+
+
+def assert_scored_honestly(project: Project, rec: dict) -> None:
+    """The patch never reached the evaluator: the record holds the honest score of the run's weights."""
     assert rec["status"] == "discard", rec
-    honest = in_process_bpb(torch_project, rec)
+    honest = in_process_bpb(project, rec)
     assert abs(rec["val_bpb"] - honest) <= 1e-4 * honest
-    torch_project.assert_not_kept(rec)
+    project.assert_not_kept(rec)
 
 
 # =========================================================================== models that look ahead
