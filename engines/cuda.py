@@ -124,7 +124,8 @@ class TorchEngine:
             return False, (f"no usable CUDA device: torch {torch.__version__} (built for CUDA {torch.version.cuda}) "
                            f"sees {count} GPUs" + (f" ({said})" if said else "")
                            + "; install or update the NVIDIA driver, or use --device cpu (ARUN_DEVICE=cpu)")
-        return True, torch.cuda.get_device_name(0)
+        smi = nvidia_smi_gpu()
+        return True, smi["name"] if smi else torch.cuda.get_device_name(0)
 
     def device(self) -> Any:
         import torch
@@ -144,12 +145,19 @@ class TorchEngine:
             name = cpu_model()
             return Hardware(backend=self.name, device=name, memory_gb=round(total_memory_gb(), 1), cores=cpu_count(),
                             kind="cpu", versions=versions, tag=slug("torch-cpu", name))
-        props = torch.cuda.get_device_properties(0)
-        mem_gib = props.total_memory / 2**30
-        versions.update(cuda=torch.version.cuda or "", driver=_driver_version(),
-                        capability=f"{props.major}.{props.minor}")
+        versions.update(cuda=torch.version.cuda or "", driver=_driver_version())
         if torch.backends.cudnn.is_available():
             versions["cudnn"] = str(torch.backends.cudnn.version())
+        smi = None if torch.cuda.is_initialized() else nvidia_smi_gpu()
+        if smi:
+            # The harness and swarm actors describe the GPU through the driver's tool, so they hold
+            # no CUDA context (hundreds of MB) on the GPU the train process needs whole.
+            versions["capability"] = smi["capability"]
+            return Hardware(backend=self.name, device=smi["name"], memory_gb=round(smi["memory_gib"], 1),
+                            cores=None, kind="gpu", versions=versions, tag=gpu_tag(smi["name"], smi["memory_gib"]))
+        props = torch.cuda.get_device_properties(0)
+        mem_gib = props.total_memory / 2**30
+        versions["capability"] = f"{props.major}.{props.minor}"
         return Hardware(backend=self.name, device=props.name, memory_gb=round(mem_gib, 1),
                         cores=props.multi_processor_count, kind="gpu", versions=versions,
                         tag=gpu_tag(props.name, mem_gib))
@@ -159,8 +167,7 @@ class TorchEngine:
         if kind == "cpu":
             return None
         if kind not in self._peak:
-            import torch
-            self._peak[kind] = peak_flops_for(torch.cuda.get_device_name(0))
+            self._peak[kind] = peak_flops_for(self.hardware().device)
         return self._peak[kind]
 
     # -- runtime ----------------------------------------------------------------------
@@ -224,6 +231,32 @@ def _device_count(torch: Any) -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 - a broken driver can raise anything here; 0 is the honest answer
         return 0
+
+
+def parse_nvidia_smi_gpu(line: str) -> dict | None:
+    """One line of `nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader,nounits`."""
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) != 3:
+        return None
+    try:
+        return {"name": parts[0], "memory_gib": float(parts[1]) / 1024, "capability": parts[2]}
+    except ValueError:
+        return None
+
+
+def nvidia_smi_gpu() -> dict | None:
+    """The first visible GPU as the driver describes it, without creating a CUDA context; None when
+    nvidia-smi is missing or says nothing usable (the caller then asks torch)."""
+    visible = (os.environ.get("CUDA_VISIBLE_DEVICES") or "").split(",")[0].strip()
+    if visible in ("-1",) or (os.environ.get("CUDA_VISIBLE_DEVICES") is not None and not visible):
+        return None
+    cmd = ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(cmd + (["-i", visible] if visible else []), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return parse_nvidia_smi_gpu(lines[0]) if out.returncode == 0 and lines else None
 
 
 def _driver_version() -> str:

@@ -54,3 +54,16 @@ def test_gpu_check_cpu_end_to_end(tmp_path: Path) -> None:
     for name in ("gpu_check.log", "arun.stdout.txt", "record.json", "prepare.stdout.txt"):
         assert (out / name).exists(), name
     assert not list(tmp_path.glob("gpu-check-*")), "the scratch folder was left behind"
+
+
+def test_nvidia_smi_description_gives_the_torch_tag() -> None:
+    """The harness describes the GPU from nvidia-smi (no CUDA context); the tag must be the one torch's
+    description gives, or ledgers would split (nvidia-smi's MiB run a little above torch's total)."""
+    from engines.cuda import gpu_tag, parse_nvidia_smi_gpu
+    smi = parse_nvidia_smi_gpu("NVIDIA H100 80GB HBM3, 81559, 9.0")
+    assert smi == {"name": "NVIDIA H100 80GB HBM3", "memory_gib": 81559 / 1024, "capability": "9.0"}
+    assert gpu_tag(smi["name"], smi["memory_gib"]) == gpu_tag("NVIDIA H100 80GB HBM3", 79.1)
+    pcie = parse_nvidia_smi_gpu("NVIDIA H100 PCIe, 81559, 9.0")
+    assert gpu_tag(pcie["name"], pcie["memory_gib"]) == gpu_tag("NVIDIA H100 PCIe", 79.1) == "cuda-nvidia-h100-pcie-80gb"
+    assert parse_nvidia_smi_gpu("No devices were found") is None
+    assert parse_nvidia_smi_gpu("NVIDIA A10G, [N/A], 8.6") is None
