@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -46,10 +47,15 @@ MATMUL_N = 8192         # bf16 matmul size for the measured peak
 class Check:
     """The figures of every step, and a log line per event, mirrored to out/ when given."""
 
-    def __init__(self, out: Path | None):
+    def __init__(self, out: Path | None, limit: float):
         self.out, self.figures, self.failed = out, {}, []
+        self.deadline = time.monotonic() + limit
         if out:
             out.mkdir(parents=True, exist_ok=True)
+
+    def timeout(self, cap: float) -> float:
+        """A step's subprocess limit: its own cap, and never past the check's deadline (so the table prints)."""
+        return max(5.0, min(cap, self.deadline - time.monotonic()))
 
     def log(self, line: str) -> None:
         print(line, flush=True)
@@ -77,9 +83,23 @@ class Check:
             (self.out / name).write_text(text)
 
 
+def run_group(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group: on a timeout the whole group goes (a train process
+    left behind would hold the GPU through every later step)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"stopped after {timeout:.0f}s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def sh(check: Check, name: str, cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """A subprocess whose output goes to the log; an exit status other than 0 is an error."""
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    p = run_group(cmd, cwd, env, check.timeout(timeout))
     check.save(f"{name}.stdout.txt", p.stdout)
     check.save(f"{name}.stderr.txt", p.stderr)
     for line in (p.stdout + p.stderr).splitlines()[-15:]:
@@ -171,7 +191,7 @@ def prepare(check: Check, work: Path, project: Path, env: dict, profile: str) ->
     check.log(f"   corpus: {docs:,} documents, {chars / 1e6:.0f}M chars in {time.perf_counter() - t0:.1f}s")
     t0 = time.perf_counter()
     sh(check, "prepare", arun(["prepare", "--dataset", f"files:{work / 'corpus'}", "--profile", profile]),
-       cwd=project, env=env, timeout=600)
+       cwd=project, env=env, timeout=180)
     check.figures["prepare_seconds"] = time.perf_counter() - t0
     current = json.loads((Path(env["ARUN_CACHE"]) / "current.json").read_text())
     return Path(current["data_dir"])
@@ -209,8 +229,8 @@ def experiment(check: Check, project: Path, env: dict, cpu: bool, budget: float)
         sh(check, "set", arun(["set", "--backend", "cuda", *(f"{k}={v!r}" for k, v in TINY.items())]),
            cwd=project, env=env, timeout=60)
     t0 = time.perf_counter()
-    p = subprocess.run(arun(["--backend", "cuda", *device, "--budget", str(budget), "-m", "gpu check"]),
-                       cwd=project, env=env, capture_output=True, text=True, timeout=budget + 900)
+    p = run_group(arun(["--backend", "cuda", *device, "--budget", str(budget), "-m", "gpu check"]), project, env,
+                  check.timeout(budget + 240))
     check.figures["arun_wall_seconds"] = time.perf_counter() - t0
     check.save("arun.stdout.txt", p.stdout)
     check.save("arun.stderr.txt", p.stderr)
@@ -252,25 +272,32 @@ def bench(check: Check, project: Path, env: dict, cpu: bool, kernel: str) -> dic
     train = project / "train_cuda.py"
     p = sh(check, f"bench_{kernel}", [sys.executable, "-c", code, "--backend", "cuda", *size, "--json",
                                       "--train-file", str(train)],
-           cwd=project, env={**env, **({"ARUN_DEVICE": "cpu"} if cpu else {})}, timeout=400)
+           cwd=project, env={**env, **({"ARUN_DEVICE": "cpu"} if cpu else {})}, timeout=120)
     out = json.loads(p.stdout.strip().splitlines()[-1])
     check.figures.setdefault("bench", {})[kernel] = out
     return out
 
 
-def matmul_rate(check: Check) -> float:
-    """Measured dense bf16 matmul FLOP/s of this card: the honest MFU denominator next to the datasheet's."""
-    import torch
-    a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    n, t0 = 20, time.perf_counter()
-    for _ in range(n):
-        a @ b
-    torch.cuda.synchronize()
-    rate = 2 * MATMUL_N**3 * n / (time.perf_counter() - t0)
+MATMUL = f"""
+import time, torch
+n = {MATMUL_N}
+a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+for _ in range(3):
+    a @ b
+torch.cuda.synchronize()
+reps, t0 = 20, time.perf_counter()
+for _ in range(reps):
+    a @ b
+torch.cuda.synchronize()
+print(2 * n**3 * reps / (time.perf_counter() - t0))
+"""
+
+
+def matmul_rate(check: Check, project: Path, env: dict) -> float:
+    """Measured dense bf16 matmul FLOP/s of this card: the honest MFU denominator next to the datasheet's.
+    In a child process, so this process never holds a CUDA context the benchmarks would pay for."""
+    p = sh(check, "matmul", [sys.executable, "-c", MATMUL], cwd=project, env=env, timeout=60)
+    rate = float(p.stdout.split()[-1])
     check.figures["matmul_flops"] = rate
     return rate
 
@@ -287,7 +314,7 @@ def evaluator_rss(check: Check, project: Path, env: dict, data_dir: Path, rec: d
              "--data-dir", str(data_dir), "--out", str(out), *(["--device", "cpu"] if cpu else [])]
     wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
-    p = sh(check, "evaluator", [sys.executable, "-c", wrapper, *score], cwd=project, env=env, timeout=600)
+    p = sh(check, "evaluator", [sys.executable, "-c", wrapper, *score], cwd=project, env=env, timeout=90)
     rss_mb = int(p.stdout.strip().splitlines()[-1]) / 1024
     check.figures["evaluator_rss_mb"] = rss_mb
     check.figures["evaluator"] = json.loads(out.read_text())
@@ -360,11 +387,12 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=None, help="training seconds of the run (default 75; 3 with --cpu)")
     ap.add_argument("--profile", default=None, help="data profile (default upstream; tiny with --cpu)")
     ap.add_argument("--out", type=Path, default=os.environ.get("OUT") or None, help="logs and figures (default $OUT)")
+    ap.add_argument("--limit", type=float, default=420.0, help="seconds for the whole check; the table still prints")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder, removed)")
     args = ap.parse_args()
     budget = args.budget or (3.0 if args.cpu else 75.0)
     profile = args.profile or ("tiny" if args.cpu else "upstream")
-    check = Check(args.out)
+    check = Check(args.out, args.limit - 10)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=args.work))
     try:
         project = copy_project(work / "project")
@@ -384,7 +412,7 @@ def main() -> None:
             if rec:
                 check.step("evaluator", evaluator_rss, check, project, env, data_dir, rec, args.cpu)
         if not args.cpu:
-            check.step("matmul", matmul_rate, check)
+            check.step("matmul", matmul_rate, check, project, env)
         for kernel in attention_kernels(args.cpu):
             check.step(f"bench_{kernel}", bench, check, project, env, args.cpu, kernel)
         print_table(check, table(check, budget))

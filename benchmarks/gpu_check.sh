@@ -61,7 +61,8 @@ else
     log "nvidia-smi: not found"
 fi
 
-# 2-6. The check itself; a hard stop well inside 8 minutes on a GPU whatever hangs.
+# 2-6. The check itself: it cuts its own steps short at --limit (420 s) so the table prints;
+# `timeout` is the backstop, still inside 8 minutes, should anything hang past that.
 LIMIT="${GPU_CHECK_LIMIT:-450}"
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$LIMIT" "$PY" benchmarks/gpu_check.py ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
