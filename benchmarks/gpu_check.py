@@ -83,17 +83,32 @@ class Check:
             (self.out / name).write_text(text)
 
 
+_GROUPS: set[int] = set()  # process groups running now, ended with us when the wrapper's timeout stops us
+
+
+def _end_groups(signum: int, frame) -> None:
+    for pgid in list(_GROUPS):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    sys.exit(128 + signum)
+
+
 def run_group(cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
     """subprocess.run in its own process group: on a timeout the whole group goes (a train process
     left behind would hold the GPU through every later step)."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    _GROUPS.add(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise RuntimeError(f"stopped after {timeout:.0f}s") from None
+    finally:
+        _GROUPS.discard(proc.pid)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
@@ -392,6 +407,7 @@ def main() -> None:
     args = ap.parse_args()
     budget = args.budget or (3.0 if args.cpu else 75.0)
     profile = args.profile or ("tiny" if args.cpu else "upstream")
+    signal.signal(signal.SIGTERM, _end_groups)
     check = Check(args.out, args.limit - 10)
     work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=args.work))
     try:

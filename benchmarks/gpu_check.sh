@@ -36,15 +36,20 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; fi
 
 log() { echo "$*"; if [ -n "${OUT:-}" ]; then echo "$*" >> "$OUT/gpu_check.sh.log"; fi; }
 
-# 1. Offline install: the carried wheels into a private site folder, the project from this tree.
-# The evaluator runs with a cleared PYTHONPATH, so the wheels go into a venv that sees the
-# machine's own packages rather than onto PYTHONPATH.
+# 1. Offline install: the carried wheels into a private venv that sees the machine's own packages
+# (the project itself runs from this tree). Without the venv module, or when $PY is itself a venv
+# whose torch the new one would not see: a --target folder on PYTHONPATH, which serves the harness (the train and evaluator processes need none of the wheels).
+EXTRA_PATH=""
 if [ -n "$WHEELS" ]; then
     if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
         if "$PY" -m venv --system-site-packages "$TMP_ROOT/venv" \
+            && "$TMP_ROOT/venv/bin/python" -c 'import torch' 2> /dev/null \
             && "$TMP_ROOT/venv/bin/python" -m pip install -q --no-deps --no-index "$WHEELS"/*.whl; then
             PY="$TMP_ROOT/venv/bin/python"
-            log "installed: $(ls "$WHEELS" | tr '\n' ' ')"
+            log "installed into a venv: $(ls "$WHEELS" | tr '\n' ' ')"
+        elif "$PY" -m pip install -q --no-deps --no-index --target "$TMP_ROOT/site" "$WHEELS"/*.whl; then
+            EXTRA_PATH="$TMP_ROOT/site"
+            log "installed into $EXTRA_PATH: $(ls "$WHEELS" | tr '\n' ' ')"
         else
             log "!! install of $WHEELS failed; going on with $PY as it is"
         fi
@@ -61,10 +66,11 @@ else
     log "nvidia-smi: not found"
 fi
 
-# 2-6. The check itself: it cuts its own steps short at --limit (420 s) so the table prints;
+# 2-6. The check itself: it cuts its own steps short at --limit (LIMIT - 30 s) so the table prints;
 # `timeout` is the backstop, still inside 8 minutes, should anything hang past that.
 LIMIT="${GPU_CHECK_LIMIT:-450}"
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$LIMIT" "$PY" benchmarks/gpu_check.py ${ARGS[@]+"${ARGS[@]}"}
+PYTHONPATH="$PWD${EXTRA_PATH:+:$EXTRA_PATH}${PYTHONPATH:+:$PYTHONPATH}" timeout -k 10 "$LIMIT" "$PY" benchmarks/gpu_check.py \
+    --limit $((LIMIT > 60 ? LIMIT - 30 : LIMIT / 2)) ${ARGS[@]+"${ARGS[@]}"}
 rc=$?
 [ "$rc" -eq 124 ] && log "!! gpu_check.py stopped after ${LIMIT}s"
 exit "$rc"
