@@ -8,7 +8,8 @@ overhead split of each, then the median.
     warm-up     the WARMUP_STEPS steps the budget does not count (compilation)
     export      the train process exporting its forward (engines.artifact.export_forward)
     score       the evaluator process on val: start, load the forward, causality probe, val_bpb
-    test        a keep only: the evaluator process again, on the held-out test rows
+    test        a keep only: scoring the held-out test rows (inside `score` when the evaluator did both
+                in one process, which it does for a run below the best; else inside `harness`)
     harness     arun's other time outside the child (engine probe, git, ledger, commit/restore)
     other       the rest: result JSON, interpreter exit
     overhead    wall - training  (= the sum of the above)
@@ -43,9 +44,9 @@ def split(rec: dict) -> dict:
         return float(x) if isinstance(x, (int, float)) else 0.0
     launch, startup, warmup, export = v("launch_seconds"), v("startup_seconds"), v("warmup_seconds"), v("export_seconds")
     score, test, overhead = v("score_seconds"), v("test_seconds"), v("overhead_seconds")
-    harness = max(0.0, v("bookkeeping_seconds") - test)
+    harness = v("bookkeeping_seconds")
     setup = max(0.0, startup - launch)
-    other = overhead - launch - setup - warmup - export - score - test - harness
+    other = overhead - launch - setup - warmup - export - score - harness
     return {"wall": v("wall_seconds"), "training": v("training_seconds"), "launch": launch, "setup": setup,
             "warm-up": warmup, "export": export, "score": score, "test": test, "harness": harness, "other": other,
             "overhead": overhead,
