@@ -5,11 +5,12 @@ Single device, single file: the file the research agent edits.
 The model family and optimizer follow karpathy/autoresearch's train.py (GPT with
 value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
 with upstream's PyTorch parameter names so weights move between engines. The run ends
-with engines.run.finish_run (evaluation, checkpoint, summary), called once after training.
+with engines.run.finish_run (exports the forward the evaluator scores; summary), called once
+after training.
 
 Usage: python train_mlx.py        (the harness: arun --backend mlx)
 Environment (set by the harness): ARUN_DATA_DIR, ARUN_TIME_BUDGET, ARUN_RESULT_JSON,
-ARUN_CHECKPOINT, ARUN_SEED.
+ARUN_ARTIFACT, ARUN_SEED.
 """
 
 from __future__ import annotations

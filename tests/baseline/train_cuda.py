@@ -7,12 +7,13 @@ value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
 with upstream's parameter names, so weights move between engines.
 
 Plumbing lives in engines/: attention kernels (engines.torch_attention), and the end of the
-run (engines.run.finish_run: evaluation, checkpoint, summary), called once after training.
+run (engines.run.finish_run: exports the forward the evaluator scores; summary), called once
+after training.
 
 Usage: python train_cuda.py                    (the harness: arun --backend cuda)
        ARUN_DEVICE=cpu python train_cuda.py    (explicit CPU device: no compile, float32)
 Environment (set by the harness): ARUN_DATA_DIR, ARUN_TIME_BUDGET, ARUN_RESULT_JSON,
-ARUN_CHECKPOINT, ARUN_SEED, ARUN_DEVICE.
+ARUN_ARTIFACT, ARUN_SEED, ARUN_DEVICE.
 """
 
 import os
