@@ -17,11 +17,12 @@ artifact, bad data) and no score.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from engines.report import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("val", "test")
@@ -177,13 +178,6 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     return verdict
 
 
-def write_verdict(path: Path, verdict: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(verdict, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engines.score", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", required=True, choices=["mlx", "cuda"])
@@ -202,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     except ScoreError as e:
         verdict = dict(e.args[1]) if len(e.args) > 1 else {}
         verdict["error"] = str(e.args[0])
-        write_verdict(args.out, verdict)
+        atomic_write_json(args.out, verdict)
         print(f"error: {verdict['error']}", file=sys.stderr)
         return 1
-    write_verdict(args.out, verdict)
+    atomic_write_json(args.out, verdict)
     s = verdict["seconds"]
     score_name = f"{args.split}_bpb"
     print(f"{score_name} {verdict[score_name]:.6f} | batch {verdict['batch_size']} | load {s['load']:.2f}s "

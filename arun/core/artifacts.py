@@ -6,12 +6,12 @@ copies of one forward and never keeps a file whose bytes do not match its name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
 from engines.artifact import SUFFIX
+from prepare import sha256_file
 
 KEEP_RECENT = 20  # besides each key's best, the newest kept forwards stay on disk
 
@@ -20,21 +20,13 @@ def store_dir(repo_dir: Path) -> Path:
     return Path(repo_dir) / ".arun" / "artifacts"
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def path_for(repo_dir: Path, backend: str, sha256: str) -> Path:
     return store_dir(repo_dir) / f"{sha256}{SUFFIX[backend]}"
 
 
 def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
     """Moves a scored artifact into the store (hashing what is moved); returns (sha256, stored path)."""
-    sha = sha256_of(artifact)
+    sha = sha256_file(artifact)
     dest = path_for(repo_dir, backend, sha)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists():

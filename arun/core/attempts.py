@@ -7,10 +7,10 @@ and `arun show ID` / `arun restore ID` bring it back.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from arun.core.errors import ArunError
+from arun.core.gitops import write_atomic
 
 
 def attempts_dir(repo_dir: Path) -> Path:
@@ -23,9 +23,7 @@ def save_attempt(repo_dir: Path, text: bytes) -> str:
     path = attempts_dir(repo_dir) / f"{sha}.py"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     return sha
 
 

@@ -26,6 +26,7 @@ from arun.core.gitops import run_git
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
 from engines.fingerprint import fixed_code_sha256
+from prepare import sha256_file
 
 # The re-score runs the same fixed code on the same artifact, rows and device as the score of record,
 # and sums in float64: an honest keep reproduces to the last few bits (1e-9 and below in practice).
@@ -96,7 +97,7 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
         verdict = score_artifact(backend, path, data.dir, Path(d) / "verdict.json", device=device,
                                  expect_fixed_sha=key.get("fixed_code_sha256"), fixed_from=repo_dir)
     got = verdict.get("val_bpb")
-    swapped = artifacts.sha256_of(path) != sha
+    swapped = sha256_file(path) != sha
     if "error" in verdict or not isinstance(got, (int, float)):
         return None, f"failed: the evaluator refused its forward ({verdict.get('error', 'no val_bpb')})"
     seeds = rec.get("val_bpb_seeds") or []
