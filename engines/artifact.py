@@ -26,6 +26,7 @@ on the ladder.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -33,13 +34,38 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from engines.pt2check import CONTRACT_FILE, ArtifactError, check_pt2
 
 FORMAT = "arun-forward/1"
 BATCH_LADDER: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 SUFFIX: dict[str, str] = {"mlx": ".mlxfn", "cuda": ".pt2"}
+# The largest forward that crosses the boundary: far above any model a run trains in its budget
+# (a 1.5B-parameter fp32 model), small enough that a copy cannot fill the disk.
+MAX_ARTIFACT_BYTES = 6 * 2**30
+
+
+def read_artifact(path: Path) -> bytes:
+    """The bytes of a regular file, opened without following a symlink and without blocking on a fifo,
+    at most MAX_ARTIFACT_BYTES; ArtifactError (one line) for anything else."""
+    import stat
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror or e}); it must be a regular file the "
+                            f"run exported (not a symlink)") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ArtifactError(f"{path}: the artifact is not a regular file; export it with export_forward")
+        if st.st_size > MAX_ARTIFACT_BYTES:
+            raise ArtifactError(f"{path}: the artifact has {st.st_size} bytes, more than the limit "
+                                f"{MAX_ARTIFACT_BYTES} (engines.artifact.MAX_ARTIFACT_BYTES)")
+        data = f.read(MAX_ARTIFACT_BYTES + 1)
+    if len(data) > MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"{path}: the artifact grew past {MAX_ARTIFACT_BYTES} bytes while it was read")
+    return data
 
 
 @dataclass
@@ -144,17 +170,16 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
     check_pt2(path.read_bytes())  # the evaluator refuses what this refuses: say so now, in the train process
 
 
-def load_forward(backend: str, path: Path, device: str | None = None) -> LoadedForward:
+def load_forward(backend: str, path: Path, device: str | None = None, data: bytes | None = None) -> LoadedForward:
     """
     Imports an artifact without running any code from it: the file is read once (its sha256 is
     of exactly the bytes loaded), checked, and handed to the framework's importer. `device`:
     torch 'cpu' or 'cuda' (the program is moved there); MLX 'cpu' or 'gpu' (None: MLX's default).
+    data: the artifact's bytes, already read (the evaluator reads them before it seals itself).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"{path}: cannot read the artifact ({e.strerror or e}); did the run export its forward?") from e
+    if data is None:
+        data = read_artifact(path)
     if not data:
         raise ArtifactError(f"{path}: empty artifact file; the run's export did not finish")
     if backend == "mlx":
@@ -173,15 +198,15 @@ def load_forward(backend: str, path: Path, device: str | None = None) -> LoadedF
 def _load_mlx(data: bytes, device: str | None) -> tuple[Callable, dict]:
     # .mlxfn is a graph of MLX primitives and constant arrays, read by MLX's C++ importer:
     # there is no Python in it to run. import_function takes a path, so the bytes we hashed are
-    # written to a private file first (the artifact on disk may change under us; this copy cannot).
+    # written to a private in-memory file first (the artifact on disk may change under us; this
+    # copy cannot). A memfd lies outside every folder, so a sealed evaluator (engines.sandbox.
+    # seal_self, which denies every path) still opens it through /proc/self/fd.
     import mlx.core as mx
     if device is not None:
         mx.set_default_device(mx.gpu if device in ("gpu", "cuda") else mx.cpu)
-    with tempfile.TemporaryDirectory(prefix="arun-artifact-") as tmp:
-        private = Path(tmp) / "forward.mlxfn"
-        private.write_bytes(data)
+    with _private_file(data) as private:
         try:
-            imported, metadata = mx.import_function(str(private), return_metadata=True)
+            imported, metadata = mx.import_function(private, return_metadata=True)
         except (RuntimeError, ValueError) as e:
             raise ArtifactError(f"not a readable .mlxfn ({str(e).splitlines()[0][:160]}); re-export the forward") from e
     try:
@@ -192,6 +217,25 @@ def _load_mlx(data: bytes, device: str | None) -> tuple[Callable, dict]:
     def fn(idx):
         return imported(idx)[0]
     return fn, contract
+
+
+@contextlib.contextmanager
+def _private_file(data: bytes) -> Iterator[str]:
+    """A path to a private copy of `data`: a memfd where the OS has them, else a file in a private folder."""
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("forward.mlxfn", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="arun-artifact-") as tmp:
+        private = Path(tmp) / "forward.mlxfn"
+        private.write_bytes(data)
+        yield str(private)
 
 
 def _load_torch(data: bytes, device: str | None) -> tuple[Callable, dict]:

@@ -31,19 +31,16 @@ class EvalResult:
     seconds: float
 
 
-class CausalityError(Exception):
-    """The model's logits at position t depend on tokens after t."""
-
-
 def bpb_from_sums(nats: float, nbytes: int) -> float:
     return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
 
 
 def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray,
-                 token_bytes: np.ndarray) -> EvalResult:
+                 token_bytes: np.ndarray, probe: Any = None) -> EvalResult:
     """Scores every row of `rows` (the fixed val rows, from PreparedData) once; token_bytes: the
     UTF-8 byte length of each token id. The last batch is padded with copies of row 0 (and
-    ignored) so compiled models see one shape."""
+    ignored) so compiled models see one shape. probe: an engines.probe.Probe that checks every
+    batch before it is scored (the evaluator process always passes one)."""
     t0 = time.perf_counter()
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
     n = rows.shape[0]
@@ -55,7 +52,7 @@ def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray,
             batch = np.concatenate([batch, np.repeat(rows[:1], batch_size - real, axis=0)])
         x = np.ascontiguousarray(batch[:, :-1])
         y = np.ascontiguousarray(batch[:real, 1:])
-        logits = logits_fn(engine.to_device(x))
+        logits = probe.batch(logits_fn, x) if probe is not None else logits_fn(engine.to_device(x))
         nats = engine.token_nats(logits[:real] if real < batch_size else logits, y).astype(np.float64)
         nbytes = token_bytes[y].astype(np.int64)
         mask = nbytes > 0
@@ -66,26 +63,3 @@ def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray,
         total_tokens += int(mask.sum())
     return EvalResult(bpb_from_sums(total_nats, total_bytes), total_nats, total_bytes, total_tokens,
                       time.perf_counter() - t0)
-
-
-def check_causality(engine, logits_fn: LogitsFn, rows: np.ndarray, batch_size: int,
-                    vocab_size: int, seed: int = 0) -> float:
-    """
-    Changes every token after a cut position and requires the logits up to the
-    cut to stay the same. A model that looks ahead (say, a missing causal mask)
-    raises CausalityError. Returns the largest prefix change seen.
-    """
-    rng = np.random.default_rng(seed)
-    take = rows[np.arange(batch_size) % rows.shape[0], :-1].astype(np.int32)
-    T = take.shape[1]
-    cut = max(1, T // 2)
-    altered = take.copy()
-    altered[:, cut:] = rng.integers(0, vocab_size, size=altered[:, cut:].shape, dtype=np.int32)
-    a = engine.to_numpy(logits_fn(engine.to_device(take)))[:, :cut].astype(np.float64)
-    b = engine.to_numpy(logits_fn(engine.to_device(altered)))[:, :cut].astype(np.float64)
-    diff = float(np.max(np.abs(a - b)))
-    tol = 1e-2 * (1.0 + float(np.max(np.abs(a))))
-    if not np.isfinite(diff) or diff > tol:
-        raise CausalityError(f"logits before position {cut} changed by {diff:.3g} when later tokens changed "
-                             f"(tolerance {tol:.3g}): the model looks ahead")
-    return diff

@@ -397,3 +397,49 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------
+# Sealing a running process (the evaluator, once it holds its inputs)
+# ---------------------------------------------------------------------------
+
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1   # ABI 4: with no net rule, every TCP bind/connect is denied
+SCOPE_ABSTRACT_UNIX = 1 << 0                     # ABI 6: no abstract unix sockets outside the sandbox
+
+
+def seal_self(read: list[Path], write: list[Path], devices: bool = False) -> int:
+    """Restricts this process for the rest of its life (Landlock stacks on any policy it already has):
+    it may open only what lies under `read` (read, list, execute) and `write` (every right), no TCP
+    bind or connect (ABI >= 4), no abstract unix socket or signal outside (ABI >= 6). devices: /dev
+    too, for GPU drivers that open device files lazily. Files already open stay usable. Returns the ABI; raises OSError where Landlock is missing."""
+    abi = landlock_abi()
+    if abi <= 0:
+        raise OSError(f"sandbox: {available()[1]}")
+    handled = handled_rights(abi)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
+    libc = _libc()
+    attr = _RulesetAttr(handled, net, scoped)
+    size = ctypes.sizeof(attr) if abi >= 6 else 16 if abi >= 4 else 8
+    ruleset = _check(libc.syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
+                                  ctypes.c_uint32(0)), "landlock_create_ruleset")
+    try:
+        rules = [(Path(p), READ) for p in read] + [(Path(p), handled) for p in write]
+        rules += [(Path("/dev"), DEV)] if devices else []
+        for path, rights in rules:
+            if not path.exists():
+                continue
+            rights = (rights if path.is_dir() else rights & FILE_RIGHTS) & handled
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                _check(libc.syscall(ctypes.c_long(SYS_ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH),
+                                    ctypes.byref(_PathBeneathAttr(rights, fd)), ctypes.c_uint32(0)),
+                       f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        _check(libc.syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+               "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi

@@ -157,7 +157,8 @@ def test_artifact_matches_the_in_process_forward_and_score(backend: str, env: Pa
     expected = in_process_bpb(built, built.honest, env)
     assert abs(verdict["val_bpb"] - expected) <= 1e-4 * expected, (verdict["val_bpb"], expected)
     assert verdict["causality"]["ok"] and verdict["causality"]["max_diff"] <= verdict["causality"]["tolerance"]
-    assert len(verdict["causality"]["cuts"]) >= 3
+    assert verdict["causality"]["rows"] >= len(rows) and verdict["causality"]["cuts_sha256"]   # every scored row probed
+    assert verdict["sealed"], verdict.get("seal")   # (this machine has Landlock: the artifact ran sealed)
     assert verdict["artifact_sha256"] == meta["sha256"]
     assert verdict["fixed_code_sha256"] == fixed_code_sha256(REPO)
     assert verdict["tokens"] > 0 and verdict["bytes"] > 0 and verdict["split"] == "val"
@@ -192,14 +193,13 @@ def test_a_stateful_model_is_frozen_by_export(backend: str, env: Path, tmp_path:
       batch size on the ladder, the first ones honestly and the rest looking ahead, and the
       scorer probes and scores one and the same trace, so it is either refused or honest.
     """
-    from engines import get_engine
-    from engines.evaluator import check_causality
     built = Built(backend)
     honest_bpb = in_process_bpb(built, built.honest, env)
     rows, _ = val_data(env)
 
     warmed = Stateful(built)
-    check_causality(get_engine(backend), warmed, rows, 4, SMALL["vocab_size"])   # passes: the old hole
+    for _ in range(2):   # the two calls of an in-process probe (the old hole: it passed them)
+        warmed(built.to_device(rows[:4, :-1].astype(np.int32)))
     built.export(tmp_path / "warmed.bin", warmed)
     rc, verdict, out = run_scorer(backend, tmp_path / "warmed.bin", env, tmp_path / "warmed.json")
     assert rc != 0 and "looks ahead" in verdict["error"], out
