@@ -107,6 +107,8 @@ def seal(backend: str, kind: str) -> tuple[bool, str]:
     frameworks' lazy imports) and write a fresh private temp folder (MLX's CPU backend compiles kernels
     into TMPDIR), nothing else: no data folder, no repo, no home, no TCP. Everything the loader needs
     is imported first. (True, how) or (False, why not) where the OS cannot."""
+    import atexit
+    import shutil
     import tempfile
 
     from engines import sandbox
@@ -127,6 +129,7 @@ def seal(backend: str, kind: str) -> tuple[bool, str]:
     if not ok or sandbox.landlock_abi() <= 0:
         return False, why if not ok else "no Landlock on this OS"
     private = tempfile.mkdtemp(prefix="arun-sealed-")
+    atexit.register(shutil.rmtree, private, True)   # (the seal leaves this process its own folder to remove)
     for name in ("TMPDIR", "TMP", "TEMP"):
         os.environ[name] = private
     tempfile.tempdir = private
