@@ -4,6 +4,7 @@ What scoring through an exported artifact costs, per engine, at the tests' tiny 
 
     export      export_forward: trace + write the .mlxfn / .pt2 (in the train process)
     scorer      `python -m engines.score` wall time, and its own load / probe / eval split
+    probe/eval  the causality probe's extra cost (an altered forward per scored batch) over the scoring
     in-process  engines.evaluator.evaluate_bpb on the live model (today's path), for comparison
 
     python benchmarks/bench_artifact.py [--backend mlx cuda]
@@ -48,6 +49,7 @@ def bench(backend: str, data_dir: Path, work: Path) -> dict:
     verdict = json.loads(out.read_text())
     return {"backend": backend, "export_s": meta["seconds"], "artifact_bytes": meta["bytes"], "scorer_wall_s": wall,
             **{f"scorer_{k}_s": v for k, v in verdict["seconds"].items()}, "batch": verdict["batch_size"],
+            "probe/eval": verdict["seconds"]["probe"] / verdict["seconds"]["eval"],
             "in_process_eval_s": in_process, "val_bpb": verdict["val_bpb"], "in_process_val_bpb": bpb}
 
 
