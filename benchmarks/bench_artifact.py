@@ -28,9 +28,9 @@ from test_artifact import Built, in_process_bpb  # noqa: E402 - the tests' tiny 
 
 
 def tiny_data(cache: Path) -> Path:
-    import prepare
+    from arun_data import build
     os.environ["ARUN_CACHE"] = str(cache)
-    return prepare.prepare("pystdlib", "tiny", log=lambda s: None)
+    return build.prepare("pystdlib", "tiny", log=lambda s: None)
 
 
 def bench(backend: str, data_dir: Path, work: Path) -> dict:

@@ -1,8 +1,8 @@
 """
 The metric cannot be gamed: each known attack from SECURITY.md, carried out by a real train file.
 
-Unit level: the causality probe on honest and cheating models of both engines, and the timing
-audit (arun.core.timing.audit_timing).
+Unit level: the timing audit (arun.core.timing.audit_timing); the causality probe's unit tests
+are in tests/test_probe.py.
 CLI level: `arun --backend cuda --device cpu` in tmp git repos with a tiny train_cuda.py whose
 model or loop cheats. A cheat must never be kept, must be recorded `invalid` with a reason, and
 must leave the worktree at the best commit with every earlier record intact.
@@ -22,20 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from helpers_repo import (REPO, arun_cmd, arun_env, assert_failure_recorded, inject, kill_under, ledger_records,
+from helpers_repo import (arun_cmd, arun_env, assert_failure_recorded, inject, kill_under, ledger_records,
                           make_project, replace_once, run_arun, tiny_train_text)
-
-
-def _load(path: Path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("integrity_train_module", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses look their module up while GPTConfig is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def noncausal_train_text() -> str:
@@ -44,85 +34,7 @@ def noncausal_train_text() -> str:
                         "q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)")
 
 
-# =========================================================================== causality probe, unit level
-
-SMALL = dict(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
-
-
-@pytest.fixture
-def val_rows(data_env: Path) -> np.ndarray:
-    from prepare import PreparedData
-    return PreparedData.open().val_rows()
-
-
-def test_causality_probe_torch_passes_the_real_model_and_catches_cheats(val_rows: np.ndarray,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-    import torch.nn.functional as F
-
-    from engines import get_engine
-    from engines.evaluator import CausalityError, check_causality
-    monkeypatch.setenv("ARUN_DEVICE", "cpu")
-    engine = get_engine("cuda")
-    mod = _load(REPO / "tests" / "baseline" / "train_cuda.py")
-    torch.manual_seed(0)
-    model = mod.GPT(mod.GPTConfig(**SMALL))
-    model.init_weights()
-    # Trained-looking weights: init zeroes the output projections, which would hide any attention leak.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()
-
-    def honest(x):
-        with torch.no_grad():
-            return model(x)
-
-    assert check_causality(engine, honest, val_rows, 8, 512) < 1e-3
-
-    def peek_next_token(x):  # the classic cheat: the logits at t see the target x[t+1]
-        return honest(x) + 20.0 * F.one_hot(torch.roll(x, -1, dims=1).long(), 512).float()
-
-    with pytest.raises(CausalityError, match="looks ahead"):
-        check_causality(engine, peek_next_token, val_rows, 8, 512)
-
-    # The model itself with the causal mask removed (SDPA without is_causal / attn_mask).
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(mod.F, "scaled_dot_product_attention",
-                        lambda q, k, v, attn_mask=None, is_causal=False, **kw: sdpa(q, k, v))
-    with pytest.raises(CausalityError, match="looks ahead"):
-        check_causality(engine, honest, val_rows, 8, 512)
-
-
-def test_causality_probe_mlx_passes_the_real_model_and_catches_cheats(val_rows: np.ndarray,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from engines import get_engine
-    from engines.evaluator import CausalityError, check_causality
-    engine = get_engine("mlx")
-    ok, why = engine.available()
-    if not ok:
-        pytest.skip(f"mlx engine not available here: {why}")
-    import mlx.core as mx
-    mod = _load(REPO / "tests" / "baseline" / "train_mlx.py")
-    mx.random.seed(0)
-    model = mod.GPT(mod.GPTConfig(**SMALL))
-    model.init_weights()
-    from mlx.utils import tree_map
-    model.update(tree_map(lambda v: v + 0.05 * mx.random.normal(v.shape), model.parameters()))
-
-    assert check_causality(engine, model, val_rows, 8, 512) < 1e-2
-
-    def peek_next_token(x):
-        nxt = mx.concatenate([x[:, 1:], x[:, :1]], axis=1)
-        return model(x) + 20.0 * (mx.arange(512)[None, None, :] == nxt[..., None]).astype(mx.float32)
-
-    with pytest.raises(CausalityError, match="looks ahead"):
-        check_causality(engine, peek_next_token, val_rows, 8, 512)
-
-    # no mask: every token sees all
-    monkeypatch.setattr(mod, "attention", lambda q, k, v, window: mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0))
-    with pytest.raises(CausalityError, match="looks ahead"):
-        check_causality(engine, model, val_rows, 8, 512)
+# (the causality probe's unit tests, both engines: tests/test_probe.py)
 
 
 # =========================================================================== audit_timing
@@ -206,7 +118,7 @@ def test_probe_disabled_in_the_train_process_is_caught_by_the_evaluator(tmp_path
     never runs the train file, probes the exported forward itself."""
     text = noncausal_train_text()
     text = inject(text, "from engines.run import", "import engines.probe as _probe\n"
-                  "_probe.probe_causality = lambda *args, **kwargs: None  # cheat: skip the probe")
+                  "_probe.Probe.batch = lambda self, fn, x: fn(self.engine.to_device(x))  # cheat: skip the probe")
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
     assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")
 
