@@ -17,8 +17,11 @@ the altered call (both are real text; the order is random). A leak at position t
 token t+k is seen in a row whose cut falls in (t, t+k]: a forward that leaks on a fraction f
 of positions escapes all N scored rows with probability about (1 - f)^N.
 
-Cost: one extra forward per scored batch plus an elementwise difference, i.e. at most +100 %
-of the forwards; measured with benchmarks/bench_artifact.py (see SECURITY.md for figures).
+Cost: one extra forward per scored batch plus an elementwise difference: every row needs an
+altered copy of its own, so this is the floor for covering every row. Measured with
+`python benchmarks/bench_artifact.py` (tiny GPT, 128 val rows in one batch of 128, CPU, a loaded
+2-core box): probe/eval = 0.71 (MLX: 2.10 s / 2.95 s) and 0.86 (torch: 2.64 s / 3.08 s), i.e.
++71 % / +86 % of the scoring time, above the +50 % goal.
 
 Tolerance: PROBE_RTOL x (1 + max|logit| of the batch). Measured on honest models (the tests'
 tiny GPT from the real train files, 64-token rows, vocab 512, batches of 8 over the tiny val rows,
