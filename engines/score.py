@@ -102,11 +102,12 @@ def score(backend: str, artifact: Path, data_dir: Path, device: str | None = Non
             os.environ["ARUN_DEVICE"] = before
 
 
-def seal(backend: str, kind: str) -> tuple[bool, str]:
+def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, str]:
     """Confines this process to computing: it may read Python's own installation (public code, for the
     frameworks' lazy imports) and write a fresh private temp folder (MLX's CPU backend compiles kernels
     into TMPDIR), nothing else: no data folder, no repo, no home, no TCP. Everything the loader needs
-    is imported first. (True, how) or (False, why not) where the OS cannot."""
+    is imported first. secret: folders (the data) that must stay out even if an installation folder
+    held them. (True, how) or (False, why not) where the OS cannot."""
     import atexit
     import shutil
     import tempfile
@@ -134,7 +135,9 @@ def seal(backend: str, kind: str) -> tuple[bool, str]:
         os.environ[name] = private
     tempfile.tempdir = private
     try:
-        abi = sandbox.seal_self(sandbox.python_paths(), [Path(private)], devices=kind != "cpu")
+        readable = [p for p in sandbox.python_paths()
+                    if not any(Path(s).resolve().is_relative_to(p.resolve()) for s in secret)]
+        abi = sandbox.seal_self(readable, [Path(private)], devices=kind != "cpu")
     except OSError as e:
         return False, str(e)
     return True, f"landlock ABI {abi}: computes only (reads Python's installation, writes {private})"
@@ -183,7 +186,7 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     except ArtifactError as e:
         raise fail(str(e))
     if sealed:
-        verdict["sealed"], verdict["seal"] = seal(backend, kind)
+        verdict["sealed"], verdict["seal"] = seal(backend, kind, (Path(data_dir), Path(artifact).parent))
         if not verdict["sealed"]:
             print(f"warning: the evaluator is not sealed ({verdict['seal']}); the artifact runs with its reads",
                   file=sys.stderr)
