@@ -3,7 +3,7 @@ Attacks on the evaluator process, as an agent paid to win would write them: real
 through the harness (run_experiment, tiny models, 2 s budgets), each ending invalid, nothing kept,
 the best unchanged.
 
-- forwards that look ahead only where a sampling probe would not look: after the first batch
+- forwards that look ahead only where a sampling probe would not look: in every row but one
   (keyed on the real text of val row 0, which an agent can rebuild from a readable corpus), away
   from a few fixed cut points, only at the batch size the evaluator scores with; and one that
   reads across rows;
@@ -75,11 +75,13 @@ NEXT = {"mlx": "_mx.roll(idx, -1, axis=1)", "cuda": "_torch.roll(idx, -1, dims=1
 NEXT_ROW = {"mlx": "_mx.roll(idx, -1, axis=0)", "cuda": "_torch.roll(idx, -1, dims=0)"}
 
 
-def not_first_batch(backend: str, first: list[int]) -> str:
-    """1 unless the batch starts with val row 0's first tokens: honest on the first batch only."""
+def not_row_zero(backend: str, first: list[int]) -> str:
+    """1 in every row but the one that starts with val row 0's first tokens (keyed on real text, per row:
+    a probe that alters a few rows of its first batch sees an honest model there)."""
     if backend == "mlx":
-        return f"(_mx.any(idx[0, :{len(first)}] != _mx.array({first}))).astype(logits.dtype)[None, None, None]"
-    return f"(idx[0, :{len(first)}] != _torch.tensor({first}, device=idx.device)).any().to(logits.dtype)"
+        return f"_mx.any(idx[:, :{len(first)}] != _mx.array({first})[None, :], axis=1).astype(logits.dtype)[:, None, None]"
+    return (f"(idx[:, :{len(first)}] != _torch.tensor({first}, device=idx.device)[None, :]).any(dim=1)"
+            f".to(logits.dtype)[:, None, None]")
 
 
 def away_from_fixed_cuts(backend: str) -> str:
@@ -106,11 +108,12 @@ def assert_invalid(project: Project, rec: dict, why: str = "the evaluator refuse
 # =========================================================================== (a), (b), (c): probe coverage
 
 @pytest.mark.parametrize("engine", ["mlx", "torch"])
-def test_a_leak_only_after_the_first_batch_is_invalid(engine: str, request: pytest.FixtureRequest,
-                                                      tiny_data: Path) -> None:
+def test_a_leak_in_every_row_but_a_known_one_is_invalid(engine: str, request: pytest.FixtureRequest,
+                                                        tiny_data: Path) -> None:
+    """(The tiny val rows fit one scored batch; leaks in later batches only: tests/test_probe.py.)"""
     project: Project = request.getfixturevalue(f"{engine}_project")
     first = [int(t) for t in val_rows(tiny_data)[0, :4]]
-    rec = cheat(project, NEXT[project.backend], not_first_batch(project.backend, first))
+    rec = cheat(project, NEXT[project.backend], not_row_zero(project.backend, first))
     assert_invalid(project, rec, "looks ahead")
 
 
