@@ -143,7 +143,7 @@ def behind(candidate: list, best: list, margin: list) -> dict | None:
     if len(done) < CONSECUTIVE:
         return None
     last = done[-CONSECUTIVE:]
-    if last != list(range(last[0], last[0] + CONSECUTIVE)) or GRID[last[0]] < MIN_PROGRESS:
+    if GRID[last[0]] < MIN_PROGRESS:
         return None
     for i in last:
         b, m = best[i] if i < len(best) else None, margin[i] if i < len(margin) else None
