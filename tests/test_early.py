@@ -260,3 +260,12 @@ def test_a_near_win_is_rerun_with_fresh_seeds_before_it_is_decided(project: Path
     assert rec["status"] == ("keep" if verdict == "confirmed" else "discard")
     assert any("confirming with 2 fresh seed(s) (43, 44)" in s for s in lines)
     assert any(f"{verdict} over 3 seeds" in s for s in lines if s.startswith(("arun: KEEP", "arun: DISCARD")))
+
+
+def test_the_cli_has_the_switches() -> None:
+    from click.testing import CliRunner
+
+    from arun.cli import cli
+    loop_help = CliRunner().invoke(cli, ["loop", "--help"]).output
+    assert "--no-early-stop" in loop_help and "--no-confirm" in loop_help
+    assert "--early-stop" in CliRunner().invoke(cli, ["run", "--help"]).output
