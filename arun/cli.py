@@ -32,7 +32,7 @@ from arun.report.site import build_site
 from arun.report.summary import parse_time, report, select
 from arun.search.calibrate import Options as CalibrateOptions
 from arun.search.calibrate import calibrate, calibration_table
-from arun.search.loop import run_loop
+from arun.search.loop import run_loop, stopper_for
 from arun.search.noise import measure_noise, significance_decider
 from arun.search.transfer import transfer
 from arun.swarm.driver import SwarmOptions, run_swarm, swarm_report
@@ -152,13 +152,15 @@ experiment_options = options(
     seeds_option("score the change over N seeds"),
     confidence_option("with --seeds: keep only when better at this confidence (e.g. 0.95)"),
     click.option("--wait", type=float, default=0.0, help="seconds to wait for another arun in this repo"),
+    click.option("--early-stop", is_flag=True, help="stop the run once its train loss is clearly behind the best's "
+                 "at the same progress (recorded discard, stopped_at)"),
     require_confinement_option(),
 )
 
 
 def run_one(backend: str | None, description: str, budget: float | None, device: str | None,
             hard_timeout: float | None, seeds: int, confidence: float | None, wait: float,
-            allowance: float | None) -> dict:
+            allowance: float | None, early_stop: bool = False) -> dict:
     if backend is None:
         fail("no backend given; use arun --backend mlx or arun --backend cuda")
     decide_fn = None
@@ -168,9 +170,10 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
         except ValueError as e:
             fail(str(e))
     try:
+        stopper = stopper_for(Path.cwd(), backend, budget, device, log=say) if early_stop else None
         return run_experiment(Path.cwd(), backend, description, budget=budget, seeds=seeds, device=device,
                               hard_timeout=hard_timeout, confidence=confidence, wait=wait, decide_fn=decide_fn,
-                              allowance=allowance,
+                              allowance=allowance, early_stop=stopper,
                               log=say)
     except KeyboardInterrupt as e:
         if e.args:  # raised by run_experiment after it recorded the interrupted run
@@ -536,15 +539,20 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
               help="stop after K consecutive iterations without a score (crash, timeout, invalid); 0: never")
 @near_miss_option()
 @allowance_option()
+@click.option("--no-early-stop", "early_stop", is_flag=True, flag_value=False, default=True,
+              help="run every experiment to the end (default: stop one clearly behind the best mid-run)")
+@click.option("--no-confirm", "confirm", is_flag=True, flag_value=False, default=True,
+              help="keep any result below the best at once (default: a near win is re-run with fresh seeds first)")
 @require_confinement_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
              confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
-             agent_timeout: float, max_crashes: int, near_miss: float | None, allowance: float | None) -> None:
+             agent_timeout: float, max_crashes: int, near_miss: float | None, allowance: float | None,
+             early_stop: bool, confirm: bool) -> None:
     """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
     result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
                       confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
                       agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
-                      allowance=allowance, log=say)
+                      allowance=allowance, early_stop=early_stop, confirm=confirm, log=say)
     sys.exit({"interrupted": 130, "crashes": 3, "baseline": 3}.get(result.reason, 0))
 
 

@@ -45,6 +45,7 @@ from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
 from arun.core.timing import audit_timing, charged_seconds, default_allowance
 from arun.core.trainfile import constants
+from arun.search.early import Stopper, Watch, mean_trajectory
 from engines.artifact import SUFFIX
 from engines.fingerprint import fixed_code_sha256, fixed_files
 from engines.report import summary_text
@@ -132,6 +133,8 @@ class Attempt:
     verdicts: list[dict] = field(default_factory=list)   # the evaluator's, one per run that exited ok
     allowance: float = 0.0       # non-training seconds a run may use (arun.core.timing)
     interrupted: str | None = None
+    watches: list[Watch] = field(default_factory=list)   # each run's loss trajectory (arun.search.early)
+    early: dict | None = None    # why a run was stopped early: the evidence (arun.search.early.Stopper)
 
     def artifact(self, i: int) -> Path:
         """Where run i exports its forward."""
@@ -146,7 +149,8 @@ class Attempt:
         return next((o for o in self.outcomes if o.status != "ok"), None)
 
 
-DecideFn = Callable[[list[float], "dict | None", list[dict]], tuple[str, bool]]
+# -> (status, near_miss) or (status, near_miss, record fields); status "confirm": re-run with fresh seeds first
+DecideFn = Callable[[list[float], "dict | None", list[dict]], tuple]
 
 
 def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *, budget: float | None = None,
@@ -155,7 +159,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
                    confidence: float | None = None, wait: float = 0.0, allowance: float | None = None,
                    record_sink: Callable[[dict], dict] | None = None, decide_fn: DecideFn | None = None,
                    require_confinement: bool | None = None, extra: dict | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   early_stop: Stopper | None = None, log: Callable[[str], None] = print) -> dict:
     """One experiment on the current train file; returns the ledger record it appended.
 
     record_sink: where the record goes instead of bench/<tag>/ledger.jsonl (the swarm's one writer).
@@ -163,6 +167,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     for the plain "strictly lower than the best" rule (e.g. a significance test over seeds).
     allowance: non-training seconds a run may use (default max(60, budget/5); arun.core.timing).
     extra: fields added to the record as they are (e.g. `transfer_from` of arun transfer).
+    early_stop: stops a run clearly behind the best (arun.search.early); recorded discard with stopped_at.
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
     budget, limits = check_limits(seeds, budget, hard_timeout)
@@ -173,11 +178,14 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         att = begin(ctx, description, seeds, proposer, confidence, log)
         att.record.update(extra or {})
         att.allowance = default_allowance(ctx.budget, allowance)
-        launch(att, limits, show_progress)
+        launch(att, limits, show_progress, early_stop)
         score_runs(att, log)
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
+        if status == "confirm":
+            status, near, val = confirm(att, limits, show_progress, decide_fn, near_miss, log)
         status = score_heldout(att, status, log)
         att.record.update(result_fields(att.outcomes, att.results))
+        att.record.update(trajectory_fields(att.watches))
         att.record.update(score_fields(att))
         att.record.update(confinement_fields(att.outcomes))
         status = keep_artifacts(att, status)
@@ -256,12 +264,21 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     return Attempt(ctx, record, records, best, base_commit, pre_run, run_dir, log_path, log_is_stdout, seed_list)
 
 
-def launch(att: Attempt, limits: Limits, show_progress: bool) -> None:
-    """The train file, once per seed, each in its own process; stops at the first run that fails."""
+def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stopper | None = None,
+           start: int = 0) -> None:
+    """The train file, once per seed (from seed_list[start]), each in its own process; stops at the first
+    run that fails. Each run's step lines feed its loss trajectory, and early_stop may end it."""
     ctx, n = att.ctx, len(att.seed_list)
     label = f"{ctx.backend} {att.record.description[:40]}".strip()
     with sigterm_as_interrupt(), Progress(show_progress and sys.stdout.isatty(), label) as bar:
         for i, seed in enumerate(att.seed_list):
+            if i < start:
+                continue
+            watch = Watch()
+            att.watches.append(watch)
+
+            def should_stop(line: str, watch: Watch = watch) -> str | None:
+                return early_stop.check(watch) if watch.line(line) and early_stop is not None else None
             env = child_env(ctx.data.dir, ctx.device, seed, ARUN_TIME_BUDGET=repr(ctx.budget),
                             ARUN_RESULT_JSON=str(att.run_dir / f"result{i}.json"),
                             ARUN_ARTIFACT=str(att.artifact(i)))
@@ -271,12 +288,15 @@ def launch(att: Attempt, limits: Limits, show_progress: bool) -> None:
             prefix = f"[seed {seed}] " if n > 1 else ""
             try:
                 outcome = run_train_file(ctx.repo_dir, ctx.train_file, env, att.log_path, limits, bar.line,
-                                         prefix, seed, att.log_is_stdout, timeout_hint=calibrate_hint(ctx.backend))
+                                         prefix, seed, att.log_is_stdout, timeout_hint=calibrate_hint(ctx.backend),
+                                         should_stop=should_stop)
             except KeyboardInterrupt as e:
                 att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
                 att.outcomes.append(RunOutcome(seed, status="crash", error=f"interrupted ({att.interrupted})"))
                 break
             att.outcomes.append(outcome)
+            if outcome.status == "stopped" and early_stop is not None:
+                att.early = early_stop.evidence
             if outcome.status != "ok":
                 break
 
@@ -286,7 +306,7 @@ def calibrate_hint(backend: str) -> str:
     return f"to size the model for this machine: arun calibrate --backend {backend}"
 
 
-def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
+def score_runs(att: Attempt, log: Callable[[str], None], start: int = 0) -> None:
     """Every run that exited ok is scored by the evaluator process from its exported forward (fixed
     code pinned by the key; the train file never runs there). A forward it cannot score makes the
     run invalid (it looks ahead, does not load, ...); an evaluator that does not finish, a crash."""
@@ -297,7 +317,7 @@ def score_runs(att: Attempt, log: Callable[[str], None]) -> None:
     try:
         with sigterm_as_interrupt():
             for i, o in enumerate(att.outcomes):
-                if o.status != "ok":
+                if o.status != "ok" or i < start:
                     continue
                 log("arun: scoring the exported forward in the evaluator process"
                     + (f" (seed {o.seed})" if len(att.seed_list) > 1 else ""))
@@ -344,6 +364,9 @@ def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[
     failed = att.failed
     if failed is not None:
         att.record.error = failed.error
+        if failed.status == "stopped":  # early discard: behind the best mid-run (arun.search.early)
+            att.record.update({"stopped_at": (att.early or {}).get("progress"), "early_stop": att.early})
+            return "discard", False, None
         return failed.status, False, None
     vals = [float(v["val_bpb"]) for v in att.verdicts]
     val = statistics.fmean(vals)
@@ -353,9 +376,40 @@ def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[
         if att.record.error:
             return "invalid", False, val
     if decide_fn is not None:
-        status, near = decide_fn(vals, att.best, [r for r in att.records if r.get("key_id") == att.ctx.key_id])
+        status, near, *fields = decide_fn(vals, att.best, [r for r in att.records if r.get("key_id") == att.ctx.key_id])
+        att.record.update(fields[0] if fields else {})
     else:
         status, near = ratchet_decide(val, att.best, near_miss)
+    return status, near, val
+
+
+# --------------------------------------------------------------------------- early discard and confirmation
+
+def trajectory_fields(watches: list[Watch]) -> dict:
+    """The record's loss trajectory: the mean over the runs (seeds), and each run's when there are several."""
+    runs = [w.trajectory(final=True) for w in watches]
+    if not runs:
+        return {}
+    return {"loss_trajectory": mean_trajectory(runs), **({"loss_trajectory_seeds": runs} if len(runs) > 1 else {})}
+
+
+def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: DecideFn, near_miss: float | None,
+            log: Callable[[str], None]) -> tuple[str, bool, float | None]:
+    """A near win (the decider said "confirm"): fresh seeds until the experiment has `confirm_seeds` runs,
+    then the decider again on the mean over all of them; still undecided counts as not confirmed."""
+    start = len(att.outcomes)
+    total = max(start + 1, int(getattr(decide_fn, "confirm_seeds", 3)))
+    config = att.record.config or {}
+    base_seed = config["SEED"] if isinstance(config.get("SEED"), int) else 42
+    used = {base_seed if s is None else s for s in att.seed_list}
+    fresh = [s for s in range(base_seed + 1, base_seed + 1000) if s not in used][:total - start]
+    log(f"arun: a near win: confirming with {len(fresh)} fresh seed(s) ({', '.join(map(str, fresh))}) before it is kept")
+    att.seed_list = att.seed_list + fresh
+    launch(att, limits, show_progress, start=start)
+    score_runs(att, log, start=start)
+    status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
+    if status == "confirm":
+        status, near = "discard", True
     return status, near, val
 
 
@@ -537,13 +591,26 @@ def verdict_line(rec: dict, other: dict | None = None) -> str:
             why += (f": {key_difference(other.get('key') or {}, rec.get('key') or {})}; key {other['key_id']}'s best "
                     f"is {other['val_bpb']:.6f}, not compared")
         return f"arun: BASELINE {val:.6f} ({why}) -> commit {rec['commit'][:10]} {where}"
+    how = confirmation_words(rec.get("confirmation"))
     if status == "keep":
         what = f"improved on {best:.6f} by {best - val:.6f}"
-        return f"arun: KEEP {val:.6f} ({what}) -> commit {rec['commit'][:10]} {where}"
+        return f"arun: KEEP {val:.6f} ({what}{f'; {how}' if how else ''}) -> commit {rec['commit'][:10]} {where}"
+    if status == "discard" and val is None:  # stopped early: never scored (arun.search.early)
+        return (f"arun: DISCARD ({rec.get('error')}); train file restored to {rec['commit'][:10]} {where}; "
+                f"restore: arun restore {rec['id']}")
     if status == "discard":
-        near = " (near miss)" if rec.get("near_miss") else ""
+        near = (f" ({how})" if how else "") + (" (near miss)" if rec.get("near_miss") else "")
         return (f"arun: DISCARD {val:.6f} vs best {best:.6f}{near}; train file restored to {rec['commit'][:10]} "
                 f"{where}; restore: arun restore {rec['id']}")
     restored = ("train file as it was before the run" if str(rec.get("error", "")).startswith("interrupted")
                 else f"train file restored to {rec['commit'][:10]}")
     return f"arun: {status.upper()}: {rec.get('error')}; {restored}; see run.log {where}; restore: arun restore {rec['id']}"
+
+
+def confirmation_words(conf: dict | None) -> str:
+    """How a keep was decided: "kept (clear win)", "confirmed over 3 seeds" or "not confirmed over 3 seeds"."""
+    if not isinstance(conf, dict) or not conf.get("verdict"):
+        return ""
+    if conf["verdict"] == "clear win":
+        return "kept (clear win)"
+    return f"{conf['verdict']} over {conf.get('seeds')} seeds"

@@ -151,16 +151,18 @@ def child_env(data_dir: Path, device: str | None, seed: int | None = None, **val
 def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, limits: Limits | float,
                    on_line: Callable[[str], None] | None = None, prefix: str = "",
                    seed: int | None = None, log_is_stdout: bool = False, confine: bool = True,
-                   timeout_hint: str = "") -> RunOutcome:
+                   timeout_hint: str = "", should_stop: Callable[[str], str | None] | None = None) -> RunOutcome:
     """Runs the train file as its own process group (so a kill reaches compile workers and
     dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line. Where the OS
     can, the process is confined: it writes only its run folder (the folder of $ARUN_RESULT_JSON,
     with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs.
-    limits: when it is killed (arun.core.deadline; a number is one limit from the start)."""
+    limits: when it is killed (arun.core.deadline; a number is one limit from the start).
+    should_stop(line) -> reason: the harness ends the run early (status "stopped", arun.search.early)."""
     out = RunOutcome(seed)
     lines: list[str] = []
     claims: list[str] = []
     timed_out = threading.Event()
+    stopped = threading.Event()
     stop = threading.Event()
     if not isinstance(limits, Limits):
         limits = Limits(first_step=float(limits), total=float(limits))
@@ -202,6 +204,12 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
                     del lines[:200]
                 if on_line:
                     on_line(line)
+                if should_stop and (reason := should_stop(line)):  # early discard (arun.search.early)
+                    why.append(reason)
+                    stopped.set()
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    break
             proc.wait()
         except BaseException:
             # Ctrl-C / SIGTERM / anything else: the child must not outlive us (it would hold the GPU).
@@ -219,6 +227,9 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
     out.claimed = printed_claims(claims)
+    if stopped.is_set():
+        out.status, out.error = "stopped", why[-1]
+        return out
     if timed_out.is_set():
         out.status, out.error = "timeout", why[0] if why else "killed at the hard timeout"
         return out

@@ -21,6 +21,7 @@ from arun.core.ledger import all_records, trust_mark
 from arun.report.board import BoardRow, board
 from arun.report.charts import chart_html, plotly_js
 from arun.report.transfers import TransferRow, transfer_rows
+from arun.report.summary import policy_counts, policy_line
 
 ASSETS = "assets"
 STYLE = """
@@ -167,6 +168,9 @@ def tag_sections(rows: list[BoardRow]) -> tuple[str, int]:
             n += 1
             std = row.noise["std"] if row.noise else None
             parts.append(f'<div class="chart">{chart_html(s.records, title, f"chart-{n}", std)}</div>')
+            policy = policy_counts(s.records)  # stopped-early discards and confirmations (arun summary's line)
+            if policy["stopped_early"] or any(policy["confirmations"].values()):
+                parts.append(f'<p class="note">{e(policy_line(policy))}.</p>')
             marks = sum(1 for r in s.records if trust_mark(r))
             if marks:
                 parts.append(f'<p class="note">{marks} record(s) not believed ({e(row.trust)}): shown, never a best.</p>')

@@ -92,6 +92,7 @@ def summarize(period: list[dict], history: list[dict] | None = None) -> list[dic
             "key_id": kid, "tag": recs[0].get("tag"), "backend": recs[0].get("backend"), "key": key,
             "experiments": len(recs), "counts": {s: counts.get(s, 0) for s in STATUS_ORDER},
             "near_misses": sum(1 for r in recs if r.get("near_miss")),
+            **policy_counts(recs),
             "not_believed": dict(marks),
             "baseline": base["val_bpb"] if base else None,
             "best": best["val_bpb"] if best else None,
@@ -133,6 +134,8 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
         parts = [f"{c[k]} {k}" for k in STATUS_ORDER if c[k]]
         near = f" ({s['near_misses']} near miss{'es' if s['near_misses'] > 1 else ''})" if s["near_misses"] else ""
         lines.append(f"  experiments: {s['experiments']}: " + ", ".join(parts) + near)
+        if s["stopped_early"] or any(s["confirmations"].values()):
+            lines.append("  " + policy_line(s))
         if s["not_believed"]:
             marks = ", ".join(f"{n} {m}" for m, n in sorted(s["not_believed"].items()))
             lines.append(f"  not believed (shown, never a best): {marks}; see arun log and arun audit")
@@ -154,3 +157,26 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
         else:
             lines.append("  no improvements kept in this period")
     return "\n".join(lines)
+
+
+def policy_counts(recs: list[dict]) -> dict:
+    """The loop's policy at work: discards stopped early (and the training time they did not spend) and
+    how results near the best were decided (arun.search.early, arun.search.policy)."""
+    stopped = [r for r in recs if r.get("status") == "discard" and isinstance(r.get("stopped_at"), (int, float))]
+    verdicts = Counter((r.get("confirmation") or {}).get("verdict") for r in recs if isinstance(r.get("confirmation"), dict))
+    return {"stopped_early": len(stopped),
+            "stopped_at_mean": sum(r["stopped_at"] for r in stopped) / len(stopped) if stopped else None,
+            "confirmations": {v: verdicts.get(v, 0) for v in ("clear win", "confirmed", "not confirmed")}}
+
+
+def policy_line(s: dict) -> str:
+    """One line: "stopped early: 4 discards (at 38% of the budget on average); keeps: 1 clear win, ..."."""
+    parts = []
+    if s["stopped_early"]:
+        parts.append(f"stopped early: {s['stopped_early']} discard{'s' if s['stopped_early'] > 1 else ''} "
+                     f"(at {s['stopped_at_mean']:.0f}% of the budget on average)")
+    c = s["confirmations"]
+    if any(c.values()):
+        parts.append(f"near the best: {c['clear win']} kept as a clear win, {c['confirmed']} confirmed over fresh "
+                     f"seeds, {c['not confirmed']} not confirmed")
+    return "; ".join(parts)

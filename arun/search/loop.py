@@ -31,14 +31,16 @@ from arun.core import confine as confinement
 from arun.core import gitops
 from arun.core.context import ExperimentContext, cached_context, open_data
 from arun.core.errors import ArunError
-from arun.core.experiment import check_scope, repo_lock, run_experiment
+from arun.core.experiment import check_scope, repo_lock, run_experiment, train_constants
 from arun.core.ledger import Ledger, new_id, read_records
 from arun.core.process import sigterm_as_interrupt
 from arun.core.ratchet import SCORED, baseline_record, best_record, key_records
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
+from arun.search.early import make_stopper
 from arun.search.noise import load_noise, significance_decider
+from arun.search.policy import ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
 from arun.search.sweep import Sweep
 
@@ -129,16 +131,21 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
               device: str | None = None, seeds: int = 1, confidence: float | None = None,
               near_miss: float | None = None, hard_timeout: float | None = None, show_progress: bool = True,
               allowance: float | None = None, on_proposal: Callable[[str, str], Any] | None = None, log: Callable[[str], None] = print,
-              number: int = 1, noise_std: float | None = None) -> dict:
+              number: int = 1, noise_std: float | None = None, early_stop: bool = True, confirm: bool = True) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
-    append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up."""
+    append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up.
+    early_stop: stop a run clearly behind the best (arun.search.early); confirm: a near win is re-run
+    with fresh seeds before it is kept (arun.search.policy)."""
     repo_dir = Path(repo_dir).resolve()
     info = cached_context(repo_dir, backend, budget, device)
     train_file, kid = info.train_file, info.key_id
     recs = key_records(read_records(repo_dir, info.tag, ledger), kid)
     best = best_record(recs, kid)
     decide_fn = None
-    if confidence:
+    if confirm:
+        decide_fn = ConfirmingDecider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
+                                      **({"near_miss": near_miss} if near_miss is not None else {}))
+    elif confidence:
         decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
                                          **({"near_miss": near_miss} if near_miss is not None else {}))
     run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
@@ -217,7 +224,18 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     log(f"arun loop: proposal: {proposal.description}")
     if on_proposal:
         on_proposal(proposal.description, diff)
-    return run_experiment(repo_dir, backend, proposal.description, proposer=name, **run_kwargs)
+    stopper = stopper_for(repo_dir, backend, budget, device, log, ledger) if early_stop else None
+    return run_experiment(repo_dir, backend, proposal.description, proposer=name, early_stop=stopper, **run_kwargs)
+
+
+def stopper_for(repo_dir: Path | str, backend: str, budget: float | None, device: str | None,
+                log: Callable[[str], None] = print, ledger: Any = None) -> Any:
+    """The early-stop rule for the current train file against the best of its key (None: no stop)."""
+    info = cached_context(Path(repo_dir).resolve(), backend, budget, device)
+    recs = key_records(read_records(Path(repo_dir), info.tag, ledger), info.key_id)
+    text = (Path(repo_dir) / info.train_file).read_text(encoding="utf-8", errors="replace")
+    return make_stopper(best_record(recs, info.key_id), baseline_record(recs, info.key_id), train_constants(text),
+                        load_noise(repo_dir, info.tag, info.key_id), log=log)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -262,7 +280,8 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
              device: str | None = None, hard_timeout: float | None = None,
              agent_timeout: float = DEFAULT_AGENT_TIMEOUT, max_crashes: int = DEFAULT_MAX_CRASHES,
              near_miss: float | None = None, show_progress: bool = True, seed: int = 0,
-             allowance: float | None = None, log: Callable[[str], None] = print) -> LoopResult:
+             allowance: float | None = None, early_stop: bool = True, confirm: bool = True,
+             log: Callable[[str], None] = print) -> LoopResult:
     """Iterates until `iterations` experiments, `hours` of wall clock, `max_crashes` consecutive
     unscored iterations, or Ctrl-C. With neither limit it runs until stopped, like upstream's agent."""
     repo_dir = Path(repo_dir).resolve()
@@ -296,7 +315,8 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                 n += 1
                 rec = iteration(repo_dir, backend, proposer, budget=budget, device=device, seeds=seeds,
                                 confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,
-                                show_progress=show_progress, allowance=allowance, log=log, number=n)
+                                show_progress=show_progress, allowance=allowance, log=log, number=n,
+                                early_stop=early_stop, confirm=confirm)
                 result.records.append(rec)
                 if rec.get("baseline") and rec.get("status") not in SCORED:
                     result.reason = "baseline"  # the train file as it is cannot finish: asking again would spin

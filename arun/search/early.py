@@ -1,0 +1,243 @@
+"""
+Loss trajectories and early discard: stop a run that is clearly behind the best, and move on.
+
+A trajectory is the train loss at fixed fractions of the budget (every 5 % of progress), read
+from the step lines every train file prints (engines.run.StepLog, parsed by
+arun.core.progress.parse_step_line). The value at 35 % is the mean of the losses printed in
+(30 %, 35 %], which averages out batch-to-batch jitter; a bin with no step line in it (a tiny
+budget, slow steps) carries the previous value forward.
+
+Trajectories are claims, like every figure a train process prints: they are used only to STOP a
+run, never to keep one (the evaluator's val_bpb decides every keep). A train file that prints
+a high loss stops itself and loses its own time; one that prints a low loss runs to the end and
+is judged on its number. A best whose trajectory is implausibly low for its own val_bpb (below
+what the baseline's loss-to-val ratio predicts) would stop honest runs, so it is not believed
+(`believable`): no early stop against it.
+
+The rule (`behind`): at or after MIN_PROGRESS, the candidate's loss is above the best's by more
+than the margin at CONSECUTIVE grid points in a row. The margin is the measured train-loss
+spread at that progress (from `arun noise` or the best's own seeds): Z standard deviations of a
+difference of two runs, floored at FLOOR_REL of the best's loss; with nothing measured,
+DEFAULT_REL of the best's loss.
+
+Changes a mid-run look misjudges are never stopped early unless the best has the same value for
+them (`protected_changes`): the learning-rate schedule (warm-up, warm-down, final LR), batch size
+and model size. A longer warm-down or a bigger model is behind mid-run by design and catches up
+at the end (the short-horizon bias of greedy schedule search; and a bigger model takes fewer,
+slower steps).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import dataclass, field
+
+from arun.core.progress import parse_step_line
+
+EVERY = 5.0                      # percent of the budget between trajectory points
+GRID = tuple(EVERY * (i + 1) for i in range(int(100 / EVERY)))   # 5, 10, ..., 100
+MIN_PROGRESS = 20.0              # before this, warm-up and compile dominate the loss curve: never stop
+CONSECUTIVE = 2                  # grid points in a row the candidate must be behind at
+Z = 3.0                          # standard deviations of a two-run difference a stop needs
+FLOOR_REL = 0.005                # the margin is never below 0.5 % of the best's loss (two seeds that agree)
+# No spread measured: 3 % of the best's loss. That is 15x the seed spread of the final val_bpb upstream
+# measured (about 0.2 %), so only a run far behind is stopped; the mid-run train-loss spread itself is not
+# measured here yet (arun noise stores it per key: loss_trajectory_std, which then replaces this default).
+DEFAULT_REL = 0.03
+BELIEVE_REL = 0.05               # a best's final train loss may be this much below what its val_bpb predicts
+
+# The constants whose change a mid-run look misjudges, by kind (matched on the constant's name).
+PROTECTED = {
+    "schedule": re.compile(r"WARMUP_RATIO|WARMDOWN|COOLDOWN|FINAL_LR|LR_SCHEDULE|DECAY_RATIO"),
+    "batch": re.compile(r"BATCH_SIZE|GRAD_ACCUM"),
+    "size": re.compile(r"^(DEPTH|ASPECT_RATIO|HEAD_DIM|N_LAYER|N_HEAD|N_EMBD|MODEL_DIM|WIDTH|N_KV_HEAD)$"),
+}
+NOT_TRAINING = frozenset({"EVAL_BATCH_SIZE"})  # (how the evaluator batches: moves no training)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+def resample(points: list[tuple[float, float]], upto: float | None = None) -> list[float | None]:
+    """Train loss at each GRID point from (progress %, loss) pairs in order: the mean of the losses in
+    (g - EVERY, g], the previous value when that bin is empty; None before the first loss or past
+    `upto` (the progress reached so far: a bin still filling has no value yet)."""
+    reached = upto if upto is not None else (max((p for p, _ in points), default=0.0))
+    out: list[float | None] = []
+    last: float | None = None
+    for g in GRID:
+        if g > reached + 1e-9:
+            out.append(None)
+            continue
+        inside = [loss for p, loss in points if g - EVERY < p <= g + 1e-9]
+        if inside:
+            last = statistics.fmean(inside)
+        out.append(last)
+    return out
+
+
+def kind_of(name: str) -> str:
+    """The kind of change a constant is: schedule, batch, size, lr (other learning rates) or other."""
+    for kind, pattern in PROTECTED.items():
+        if pattern.search(name) and name not in NOT_TRAINING:
+            return kind
+    return "lr" if name.endswith("_LR") or name == "LR" else "other"
+
+
+def change_kinds(candidate: dict, best: dict) -> dict[str, list[str]]:
+    """The constants that differ between two configs, grouped by kind."""
+    out: dict[str, list[str]] = {}
+    for name in sorted(set(candidate) | set(best)):
+        if candidate.get(name) != best.get(name):
+            out.setdefault(kind_of(name), []).append(name)
+    return out
+
+
+def protected_changes(candidate: dict, best: dict) -> list[str]:
+    """The changed constants a mid-run look misjudges (schedule, batch, size): with any, never stop early."""
+    kinds = change_kinds(candidate or {}, best or {})
+    return [n for k in PROTECTED for n in kinds.get(k, [])]
+
+
+def mean_trajectory(trajectories: list[list]) -> list[float | None]:
+    """Point-wise mean over seeds (None where any seed has none)."""
+    if not trajectories:
+        return []
+    out = []
+    for vals in zip(*trajectories):
+        out.append(statistics.fmean(vals) if all(isinstance(v, (int, float)) for v in vals) else None)
+    return out
+
+
+def trajectory_std(trajectories: list[list]) -> list[float | None] | None:
+    """Point-wise standard deviation over seeds (two or more), else None."""
+    usable = [t for t in trajectories if isinstance(t, list) and len(t) == len(GRID)]
+    if len(usable) < 2:
+        return None
+    out = []
+    for vals in zip(*usable):
+        out.append(statistics.stdev(vals) if all(isinstance(v, (int, float)) for v in vals) else None)
+    return out
+
+
+# --------------------------------------------------------------------------- the rule (pure)
+
+def margins(best: list, std: list | None) -> tuple[list[float | None], str]:
+    """How far behind the best a candidate may be at each grid point, and where that came from."""
+    out: list[float | None] = []
+    for i, b in enumerate(best):
+        if not isinstance(b, (int, float)):
+            out.append(None)
+        elif std is not None and isinstance(std[i], (int, float)):
+            out.append(max(Z * math.sqrt(2.0) * std[i], FLOOR_REL * abs(b)))
+        else:
+            out.append(DEFAULT_REL * abs(b))
+    return out, ("measured spread" if std is not None else "default margin")
+
+
+def behind(candidate: list, best: list, margin: list) -> dict | None:
+    """The evidence for stopping, or None: at the candidate's last CONSECUTIVE grid points (all at or
+    after MIN_PROGRESS) its loss exceeds the best's by more than the margin."""
+    done = [i for i, v in enumerate(candidate) if isinstance(v, (int, float))]
+    if len(done) < CONSECUTIVE:
+        return None
+    last = done[-CONSECUTIVE:]
+    if GRID[last[0]] < MIN_PROGRESS:
+        return None
+    for i in last:
+        b, m = best[i] if i < len(best) else None, margin[i] if i < len(margin) else None
+        if not isinstance(b, (int, float)) or not isinstance(m, (int, float)) or not candidate[i] - b > m:
+            return None
+    i = last[-1]
+    return {"progress": GRID[i], "loss": round(candidate[i], 6), "best_loss": round(best[i], 6),
+            "margin": round(margin[i], 6)}
+
+
+def believable(best: dict, baseline: dict | None) -> bool:
+    """Is the best's trajectory plausible for its own val_bpb? Train loss tracks val loss, so its final
+    train loss should be near baseline_final x best_val / baseline_val; a best that printed losses far
+    below that (a lie, or a train file that prints something else) is not compared against."""
+    traj = best.get("loss_trajectory") or []
+    if not traj or not isinstance(traj[-1], (int, float)):
+        return False
+    if baseline is None or baseline is best or baseline.get("id") == best.get("id"):
+        return True
+    base = baseline.get("loss_trajectory") or []
+    bv, v = baseline.get("val_bpb"), best.get("val_bpb")
+    if not base or not isinstance(base[-1], (int, float)) or not all(isinstance(x, (int, float)) and x > 0 for x in (bv, v)):
+        return False
+    return traj[-1] >= base[-1] * v / bv * (1.0 - BELIEVE_REL)
+
+
+# --------------------------------------------------------------------------- watching a run
+
+@dataclass
+class Watch:
+    """Fed every output line of one run; `trajectory()` is its loss trajectory so far."""
+    points: list[tuple[float, float]] = field(default_factory=list)
+    reached: float = 0.0
+
+    def line(self, text: str) -> bool:
+        """True when the line was a step line with a finite loss."""
+        info = parse_step_line(text)
+        if info is None:
+            return False
+        try:
+            loss = float(info.loss)
+        except ValueError:
+            return False
+        if not math.isfinite(loss) or info.progress < self.reached:  # progress never goes back
+            return False
+        self.reached = info.progress
+        self.points.append((info.progress, loss))
+        return True
+
+    def trajectory(self, final: bool = False) -> list[float | None]:
+        """The trajectory; `final`: the run ended, so the last (partly filled) bin counts too."""
+        upto = max(self.reached, 100.0) if final and self.reached >= 100.0 - EVERY else self.reached
+        return resample(self.points, upto)
+
+
+@dataclass
+class Stopper:
+    """Stops a run that is behind `best_traj` by more than `margin` (arun.core.process's should_stop)."""
+    best_traj: list
+    margin: list
+    source: str
+    best_id: str | None = None
+    evidence: dict | None = None
+
+    def check(self, watch: Watch) -> str | None:
+        """The reason to stop now, or None."""
+        ev = behind(watch.trajectory(), self.best_traj, self.margin)
+        if ev is None:
+            return None
+        self.evidence = {**ev, "spread": self.source, "best_id": self.best_id}
+        return (f"stopped early at {ev['progress']:g}% of the budget: train loss {ev['loss']:.4f} vs the best's "
+                f"{ev['best_loss']:.4f} at the same progress, behind by more than {ev['margin']:.4f} ({self.source})")
+
+
+def make_stopper(best: dict | None, baseline: dict | None, candidate_config: dict, noise: dict | None = None,
+                 log=None) -> Stopper | None:
+    """The stopper for a candidate against the best, or None (with the reason logged) when the rule
+    leaves it alone: no best, no believable trajectory, or a change a mid-run look misjudges."""
+    def say(msg: str) -> None:
+        if log:
+            log(f"arun: early stop off for this run: {msg}")
+    if best is None:
+        return None
+    if not believable(best, baseline):
+        say("the best has no believable loss trajectory")
+        return None
+    changed = protected_changes(candidate_config, best.get("config") or {})
+    if changed:
+        say(f"it changes {', '.join(changed)} (schedule, batch or size: a mid-run look misjudges those)")
+        return None
+    std = None
+    if noise and isinstance(noise.get("loss_trajectory_std"), list):
+        std = noise["loss_trajectory_std"]
+    elif best.get("loss_trajectory_seeds"):
+        std = trajectory_std(best["loss_trajectory_seeds"])
+    margin, source = margins(best["loss_trajectory"], std)
+    return Stopper(best["loss_trajectory"], margin, source, best.get("id"))

@@ -1,0 +1,79 @@
+"""
+The loop's default keep rule: a clear win is kept at once, a near win is confirmed with fresh seeds.
+
+Most of what a night of single-seed keeps calls progress is selection on noise: the median keep
+of upstream's H100 night gained less than a seed-only change moved val_bpb. So a result that
+beats the best is tested with the Welch gate (arun.search.stats) against the best's runs and the
+spread `arun noise` measured:
+
+- significantly better already -> kept (clear win);
+- better, but within the noise, or no spread known yet -> run again with fresh seeds until the
+  experiment has `confirm_seeds` runs (run_experiment does this when told "confirm"), then the
+  gate on the mean over all of them: "confirmed over N seeds" (keep) or "not confirmed" (discard,
+  a near miss). The fresh runs measure the candidate's own spread, so no prior `arun noise` is needed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from arun.core.ratchet import NEAR_MISS
+from arun.search.noise import load_noise
+from arun.search.stats import best_sample, significantly_better
+
+CONFIRM_SEEDS = 3          # runs of a near win before it may be kept
+CONFIRM_CONFIDENCE = 0.9   # the gate's confidence unless --confidence says otherwise
+
+
+class ConfirmingDecider:
+    """A run_experiment decide_fn: (status, near_miss, {"confirmation": ...}); status "confirm" asks for
+    fresh seeds first."""
+
+    def __init__(self, confidence: float | None = None, *, confirm_seeds: int = CONFIRM_SEEDS,
+                 repo_dir: Path | str | None = None, noise_std: float | None = None, near_miss: float = NEAR_MISS,
+                 log: Callable[[str], None] | None = print):
+        self.confidence = confidence or CONFIRM_CONFIDENCE
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
+        if confirm_seeds < 2:
+            raise ValueError(f"confirmation needs at least 2 seeds, got {confirm_seeds}")
+        self.confirm_seeds, self.noise_std, self.near_miss, self.log = confirm_seeds, noise_std, near_miss, log
+        self.repo_dir = Path(repo_dir) if repo_dir else Path.cwd()
+
+    def noise(self, best: dict) -> dict | None:
+        if self.noise_std is not None:
+            return {"std": self.noise_std}
+        return load_noise(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
+
+    def __call__(self, vals: list[float], best: dict | None, records: list[dict]) -> tuple[str, bool, dict]:
+        if best is None:
+            return "keep", False, {}
+        mean, n = statistics.fmean(vals), len(vals)
+        final = n >= self.confirm_seeds
+        if mean >= best["val_bpb"]:
+            conf = {"confirmation": {"verdict": "not confirmed", "seeds": n}} if n > 1 else {}
+            return "discard", mean - best["val_bpb"] <= self.near_miss, conf
+        noise = self.noise(best)
+        try:
+            ok, p = significantly_better(vals, best_sample(best, noise), self.confidence,
+                                         noise.get("std") if noise else None)
+        except ValueError:  # one run on each side and no spread measured: only fresh seeds can tell
+            ok, p = False, None
+        said = f"p = {p:.4g}" if p is not None else "no spread known"
+        if ok:
+            verdict = "confirmed" if n > 1 else "clear win"
+        elif not final:
+            self.say(f"{said}: a near win, to be confirmed over {self.confirm_seeds} seeds")
+            return "confirm", False, {}
+        else:
+            verdict = "not confirmed"
+        self.say(f"{said} over {n} run(s) -> {verdict}")
+        status = "keep" if ok else "discard"
+        return status, not ok, {"confirmation": {"verdict": verdict, "seeds": n, "p_value": p,
+                                                 "confidence": self.confidence}}
+
+    def say(self, text: str) -> None:
+        if self.log:
+            self.log(f"arun: significance at {self.confidence:g}: {text}")

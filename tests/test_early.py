@@ -1,0 +1,271 @@
+"""
+Loss trajectories, early discard and confirmation of near wins (arun.search.early, arun.search.policy).
+
+The rules are pure functions tested on hand-made numbers; two real tiny runs (torch on the CPU, 1.5 s
+budget) show the mechanics end to end: a run stopped by a best whose trajectory is far below it ends
+`discard` with `stopped_at`, and a forced near win is re-run with fresh seeds before it is decided.
+Neither depends on how many steps fit: a run prints a step line at its first and its last step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from arun.search import early
+from arun.search.early import (GRID, Stopper, Watch, behind, believable, change_kinds, make_stopper, margins,
+                               protected_changes, resample)
+from arun.search.policy import ConfirmingDecider
+from helpers_repo import ledger_records, make_project
+
+TRAIN = "train_cuda.py"
+BUDGET = 1.5
+
+
+class Budget:
+    """What engines.run.StepLog reads off the timer."""
+
+    def __init__(self, step: int, progress: float):
+        self.step, self.progress, self.remaining = step, progress, 10.0
+
+
+def step_lines(losses_at: list[tuple[float, float]]) -> list[str]:
+    """Real step lines, printed by engines.run.StepLog (the format every train file uses)."""
+    import contextlib
+    import io
+
+    from engines.run import StepLog
+    out = io.StringIO()
+    log = StepLog()
+    with contextlib.redirect_stdout(out):
+        for i, (pct, loss) in enumerate(losses_at):
+            log(Budget(i + 1, pct / 100), loss, 512, 0.01, None, 1, force=True)
+    return out.getvalue().splitlines(keepends=True)
+
+
+# --------------------------------------------------------------------------- trajectories
+
+def test_step_lines_become_a_trajectory_at_every_5_percent() -> None:
+    w = Watch()
+    lines = step_lines([(1, 9.0), (3, 7.0), (12, 5.0), (14, 4.0), (40, 3.0)])
+    lines.insert(2, "some other output | loss 0.0\n")
+    assert [w.line(s) for s in lines] == [True, True, False, True, True, True]
+    assert not w.line(step_lines([(41, float("nan"))])[0])  # a nan loss is no point
+    traj = w.trajectory()
+    assert len(traj) == len(GRID) == 20
+    assert traj[0] == pytest.approx(8.0)          # mean of the losses in (0, 5]
+    assert traj[1] == pytest.approx(8.0)          # (5, 10] is empty: the previous value carries
+    assert traj[2] == pytest.approx(4.5)          # (10, 15]
+    assert traj[3:7] == [pytest.approx(4.5)] * 4  # nothing printed up to 35 %
+    assert traj[7] == pytest.approx(3.0)          # (35, 40]
+    assert traj[8:] == [None] * 12                # not reached yet
+
+
+def test_resample_leaves_unreached_bins_empty_and_progress_never_goes_back() -> None:
+    assert resample([(50.0, 2.0)], upto=50.0)[:10] == [None] * 9 + [2.0]
+    w = Watch()
+    for s in step_lines([(30, 3.0), (20, 0.1), (31, 3.0)]):  # a line claiming to go back is ignored
+        w.line(s)
+    assert w.points == [(30.0, 3.0), (31.0, 3.0)]
+
+
+# --------------------------------------------------------------------------- the early-stop rule
+
+BEST = [4.0 - 0.1 * i for i in range(20)]
+
+
+def test_a_run_behind_by_more_than_the_spread_is_stopped() -> None:
+    margin, source = margins(BEST, [0.01] * 20)
+    assert source == "measured spread" and margin[5] == pytest.approx(max(3 * math.sqrt(2) * 0.01, 0.005 * BEST[5]))
+    cand = [b + 0.5 for b in BEST[:6]] + [None] * 14   # 0.5 behind at 5 .. 30 %
+    ev = behind(cand, BEST, margin)
+    assert ev == {"progress": 30.0, "loss": round(cand[5], 6), "best_loss": round(BEST[5], 6),
+                  "margin": round(margin[5], 6)}
+
+
+def test_a_run_within_the_spread_or_too_early_or_behind_once_is_not_stopped() -> None:
+    margin, _ = margins(BEST, [0.01] * 20)
+    within = [b + 0.9 * margin[i] for i, b in enumerate(BEST)]
+    assert behind(within, BEST, margin) is None
+    early_only = [b + 1.0 for b in BEST[:3]] + [None] * 17      # far behind, but only up to 15 %
+    assert behind(early_only, BEST, margin) is None
+    once = [b + 1.0 if i == 5 else b for i, b in enumerate(BEST[:6])] + [None] * 14   # one point only
+    assert behind(once, BEST, margin) is None
+    ahead = [b - 1.0 for b in BEST]
+    assert behind(ahead, BEST, margin) is None
+
+
+def test_without_a_measured_spread_the_margin_is_the_conservative_default() -> None:
+    margin, source = margins(BEST, None)
+    assert source == "default margin" and margin[9] == pytest.approx(early.DEFAULT_REL * BEST[9])
+    cand = [b * (1 + early.DEFAULT_REL / 2) for b in BEST]      # behind, but by less than 3 %
+    assert behind(cand, BEST, margin) is None
+    assert behind([b * 1.1 for b in BEST], BEST, margin) is not None
+
+
+def best_record(config: dict, traj: list | None = None, **kw) -> dict:
+    return {"id": "b", "val_bpb": 2.0, "config": config, "loss_trajectory": traj or BEST, **kw}
+
+
+@pytest.mark.parametrize("name,value", [("WARMDOWN_RATIO", 0.7), ("WARMUP_RATIO", 0.1), ("FINAL_LR_FRAC", 0.1),
+                                        ("TOTAL_BATCH_SIZE", 2**15), ("DEVICE_BATCH_SIZE", 4), ("DEPTH", 6),
+                                        ("ASPECT_RATIO", 96), ("HEAD_DIM", 64)])
+def test_schedule_batch_and_size_changes_are_never_stopped_early(name: str, value: object) -> None:
+    config = {"DEPTH": 4, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "TOTAL_BATCH_SIZE": 2**16, "DEVICE_BATCH_SIZE": 16,
+              "WARMUP_RATIO": 0.0, "WARMDOWN_RATIO": 0.5, "FINAL_LR_FRAC": 0.0, "MATRIX_LR": 0.04}
+    said: list[str] = []
+    assert protected_changes({**config, name: value}, config) == [name]
+    assert make_stopper(best_record(config), None, {**config, name: value}, log=said.append) is None
+    assert name in said[0] and "misjudges" in said[0]
+    # the same kind of change against a best with the same constants: stopped like any other
+    assert isinstance(make_stopper(best_record(config), None, {**config, "MATRIX_LR": 0.08}), Stopper)
+    assert change_kinds({**config, "MATRIX_LR": 0.08, "EVAL_BATCH_SIZE": 8}, config) == \
+        {"lr": ["MATRIX_LR"], "other": ["EVAL_BATCH_SIZE"]}
+
+
+def test_the_spread_comes_from_arun_noise_else_the_bests_seeds() -> None:
+    config = {"MATRIX_LR": 0.04}
+    noisy = make_stopper(best_record(config), None, config, noise={"std": 0.01, "loss_trajectory_std": [0.2] * 20})
+    assert noisy.source == "measured spread" and noisy.margin[9] == pytest.approx(3 * math.sqrt(2) * 0.2)
+    seeds = [[b + d for b in BEST] for d in (-0.05, 0.0, 0.05)]
+    from_seeds = make_stopper(best_record(config, loss_trajectory_seeds=seeds), None, config)
+    assert from_seeds.source == "measured spread" and from_seeds.margin[9] == pytest.approx(3 * math.sqrt(2) * 0.05)
+    assert make_stopper(best_record(config), None, config).source == "default margin"
+
+
+def test_a_best_whose_trajectory_is_too_low_for_its_val_bpb_is_not_believed() -> None:
+    """Attack: a train file that prints tiny losses and becomes the best would stop every honest run
+    after it. Its trajectory is checked against its own val_bpb (the baseline's loss-to-val ratio)."""
+    baseline = {"id": "a", "val_bpb": 2.2, "loss_trajectory": [b + 0.4 for b in BEST]}
+    honest = best_record({}, [b + 0.2 for b in BEST])                 # ends at 2.3 + 0.2 vs 2.5 * 2.0/2.2
+    liar = best_record({}, [0.01] * 20)
+    assert believable(honest, baseline)
+    assert not believable(liar, baseline)
+    said: list[str] = []
+    assert make_stopper(liar, baseline, {}, log=said.append) is None and "believable" in said[0]
+    assert not believable(best_record({}, [None] * 20), baseline)       # no trajectory: nothing to compare
+
+
+# --------------------------------------------------------------------------- confirmation (pure)
+
+BEST_REC = {"val_bpb": 1.0, "val_bpb_seeds": [1.0], "tag": "t", "key_id": "k"}
+
+
+def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_path: Path) -> None:
+    said: list[str] = []
+    d = ConfirmingDecider(repo_dir=tmp_path, noise_std=0.001, log=said.append)
+    assert d([0.99], BEST_REC, []) == ("keep", False, {"confirmation": {"verdict": "clear win", "seeds": 1,
+                                                                        "p_value": pytest.approx(0.0, abs=1e-9),
+                                                                        "confidence": 0.9}})
+    assert d([0.9995], BEST_REC, []) == ("confirm", False, {})         # 0.5 std better: within the noise
+    assert "to be confirmed over 3 seeds" in said[-1]
+    status, near, fields = d([0.9995, 1.0004, 1.0001], BEST_REC, [])   # the fresh seeds say otherwise
+    assert (status, near, fields["confirmation"]["verdict"]) == ("discard", True, "not confirmed")
+    status, _, fields = d([0.996, 0.9962, 0.9958], BEST_REC, [])
+    assert (status, fields["confirmation"]["verdict"], fields["confirmation"]["seeds"]) == ("keep", "confirmed", 3)
+    assert d([1.01], BEST_REC, [])[0] == "discard"                      # not lower: no confirmation spent
+    assert d([0.5], None, []) == ("keep", False, {})                    # the baseline
+
+
+def test_with_no_spread_known_every_win_is_confirmed_by_fresh_seeds(tmp_path: Path) -> None:
+    d = ConfirmingDecider(repo_dir=tmp_path, log=None)
+    assert d([0.5], BEST_REC, [])[0] == "confirm"
+
+
+def test_the_verdict_line_says_how_a_keep_was_decided() -> None:
+    from arun.core.experiment import verdict_line
+    rec = {"status": "keep", "val_bpb": 0.99, "best_before": 1.0, "tag": "t", "id": "1", "commit": "abcdef1234567"}
+    assert "kept (clear win)" in verdict_line({**rec, "confirmation": {"verdict": "clear win", "seeds": 1}})
+    assert "confirmed over 3 seeds" in verdict_line({**rec, "confirmation": {"verdict": "confirmed", "seeds": 3}})
+    line = verdict_line({**rec, "status": "discard", "near_miss": True,
+                         "confirmation": {"verdict": "not confirmed", "seeds": 3}})
+    assert "DISCARD 0.990000" in line and "not confirmed over 3 seeds" in line
+    stopped = verdict_line({**rec, "status": "discard", "val_bpb": None, "error": "stopped early at 30% of the budget"})
+    assert stopped.startswith("arun: DISCARD (stopped early at 30% of the budget)")
+
+
+def test_the_summary_shows_stopped_early_runs_and_confirmations() -> None:
+    from arun.report.summary import report
+    recs = [{"id": "1", "key_id": "k", "tag": "t", "status": "keep", "baseline": True, "val_bpb": 1.0},
+            {"id": "2", "key_id": "k", "tag": "t", "status": "discard", "val_bpb": None, "stopped_at": 30.0},
+            {"id": "3", "key_id": "k", "tag": "t", "status": "discard", "val_bpb": None, "stopped_at": 50.0},
+            {"id": "4", "key_id": "k", "tag": "t", "status": "keep", "val_bpb": 0.9, "best_before": 1.0,
+             "confirmation": {"verdict": "confirmed", "seeds": 3}},
+            {"id": "5", "key_id": "k", "tag": "t", "status": "discard", "val_bpb": 0.95, "best_before": 0.9,
+             "confirmation": {"verdict": "not confirmed", "seeds": 3}}]
+    text = report(recs)
+    assert "stopped early: 2 discards (at 40% of the budget on average)" in text
+    assert "0 kept as a clear win, 1 confirmed over fresh seeds, 1 not confirmed" in text
+
+
+# --------------------------------------------------------------------------- real runs
+
+@pytest.fixture
+def project(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    pytest.importorskip("torch")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("ARUN_SEED", raising=False)
+    repo = tmp_path / "repo"
+    make_project(repo, TRAIN)
+    return repo
+
+
+@pytest.mark.timeout(300)
+def test_a_real_run_behind_a_far_better_trajectory_is_stopped_and_discarded(project: Path) -> None:
+    from arun.core.experiment import run_experiment
+    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
+    base = run_experiment(project, "cuda", "baseline", **quiet)
+    assert base["status"] == "keep" and len(base["loss_trajectory"]) == 20 and base["loss_trajectory"][-1] > 0
+    (project / TRAIN).write_text((project / TRAIN).read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05"))
+    # A best whose loss is 0.01 everywhere: any real run is behind it by more than the margin.
+    fake = Stopper([0.01] * 20, [0.001] * 20, "test spread", "fake")
+    lines: list[str] = []
+    rec = run_experiment(project, "cuda", "more matrix lr", early_stop=fake, **{**quiet, "log": lines.append})
+    assert rec["status"] == "discard" and rec["val_bpb"] is None
+    assert rec["stopped_at"] >= early.MIN_PROGRESS + early.EVERY and rec["early_stop"]["best_id"] == "fake"
+    assert rec["early_stop"]["spread"] == "test spread" and rec["error"].startswith("stopped early at")
+    assert any(s.startswith("arun: DISCARD (stopped early at") for s in lines)
+    assert "MATRIX_LR = 0.04" in (project / TRAIN).read_text()   # the train file is back at the best
+    assert [r["status"] for r in ledger_records(project)] == ["keep", "discard"]
+    # killed at the step line, before it could finish: no result written (the export takes far longer than the kill)
+    assert not (project / ".arun" / "runs" / rec["id"] / "result0.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_near_win_is_rerun_with_fresh_seeds_before_it_is_decided(project: Path) -> None:
+    from arun.core.experiment import run_experiment
+    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
+    run_experiment(project, "cuda", "baseline", **quiet)
+
+    class Forced(ConfirmingDecider):
+        """The best made to look a hair worse than the first run: a near win with no spread known."""
+        fake: float | None = None
+
+        def __call__(self, vals, best, records):
+            self.fake = self.fake if self.fake is not None else vals[0] + 1e-4
+            return super().__call__(vals, dict(best, val_bpb=self.fake, val_bpb_seeds=[self.fake]), records)
+
+    lines: list[str] = []
+    rec = run_experiment(project, "cuda", "same file, near win", decide_fn=Forced(repo_dir=project, log=lines.append),
+                         **{**quiet, "log": lines.append})
+    assert len(rec["val_bpb_seeds"]) == 3 and rec["seeds"][1:] == [43, 44]   # the first run, then two fresh seeds
+    assert len(rec["loss_trajectory_seeds"]) == 3
+    verdict = rec["confirmation"]["verdict"]
+    assert verdict in ("confirmed", "not confirmed") and rec["confirmation"]["seeds"] == 3
+    assert rec["status"] == ("keep" if verdict == "confirmed" else "discard")
+    assert any("confirming with 2 fresh seed(s) (43, 44)" in s for s in lines)
+    assert any(f"{verdict} over 3 seeds" in s for s in lines if s.startswith(("arun: KEEP", "arun: DISCARD")))
+
+
+def test_the_cli_has_the_switches() -> None:
+    from click.testing import CliRunner
+
+    from arun.cli import cli
+    loop_help = CliRunner().invoke(cli, ["loop", "--help"]).output
+    assert "--no-early-stop" in loop_help and "--no-confirm" in loop_help
+    assert "--early-stop" in CliRunner().invoke(cli, ["run", "--help"]).output
