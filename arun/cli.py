@@ -470,6 +470,11 @@ def doctor_cmd() -> None:
     files, size = artifacts.disk_use(Path.cwd())
     console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {artifacts.store_dir(Path.cwd())} "
                   f"(each key's best and the last {artifacts.KEEP_RECENT} keeps)")
+    kept = artifacts.retention(Path.cwd())  # every local branch's ledgers, whichever is checked out
+    console.print(f"retention: {kept.keeps} keep(s) on all branches; kept: the best of {kept.best} key(s) and the "
+                  f"last {kept.recent} keep(s), {len(kept.wanted)} forward(s), {size} bytes; "
+                  + (f"{kept.missing} wanted forward(s) missing: those keeps are unverified (arun audit fails them)"
+                     if kept.missing else "none missing"), markup=False, highlight=False)
 
 
 @cli.command("swarm")
