@@ -276,7 +276,8 @@ def calibrate_cmd(backend: str, device: str | None, budget: float | None, probe_
         say(f"a run here spends up to about {cal.allowance_hint / 1.5:.0f}s besides training, near the default "
             f"allowance of {default_allowance(opts.budget):g}s: add --allowance {cal.allowance_hint:g} to arun")
     say(f"{TRAIN_FILES[backend]}: " + ", ".join(f"{k} = {v!r}" for k, v in cal.chosen.items())
-        + f"; next: arun --backend {backend} --budget {opts.budget:g} -m \"baseline, calibrated\"")
+        + f"; next: arun --backend {backend}" + (f" --device {cal.device}" if cal.device else "")
+        + f" --budget {opts.budget:g} -m \"baseline, calibrated\"")
 
 
 @cli.command("compare")
