@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 import prepare
-from arun_data import build
+from arun_data import build, not_held_out
 from arun.core import artifacts, confine, gitops
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
@@ -24,7 +24,8 @@ from arun.core.experiment import run_experiment
 from arun.core.timing import default_allowance
 from arun.core.ledger import all_records
 from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
-from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
+from arun.report.compare import (NOT_HELD_OUT_NOTE, compare, compare_tables, find_record, log_rows, log_table,
+                                 show_renderables, tag_records)
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
@@ -308,6 +309,8 @@ def log_cmd(tag: str | None) -> None:
     natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
     out = console if console.is_terminal else Console(highlight=False, width=max(console.width, natural))
     out.print(table)
+    if any(not_held_out(r) for r in records):
+        say(NOT_HELD_OUT_NOTE)
     say("\n".join(heldout_report(records)))
 
 

@@ -46,6 +46,7 @@ from arun.core.scoring import score_artifact
 from arun.core.timing import (audit_timing, charged_seconds, default_allowance, non_training_limit,
                               non_training_seconds, reference_of)
 from arun.core.trainfile import constants
+from arun_data import held_out
 from engines import TRAIN_FILES
 from engines.artifact import SUFFIX
 from engines.fingerprint import fixed_code_sha256, fixed_files
@@ -188,6 +189,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         att = begin(ctx, description, seeds, proposer, confidence, log)
         att.record.update(extra or {})
         att.allowance = default_allowance(ctx.budget, allowance)
+        att.record.update({"held_out": held_out(ctx.key.get("dataset"))})  # False: its val rows are readable
         att.reference = reference_of(baseline_record(att.records, ctx.key_id) if att.best else None)
         launch(att, limits, show_progress)
         score_runs(att, log)
