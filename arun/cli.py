@@ -478,7 +478,7 @@ def doctor_cmd() -> None:
     console.print(f"retention: {kept.keeps} keep(s) on all branches; kept: the best of {kept.best} key(s) and the "
                   f"last {kept.recent} keep(s), {len(kept.wanted)} forward(s), {size} bytes; "
                   + (f"{kept.missing} wanted forward(s) missing: those keeps are unverified (arun audit fails them)"
-                     if kept.missing else "none missing"), markup=False, highlight=False)
+                     if kept.missing else "none missing"), markup=False, highlight=False, soft_wrap=True)
 
 
 @cli.command("swarm")

@@ -55,10 +55,12 @@ def project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cach
         yield p
 
 
-def assert_charged(project: Project, rec: dict) -> None:
+def assert_charged(project: Project, text: str) -> None:
+    before = best_record(project.records(), project.baseline["key_id"])
+    rec = project.run(text)
     assert rec["status"] == "invalid" and "charged" in rec["error"], rec
     assert rec["charged_seconds"] > BUDGET + timing.step_slack({}, BUDGET)
-    assert best_record(project.records(), rec["key_id"])["id"] == project.baseline["id"]
+    assert best_record(project.records(), rec["key_id"])["id"] == before["id"]
     assert (project.repo / "train_mlx.py").read_text() == project.clean
 
 
@@ -81,7 +83,7 @@ def test_an_honest_run_after_the_baseline_is_not_charged(project: Project) -> No
 def test_a_clock_that_runs_slow_is_charged(project: Project) -> None:
     # the budget's clock at a tenth of the speed: ten times the budget trained, the budget claimed
     text = inject(project.clean, "budget = TimeBudget(", "budget.clock = lambda: time.perf_counter() / 10.0")
-    assert_charged(project, project.run(text))
+    assert_charged(project, text)
 
 
 def test_training_through_the_allowance_is_charged(project: Project) -> None:
@@ -93,7 +95,7 @@ while time.perf_counter() < _end:
         x, y, epoch = next(loader)
         _b.append((mx.array(x), mx.array(y)))
     train_step(_b, schedule(0.5, budget.step)).item()'''
-    assert_charged(project, project.run(inject(project.clean, "mx.clear_cache()", extra, before=True)))
+    assert_charged(project, inject(project.clean, "mx.clear_cache()", extra, before=True))
 
 
 def test_a_last_step_longer_than_the_slack_is_not_invalid(project: Project) -> None:
@@ -145,3 +147,25 @@ def test_the_last_step_is_believed_only_up_to_its_cap() -> None:
     assert timing.audit_timing(r, 30.0, 20.0, 60.0) is None
     assert "training took" in timing.audit_timing({**r, "last_step_seconds": 0.5}, 30.0, 20.0, 60.0)
     assert "not a number" in timing.audit_timing({**r, "last_step_seconds": "x"}, 30.0, 20.0, 60.0)
+
+
+# --------------------------------------------------------------------------- records on that project
+
+def test_records_on_pystdlib_say_not_held_out(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from arun.cli import cli
+    assert all(r["held_out"] is False for r in project.records() if r.get("status") == "keep")
+    monkeypatch.chdir(project.repo)
+    log = CliRunner().invoke(cli, ["log"]).output
+    assert f"{project.baseline['val_bpb']:.6f}*" in log and "* not held out" in log
+    assert "(not held out)" in CliRunner().invoke(cli, ["compare"]).output
+    assert "NOT HELD OUT" in CliRunner().invoke(cli, ["summary"]).output
+
+
+def test_a_keep_whose_forward_is_gone_is_not_the_best_a_run_must_beat(project: Project) -> None:
+    keeps = [r for r in project.records() if r.get("status") == "keep" and r["key_id"] == project.baseline["key_id"]]
+    for r in keeps:
+        path_for(project.repo, "mlx", r["artifact_sha256"]).unlink(missing_ok=True)
+    rec = project.run(project.clean)
+    assert rec["status"] == "keep" and rec["baseline"] and rec["best_before"] is None, rec
