@@ -89,3 +89,15 @@ def test_doctor_shows_retention(two_branches: tuple[Path, dict, dict], monkeypat
     line = next(ln for ln in out.output.splitlines() if ln.startswith("retention:"))
     assert "2 keep(s) on all branches" in line and "the best of 2 key(s)" in line
     assert "1 wanted forward(s) missing" in line and "unverified" in line
+
+
+def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_branches: tuple[Path, dict, dict],
+                                                                          tmp_path: Path) -> None:
+    # the swarm's ledger is the main checkout's working copy (not committed): a worker's keep in its
+    # own worktree must not delete the forwards that ledger names
+    repo, _, _ = two_branches
+    main_keep = stored_keep(repo, "kb", 1.7, "b-uncommitted")
+    wt = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", str(wt), "-b", "autoresearch/w1", "main")
+    artifacts.retain(wt, artifacts.every_record(wt), keep_recent=0)
+    assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()

@@ -87,9 +87,16 @@ def local_branches(repo_dir: Path) -> list[str]:
 
 
 def every_record(repo_dir: Path, extra: list[dict] | None = None) -> list[dict]:
-    """The records of every ledger this clone holds: the working copy's and every local branch's
-    (each record once), plus `extra` (a record not yet written anywhere)."""
-    return all_records(repo_dir, local_branches(repo_dir)) + list(extra or [])
+    """The records of every ledger this clone holds: the working copy's, its main worktree's (the swarm's
+    ledger) and every local branch's (each record once), plus `extra` (a record not yet written anywhere)."""
+    records = all_records(repo_dir, local_branches(repo_dir))
+    root = _clone_root(str(Path(repo_dir).resolve()))
+    if root != Path(repo_dir).resolve():
+        records += all_records(root)
+    seen: dict[str, dict] = {}
+    for r in records + list(extra or []):
+        seen.setdefault(str(r.get("id")) if r.get("id") else str(len(seen)), r)
+    return list(seen.values())
 
 
 @dataclass
