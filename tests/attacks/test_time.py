@@ -32,10 +32,11 @@ class Project:
         self.clean = (root / "train_mlx.py").read_text()
         self.baseline: dict = {}
 
-    def run(self, text: str | None = None, backend: str = "mlx", **kw) -> dict:
+    def run(self, text: str | None = None, backend: str = "mlx", budget_delta: float = 0.0, **kw) -> dict:
         if text is not None:
             (self.repo / "train_mlx.py").write_text(text)
-        return run_experiment(self.repo, backend, "time", budget=BUDGET, show_progress=False, log=lambda s: None,
+        return run_experiment(self.repo, backend, "time", budget=BUDGET + budget_delta, show_progress=False,
+                              log=lambda s: None,
                               device="cpu" if backend == "cuda" else None, **kw)
 
     def records(self) -> list[dict]:
@@ -107,15 +108,21 @@ def test_a_last_step_longer_than_the_slack_is_not_invalid(project: Project) -> N
 
 
 def test_both_engines_on_one_branch(project: Project) -> None:
-    # after the mlx keeps, the torch train file joins the same run branch: it runs, and the mlx keep stays
+    # an mlx keep that changed train_mlx.py (the baseline of a key with another budget: kept whatever it
+    # scores), then the torch train file joins the same run branch: it runs, and the mlx keep stays
+    from arun.core.trainfile import rewrite_constants
+    (project.repo / "train_mlx.py").write_text(rewrite_constants(project.clean, {"WARMUP_STEPS": 2}))
+    mlx = project.run(budget_delta=1.0)
+    assert mlx["status"] == "keep" and mlx["baseline"], mlx
     (project.repo / "train_cuda.py").write_text(tiny_train_text("train_cuda.py", {"COMPILE": False}))
-    git(project.repo, "commit", "-qam", "tiny torch train file")
+    git(project.repo, "commit", "-qm", "tiny torch train file", "--", "train_cuda.py")
     mlx_before = (project.repo / "train_mlx.py").read_bytes()
-    mlx_best = best_record(project.records(), project.baseline["key_id"])
+    assert mlx_before != project.clean.encode()
+    mlx_best = best_record(project.records(), mlx["key_id"])
     rec = project.run(backend="cuda")
     assert rec["status"] == "keep" and rec["baseline"], rec
     assert (project.repo / "train_mlx.py").read_bytes() == mlx_before
-    assert best_record(project.records(), project.baseline["key_id"])["id"] == mlx_best["id"]
+    assert best_record(project.records(), mlx["key_id"])["id"] == mlx_best["id"]
     assert path_for(project.repo, "mlx", mlx_best["artifact_sha256"]).is_file()
     # and a torch discard restores only the torch train file
     text = (project.repo / "train_cuda.py").read_text()
