@@ -388,7 +388,9 @@ def score_fields(att: Attempt) -> dict:
                     "non_training_seconds": max(non_training_seconds(o.result, o.wall_seconds) for o in ran)
                     if ran else None,
                     "charged_seconds": sum(charged_seconds(o.result, o.wall_seconds, att.limit)
-                                           for o in ran) if att.results else None}
+                                           for o in ran) if att.results else None,
+                    "last_step_seconds": max((finite(o.result.get("last_step_seconds")) or 0.0 for o in ran),
+                                             default=None)}
     scored = [v for v in att.verdicts if "val_bpb" in v]
     if scored:
         first = scored[0]

@@ -105,6 +105,7 @@ def test_a_last_step_longer_than_the_slack_is_not_invalid(project: Project) -> N
     rec = project.run(inject(project.clean, "budget.start_step()", slow))
     assert rec["status"] in ("keep", "discard"), rec
     assert rec["training_seconds"] > BUDGET + timing.slack(BUDGET)   # the old rule would have refused it
+    assert rec["last_step_seconds"] > 4.0
 
 
 def test_both_engines_on_one_branch(project: Project) -> None:
