@@ -23,7 +23,6 @@ from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
 
 BUDGET = 2.0
-EXTRA = 2 * timing.MARGIN_SECONDS   # off-the-clock training the attacks get: well past the margin
 
 
 class Project:
@@ -81,22 +80,28 @@ def test_an_honest_run_after_the_baseline_is_not_charged(project: Project) -> No
     assert rec["non_training_limit"] == pytest.approx(min(60.0, ref + timing.margin(ref)))
 
 
+def extra(project: Project) -> float:
+    """Off-the-clock training the attacks get: past the margin (which scales with the baseline)."""
+    return timing.margin(project.baseline["non_training_seconds"]) + 10.0
+
+
 def test_a_clock_that_runs_slow_is_charged(project: Project) -> None:
-    # the budget's clock at a tenth of the speed: ten times the budget trained, the budget claimed
-    text = inject(project.clean, "budget = TimeBudget(", "budget.clock = lambda: time.perf_counter() / 10.0")
+    # the budget's clock slowed until the training past the budget exceeds the margin; the budget claimed
+    slow = 1.0 + extra(project) / BUDGET
+    text = inject(project.clean, "budget = TimeBudget(", f"budget.clock = lambda: time.perf_counter() / {slow}")
     assert_charged(project, text)
 
 
 def test_training_through_the_allowance_is_charged(project: Project) -> None:
     # the budget honoured, then more steps off the clock before the export: the claim is the budget
-    extra = f'''_end = time.perf_counter() + {EXTRA}
+    code = f'''_end = time.perf_counter() + {extra(project)}
 while time.perf_counter() < _end:
     _b = []
     for _ in range(grad_accum_steps):
         x, y, epoch = next(loader)
         _b.append((mx.array(x), mx.array(y)))
     train_step(_b, schedule(0.5, budget.step)).item()'''
-    assert_charged(project, inject(project.clean, "mx.clear_cache()", extra, before=True))
+    assert_charged(project, inject(project.clean, "mx.clear_cache()", code, before=True))
 
 
 def test_a_last_step_longer_than_the_slack_is_not_invalid(project: Project) -> None:
@@ -138,7 +143,8 @@ def test_both_engines_on_one_branch(project: Project) -> None:
 def test_the_limit_is_the_baseline_plus_the_margin() -> None:
     assert timing.non_training_limit(60.0, None) == 60.0
     assert timing.non_training_limit(60.0, 8.0) == 18.0                 # 10 s floor
-    assert timing.non_training_limit(300.0, 100.0) == 125.0             # a quarter of a long start-up
+    assert timing.non_training_limit(300.0, 100.0) == 200.0             # twice a long start-up
+    assert timing.non_training_limit(60.0, 25.0) == 50.0
     assert timing.non_training_limit(60.0, 55.0) == 60.0                # never above the allowance
     assert timing.reference_of({"non_training_seconds": float("nan")}) is None
     honest = {"training_seconds": 300.0, "time_budget": 300.0}
