@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 import prepare
-from arun_data import build
+from arun_data import build, not_held_out
 from arun.core import artifacts, confine, gitops
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
@@ -24,7 +24,8 @@ from arun.core.experiment import run_experiment
 from arun.core.timing import default_allowance
 from arun.core.ledger import all_records
 from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
-from arun.report.compare import compare, compare_tables, find_record, log_rows, log_table, show_renderables, tag_records
+from arun.report.compare import (NOT_HELD_OUT_NOTE, compare, compare_tables, find_record, log_rows, log_table,
+                                 show_renderables, tag_records)
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
@@ -279,7 +280,8 @@ def calibrate_cmd(backend: str, device: str | None, budget: float | None, probe_
         say(f"a run here spends up to about {cal.allowance_hint / 1.5:.0f}s besides training, near the default "
             f"allowance of {default_allowance(opts.budget):g}s: add --allowance {cal.allowance_hint:g} to arun")
     say(f"{TRAIN_FILES[backend]}: " + ", ".join(f"{k} = {v!r}" for k, v in cal.chosen.items())
-        + f"; next: arun --backend {backend} --budget {opts.budget:g} -m \"baseline, calibrated\"")
+        + f"; next: arun --backend {backend}" + (f" --device {cal.device}" if cal.device else "")
+        + f" --budget {opts.budget:g} -m \"baseline, calibrated\"")
 
 
 @cli.command("compare")
@@ -310,6 +312,8 @@ def log_cmd(tag: str | None) -> None:
     natural = Measurement.get(console, console.options.update_width(10_000), table).maximum
     out = console if console.is_terminal else Console(highlight=False, width=max(console.width, natural))
     out.print(table)
+    if any(not_held_out(r) for r in records):
+        say(NOT_HELD_OUT_NOTE)
     say("\n".join(heldout_report(records)))
 
 
@@ -473,6 +477,11 @@ def doctor_cmd() -> None:
     files, size = artifacts.disk_use(Path.cwd())
     console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {artifacts.store_dir(Path.cwd())} "
                   f"(each key's best and the last {artifacts.KEEP_RECENT} keeps)")
+    kept = artifacts.retention(Path.cwd())  # every local branch's ledgers, whichever is checked out
+    console.print(f"retention: {kept.keeps} keep(s) on all branches; kept: the best of {kept.best} key(s) and the "
+                  f"last {kept.recent} keep(s), {len(kept.wanted)} forward(s), {size} bytes; "
+                  + (f"{kept.missing} wanted forward(s) missing: those keeps are unverified (arun audit fails them)"
+                     if kept.missing else "none missing"), markup=False, highlight=False, soft_wrap=True)
 
 
 @cli.command("swarm")

@@ -67,6 +67,7 @@ class Source:
     val_docs: Callable[[], Iterator[str]]
     test_docs: Callable[[], Iterator[str]]
     small_hint: str = ""
+    held_out: bool = True   # False: the train process can read the val/test text (arun_data.NOT_HELD_OUT)
 
 
 def _parquet_texts(paths: Iterable[Path], start: int = 0, stop: int | None = None) -> Iterator[str]:
@@ -236,7 +237,7 @@ def pystdlib_source() -> Source:
 
     version = ".".join(map(str, sys.version_info[:3]))
     return Source("pystdlib", f"pystdlib: {len(files)} source files of Python {version} at {root}",
-                  lambda: split("train"), lambda: split("val"), lambda: split("test"))
+                  lambda: split("train"), lambda: split("val"), lambda: split("test"), held_out=False)
 
 
 def get_source(dataset: str, num_shards: int = 10, workers: int = 8, txt_split: str = "auto") -> Source:

@@ -137,6 +137,7 @@ def training_result(engine: Any, model: Any, budget: TimeBudget, t_start: float,
         "time_budget": budget.seconds,
         "warmup_steps": budget.warmup_steps,
         "warmup_seconds": budget.warmup_seconds,
+        "last_step_seconds": budget.last_step_seconds,  # the harness lets the last step finish
         "export_seconds": exported["seconds"],
         "artifact_sha256": exported["sha256"],
         "artifact_bytes": exported["bytes"],

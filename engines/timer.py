@@ -30,6 +30,7 @@ class TimeBudget:
         self.step = 0                 # completed steps
         self.training_seconds = 0.0   # counted time, warm-up excluded
         self.warmup_seconds = 0.0
+        self.last_step_seconds = 0.0  # the last counted step: the one that may run past the budget
         self._t0: float | None = None
 
     def start_step(self) -> None:
@@ -47,6 +48,7 @@ class TimeBudget:
             self.warmup_seconds += dt
         else:
             self.training_seconds += dt
+            self.last_step_seconds = dt
         self.step += 1
         return dt
 

@@ -124,3 +124,31 @@ def test_a_loop_whose_baseline_times_out_stops_with_a_hint(mlx_project: tuple[Pa
     assert "the baseline did not finish" in p.stdout and "arun calibrate --backend mlx" in p.stdout
     recs = [line for f in (repo / "bench").glob("*/ledger.jsonl") for line in f.read_text().splitlines()]
     assert len(recs) == 1                                     # it did not spin on the same baseline
+
+
+# --------------------------------------------------------------------------- warm-up and the next command
+
+def test_calibrate_sizes_warm_up_to_fit_and_names_the_device(data_env: Path, tmp_path: Path) -> None:
+    """Slow steps (3 s each, as a loaded CPU box): the file's 10 warm-up steps would not fit the
+    baseline's allowance, so calibrate lowers WARMUP_STEPS; the next command carries --device cpu."""
+    repo = tmp_path / "repo"
+    make_project(repo, "train_cuda.py", overrides={"DEPTH": 1, "TOTAL_BATCH_SIZE": 1024, "DEVICE_BATCH_SIZE": 16,
+                                                   "COMPILE": False, "WARMUP_STEPS": 10})
+    path = repo / "train_cuda.py"
+    path.write_text(inject(path.read_text(), "budget.start_step()", "time.sleep(3.0)"))
+    env = arun_env(data_env, data_env.parent)
+    p = cli(repo, env, "calibrate", "--backend", "cuda", "--device", "cpu", "--budget", "30", "--probe-seconds", "1",
+            "--max-depth", "1", "--max-rows", "16", "--max-probes", "1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert 1 <= constants(path.read_text())["WARMUP_STEPS"] < 10
+    assert "WARMUP_STEPS=" in p.stdout and "next: arun --backend cuda --device cpu --budget 30" in p.stdout
+
+
+def test_warm_up_is_lowered_only_when_it_does_not_fit() -> None:
+    from arun.search.calibrate import warmup_steps
+    from arun.search.probe import Measure
+    m = Measure({}, step_seconds=2.0, other_seconds=10.0)
+    assert warmup_steps({"WARMUP_STEPS": 10}, m, 60.0) is None      # 1 + (30 - 10) / 2 = 11 fit: left as it is
+    assert warmup_steps({"WARMUP_STEPS": 20}, m, 60.0) == 11
+    assert warmup_steps({"WARMUP_STEPS": 10}, Measure({}, step_seconds=2.0, other_seconds=40.0), 60.0) == 1
+    assert warmup_steps({"WARMUP_STEPS": 3}, m, 60.0) is None

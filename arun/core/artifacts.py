@@ -2,22 +2,43 @@
 Kept forwards, content-addressed under .arun/artifacts/<sha256><suffix>, so any kept record can be
 re-scored later (`arun audit`). A record names its artifact by sha256; the store never holds two
 copies of one forward and never keeps a file whose bytes do not match its name.
+
+One store per clone (its main worktree's .arun/, shared by its git worktrees), and retention reads
+the ledgers of every local branch, not the one checked out: a keep on one branch never deletes the
+forward of another branch's keep. A keep whose forward is gone cannot be re-scored: it is
+unverified, never a best (arun.core.ratchet) and fails `arun audit`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from arun.core.ledger import all_records
 from engines.artifact import SUFFIX
 from prepare import sha256_file
 
 KEEP_RECENT = 20  # besides each key's best, the newest kept forwards stay on disk
 
 
+@functools.lru_cache(maxsize=32)
+def _clone_root(repo_dir: str) -> Path:
+    """The main worktree of the clone repo_dir belongs to (repo_dir itself outside git)."""
+    try:
+        common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=repo_dir,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return Path(repo_dir)
+    return Path(common).parent if Path(common).name == ".git" else Path(repo_dir)
+
+
 def store_dir(repo_dir: Path) -> Path:
-    return Path(repo_dir) / ".arun" / "artifacts"
+    return _clone_root(str(Path(repo_dir).resolve())) / ".arun" / "artifacts"
 
 
 def path_for(repo_dir: Path, backend: str, sha256: str) -> Path:
@@ -29,6 +50,9 @@ def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
     sha = sha256_file(artifact)
     dest = path_for(repo_dir, backend, sha)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    ignore = dest.parent.parent / ".gitignore"  # (the harness's state never shows up in git)
+    if not ignore.exists():
+        ignore.write_text("*\n")
     if dest.exists():
         artifact.unlink(missing_ok=True)
     else:
@@ -38,23 +62,86 @@ def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
     return sha, dest
 
 
-def retain(repo_dir: Path, records: list[dict], keep_recent: int = KEEP_RECENT) -> list[Path]:
-    """Deletes stored forwards no longer needed: kept are each key's best and the newest kept records'
-    forwards. Returns what was deleted."""
-    kept = [r for r in records if r.get("status") == "keep" and r.get("artifact_sha256")]
-    wanted = {r["artifact_sha256"] for r in kept[-keep_recent:]}
+def needs_forward(record: dict) -> bool:
+    """A keep that names its forward (keeps from before artifacts existed name none)."""
+    return record.get("status") == "keep" and bool(record.get("artifact_sha256"))
+
+
+def stored_check(repo_dir: Path) -> Callable[[dict], bool]:
+    """record -> whether its forward can be re-scored here (True for records that need none)."""
+    def stored(record: dict) -> bool:
+        backend = str(record.get("backend"))
+        if not needs_forward(record):
+            return True
+        return backend in SUFFIX and path_for(repo_dir, backend, str(record["artifact_sha256"])).is_file()
+    return stored
+
+
+def local_branches(repo_dir: Path) -> list[str]:
+    try:
+        out = subprocess.run(["git", "for-each-ref", "--format=%(refname:short)", "refs/heads"], cwd=repo_dir,
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    return [b for b in out.split() if b]
+
+
+def every_record(repo_dir: Path, extra: list[dict] | None = None) -> list[dict]:
+    """The records of every ledger this clone holds: the working copy's, its main worktree's (the swarm's
+    ledger) and every local branch's (each record once), plus `extra` (a record not yet written anywhere)."""
+    records = all_records(repo_dir, local_branches(repo_dir))
+    root = _clone_root(str(Path(repo_dir).resolve()))
+    if root != Path(repo_dir).resolve():
+        records += all_records(root)
+    seen: dict[str, dict] = {}
+    for r in records + list(extra or []):
+        seen.setdefault(str(r.get("id")) if r.get("id") else str(len(seen)), r)
+    return list(seen.values())
+
+
+@dataclass
+class Retention:
+    """What the store holds against what retention wants (for `arun doctor`)."""
+    wanted: set[str] = field(default_factory=set)   # sha256 of the forwards to keep
+    best: int = 0                                   # keys whose best is kept
+    recent: int = 0                                 # the newest keeps kept besides
+    keeps: int = 0                                  # keeps naming a forward, all branches
+    missing: int = 0                                # wanted, but not in the store (unverified keeps)
+
+
+def plan(records: list[dict], keep_recent: int = KEEP_RECENT) -> Retention:
+    """Each key's best and the newest `keep_recent` keeps (by time), over all the records given."""
+    kept = sorted((r for r in records if needs_forward(r)), key=lambda r: (str(r.get("time", "")), str(r.get("id"))))
+    out = Retention(keeps=len(kept))
+    recent = {r["artifact_sha256"] for r in kept[-keep_recent:]} if keep_recent > 0 else set()
     best: dict[str, dict] = {}
     for r in kept:
         v = r.get("val_bpb")
         if isinstance(v, (int, float)) and (r.get("key_id") not in best or v < best[r["key_id"]]["val_bpb"]):
             best[r["key_id"]] = r
-    wanted |= {r["artifact_sha256"] for r in best.values()}
+    out.best, out.recent = len(best), len(recent)
+    out.wanted = recent | {r["artifact_sha256"] for r in best.values()}
+    return out
+
+
+def retain(repo_dir: Path, records: list[dict], keep_recent: int = KEEP_RECENT) -> list[Path]:
+    """Deletes stored forwards no longer needed by `records` (pass every_record(): all branches):
+    kept are each key's best and the newest kept records' forwards. Returns what was deleted."""
+    wanted = plan(records, keep_recent).wanted
     removed = []
     for path in store_dir(repo_dir).glob("*"):
         if path.name.split(".")[0] not in wanted and not path.name.startswith("."):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def retention(repo_dir: Path) -> Retention:
+    """The store against every branch's keeps: what is wanted, and how many wanted forwards are gone."""
+    out = plan(every_record(repo_dir))
+    have = {p.name.split(".")[0] for p in store_dir(repo_dir).glob("*") if p.is_file()}
+    out.missing = len(out.wanted - have)
+    return out
 
 
 def disk_use(repo_dir: Path) -> tuple[int, int]:

@@ -4,7 +4,8 @@ the artifact store, with the fixed evaluator process, on the same data. The verd
 bench/<tag>/audit.json (record id -> verdict), which every later read honours: a keep whose
 number could not be reproduced is marked and never a best again.
 
-Verdicts: "ok", "not retained" (retention deleted its forward: nothing to check, not a failure),
+Verdicts: "ok", "failed: unverified" (its forward is no longer stored: a number nobody can check again
+is not believed, and is never a best),
 "skipped: <why>" (it cannot be re-scored here: other data, other hardware, other fixed code),
 "failed: <why>", and the seal's own "forged: ..." / "edited: ...".
 """
@@ -77,8 +78,8 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
     if backend not in artifacts.SUFFIX:
         return None, f"skipped: unknown backend {backend!r}"
     path = artifacts.path_for(repo_dir, backend, sha)
-    if not path.exists():
-        return None, "not retained"
+    if not path.is_file():  # nothing to re-score: the number cannot be checked, so it is not believed
+        return None, "failed: unverified (its stored forward is gone; it can never be re-scored)"
     key = rec.get("key") or {}
     here = data.key()
     if any(key.get(k) != v for k, v in here.items()):

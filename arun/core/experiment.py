@@ -39,13 +39,16 @@ from arun.core.ledger import Ledger, new_id
 from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
                                sigterm_as_interrupt)
 from arun.core.progress import Progress
-from arun.core.ratchet import NEAR_MISS, best_record
+from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
-from arun.core.timing import audit_timing, charged_seconds, default_allowance
+from arun.core.timing import (audit_timing, charged_seconds, default_allowance, non_training_limit,
+                              non_training_seconds, reference_of)
 from arun.core.trainfile import constants
 from arun.search.early import Stopper, Watch, mean_trajectory
+from arun_data import held_out
+from engines import TRAIN_FILES
 from engines.artifact import SUFFIX
 from engines.fingerprint import fixed_code_sha256, fixed_files
 from engines.report import summary_text
@@ -93,7 +96,8 @@ def check_scope(repo_dir: Path, train_file: str) -> None:
         raise ArunError(f"{train_file} is not committed; git add {train_file} && git commit -m 'add {train_file}'") from None
     pin = gitops.run_pin(repo_dir)
     base = pin["base"] if pin else gitops.head_sha(repo_dir)
-    offending = gitops.offending_files(repo_dir, train_file, base if pin else None)
+    offending = [p for p in gitops.offending_files(repo_dir, train_file, base if pin else None)
+                 if p not in other_train_files(train_file)]
     if offending:
         raise ArunError(scope_message(repo_dir, train_file, base, offending))
     if pin and fixed_code_sha256(repo_dir) != pin["fixed_code_sha256"]:
@@ -101,6 +105,12 @@ def check_scope(repo_dir: Path, train_file: str) -> None:
                         f"this run began at {base[:10]}; restore it with: git checkout {base[:10]} -- engines arun_data "
                         f"prepare.py, and remove files git ignores there (a change to fixed code needs a new run: "
                         f"arun start NAME)")
+
+
+def other_train_files(train_file: str) -> set[str]:
+    """The other backends' train files: each engine's keeps are its own key's, so a keep with one backend
+    on a run branch never blocks a run of the other (both engines on one branch is a normal comparison)."""
+    return {f for f in TRAIN_FILES.values() if f != train_file}
 
 
 def scope_message(repo_dir: Path, train_file: str, base: str, offending: list[str]) -> str:
@@ -131,7 +141,8 @@ class Attempt:
     seed_list: list[int | None]
     outcomes: list[RunOutcome] = field(default_factory=list)
     verdicts: list[dict] = field(default_factory=list)   # the evaluator's, one per run that exited ok
-    allowance: float = 0.0       # non-training seconds a run may use (arun.core.timing)
+    allowance: float = 0.0       # non-training seconds a baseline may use (arun.core.timing)
+    reference: float | None = None   # the key's baseline's non-training seconds per run (None: this is it)
     interrupted: str | None = None
     watches: list[Watch] = field(default_factory=list)   # each run's loss trajectory (arun.search.early)
     early: dict | None = None    # why a run was stopped early: the evidence (arun.search.early.Stopper)
@@ -139,6 +150,11 @@ class Attempt:
     def artifact(self, i: int) -> Path:
         """Where run i exports its forward."""
         return self.run_dir / f"forward{i}{SUFFIX[self.ctx.backend]}"
+
+    @property
+    def limit(self) -> float:
+        """Non-training seconds each run may use before the rest is charged as training."""
+        return non_training_limit(self.allowance, self.reference)
 
     @property
     def results(self) -> list[dict]:
@@ -178,6 +194,8 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         att = begin(ctx, description, seeds, proposer, confidence, log)
         att.record.update(extra or {})
         att.allowance = default_allowance(ctx.budget, allowance)
+        att.record.update({"held_out": held_out(ctx.key.get("dataset"))})  # False: its val rows are readable
+        att.reference = reference_of(baseline_record(att.records, ctx.key_id) if att.best else None)
         launch(att, limits, show_progress, early_stop)
         score_runs(att, log)
         status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
@@ -235,7 +253,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
     records = Ledger(ctx.ledger_path).records()
-    best = best_record(records, ctx.key_id)
+    best = best_record(records, ctx.key_id, stored=artifacts.stored_check(repo_dir))  # unverified keeps never are
     head = gitops.head_sha(repo_dir)
     base_commit = best["commit"] if best else head
     if best and not gitops.commit_exists(repo_dir, base_commit):
@@ -371,8 +389,10 @@ def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[
     vals = [float(v["val_bpb"]) for v in att.verdicts]
     val = statistics.fmean(vals)
     att.record.val_bpb_seeds = vals
+    why = ("--allowance, the baseline's" if att.reference is None else
+           f"the baseline's {att.reference:.1f}s and a margin")
     for o in att.outcomes:
-        att.record.error = audit_timing(o.result or {}, o.wall_seconds, att.ctx.budget, att.allowance)
+        att.record.error = audit_timing(o.result or {}, o.wall_seconds, att.ctx.budget, att.limit, why)
         if att.record.error:
             return "invalid", False, val
     if decide_fn is not None:
@@ -415,9 +435,16 @@ def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: Decide
 
 def score_fields(att: Attempt) -> dict:
     """What the evaluator measured, the charged time, and the run's own claims (diagnostics only)."""
+    ran = [o for o in att.outcomes if o.result]
     fields: dict = {"allowance_seconds": att.allowance,
-                    "charged_seconds": sum(charged_seconds(o.result, o.wall_seconds, att.allowance)
-                                           for o in att.outcomes if o.result) if att.results else None}
+                    # per run: what the baseline needed (the reference), what this run may use, what it used
+                    "non_training_reference": att.reference, "non_training_limit": att.limit,
+                    "non_training_seconds": max(non_training_seconds(o.result, o.wall_seconds) for o in ran)
+                    if ran else None,
+                    "charged_seconds": sum(charged_seconds(o.result, o.wall_seconds, att.limit)
+                                           for o in ran) if att.results else None,
+                    "last_step_seconds": max((finite(o.result.get("last_step_seconds")) or 0.0 for o in ran),
+                                             default=None)}
     scored = [v for v in att.verdicts if "val_bpb" in v]
     if scored:
         first = scored[0]
@@ -493,8 +520,8 @@ def write_record(att: Attempt, t_begin: float, record_sink: Callable[[dict], dic
     rec.overhead_seconds = wall - (rec.training_seconds or 0.0)
     line = rec.to_json()
     appended = record_sink(line) if record_sink else Ledger(att.ctx.ledger_path).append(line)
-    if appended.get("status") == "keep":
-        artifacts.retain(att.ctx.repo_dir, all_records(att.ctx.repo_dir) + ([appended] if record_sink else []))
+    if appended.get("status") == "keep":  # (every branch's keeps: retention never depends on the checkout)
+        artifacts.retain(att.ctx.repo_dir, artifacts.every_record(att.ctx.repo_dir, [appended] if record_sink else []))
     return appended
 
 
@@ -503,11 +530,6 @@ def commit_record(ctx: ExperimentContext, rec: dict, log: Callable[[str], None])
     problem = gitops.commit_record(ctx.repo_dir, ctx.ledger_path, rec)
     if problem:
         log(problem)
-
-
-def all_records(repo_dir: Path) -> list[dict]:
-    """Every ledger's records in this repo: the store holds the forwards of every tag."""
-    return [r for path in sorted((Path(repo_dir) / "bench").glob("*/ledger.jsonl")) for r in Ledger(path).records()]
 
 
 def report(att: Attempt, appended: dict, log: Callable[[str], None]) -> None:

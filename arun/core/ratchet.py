@@ -5,6 +5,7 @@ line is shown by the reports but never becomes a best or a baseline."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from arun.core.ledger import trusted
 
@@ -22,10 +23,13 @@ def key_records(records: list[dict], key_id: str) -> list[dict]:
     return [r for r in records if r.get("key_id") == key_id and trusted(r)]
 
 
-def best_record(records: list[dict], key_id: str) -> dict | None:
+def best_record(records: list[dict], key_id: str, stored: Callable[[dict], bool] | None = None) -> dict | None:
     """The kept record with the lowest val_bpb for this key, or None before the baseline.
-    Ties go to the earlier record (a later equal result was not an improvement)."""
-    kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)]
+    Ties go to the earlier record (a later equal result was not an improvement).
+    stored(record): whether its forward is still in the store (arun.core.artifacts.stored_check); a keep
+    that cannot be re-scored is unverified and never a best."""
+    kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)
+            and (stored is None or stored(r))]
     return min(kept, key=lambda r: r["val_bpb"]) if kept else None
 
 

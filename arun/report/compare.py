@@ -20,9 +20,15 @@ from rich.text import Text
 from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, all_records, ledger_path, ledgers_in, trust_mark, trusted
 from arun.core.ratchet import baseline_record, best_record, scored
+from arun_data import held_out, not_held_out
 
 FAILED = ("crash", "timeout", "invalid")
 UNCONFINED = " (unconfined)"  # marks a result whose train process the OS did not confine
+NOT_HELD_OUT_MARK = " (not held out)"  # a dataset whose val/test text the train process can read (arun_data)
+NOT_HELD_OUT_STAR = "*"                # the same, after each such val_bpb in `arun log` (a footnote says it)
+NOT_HELD_OUT_NOTE = (f"{NOT_HELD_OUT_STAR} not held out: the train process can read this dataset's val/test text "
+                     f"(pystdlib is Python's own source), so the number may be rebuilt, not earned; prepare another "
+                     f"dataset for numbers that count")
 
 
 def unconfined(r: dict | None) -> bool:
@@ -119,7 +125,8 @@ def compare_tables(summaries: list[KeySummary]) -> list[Table]:
         groups.setdefault((s.dataset, s.profile), []).append(s)
     tables = []
     for (dataset, profile), rows in groups.items():
-        table = Table(title=f"{dataset} / {profile}", title_style="bold", expand=False)
+        mark = NOT_HELD_OUT_MARK if not held_out(dataset) else ""
+        table = Table(title=f"{dataset} / {profile}{mark}", title_style="bold", expand=False)
         for col, just in [("hardware tag", "left"), ("backend", "left"), ("budget", "right"),
                           ("baseline", "right"), ("best", "right"), ("improvement", "right"),
                           ("run", "right"), ("kept", "right"), ("crashed", "right"), ("unconfined", "right"),
@@ -171,6 +178,7 @@ class LogRow:
     commit: str | None
     mark: str = ""               # why the record is not believed ("" when it is)
     unconfined: bool = False
+    not_held_out: bool = False
 
 
 def log_rows(records: list[dict]) -> list[LogRow]:
@@ -190,7 +198,8 @@ def log_rows(records: list[dict]) -> list[LogRow]:
         short = f"{kid[:6]} {budget:g}s" if isinstance(budget, (int, float)) else kid[:6]
         rows.append(LogRow(counts[kid], str(r.get("id", "?")), str(r.get("tag", "?")), short, str(r.get("status", "?")),
                            val, delta, bool(r.get("baseline")) and r.get("status") == "keep",
-                           str(r.get("description") or ""), r.get("commit"), trust_mark(r), unconfined(r)))
+                           str(r.get("description") or ""), r.get("commit"), trust_mark(r), unconfined(r),
+                           not_held_out(r)))
     return rows
 
 
@@ -211,7 +220,7 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
         if row.mark:
             status.append(f" [{row.mark}]", style="bold red" if row.mark != "foreign" else "yellow")
         cells = [str(row.n), row.id] + ([row.tag] if show_tag else []) + ([row.key] if show_key else []) + [
-            status, _f(row.val_bpb), delta, (row.commit or "")[:7], row.description]
+            status, _f(row.val_bpb) + (NOT_HELD_OUT_STAR if row.not_held_out and row.val_bpb is not None else ""), delta, (row.commit or "")[:7], row.description]
         table.add_row(*cells)
     return table
 

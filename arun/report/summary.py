@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from arun.core.ledger import trust_mark, trusted
 from arun.core.ratchet import baseline_record, best_record, scored
 from arun.report.heldout import held_out, heldout_lines
+from arun_data import held_out as dataset_held_out
 
 STATUS_ORDER = ("keep", "discard", "crash", "timeout", "invalid")
 
@@ -127,7 +128,8 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
         what = ", ".join(str(x) for x in (key.get("dataset"), key.get("profile"),
                                           f"budget {key.get('time_budget'):g}s" if isinstance(key.get("time_budget"), (int, float)) else None)
                          if x)
-        lines.append(f"{title} [{s['tag']}] key {s['key_id']} ({what})")
+        held = "" if dataset_held_out(key.get("dataset")) else "; NOT HELD OUT: the train process can read its val/test text"
+        lines.append(f"{title} [{s['tag']}] key {s['key_id']} ({what}{held})")
         lines.append(f"  {s['start']} -> {s['end']}: {_dur(s['wall_hours'])} on the clock, "
                      f"{_dur(s['experiment_hours'])} in experiments")
         c = s["counts"]

@@ -34,6 +34,7 @@ NEEDED = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 TARGET_STEPS = 100      # aimed for, so a baseline still gets 50 when the machine is twice as busy
 MIN_TOKENS = 1024       # per step: fewer rows make the gradient too noisy to compare changes on
 MEMORY_SHARE = 0.5      # of the device's memory a micro-batch may plan to use
+WARMUP_SHARE = 0.5      # of the baseline's allowance start-up, warm-up and export may plan to use (load varies)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Calibration:
     reasons: list[str] = field(default_factory=list)
     compile_seconds: float = float("nan")
     allowance_hint: float | None = None   # --allowance to suggest, when compilation is near the default
+    device: str | None = None             # the torch device it was sized on: the next command needs it too
 
 
 def width(c: dict, depth: int) -> int | None:
@@ -110,6 +112,18 @@ def micro_rows(rows: int, depth: int, m: Measure, c: dict) -> int:
     return micro
 
 
+def warmup_steps(c: dict, m: Measure, allowance: float) -> int | None:
+    """The file's WARMUP_STEPS lowered (never raised) so that start-up, warm-up and export fit WARMUP_SHARE
+    of the allowance; None when it already fits. The probe ran one warm-up step (it holds the compilation),
+    so each further one costs about a counted step."""
+    want = c.get("WARMUP_STEPS")
+    if not isinstance(want, int) or want <= 1 or not m.step_seconds > 0:
+        return None
+    room = WARMUP_SHARE * allowance - m.other_seconds
+    fits = 1 + max(0, math.floor(room / m.step_seconds))
+    return fits if fits < want else None
+
+
 def sizes(c: dict, depth: int, rows: int, micro: int, seq_len: int) -> dict:
     out = {"DEPTH": depth, "TOTAL_BATCH_SIZE": rows * seq_len, "DEVICE_BATCH_SIZE": micro}
     if "EVAL_BATCH_SIZE" in c:
@@ -137,7 +151,7 @@ def calibrate(repo_dir: Path | str, backend: str, opts: Options, device: str | N
     max_rows = max(1, opts.max_rows or c["TOTAL_BATCH_SIZE"] // seq_len)
     rungs = ladder(c, seq_len, max_depth, max_rows)
     fixed = {"WARMUP_STEPS": 1} if isinstance(c.get("WARMUP_STEPS"), int) and c["WARMUP_STEPS"] > 1 else {}
-    cal = Calibration(chosen={})
+    cal = Calibration(chosen={}, device=ctx.device)
     log(f"arun calibrate: {ctx.train_file} on {ctx.tag}, {opts.budget:g}s budget: aiming at {target:.2f}s a step "
         f"({TARGET_STEPS} steps); probes of {opts.probe_seconds:g}s each")
     with repo_lock(repo_dir):
@@ -181,6 +195,12 @@ def calibrate(repo_dir: Path | str, backend: str, opts: Options, device: str | N
         cal.reasons.insert(0, f"DEPTH={depth}, {rows} rows a step: {m.step_seconds:.2f}s a step measured, about "
                               f"{steps:.0f} steps in {opts.budget:g}s" + (" (the largest size up to the file's own)"
                                                                             if (depth, rows) == rungs[-1] else ""))
+        warmup = warmup_steps(c, m, allowance)
+        if warmup is not None:
+            cal.chosen["WARMUP_STEPS"] = warmup
+            cal.reasons.append(f"WARMUP_STEPS={warmup}: {c['WARMUP_STEPS']} warm-up steps of {m.step_seconds:.2f}s and "
+                               f"{m.other_seconds:.0f}s of start-up and export would not fit {WARMUP_SHARE:.0%} of the "
+                               f"{allowance:g}s a baseline may spend besides training (--allowance)")
         if micro < rows:
             cal.reasons.append(f"DEVICE_BATCH_SIZE={micro}: {m.memory_mb:.0f} MB at {m.config['DEVICE_BATCH_SIZE']} "
                                f"rows; {MEMORY_SHARE:.0%} of {m.memory_gb:g} GB fits {micro}")

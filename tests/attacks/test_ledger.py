@@ -204,7 +204,8 @@ def test_audit_passes_an_honest_ledger_and_fails_a_swapped_artifact(scored_keep,
     log = run_arun(repo, env, "log")
     assert "[audit failed]" in log.stdout
 
-    # Retention deleted it: reported, not a failure.
+    # Its forward is gone: nothing can re-score it, so the audit fails it (unverified), and it is never a best.
     stored.unlink()
     proc = run_arun(repo, env, "audit", timeout=300)
-    assert proc.returncode == 0 and "not retained" in proc.stdout
+    assert proc.returncode == 1 and "unverified" in proc.stdout
+    assert best_record(Ledger(ledger_path(repo, rec["tag"])).records(), rec["key_id"]) is None

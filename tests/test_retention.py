@@ -1,0 +1,103 @@
+"""The store of kept forwards (arun.core.artifacts) against every branch's ledgers: retention never
+depends on the branch checked out, a keep whose forward is gone is unverified and never a best, and
+`arun doctor` shows what is kept. Real git repos and real ledgers; the forwards are stand-in bytes
+(retention reads names, never contents)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers_repo import empty_repo, git
+
+from arun.cli import cli
+from arun.core import artifacts
+from arun.core.ledger import Ledger, ledger_path
+from arun.core.ratchet import best_record
+
+TAG = "cuda-cpu-test"
+_clock = iter(range(10, 60))  # one record a second: "newest" is by time, across branches
+
+
+def stored_keep(repo: Path, key: str, val: float, name: str) -> dict:
+    """A keep of `key` whose stand-in forward is in the store, appended to the checked-out ledger."""
+    data = f"forward {name}".encode()
+    sha = hashlib.sha256(data).hexdigest()
+    path = artifacts.path_for(repo, "cuda", sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return Ledger(ledger_path(repo, TAG)).append({"status": "keep", "val_bpb": val, "key_id": key, "tag": TAG,
+                                                  "backend": "cuda", "artifact_sha256": sha, "description": name,
+                                                  "time": f"2026-01-01T00:00:{next(_clock)}+0000"})
+
+
+def commit_ledger(repo: Path, message: str) -> None:
+    git(repo, "add", "bench")
+    git(repo, "commit", "-qm", message)
+
+
+@pytest.fixture()
+def two_branches(tmp_path: Path) -> tuple[Path, dict, dict]:
+    """Branch a: a keep (the best of key ka); branch b (checked out, from main): keeps of key kb."""
+    repo = empty_repo(tmp_path / "repo")
+    git(repo, "checkout", "-qb", "autoresearch/a")
+    a = stored_keep(repo, "ka", 1.5, "a-best")
+    commit_ledger(repo, "a keep")
+    git(repo, "checkout", "-q", "main")
+    git(repo, "checkout", "-qb", "autoresearch/b")
+    b = stored_keep(repo, "kb", 2.0, "b-1")
+    commit_ledger(repo, "b keep")
+    return repo, a, b
+
+
+def test_retention_keeps_another_branchs_keeps(two_branches: tuple[Path, dict, dict]) -> None:
+    repo, a, b = two_branches
+    # b keeps twice more; only the newest keep is retained besides each key's best
+    later = [stored_keep(repo, "kb", v, f"b-{i}") for i, v in ((2, 1.9), (3, 1.95))]
+    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=1)
+    assert artifacts.path_for(repo, "cuda", a["artifact_sha256"]).is_file()      # branch a's best, not checked out
+    assert artifacts.path_for(repo, "cuda", later[0]["artifact_sha256"]).is_file()  # kb's best
+    assert artifacts.path_for(repo, "cuda", later[1]["artifact_sha256"]).is_file()  # the newest keep
+    assert not artifacts.path_for(repo, "cuda", b["artifact_sha256"]).exists()      # neither: deleted
+
+
+def test_a_keep_whose_forward_is_gone_is_never_a_best(two_branches: tuple[Path, dict, dict]) -> None:
+    repo, _, b = two_branches
+    better = stored_keep(repo, "kb", 1.0, "b-better")
+    artifacts.path_for(repo, "cuda", better["artifact_sha256"]).unlink()
+    records = Ledger(ledger_path(repo, TAG)).records()
+    assert best_record(records, "kb")["id"] == better["id"]   # (the plain rule, which reports use)
+    assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
+
+
+def test_the_store_is_shared_by_a_clones_worktrees(two_branches: tuple[Path, dict, dict], tmp_path: Path) -> None:
+    repo, a, _ = two_branches
+    wt = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", str(wt), "autoresearch/a")
+    assert artifacts.store_dir(wt) == artifacts.store_dir(repo)
+    assert artifacts.stored_check(wt)(a)
+
+
+def test_doctor_shows_retention(two_branches: tuple[Path, dict, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    repo, a, _ = two_branches
+    artifacts.path_for(repo, "cuda", a["artifact_sha256"]).unlink()   # branch a's best is gone
+    monkeypatch.chdir(repo)
+    out = CliRunner().invoke(cli, ["doctor"])
+    assert out.exit_code == 0, out.output
+    line = next(ln for ln in out.output.splitlines() if ln.startswith("retention:"))
+    assert "2 keep(s) on all branches" in line and "the best of 2 key(s)" in line
+    assert "1 wanted forward(s) missing" in line and "unverified" in line
+
+
+def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_branches: tuple[Path, dict, dict],
+                                                                          tmp_path: Path) -> None:
+    # the swarm's ledger is the main checkout's working copy (not committed): a worker's keep in its
+    # own worktree must not delete the forwards that ledger names
+    repo, _, _ = two_branches
+    main_keep = stored_keep(repo, "kb", 1.7, "b-uncommitted")
+    wt = tmp_path / "wt"
+    git(repo, "worktree", "add", "-q", str(wt), "-b", "autoresearch/w1", "main")
+    artifacts.retain(wt, artifacts.every_record(wt), keep_recent=0)
+    assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
