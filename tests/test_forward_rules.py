@@ -172,11 +172,12 @@ def mlx_model(kind: str):
         def __init__(self) -> None:
             super().__init__()
             self.emb, self.head, self.drop = nn.Embedding(32, 16), nn.Linear(16, 32), nn.Dropout(0.5)
-            # a constant made from a strided numpy view (every other column of a table)
-            self.table = mx.array(np.arange(64 * 32, dtype=np.float32).reshape(64, 32)[:, ::2] / 1000)
+            # constants that are strided views: a transposed table, an array of a sliced numpy array
+            self.table = mx.array(np.arange(16 * T, dtype=np.float32).reshape(16, T) / 100).T
+            self.other = mx.array(np.arange(T * 32, dtype=np.float32).reshape(T, 32)[:, ::2] / 100)
 
         def __call__(self, idx):
-            x = self.drop(self.emb(idx)) + self.table[: idx.shape[1]]
+            x = self.drop(self.emb(idx)) + self.table + self.other
             if kind == "random":
                 x = x + mx.random.normal(x.shape)
             out = self.head(x)
