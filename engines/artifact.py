@@ -184,6 +184,11 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
             program = program.run_decompositions({})
         torch.export.save(program, str(path), extra_files={CONTRACT_FILE: json.dumps(contract)})
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says which op or guard
+        if "Constraints violated (batch)" in str(e):
+            raise ArtifactError(f"FAIL: torch.export: the forward's Python depends on the batch size (the artifact "
+                                f"must accept every batch of 1..{max(contract['batch_sizes'])}); change the forward in "
+                                f"the train file to treat the batch as one dimension: no chunk, split, slice or loop "
+                                f"over dim 0 ({FORWARD_RULES})") from e
         raise ArtifactError(f"FAIL: torch.export cannot export this forward ({type(e).__name__}: "
                             f"{_first_line(e)}); change the forward in the train file: no data-dependent "
                             f"Python control flow, no custom kernels, attention through "

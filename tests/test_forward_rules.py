@@ -75,6 +75,8 @@ def torch_model(kind: str):
             elif kind == "inplace":       # in-place ops on intermediates are fine
                 x = x.clone()
                 x.mul_(2.0)
+            elif kind == "batch_split":   # Python that depends on the batch size cannot be one graph
+                return torch.cat([self.head(c) for c in x.chunk(2, 0)], 0)
             elif kind == "tuple":
                 return self.head(x), None
             elif kind == "buffer":        # state carried from call to call
@@ -113,6 +115,14 @@ def test_torch_forwards_beyond_pure_compute_are_refused_by_name(kind: str, named
     message = str(e.value)
     assert named in message and message.startswith("INVALID:") and "train file" in message and "\n" not in message
     assert not (tmp_path / "f.pt2").exists()
+
+
+def test_a_batch_dependent_forward_gets_a_one_line_fail(tmp_path: Path) -> None:
+    from engines.artifact import ArtifactError, export_forward
+    model = torch_model("batch_split")
+    with pytest.raises(ArtifactError) as e:
+        export_forward("cuda", model, model, tmp_path / "f.pt2", seq_len=T)
+    assert str(e.value).startswith("FAIL:") and "batch size" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_pt2check_refuses_file_reading_and_in_place_ops_written_into_an_archive(tmp_path: Path) -> None:
