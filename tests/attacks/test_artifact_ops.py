@@ -9,6 +9,7 @@ it tries the one that is not pure (a random draw). Each ends invalid, nothing ke
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -88,4 +89,6 @@ def test_an_mlx_forward_that_draws_random_numbers_stops_at_the_pre_flight(projec
                                  "def train() -> None:", 1)
     rec = project.run(text)
     project.assert_refused(rec, "RandomBits")
-    assert not rec.get("num_steps"), "the refusal came after training, not at the pre-flight"
+    log = (project.repo / "run.log").read_text()
+    assert "Export check" not in log and not re.search(r"^step \d+", log, re.M), \
+        "the refusal came after training, not at the pre-flight"
