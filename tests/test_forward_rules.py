@@ -174,7 +174,7 @@ def test_sliding_window_layers_export_with_sdpa_when_the_kernel_is_flex(tmp_path
 # =========================================================================== MLX
 
 
-def mlx_model(kind: str):
+def mlx_model(kind: str, seq_len: int = T):
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -183,8 +183,8 @@ def mlx_model(kind: str):
             super().__init__()
             self.emb, self.head, self.drop = nn.Embedding(32, 16), nn.Linear(16, 32), nn.Dropout(0.5)
             # constants that are strided views: a transposed table, an array of a sliced numpy array
-            self.table = mx.array(np.arange(16 * T, dtype=np.float32).reshape(16, T) / 100).T
-            self.other = mx.array(np.arange(T * 32, dtype=np.float32).reshape(T, 32)[:, ::2] / 100)
+            self.table = mx.array(np.arange(16 * seq_len, dtype=np.float32).reshape(16, seq_len) / 100).T
+            self.other = mx.array(np.arange(seq_len * 32, dtype=np.float32).reshape(seq_len, 32)[:, ::2] / 100)
 
         def __call__(self, idx):
             x = self.drop(self.emb(idx)) + self.table + self.other
@@ -274,7 +274,7 @@ def test_check_export_passes_an_honest_model_and_stops_a_bad_one_in_one_line(bac
     built.model.train(True)
     assert check_export(engine, built.model) >= 0
     assert built.model.training
-    bad = mlx_model("random") if backend == "mlx" else torch_model("random")
+    bad = mlx_model("random", SMALL["sequence_len"]) if backend == "mlx" else torch_model("random")
     with pytest.raises(SystemExit) as e:
         check_export(engine, bad)
     assert str(e.value.code).startswith("INVALID:") and "\n" not in str(e.value.code)
