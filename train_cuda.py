@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import prepare
 from engines.cuda import ENGINE
-from engines.run import StepLog, env_seed, fail_fast, finish_run, mfu_percent
+from engines.run import StepLog, check_export, env_seed, fail_fast, finish_run, mfu_percent
 from engines.timer import TimeBudget
 from engines.torch_attention import attention, prepare_attention
 
@@ -518,6 +518,7 @@ def train() -> None:
         print(f"  {key:24s}: {value:,}")
     flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {flops_per_token:e}")
+    export_check_seconds = check_export(ENGINE, model)  # a forward the evaluator would refuse stops here, in seconds
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
     if TOTAL_BATCH_SIZE % tokens_per_fwdbwd:
@@ -563,7 +564,8 @@ def train() -> None:
 
     finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
                flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
-               extra={"grad_accum_steps": grad_accum_steps, "startup_seconds": t_first_step - t_start,
+               extra={"grad_accum_steps": grad_accum_steps, "export_check_seconds": export_check_seconds,
+                      "startup_seconds": t_first_step - t_start,
                       "compile": compiled, "attention": model.attention, "device": str(device)})
 
 

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 import prepare
 from engines.mlx import ENGINE
-from engines.run import StepLog, env_seed, fail_fast, finish_run, mfu_percent
+from engines.run import StepLog, check_export, env_seed, fail_fast, finish_run, mfu_percent
 from engines.timer import TimeBudget
 
 # --- hyperparameters ---
@@ -517,6 +517,7 @@ def train() -> None:
         print(f"  {key:24s}: {value:,}")
     flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {flops_per_token:e}")
+    export_check_seconds = check_export(ENGINE, model)  # a forward the evaluator would refuse stops here, in seconds
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
     if TOTAL_BATCH_SIZE % tokens_per_fwdbwd:
@@ -557,7 +558,8 @@ def train() -> None:
     forward = partial(mx.compile, inputs=model.state)(model.__call__) if COMPILE else model
     finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
                flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
-               extra={"grad_accum_steps": grad_accum_steps, "compute_dtype": str(model.dtype)})
+               extra={"grad_accum_steps": grad_accum_steps, "export_check_seconds": export_check_seconds,
+                      "compute_dtype": str(model.dtype)})
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Steps, each guarded so that a failure shows up in the table without hiding the o
      evaluator process, test rows on a keep, ledger
   4. benchmarks/bench_train.py at the same configuration, once per importable attention kernel
   5. the evaluator alone on the run's artifact, for its host peak RSS
-  6. one table, last; everything also under $OUT (or --out) when set
+  6. the train file's model with FlexAttention forced for its sliding-window layers, exported
+     (as SDPA) and checked like any artifact: what a GPU without FA3 does at every run's end
+  7. one table, last; everything also under $OUT (or --out) when set
 """
 
 from __future__ import annotations
@@ -293,6 +295,44 @@ def bench(check: Check, project: Path, env: dict, cpu: bool, kernel: str) -> dic
     return out
 
 
+EXPORT_FLEX = """
+import sys, tempfile, torch
+from pathlib import Path
+from engines import torch_attention
+from engines.artifact import export_forward, load_forward
+sys.path.insert(0, ".")
+import train_cuda as tf
+device = torch.device(sys.argv[1])
+config = tf.GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
+assert torch_attention.prepare_attention(64, [32], device, kernel="flex") == "flex"
+model = tf.GPT(config).to(device)
+model.init_weights()
+with torch.no_grad():
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn_like(p))
+model.eval()
+idx = torch.randint(0, 512, (2, 64), dtype=torch.int32, device=device)
+with torch.no_grad():
+    eager = model(idx).float()
+path = Path(tempfile.mkdtemp()) / "f.pt2"
+export_forward("cuda", model, model, path, seq_len=64)
+got = load_forward("cuda", path, device.type)(idx).float()
+print((got - eager).abs().max().item())
+"""
+
+
+def export_flex(check: Check, project: Path, env: dict, cpu: bool) -> float:
+    """The sliding-window layers on FlexAttention, exported through engines.artifact in a child."""
+    device = "cpu" if cpu else "cuda"
+    p = sh(check, "export_flex", [sys.executable, "-c", EXPORT_FLEX, device], cwd=project,
+           env={**env, **({"ARUN_DEVICE": "cpu"} if cpu else {})}, timeout=120)
+    diff = float(p.stdout.split()[-1])
+    if not diff <= 0.05:
+        raise RuntimeError(f"the flex model's artifact differs from its eager forward by {diff:g}")
+    check.figures["export_flex_max_diff"] = diff
+    return diff
+
+
 MATMUL = f"""
 import time, torch
 n = {MATMUL_N}
@@ -382,6 +422,7 @@ def table(check: Check, budget: float) -> list[tuple[str, str]]:
     ev = (f.get("evaluator") or {}).get("seconds") or {}
     rows += [("evaluator alone: seconds", ", ".join(f"{k} {v:.1f}" for k, v in ev.items()) or "n/a"),
              ("evaluator alone: host peak RSS", num(f.get("evaluator_rss_mb"), "{:,.0f}", " MB")),
+             ("export with flex attention: max diff", num(f.get("export_flex_max_diff"), "{:.2g}")),
              ("failed steps", ", ".join(check.failed) or "none")]
     return rows
 
@@ -431,6 +472,7 @@ def main() -> None:
             check.step("matmul", matmul_rate, check, project, env)
         for kernel in attention_kernels(args.cpu):
             check.step(f"bench_{kernel}", bench, check, project, env, args.cpu, kernel)
+        check.step("export_flex", export_flex, check, project, env, args.cpu)
         print_table(check, table(check, budget))
     finally:
         shutil.rmtree(work, ignore_errors=True)

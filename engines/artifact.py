@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from engines.opsets import FORWARD_RULES
 from engines.pt2check import CONTRACT_FILE, ArtifactError, check_pt2
 
 FORMAT = "arun-forward/1"
@@ -122,27 +123,69 @@ def export_forward(backend: str, forward: Callable, model: Any, path: Path, *, s
     return {"path": str(path), "sha256": _sha256(data), "bytes": len(data), "seconds": seconds, "contract": contract}
 
 
+def first_output(out: Any) -> Any:
+    """The tuple rule, the same for both engines: a forward may return (logits, ...) and the
+    first element is what is exported; anything else that is not one array is refused."""
+    if isinstance(out, (tuple, list)):
+        if not out:
+            raise ArtifactError("INVALID: the forward returns an empty tuple; return the logits (B, T, V) "
+                                f"({FORWARD_RULES})")
+        out = out[0]
+    if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+        raise ArtifactError(f"INVALID: the forward returns {type(out).__name__}, not an array of logits; "
+                            f"return the logits (B, T, V) or a tuple whose first element they are ({FORWARD_RULES})")
+    return out
+
+
+def _contiguous_arrays(model: Any) -> None:
+    """MLX writes a constant's raw buffer as if it were row-contiguous, so a constant that is a strided
+    view (a transposed weight, an mx.array of a sliced numpy array) would be read back scrambled. Every
+    array the model holds, parameters or plain attributes, is replaced by a contiguous copy first."""
+    import mlx.core as mx
+    held = []
+    for module in model.modules():
+        for name, value in list(module.items()):      # parameters and other arrays, "_"-names included
+            if isinstance(value, mx.array):
+                module[name] = mx.contiguous(value)
+                held.append(module[name])
+        for name, value in list(vars(module).items()):  # arrays kept as plain attributes
+            if isinstance(value, mx.array):
+                setattr(module, name, mx.contiguous(value))
+                held.append(getattr(module, name))
+    mx.eval(held)
+
+
 def _export_mlx(forward: Callable, model: Any, path: Path, contract: dict) -> None:
     import mlx.core as mx
+
+    from engines.mlxcheck import check_mlx_graph
+    training = bool(getattr(model, "training", False))
     if model is not None and hasattr(model, "parameters"):
-        mx.eval(model.parameters())  # constants are stored evaluated; no lazy graph of the init crosses over
+        _contiguous_arrays(model)   # also evaluates: no lazy graph of the init crosses over
+        model.train(False)          # dropout off, as torch's model.eval(): the export is what is scored
 
     def pure(idx):
-        return forward(idx)
+        return first_output(forward(idx))
 
     try:
         with mx.exporter(str(path), pure, metadata=json.dumps(contract)) as trace:
             for b in contract["batch_sizes"]:
                 trace(mx.zeros((b, contract["seq_len"]), dtype=mx.int32))
-    except ValueError as e:
-        raise ArtifactError(f"mx.export_function cannot export this forward ({str(e).splitlines()[0]}); "
-                            f"keep the forward to plain MLX ops (no custom functions, streams or "
-                            f"mx.contiguous)") from e
+    except (ValueError, RuntimeError) as e:
+        raise ArtifactError(f"FAIL: mx.export_function cannot export this forward ({_first_line(e)}); change the "
+                            f"forward in the train file: plain MLX ops only, no mx.custom_function, streams or "
+                            f"mx.contiguous ({FORWARD_RULES})") from e
+    finally:
+        if model is not None and hasattr(model, "train"):
+            model.train(training)
+    check_mlx_graph(mx.import_function(str(path)), contract["batch_sizes"], contract["seq_len"])
 
 
 def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> None:
     import torch
     from torch.export import Dim
+
+    from engines.torch_attention import exporting
 
 
     class Forward(torch.nn.Module):
@@ -152,7 +195,7 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
             object.__setattr__(self, "_fn", forward)  # the callable itself is traced, never stored
 
         def forward(self, idx):
-            return self._fn(idx)
+            return first_output(self._fn(idx))
 
     params = list(model.parameters()) if model is not None else []
     device = params[0].device if params else torch.device("cpu")
@@ -160,14 +203,28 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
     example = torch.zeros((2, contract["seq_len"]), dtype=torch.int32, device=device)
     batch = Dim("batch", min=1, max=max(contract["batch_sizes"]))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exporting():
             program = torch.export.export(Forward(), (example,), dynamic_shapes={"idx": {0: batch}}, strict=False)
+            # functional form: in-place ops on intermediates become pure ones, and a write to a buffer
+            # or to the input becomes a graph output pt2check can see and refuse
+            program = program.run_decompositions({})
+        torch.export.save(program, str(path), extra_files={CONTRACT_FILE: json.dumps(contract)})
     except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says which op or guard
-        raise ArtifactError(f"torch.export cannot export this forward ({type(e).__name__}: "
-                            f"{str(e).strip().splitlines()[0][:200]}); keep it free of data-dependent Python "
-                            f"control flow and use SDPA attention") from e
-    torch.export.save(program, str(path), extra_files={CONTRACT_FILE: json.dumps(contract)})
+        if "Constraints violated (batch)" in str(e):
+            raise ArtifactError(f"FAIL: torch.export: the forward's Python depends on the batch size (the artifact "
+                                f"must accept every batch of 1..{max(contract['batch_sizes'])}); change the forward in "
+                                f"the train file to treat the batch as one dimension: no chunk, split, slice or loop "
+                                f"over dim 0 ({FORWARD_RULES})") from e
+        raise ArtifactError(f"FAIL: torch.export cannot export this forward ({type(e).__name__}: "
+                            f"{_first_line(e)}); change the forward in the train file: no data-dependent "
+                            f"Python control flow, no custom kernels, attention through "
+                            f"engines.torch_attention or SDPA ({FORWARD_RULES})") from e
     check_pt2(path.read_bytes())  # the evaluator refuses what this refuses: say so now, in the train process
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:200]
 
 
 def load_forward(backend: str, path: Path, device: str | None = None, data: bytes | None = None) -> LoadedForward:
@@ -213,6 +270,9 @@ def _load_mlx(data: bytes, device: str | None) -> tuple[Callable, dict]:
         contract = json.loads(metadata or "{}")
     except json.JSONDecodeError as e:
         raise ArtifactError(f"the .mlxfn metadata is not the contract JSON ({e.msg}); re-export with export_forward") from e
+
+    from engines.mlxcheck import check_mlx_graph
+    check_mlx_graph(imported, contract.get("batch_sizes") or (), int(contract.get("seq_len") or 0))
 
     def fn(idx):
         return imported(idx)[0]

@@ -9,7 +9,10 @@ archive passes here only if every one of those paths is closed:
 - weights and constants: raw tensor bytes only (use_pickle false);
 - sample inputs: loadable by torch.load(weights_only=True), so torch never falls back
   to the unrestricted unpickler;
-- graph: every node calls an ATen op (or one of a few structural higher-order ops);
+- graph: every node calls a pure tensor operator from an allow-list (engines.opsets:
+  no operator that reads or writes files, draws random numbers or touches memory it
+  was not given), sym-int arithmetic on sizes, or a few structural higher-order ops;
+  the program writes no buffer and no input (no state carried between calls);
 - shapes: every expression torch would sympify is arithmetic over shape symbols, and
   every guard torch would exec compares an input size with an integer.
 """
@@ -22,6 +25,8 @@ import re
 import zipfile
 from typing import Any
 
+from engines.opsets import FORWARD_RULES, SYM_OPS, TORCH_OPS
+
 CONTRACT_FILE = "arun_contract.json"   # inside a .pt2: extra/arun_contract.json; in .mlxfn: the metadata string
 
 
@@ -33,19 +38,42 @@ _MEMBERS = re.compile(
     r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
     r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+"
     rf"|extra/{re.escape(CONTRACT_FILE)})")
-_ATEN_OP = re.compile(r"torch\.ops\.aten\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+")
+_ATEN_OP = re.compile(r"torch\.ops\.aten\.([A-Za-z0-9_]+)\.[A-Za-z0-9_]+")
 _STRUCTURAL_OPS = {"_operator.getitem", "torch.ops.higher_order.wrap_with_set_grad_enabled",
                    "torch.ops.higher_order.wrap_with_autocast"}
 # sympy.Symbol as torch prints it, e.g. Symbol('s95', positive=True, integer=True)
 _SYMBOL = re.compile(r"Symbol\('[a-z]+\d+'(?:,\s*(?:positive|integer|nonnegative|real|finite)=(?:True|False))*\)")
 _SYMBOL_NAME = re.compile(r"[a-z]+\d+")
+# sympify resolves these names to sympy classes and torch's own shape functions: arithmetic,
+# comparisons and boolean connectives only (slices and flattened heads print as Mul/Add).
 _SYMPY_FUNCTIONS = {"FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt",
-                    "FloorToInt", "CeilDiv", "IntTrueDiv", "FloatTrueDiv", "Max", "Min", "Abs", "Integer"}
+                    "FloorToInt", "CeilDiv", "IntTrueDiv", "FloatTrueDiv", "Max", "Min", "Abs", "Integer",
+                    "Mul", "Add", "Pow", "Rational", "TruncToInt", "Eq", "Ne", "Lt", "Le", "Gt", "Ge",
+                    "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality",
+                    "And", "Or", "Not", "true", "false"}
 _GUARD = re.compile(r"L\['[A-Za-z_]\w*'\]\.size\(\)\[\d+\]\s*(==|<=|>=|<|>|!=)\s*-?\d+")
 
 
 def _refuse(what: str) -> ArtifactError:
     return ArtifactError(f"unsafe or malformed .pt2: {what}; export the forward with engines.artifact.export_forward")
+
+
+def _refuse_op(op: str, why: str = "") -> ArtifactError:
+    return ArtifactError(f"INVALID: the exported forward calls {op}, which is not on the allow-list of pure tensor "
+                         f"operators{why}; change the forward in the train file to avoid it ({FORWARD_RULES})")
+
+
+def check_target(target: Any) -> None:
+    """One graph node's operator: an allowed ATen op, sym-int arithmetic, or a structural wrapper."""
+    if not isinstance(target, str):
+        raise _refuse(f"graph node target {str(target)[:80]!r} is not an operator name")
+    aten = _ATEN_OP.fullmatch(target)
+    if aten:
+        if aten.group(1) not in TORCH_OPS:
+            raise _refuse_op(f"aten.{aten.group(1)}")
+        return
+    if target not in SYM_OPS and target not in _STRUCTURAL_OPS:
+        raise _refuse_op(repr(target[:80]), " (not an ATen op)")
 
 
 def check_expression(expr: str) -> None:
@@ -62,9 +90,7 @@ def _walk(node: Any) -> None:
     """Every graph node (nested graphs included) and every sympified string."""
     if isinstance(node, dict):
         if "target" in node and "inputs" in node:
-            target = node["target"]
-            if not isinstance(target, str) or not (_ATEN_OP.fullmatch(target) or target in _STRUCTURAL_OPS):
-                raise _refuse(f"graph calls {str(target)[:80]!r}, which is not an ATen op")
+            check_target(node["target"])
         for key, value in node.items():
             if key in ("as_custom_obj", "custom_obj_values") and value:
                 raise _refuse("the graph holds a custom (torchbind) object")
@@ -127,5 +153,22 @@ def check_pt2(data: bytes) -> dict:
             raise _refuse(f"guard {str(guard)[:80]!r} is not a size comparison")
     for key in (program.get("range_constraints") or {}):
         check_expression(str(key))
+    _check_signature(program)
     _walk(program)
     return contract
+
+
+def _check_signature(program: dict) -> None:
+    """Inputs are the tokens, weights and constants; the only output is the logits. A buffer or input
+    the program writes would carry state from one call to the next (or into the evaluator's rows)."""
+    signature = (program.get("graph_module") or {}).get("signature") or {}
+    for spec in signature.get("input_specs") or []:
+        kind = next(iter(spec), "?") if isinstance(spec, dict) else "?"
+        if kind not in ("user_input", "parameter", "buffer", "tensor_constant"):
+            raise _refuse_op(f"an input of kind {kind!r}", " (side effects need effect tokens or custom objects)")
+    for spec in signature.get("output_specs") or []:
+        kind = next(iter(spec), "?") if isinstance(spec, dict) else "?"
+        if kind != "user_output":
+            raise ArtifactError(f"INVALID: the exported forward writes state ({kind}: a buffer, parameter or input "
+                                f"updated in place); change the forward in the train file so it only returns "
+                                f"logits ({FORWARD_RULES})")

@@ -1,8 +1,10 @@
 """
-The fixed end of every training run. Train files call finish_run() once, after
-training, and nothing else: it exports the trained forward (engines.artifact) for the
-harness's evaluator process, writes the training diagnostics and prints a training
-summary. The number of record never comes from this process.
+The fixed ends of every training run. Train files call check_export() once, right
+after building the model (a forward the evaluator would refuse fails in seconds, not
+after the whole budget), and finish_run() once, after training: it exports the trained
+forward (engines.artifact) for the harness's evaluator process, writes the training
+diagnostics and prints a training summary. The number of record never comes from this
+process.
 Also the small helpers a train loop shares: the seed, the step log, fail-fast.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 import prepare
-from engines.artifact import SUFFIX, export_forward
+from engines.artifact import SUFFIX, ArtifactError, export_forward
 from engines.report import atomic_write_json, summary_text
 from engines.timer import TimeBudget
 from engines.weights import count_params, model_config, save_checkpoint
@@ -68,6 +70,42 @@ def hyperparameters(constants: dict) -> dict:
             if k.isupper() and not k.startswith("_") and isinstance(v, (int, float, str, bool, tuple))}
 
 
+def check_export(engine: Any, model: Any, forward: Callable[[Any], Any] | None = None) -> float:
+    """
+    The pre-flight: exports the untrained forward exactly as finish_run will (same exporter, same
+    checks), beside the run's artifact, and deletes it. A forward that cannot be exported or uses
+    an operator the evaluator refuses stops the run here with one line saying what to change.
+    Call it after building the model and before the time budget starts (it is start-up time).
+    Returns its seconds; the model's training mode is left as it was.
+    """
+    t0 = time.perf_counter()
+    data = prepare.PreparedData.open()
+    seq_len = int(data.manifest["max_seq_len"])
+    target = os.environ.get("ARUN_ARTIFACT")
+    folder = Path(target).parent if target else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    training = bool(getattr(model, "training", False))
+    with tempfile.TemporaryDirectory(prefix="arun-preflight-", dir=folder) as tmp:
+        path = Path(tmp) / f"preflight{SUFFIX[engine.name]}"
+        try:
+            export_or_exit(engine.name, exportable(engine.name, model, forward or model), model, path, seq_len)
+        finally:
+            model.train(training)
+    seconds = time.perf_counter() - t0
+    print(f"Export check: the untrained forward exports and passes the evaluator's checks ({seconds:.1f}s)", flush=True)
+    return seconds
+
+
+def export_or_exit(backend: str, forward: Callable[[Any], Any], model: Any, path: Path, seq_len: int) -> dict:
+    """export_forward, with a refusal turned into the one-line INVALID:/FAIL: exit the harness records."""
+    try:
+        return export_forward(backend, forward, model, path, seq_len=seq_len)
+    except ArtifactError as e:
+        message = str(e)
+        raise SystemExit(message if message.startswith(("INVALID:", "FAIL:")) else f"FAIL: {message}") from e
+
+
 def exportable(backend: str, model: Any, forward: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """The function to export: torch.compile's wrapper is unwrapped (torch.export traces the module
     itself), and a torch model is put in eval mode first, as any evaluation would."""
@@ -95,7 +133,7 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
     by_hand = not os.environ.get("ARUN_ARTIFACT")
     with tempfile.TemporaryDirectory(prefix="arun-forward-") as tmp:
         path = Path(os.environ.get("ARUN_ARTIFACT") or Path(tmp) / f"forward{SUFFIX[engine.name]}")
-        exported = export_forward(engine.name, exportable(engine.name, model, forward), model, path, seq_len=seq_len)
+        exported = export_or_exit(engine.name, exportable(engine.name, model, forward), model, path, seq_len)
         result = training_result(engine, model, budget, t_start, tokens_per_step, flops_per_token, seed, constants,
                                  data, exported)
         result["eval_batch_size"] = eval_batch_size

@@ -5,7 +5,11 @@ plumbing, not research: a train file calls attention(q, k, v, window) and gets
 - FA3 on CUDA when `flash_attn_interface` is already installed (nothing is downloaded),
 - else FlexAttention with block masks that skip tiles wholly outside a window, and
   SDPA(is_causal) wherever the window covers the whole context,
-- on the CPU, SDPA with explicit boolean masks.
+- on the CPU, SDPA with explicit boolean masks,
+- and while the forward is exported (engines.artifact, inside exporting()), SDPA on every
+  device: FA3 is a custom op and FlexAttention a higher-order op with Python mask code,
+  neither of which the evaluator's allow-list of pure ATen operators accepts (and flex
+  fails in torch.export.save). The artifact computes the same windows with dense masks.
 
 Window semantics as FA3's window_size=(window, 0): query i sees keys i - window .. i.
 Masks are built by prepare_attention(), once per window, never inside a compiled graph.
@@ -13,11 +17,25 @@ Masks are built by prepare_attention(), once per window, never inside a compiled
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
 FLEX_BLOCK_SIZE = 128    # FlexAttention tile
 KERNELS = ("fa3", "flex", "sdpa")
+_EXPORTING = [False]
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """While active, attention() runs SDPA with dense masks whatever the kernel (what the artifact holds)."""
+    before, _EXPORTING[0] = _EXPORTING[0], True
+    try:
+        yield
+    finally:
+        _EXPORTING[0] = before
 
 
 def window_mask_mod(window: int):
@@ -73,6 +91,7 @@ class Attention:
             # flex_attention is only fused when compiled; the model's compile inlines this one
             self._flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
         self.masks: dict[tuple[int, int], object] = {}
+        self.dense: dict[tuple[int, int], torch.Tensor] = {}   # SDPA masks for export
 
     def mask(self, T: int, window: int):
         key = (T, window)
@@ -86,6 +105,8 @@ class Attention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
         T = q.shape[1]
+        if _EXPORTING[0] and self.kernel != "sdpa":
+            return self._sdpa_for_export(q, k, v, window)
         if self.kernel == "fa3":
             out = self.fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
             return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
@@ -97,6 +118,15 @@ class Attention:
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(T, window))
         return y.transpose(1, 2)
+
+    def _sdpa_for_export(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        T = q.shape[1]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if window >= T - 1:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+        if (T, window) not in self.dense:
+            self.dense[(T, window)] = dense_window_mask(T, window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense[(T, window)]).transpose(1, 2)
 
 
 _BY_DEVICE: dict[tuple[str, int], Attention] = {}

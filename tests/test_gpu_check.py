@@ -21,7 +21,7 @@ ROWS = ["gpu", "hardware tag", "harness holds a CUDA context", "prepare seconds"
         "bench sdpa: peak memory", "matmul bf16 measured", "run: status", "run: val_bpb (evaluator)", "run: test_bpb",
         "run: steps / tokens", "run: tokens/s, MFU", "run: peak memory", "run: startup + compile s",
         "run: score s (evaluator)", "run: test s (evaluator)", "run: overhead split s", "evaluator alone: seconds",
-        "evaluator alone: host peak RSS", "failed steps"]
+        "evaluator alone: host peak RSS", "export with flex attention: max diff", "failed steps"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -51,6 +51,7 @@ def test_gpu_check_cpu_end_to_end(tmp_path: Path) -> None:
     assert rec["val_bpb"] == pytest.approx(figures["evaluator"]["val_bpb"])  # the rerun scores the kept bytes alike
     assert rec["device"] == "cpu" and rec["confined"] is not None
     assert figures["bench"]["sdpa"]["tokens_per_second"] > 0
+    assert figures["export_flex_max_diff"] < 1e-3   # the sliding-window layers on flex export (as SDPA) and agree
     for name in ("gpu_check.log", "arun.stdout.txt", "record.json", "prepare.stdout.txt"):
         assert (out / name).exists(), name
     assert not list(tmp_path.glob("gpu-check-*")), "the scratch folder was left behind"
