@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import site
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +130,21 @@ def installed_code() -> list[Path]:
     code = [Path(sandbox.__file__).resolve().parent, Path(prepare.__file__).resolve(), Path(__file__).resolve().parents[1]]
     spec = importlib.util.find_spec("arun_data")
     return code + ([Path(spec.origin).resolve().parent] if spec and spec.origin else [])
+
+
+def isolated_module(module: str, args: list[str], first: Path | None = None) -> list[str]:
+    """`python -m module args` that runs nothing a train process could have written, even where the
+    OS cannot confine: -I (no PYTHON* variables, no user site, neither the working folder nor a
+    script's folder on sys.path) and -S (site is not run: no .pth file and no sitecustomize from any
+    site-packages). sys.path is then built explicitly: `first` (a private copy of the fixed files),
+    the installed harness code, and the installation's site-packages as plain folders."""
+    code_root = Path(sandbox.__file__).resolve().parents[1]
+    roots = ([str(first)] if first is not None else []) + [str(code_root)]
+    # Ours, not the child's: without site a venv's python does not know its own site-packages.
+    packages = [p for p in site.getsitepackages() if p not in roots]
+    boot = ("import runpy, sys; sys.path[:0] = %r; sys.path += %r; "
+            "runpy.run_module(%r, run_name='__main__', alter_sys=True)") % (roots, packages, module)
+    return [sys.executable, "-I", "-S", "-c", boot, *args]
 
 
 def scorer_policy(data_dir: Path, artifact: Path, out_dir: Path, temp: Path) -> sandbox.Policy:

@@ -26,6 +26,9 @@ def best_record(records: list[dict], key_id: str) -> dict | None:
     """The kept record with the lowest val_bpb for this key, or None before the baseline.
     Ties go to the earlier record (a later equal result was not an improvement)."""
     kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)]
+    # An unconfined run (no OS confinement: it could have read the val rows) is never the best
+    # against confined ones: once the key has a confined keep, only confined keeps compete.
+    kept = [r for r in kept if r.get("confined") is True] or kept
     return min(kept, key=lambda r: r["val_bpb"]) if kept else None
 
 

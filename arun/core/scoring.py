@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,18 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
     test_below: also score the test rows in the same process when val_bpb is below it.
     fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
     evaluator runs, copied into its private folder; else the installed arun's."""
-    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
-    cmd = [sys.executable, *safe_path, "-m", "engines.score", "--backend", backend, "--artifact", str(artifact),
-           "--data-dir", str(data_dir), "--out", str(out), "--split", split]
+    args = ["--backend", backend, "--artifact", str(artifact),
+            "--data-dir", str(data_dir), "--out", str(out), "--split", split]
     if device:
-        cmd += ["--device", device]
+        args += ["--device", device]
     if expect_fixed_sha:
-        cmd += ["--expect-fixed-sha", expect_fixed_sha]
+        args += ["--expect-fixed-sha", expect_fixed_sha]
     if test_below is not None:
-        cmd += ["--test-below", repr(float(test_below))]
+        args += ["--test-below", repr(float(test_below))]
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     # The working directory is a fresh empty folder: nothing the agent left in the repo can shadow
-    # a module the evaluator imports (-P keeps the script's folder off sys.path as well).
+    # a module the evaluator imports (and -I keeps the working folder off sys.path as well).
     # Confined where the OS can: it reads the data, the artifact and fixed code, writes only `out`'s
     # folder and its temp folder (so nothing in the artifact can reach the ledger or the repo).
     with tempfile.TemporaryDirectory(prefix="arun-score-") as cwd:
@@ -55,7 +53,8 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path, *, d
             for rel in fixed_files(Path(fixed_from)):
                 (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(fixed_from) / rel, Path(cwd) / rel)
-            env["PYTHONPATH"] = cwd
+        # Isolated (-I -S): no PYTHON* variable, user site, .pth or sitecustomize, confined or not.
+        cmd = confine.isolated_module("engines.score", args, first=Path(cwd) if fixed_from is not None else None)
         policy = confine.scorer_policy(data_dir, artifact, out.parent, Path(cwd) / "tmp")
         policy.read.append(Path(cwd))
         run = confine.wrap(policy, cmd, env)

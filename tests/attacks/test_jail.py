@@ -261,3 +261,38 @@ def test_the_agent_cannot_write_the_harness_git_config(project: Path, tmp_path: 
     finally:
         (project / TRAIN).write_bytes(before)
     assert not (home / ".config" / "git" / "config").exists()
+
+
+# --------------------------------------------------------------------------- where the machine cannot confine
+
+def test_the_evaluator_runs_no_planted_pth_even_unconfined(data_env: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unconfined train file can write site-packages: a .pth there runs in every Python that
+    processes site, and would fake the evaluator's verdict. The evaluator (-I -S) never reads it."""
+    import sysconfig
+
+    from arun.core import confine
+    from arun.core.scoring import score_artifact
+    monkeypatch.setattr(confine, "state", lambda: (False, "test: no confinement"))
+    monkeypatch.delenv("ARUN_REQUIRE_CONFINEMENT", raising=False)
+    marker = tmp_path / "pth-ran"
+    pth = Path(sysconfig.get_paths()["purelib"]) / f"zz_jail_{os.getpid()}.pth"
+    pth.write_text(f"import os; open({str(marker)!r}, 'a').write('ran')\n")
+    try:
+        bogus = tmp_path / "forward.pt2"
+        bogus.write_bytes(b"not an artifact")
+        (tmp_path / "out").mkdir()
+        verdict = score_artifact("cuda", bogus, data_env, tmp_path / "out" / "v.json", device="cpu", timeout=120)
+    finally:
+        pth.unlink()
+    assert verdict["confined"] is False and "error" in verdict
+    assert "not a .pt2 archive" in verdict["error"], verdict["error"]  # engines.score ran and judged the file
+    assert not marker.exists()
+
+
+def test_an_unconfined_keep_is_never_the_best_against_confined_ones() -> None:
+    from arun.core.ratchet import best_record
+    confined = {"id": "a", "key_id": "k", "status": "keep", "val_bpb": 1.0, "confined": True, "baseline": True}
+    loose = {"id": "b", "key_id": "k", "status": "keep", "val_bpb": 0.5, "confined": False}
+    assert best_record([confined, loose], "k")["id"] == "a"
+    assert best_record([loose], "k")["id"] == "b"  # a key with no confined keep still has a best
