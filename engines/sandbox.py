@@ -389,8 +389,12 @@ def confined_command(policy: Policy, cmd: list[str]) -> list[str]:
         _make_writable_folders(policy)
         env = [f"{k}={v}" for k, v in sandbox_env(policy).items()]
         return ["sandbox-exec", "-p", seatbelt_profile(policy), "/usr/bin/env", *env, *cmd]
-    args = [sys.executable, "-I", os.path.abspath(__file__)]
-    args += [a for p in policy.read for a in ("--read", str(p))]
+    # -I -S: the launcher (which stays as the jail's unconfined supervisor) runs no .pth and no
+    # sitecustomize from any site-packages; without site it cannot find a venv's own locations,
+    # so ours are passed in as reads.
+    args = [sys.executable, "-I", "-S", os.path.abspath(__file__)]
+    reads = policy.read + (python_paths() if policy.system else [])
+    args += [a for p in reads for a in ("--read", str(p))]
     args += [a for p in policy.write for a in ("--write", str(p))]
     args += [a for p in policy.listable for a in ("--list", str(p))]
     args += [a for p in policy.hide for a in ("--hide", str(p))]
@@ -405,7 +409,7 @@ def jailed_command(cmd: list[str]) -> list[str]:
     but still nothing it starts outlives it. As it is where there is no jail (macOS)."""
     if not _jail().supported():
         return list(cmd)
-    return [sys.executable, "-I", os.path.abspath(__file__), "--jail-only", "--", *cmd]
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--jail-only", "--", *cmd]
 
 
 def _jail():  # noqa: ANN202 (a module)
