@@ -20,7 +20,21 @@ of hierarchies: Python's import system must list the repo folder (to find prepar
 and engines/), and a listing grant covers every folder beneath, so names under
 bench/, .arun/ and .git can be listed though never read; and files created after
 launch in a read-only place stay unreadable. On ABI >= 6 the process also may not
-signal processes outside its sandbox (the harness). The network is not restricted.
+signal processes outside its sandbox (the harness, its jail) nor reach abstract unix sockets made
+outside it; on ABI >= 4 a policy without `network` (the train process, the evaluator) may not bind
+or connect any TCP socket (no rule = denied). The launcher does not exec the command itself: it stays
+as the jail's supervisor (engines/jail.py), so nothing the command starts outlives it, and it runs
+`-I -S` (no .pth or sitecustomize). The environment a process without network gets is ENV_ALLOWED.
+
+Why our own ~150 lines of ctypes (Landlock) and prctl (the jail) rather than bubblewrap or nsjail:
+those build on mount and PID namespaces, which need unprivileged user namespaces (off by default on
+Debian/Ubuntu with AppArmor's restriction, on hardened kernels, in many containers) or a setuid
+binary, and they are one more program to install and keep current; a machine without them would
+fall back to no confinement at all. Landlock needs no privilege and no binary, and together with a
+child subreaper it gives the same guarantees here: file allow-list, no TCP, no signals or abstract
+sockets out, nothing outliving the run. What it cannot give (a private /dev/shm, hiding /proc) we
+avoid needing: /dev/shm is not granted, /proc of other processes is closed by non-dumpability and,
+under root, by dropping every capability.
 We call the three Landlock syscalls through ctypes (about 60 lines below) rather than
 the PyPI `landlock` package: that package is an alpha pre-release (1.0.0.devN, which
 pip does not pick without --pre), it grants the same rights to files and folders (the
@@ -38,7 +52,7 @@ CPU backend writes its JIT kernels (<tmp>/mlx/<version>/cpu) and where gcc write
 scratch files; torch inductor, Triton and the CUDA JIT caches are pointed into it by
 FRAMEWORK_ENV. Python's own packages are read-only (a .pth dropped into site-packages
 would run inside the evaluator; .pyc files are then simply not written). /dev is open
-for device ioctls (GPU drivers) and /dev/shm for shared-memory tensors and semaphores.
+for device ioctls (GPU drivers), except /dev/shm and /dev/mqueue (storage shared by every run).
 Add locations with ARUN_SANDBOX_EXTRA_READ and ARUN_SANDBOX_EXTRA_WRITE (colon-separated
 paths), read by the launcher when it applies the policy.
 """

@@ -26,6 +26,7 @@ KEEP_AUTHOR = git.Actor("arun", "arun@localhost")
 # runs a program on its own: hooks (the repo's .git/hooks included: never run), the fsmonitor, a
 # pager, credential helpers and terminal prompts. The identity is passed explicitly (commit_identity).
 SEALED_CONFIG = {"core.hooksPath": os.devnull, "core.fsmonitor": "false", "core.pager": "cat",
+                 "core.attributesFile": os.devnull,  # (~/.config/git/attributes could name a filter)
                  "credential.helper": "", "core.askPass": "", "protocol.ext.allow": "never"}
 
 

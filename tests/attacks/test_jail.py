@@ -125,8 +125,15 @@ def test_weights_left_in_shared_places_never_reach_the_next_run(project: Path) -
     assert len(wrote) == 1 and wrote[0].startswith(str(project / rec["run_dir"])), log  # its private TMPDIR only
     assert log.count("denied ") == len(SHARED)
     unchanged(project, before)
+    # what an unconfined run or another program left in /dev/shm is out of reach as well
+    planted = Path(f"/dev/shm/arun-weights-{tag}.bin")
+    if planted.parent.is_dir():
+        planted.write_bytes(b"weights")
     (project / TRAIN).write_text(attack_file(PICK.format(shared=SHARED + [str(Path(wrote[0]).parent)], tag=tag)))
-    rec2 = run(project, "attack pick weights")
+    try:
+        rec2 = run(project, "attack pick weights")
+    finally:
+        planted.unlink(missing_ok=True)
     log = run_log(project)
     assert "found " not in log and "other " not in log and log.count("absent ") == len(SHARED) + 1, log
     assert "tmp holds []" in log  # each run's temp folder starts empty
@@ -203,12 +210,16 @@ def plant_git_traps(home: Path, repo: Path, marker: Path) -> None:
     monitor = home / "fsmonitor.sh"
     monitor.write_text(HOOK.format(marker=marker))
     monitor.chmod(0o755)
+    # a clean filter runs at `git add` on every path the (global) attributes file names
     config = (f"[core]\n\thooksPath = {hooks}\n\tfsmonitor = {monitor}\n\tpager = {monitor}\n"
               f"[alias]\n\tcommit = !{monitor}\n\tstatus = !{monitor}\n"
+              f"[filter \"evil\"]\n\tclean = {monitor}\n\tsmudge = {monitor}\n"
+              f"[diff]\n\texternal = {monitor}\n"
               "[user]\n\tname = Global User\n\temail = global@example.com\n")
     (home / ".gitconfig").write_text(config)
     (home / ".config" / "git").mkdir(parents=True)
     (home / ".config" / "git" / "config").write_text(config)
+    (home / ".config" / "git" / "attributes").write_text("* filter=evil diff=evil\n")
 
 
 def test_a_planted_git_config_and_hooks_never_run_in_the_loop(project: Path, tmp_path: Path,
