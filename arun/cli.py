@@ -469,6 +469,8 @@ def doctor_cmd() -> None:
         table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", tag, escape(why))
     console.print(table)
     console.print(confine.doctor_line(), markup=False, highlight=False)
+    for line in confine.jail_lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     try:
         data = prepare.PreparedData.open()
         console.print(f"data: {data.dir} ({data.manifest['describe']})")

@@ -125,12 +125,14 @@ def real_project(scratch: Path) -> Path:
 
 def real_round(engine: str, repo: Path, data_dir: Path, seconds: float, confined: bool, n: int) -> dict:
     from arun.core.process import child_env, run_train_file
+    from engines.artifact import SUFFIX
     train_file, device = TRAIN_FILES[engine]
+    engine_name = "mlx" if engine == "mlx" else "cuda"  # (the harness exports, the evaluator is not run here)
     run_dir = repo / ".arun" / "runs" / f"{engine}-{n}-{'confined' if confined else 'plain'}"
     run_dir.mkdir(parents=True)
     env = child_env(data_dir, device, ARUN_TIME_BUDGET=repr(seconds), ARUN_RESULT_JSON=str(run_dir / "result.json"),
-                    ARUN_CHECKPOINT=str(run_dir / "weights.npz"), OMP_NUM_THREADS="1")
-    out = run_train_file(repo, train_file, env, run_dir / "run.log", hard_timeout=seconds + 300, confine=confined)
+                    ARUN_ARTIFACT=str(run_dir / f"forward{SUFFIX[engine_name]}"), OMP_NUM_THREADS="1")
+    out = run_train_file(repo, train_file, env, run_dir / "run.log", seconds + 300, confine=confined)
     if out.status != "ok" or out.confined != confined:
         raise SystemExit(f"{engine} {'confined' if confined else 'plain'} run failed: {out.status}: {out.error}")
     return {"tokens_per_s": float(out.result["tokens_per_second"]), "wall_s": out.wall_seconds}

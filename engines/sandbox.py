@@ -20,7 +20,21 @@ of hierarchies: Python's import system must list the repo folder (to find prepar
 and engines/), and a listing grant covers every folder beneath, so names under
 bench/, .arun/ and .git can be listed though never read; and files created after
 launch in a read-only place stay unreadable. On ABI >= 6 the process also may not
-signal processes outside its sandbox (the harness). The network is not restricted.
+signal processes outside its sandbox (the harness, its jail) nor reach abstract unix sockets made
+outside it; on ABI >= 4 a policy without `network` (the train process, the evaluator) may not bind
+or connect any TCP socket (no rule = denied). The launcher does not exec the command itself: it stays
+as the jail's supervisor (engines/jail.py), so nothing the command starts outlives it, and it runs
+`-I -S` (no .pth or sitecustomize). The environment a process without network gets is ENV_ALLOWED.
+
+Why our own ~150 lines of ctypes (Landlock) and prctl (the jail) rather than bubblewrap or nsjail:
+those build on mount and PID namespaces, which need unprivileged user namespaces (off by default on
+Debian/Ubuntu with AppArmor's restriction, on hardened kernels, in many containers) or a setuid
+binary, and they are one more program to install and keep current; a machine without them would
+fall back to no confinement at all. Landlock needs no privilege and no binary, and together with a
+child subreaper it gives the same guarantees here: file allow-list, no TCP, no signals or abstract
+sockets out, nothing outliving the run. What it cannot give (a private /dev/shm, hiding /proc) we
+avoid needing: /dev/shm is not granted, /proc of other processes is closed by non-dumpability and,
+under root, by dropping every capability.
 We call the three Landlock syscalls through ctypes (about 60 lines below) rather than
 the PyPI `landlock` package: that package is an alpha pre-release (1.0.0.devN, which
 pip does not pick without --pre), it grants the same rights to files and folders (the
@@ -38,7 +52,7 @@ CPU backend writes its JIT kernels (<tmp>/mlx/<version>/cpu) and where gcc write
 scratch files; torch inductor, Triton and the CUDA JIT caches are pointed into it by
 FRAMEWORK_ENV. Python's own packages are read-only (a .pth dropped into site-packages
 would run inside the evaluator; .pyc files are then simply not written). /dev is open
-for device ioctls (GPU drivers) and /dev/shm for shared-memory tensors and semaphores.
+for device ioctls (GPU drivers), except /dev/shm and /dev/mqueue (storage shared by every run).
 Add locations with ARUN_SANDBOX_EXTRA_READ and ARUN_SANDBOX_EXTRA_WRITE (colon-separated
 paths), read by the launcher when it applies the policy.
 """
@@ -60,9 +74,14 @@ from pathlib import Path
 # Locations every confined process may read (hierarchies; missing ones are skipped).
 SYSTEM_READ = ["/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin", "/etc", "/proc", "/sys",
                "/run/systemd/resolve"]
-# Writable besides the run folder and the temp folder: shared memory (torch tensors
-# shared with workers, multiprocessing semaphores). Extend with ARUN_SANDBOX_EXTRA_WRITE.
-FRAMEWORK_WRITABLE = ["/dev/shm"]
+# Writable besides the run folder and the temp folder: nothing. /dev/shm was here (torch tensors
+# shared with DataLoader workers, multiprocessing semaphores) but it is one folder shared by every
+# run, so run N could leave weights there for run N+1; neither torch on the CPU or GPU in a single
+# process nor MLX needs it. It stays out of the /dev grant too (DEV_HIDDEN). A machine that needs it
+# back: ARUN_SANDBOX_EXTRA_WRITE=/dev/shm (and accept that runs can then talk to each other).
+FRAMEWORK_WRITABLE: list[str] = []
+# Parts of /dev that are shared storage or channels between processes, not devices.
+DEV_HIDDEN = ["/dev/shm", "/dev/mqueue"]
 # Caches the frameworks would otherwise write in the home folder or /tmp, relative to the temp folder.
 FRAMEWORK_ENV = {"TMPDIR": "", "TMP": "", "TEMP": "", "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
                  "TRITON_CACHE_DIR": "triton", "CUDA_CACHE_PATH": "nv"}
@@ -70,6 +89,29 @@ FRAMEWORK_ENV = {"TMPDIR": "", "TMP": "", "TEMP": "", "TORCHINDUCTOR_CACHE_DIR":
 REPO_HIDDEN = {".git", "bench", ".arun", "run.log"}
 # Files of a prepared data folder a train file needs; everything else (val and test rows) stays out.
 DATA_READABLE = ("tokenizer.pkl", "token_bytes.npy", "manifest.json", "train_*")
+
+# The environment of a train process and of the evaluator: these names and prefixes only (what the
+# frameworks, the C runtime and the train-file contract read), and never a name that looks like a
+# secret, whatever its prefix. Everything else the harness inherited (the user's API keys, tokens,
+# SSH agent socket, cloud credentials) stays behind. The loop's agent keeps its environment: it
+# needs its own API key.
+ENV_ALLOWED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TERM", "SHELL", "PWD",
+               "TMPDIR", "TMP", "TEMP", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "SYSTEMROOT", "COLUMNS", "NO_COLOR")
+ENV_ALLOWED_PREFIXES = ("LC_", "ARUN_", "PYTHON", "CUDA_", "NVIDIA_", "NCCL_", "CUBLAS_", "CUDNN_", "TORCH",
+                        "PYTORCH_", "TRITON_", "INDUCTOR_", "MLX_", "METAL_", "MTL_", "OMP_", "KMP_", "MKL_",
+                        "OPENBLAS_", "VECLIB_", "GOTO_", "BLIS_", "HIP_", "ROCM_", "HSA_", "ROCR_")
+ENV_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSW", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
+
+
+def scrub_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` reduced to ENV_ALLOWED: the frameworks' variables in, secrets and everything else out."""
+    def allowed(name: str) -> bool:
+        upper = name.upper()
+        if any(word in upper for word in ENV_SECRET_WORDS):
+            return False
+        return upper in ENV_ALLOWED or upper.startswith(ENV_ALLOWED_PREFIXES)
+    return {k: v for k, v in env.items() if allowed(k)}
+
 
 # ---------------------------------------------------------------------------
 # Landlock (Linux)
@@ -80,7 +122,9 @@ SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 CREATE_RULESET_VERSION = 1
 RULE_PATH_BENEATH = 1
 PR_SET_NO_NEW_PRIVS = 38
-SCOPE_SIGNAL = 1 << 1  # ABI 6: no signals to processes outside the sandbox (the harness)
+SCOPE_ABSTRACT_UNIX = 1 << 0  # ABI 6: no connecting to abstract unix sockets made outside the sandbox
+SCOPE_SIGNAL = 1 << 1  # ABI 6: no signals to processes outside the sandbox (the harness, the jail)
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1  # ABI 4: handled with no rule = every TCP bind/connect denied
 
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
@@ -193,6 +237,7 @@ class Policy:
     temp: Path | None = None
     hide: list[Path] = field(default_factory=list)
     system: bool = True  # add SYSTEM_READ, the Python installation, /dev and FRAMEWORK_WRITABLE
+    network: bool = False  # False: no TCP bind/connect, no abstract unix sockets (Landlock ABI >= 4 / 6)
 
     def readable(self) -> list[Path]:
         extra = [Path(p) for p in SYSTEM_READ] + python_paths() if self.system else []
@@ -263,7 +308,7 @@ def landlock_rules(policy: Policy, abi: int) -> list[tuple[Path, int]]:
     handled = handled_rights(abi)
     rules = [(p, READ) for p in policy.readable()] + [(p, READ_DIR) for p in _existing(policy.listable)]
     if policy.system and Path("/dev").exists():
-        rules.append((Path("/dev"), DEV))
+        rules += [(p, DEV) for p in spread(Path("/dev"), [Path(h) for h in DEV_HIDDEN])]
     rules += [(p, handled) for p in policy.writable()]
     return [(p, (rights if p.is_dir() else rights & FILE_RIGHTS) & handled) for p, rights in rules]
 
@@ -283,8 +328,10 @@ def restrict_self(policy: Policy) -> int:
     policy.check()
     _make_writable_folders(policy)
     libc = _libc()
-    attr = _RulesetAttr(handled_rights(abi), 0, SCOPE_SIGNAL if abi >= 6 else 0)
-    size = ctypes.sizeof(attr) if abi >= 6 else 8  # older kernels reject fields they do not know
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 and not policy.network else 0
+    scoped = (SCOPE_SIGNAL | (0 if policy.network else SCOPE_ABSTRACT_UNIX)) if abi >= 6 else 0
+    attr = _RulesetAttr(handled_rights(abi), net, scoped)
+    size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # older kernels reject fields they do not know
     ruleset = _check(libc.syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
                                   ctypes.c_uint32(0)), "landlock_create_ruleset")
     try:
@@ -356,14 +403,39 @@ def confined_command(policy: Policy, cmd: list[str]) -> list[str]:
         _make_writable_folders(policy)
         env = [f"{k}={v}" for k, v in sandbox_env(policy).items()]
         return ["sandbox-exec", "-p", seatbelt_profile(policy), "/usr/bin/env", *env, *cmd]
-    args = [sys.executable, "-I", os.path.abspath(__file__)]
-    args += [a for p in policy.read for a in ("--read", str(p))]
+    # -I -S: the launcher (which stays as the jail's unconfined supervisor) runs no .pth and no
+    # sitecustomize from any site-packages; without site it cannot find a venv's own locations,
+    # so ours are passed in as reads.
+    args = [sys.executable, "-I", "-S", os.path.abspath(__file__)]
+    reads = policy.read + (python_paths() if policy.system else [])
+    args += [a for p in reads for a in ("--read", str(p))]
     args += [a for p in policy.write for a in ("--write", str(p))]
     args += [a for p in policy.listable for a in ("--list", str(p))]
     args += [a for p in policy.hide for a in ("--hide", str(p))]
     args += ["--temp", str(policy.temp)] if policy.temp else []
     args += [] if policy.system else ["--no-system"]
+    args += ["--network"] if policy.network else []
     return [*args, "--", *cmd]
+
+
+def jailed_command(cmd: list[str]) -> list[str]:
+    """`cmd` in the process jail only (engines.jail), for a run the OS cannot confine: no file rules,
+    but still nothing it starts outlives it. As it is where there is no jail (macOS)."""
+    if not _jail().supported():
+        return list(cmd)
+    return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--jail-only", "--", *cmd]
+
+
+def _jail():  # noqa: ANN202 (a module)
+    """engines.jail, also when this file runs as a script (`python -I .../sandbox.py`, no package path)."""
+    if __package__:
+        from engines import jail
+        return jail
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_arun_jail", Path(__file__).with_name("jail.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hide", action="append", default=[], metavar="PATH", help="must stay unreadable")
     parser.add_argument("--temp", metavar="DIR", help="private temp folder (TMPDIR and framework caches)")
     parser.add_argument("--no-system", action="store_true", help="do not add system and Python locations")
+    parser.add_argument("--network", action="store_true", help="allow TCP and abstract unix sockets")
+    parser.add_argument("--jail-only", action="store_true", help="no file rules: only reap the whole process tree")
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
     args = parser.parse_args(argv)
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -383,16 +457,32 @@ def main(argv: list[str] | None = None) -> None:
     policy = Policy(read=[Path(p) for p in args.read], write=[Path(p) for p in args.write],
                     listable=[Path(p) for p in args.list], temp=Path(args.temp) if args.temp else None,
                     hide=[Path(p) for p in args.hide],
-                    system=not args.no_system)
-    try:
-        restrict_self(policy)
-    except (OSError, ValueError) as e:
-        sys.exit(str(e))
-    os.environ.update(sandbox_env(policy))
-    try:
-        os.execvp(cmd[0], cmd)
-    except OSError as e:
-        sys.exit(f"sandbox: cannot run {cmd[0]}: {e}")
+                    system=not args.no_system, network=args.network)
+    if not args.jail_only:
+        try:  # checked here, before the jail forks, so a bad policy is one clear line and exit 1
+            policy.check()
+            _make_writable_folders(policy)
+        except (OSError, ValueError) as e:
+            sys.exit(str(e))
+
+    def start() -> None:
+        if not args.jail_only:
+            try:
+                restrict_self(policy)
+            except (OSError, ValueError) as e:
+                print(str(e), file=sys.stderr, flush=True)
+                os._exit(1)
+            os.environ.update(sandbox_env(policy))
+        try:
+            os.execvp(cmd[0], cmd)
+        except OSError as e:
+            print(f"sandbox: cannot run {cmd[0]}: {e}", file=sys.stderr, flush=True)
+            os._exit(127)
+
+    jail = _jail()
+    if jail.supported():
+        jail.supervise(start)
+    start()
 
 
 if __name__ == "__main__":

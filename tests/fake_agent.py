@@ -10,6 +10,10 @@ the last stdout line. Modes:
     forbidden            edit the train file, prepare.py, and create notes.txt
     forbidden-commit     edit the train file and prepare.py, then git commit both
     hang                 edit the train file, start a grandchild `sleep`, then sleep forever
+    detach DIR           start a setsid child and a double-forked grandchild that write their pids to
+                         DIR at once and DIR/<kind>.marker 3 s later, make an honest edit, exit
+    gitconfig            write a hostile ~/.config/git/config (hooksPath, fsmonitor), print "denied: ..."
+                         or "done: ...", then make an honest edit
     nochange             print something and exit without editing
     break                write a syntax error into the train file (unique per iteration)
     fail                 exit 3 without editing
@@ -64,6 +68,26 @@ def attack(what: str, train: Path, it: str) -> None:
     print(f"attack {what}")
 
 
+def detach(folder: Path) -> None:
+    """What an agent that wants to keep working after its turn would start (a watcher that edits the
+    train file once the harness has looked): two helpers the agent's process group no longer holds."""
+    def helper(kind: str) -> None:
+        (folder / f"{kind}.pid").write_text(str(os.getpid()))
+        time.sleep(3)
+        (folder / f"{kind}.marker").write_text("still alive")
+        os._exit(0)
+    if os.fork() == 0:
+        os.setsid()
+        helper("setsid")
+    if os.fork() == 0:
+        if os.fork() == 0:
+            helper("dfork")
+        os._exit(0)
+    deadline = time.time() + 10
+    while not all((folder / f"{k}.pid").exists() for k in ("setsid", "dfork")) and time.time() < deadline:
+        time.sleep(0.05)
+
+
 def main(argv: list[str]) -> int:
     prompt = sys.stdin.read()
     train = Path(os.environ["ARUN_TRAIN_FILE"])
@@ -104,6 +128,20 @@ def main(argv: list[str]) -> int:
         if pids:
             Path(pids).write_text(f"{os.getpid()} {child.pid}")
         time.sleep(600)
+    elif mode == "detach":
+        detach(Path(args[0]))
+        append(train, f"# honest edit {it}")
+        print("detached two helpers")
+    elif mode == "gitconfig":
+        target = Path.home() / ".config" / "git" / "config"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "a") as f:
+                f.write(f"[core]\n\thooksPath = {Path.cwd() / '.arun' / 'agent'}\n")
+            print(f"done: {target}")
+        except OSError as e:
+            print(f"denied: {e}")
+        append(train, f"# honest edit {it}")
     elif mode == "attack":
         attack(args[0], train, it)
     elif mode == "nochange":

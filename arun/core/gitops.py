@@ -3,6 +3,7 @@ swarm's worktrees, bundles and branch moves (through the git CLI). The harness's
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +19,46 @@ IGNORED_PREFIXES = ("bench/", ".arun/")
 IGNORED_FILES = ("run.log",)
 KEEP_AUTHOR = git.Actor("arun", "arun@localhost")
 
+# Every git the harness runs is sealed from configuration it does not need: a loop agent may write
+# under ~/.config, and a `core.hooksPath`, hook, fsmonitor or alias there would run code *unconfined*
+# at our next commit. So no global or system config file is read at all, and these settings, given
+# through the environment (which outranks even the repo's own .git/config), switch off every way git
+# runs a program on its own: hooks (the repo's .git/hooks included: never run), the fsmonitor, a
+# pager, credential helpers and terminal prompts. The identity is passed explicitly (commit_identity).
+SEALED_CONFIG = {"core.hooksPath": os.devnull, "core.fsmonitor": "false", "core.pager": "cat",
+                 "core.attributesFile": os.devnull,  # (~/.config/git/attributes could name a filter)
+                 "credential.helper": "", "core.askPass": "", "protocol.ext.allow": "never"}
+
+
+def sealed_env(base: dict | None = None) -> dict[str, str]:
+    """`base` (default: ours) with git's config sealed as above; a caller's GIT_CONFIG_* are replaced."""
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(("GIT_CONFIG", "GIT_EXTERNAL_DIFF", "GIT_PAGER", "GIT_ASKPASS", "GIT_EXEC_PATH"))}
+    env.update(GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_PARAMETERS="", GIT_TERMINAL_PROMPT="0", GIT_PAGER="cat",
+               GIT_CONFIG_COUNT=str(len(SEALED_CONFIG)))
+    for i, (key, value) in enumerate(SEALED_CONFIG.items()):
+        env[f"GIT_CONFIG_KEY_{i}"], env[f"GIT_CONFIG_VALUE_{i}"] = key, value
+    return env
+
+
+def _sealed_overrides() -> dict[str, str]:
+    """What sealed_env sets, for gitpython (which layers its overrides on our environment)."""
+    return sealed_env({})
+
+
+def commit_identity(repo_dir: Path | str) -> dict[str, str]:
+    """Who a keep is committed as: the user's user.name/user.email (repo, global or system config, read
+    as two plain values: reading a config file runs nothing), else arun's own. Passed as GIT_AUTHOR_*
+    and GIT_COMMITTER_*, since the sealed git that commits reads no global config."""
+    def value(key: str) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        proc = subprocess.run(["git", "config", "--get", key], cwd=str(repo_dir), capture_output=True, text=True, env=env)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+    name, email = value("user.name"), value("user.email")
+    if not (name and email):
+        name, email = KEEP_AUTHOR.name, KEEP_AUTHOR.email
+    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
+
 
 def open_repo(repo_dir: Path | str) -> git.Repo:
     try:
@@ -32,6 +73,7 @@ def open_repo(repo_dir: Path | str) -> git.Repo:
         raise ArunError(f"{repo_dir} is not a git repository; run arun inside your clone of the project") from e
     if not repo.head.is_valid():
         raise ArunError(f"{repo_dir} has no commits yet; commit the project first (git add -A && git commit -m init)")
+    repo.git.update_environment(**_sealed_overrides())
     return repo
 
 
@@ -177,10 +219,8 @@ def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
         repo.git.add("--", *paths)
         if not repo.git.diff("--cached", "--name-only", "--", *paths).strip():
             return head_sha(repo_dir)
-        reader = repo.config_reader()
-        has_identity = reader.has_option("user", "name") and reader.has_option("user", "email")
-        identity = [] if has_identity else ["-c", f"user.name={KEEP_AUTHOR.name}", "-c", f"user.email={KEEP_AUTHOR.email}"]
-        repo.git.execute(["git", *identity, "commit", "-q", "--no-verify", "-m", message, "--", *paths])
+        with repo.git.custom_environment(**commit_identity(repo_dir)):
+            repo.git.execute(["git", "commit", "-q", "--no-verify", "-m", message, "--", *paths])
     except git.GitCommandError as e:
         try:
             repo.git.reset("-q", "--", *paths)  # nothing half-made stays staged
@@ -209,7 +249,7 @@ def commit_record(repo_dir: Path | str, ledger: Path, rec: dict) -> str | None:
 def run_git(cwd: Path | str, *args: str, check: bool = True, env: dict | None = None) -> str:
     """The git CLI itself (worktrees and bundles are simpler and sturdier there than in gitpython);
     ArunError with git's last line when it fails and `check`."""
-    proc = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, env=env)
+    proc = subprocess.run(["git", *args], cwd=str(cwd), capture_output=True, text=True, env=sealed_env(env))
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise ArunError(f"git {' '.join(args)} failed in {cwd}: {msg[-1] if msg else proc.returncode}")

@@ -228,16 +228,17 @@ def all_records(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) ->
     for path in ledgers_in(repo_dir):
         for rec in Ledger(path).records():
             seen.setdefault(rec.get("id") or json.dumps(written(rec), sort_keys=True), rec)
+    from arun.core.gitops import sealed_env  # (late: gitops loads gitpython)
     for ref in refs:
         try:
             names = subprocess.run(["git", "ls-tree", "-r", "--name-only", ref, "--", "bench"], cwd=repo_dir,
-                                   capture_output=True, text=True, check=True).stdout.split()
+                                   capture_output=True, text=True, check=True, env=sealed_env()).stdout.split()
         except subprocess.CalledProcessError as e:
             raise ArunError(f"git ref {ref!r} not found ({e.stderr.strip()}); fetch it first, e.g. git fetch origin") from e
         for name in names:
             if name.endswith("/ledger.jsonl"):
                 text = subprocess.run(["git", "show", f"{ref}:{name}"], cwd=repo_dir, capture_output=True,
-                                      text=True, check=True).stdout
+                                      text=True, check=True, env=sealed_env()).stdout
                 lines: list[int] = []
                 recs = parse_lines(text, f"{ref}:{name}", lines)
                 audit = audit_verdicts((Path(repo_dir) / name).parent)

@@ -135,6 +135,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def end_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Ends a launched process and everything it started. SIGTERM to its group reaches the jail's
+    supervisor (engines.jail), which SIGKILLs every process beneath it, detached ones included, and
+    exits; SIGKILL to the group after `grace` for whatever is left (where there is no jail: macOS).
+    Never SIGKILL first: a supervisor killed outright cannot reap the detached part of its tree."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def child_env(data_dir: Path, device: str | None, seed: int | None = None, **values: str) -> dict:
     """The environment of a process the harness starts (a run, the evaluator): ours, with the data
     folder, the torch device and the seed set explicitly, never inherited from the caller."""
@@ -185,8 +198,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
                 if reason:
                     why.append(reason)
                     timed_out.set()
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)
+                    end_tree(proc)
                     return
 
         watchdog = threading.Thread(target=watch, daemon=True)
@@ -214,8 +226,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         except BaseException:
             # Ctrl-C / SIGTERM / anything else: the child must not outlive us (it would hold the GPU).
             stop.set()
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            end_tree(proc, grace=2.0)
             proc.wait()
             out.status, out.error = "interrupted", "interrupted (Ctrl-C)"
             raise

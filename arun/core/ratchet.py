@@ -30,6 +30,9 @@ def best_record(records: list[dict], key_id: str, stored: Callable[[dict], bool]
     that cannot be re-scored is unverified and never a best."""
     kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)
             and (stored is None or stored(r))]
+    # An unconfined run (no OS confinement: it could have read the val rows) is never the best
+    # against confined ones: once the key has a confined keep, only confined keeps compete.
+    kept = [r for r in kept if r.get("confined") is True] or kept
     return min(kept, key=lambda r: r["val_bpb"]) if kept else None
 
 

@@ -13,13 +13,12 @@ import secrets
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from arun.core import confine
-from arun.core.process import child_env, last_error_line
+from arun.core.process import child_env, end_tree, last_error_line
 from engines.artifact import SUFFIX, ArtifactError, read_artifact
 from engines.fingerprint import fixed_files
 from engines.report import atomic_write_json
@@ -81,27 +80,26 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | Non
     reads it back). test_below: also score the test rows in the same process when val_bpb is below it.
     fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
     evaluator runs, copied into its private folder; else the installed arun's."""
-    safe_path = ["-P"] if sys.version_info >= (3, 11) else []  # (-P is new in 3.11; the empty cwd suffices)
     nonce = secrets.token_hex(16)
     t0 = time.perf_counter()
     # The working directory is a fresh folder (mode 0700, outside the repo) the harness alone writes:
-    # nothing the agent left in the repo can shadow a module the evaluator imports (-P keeps the
-    # script's folder off sys.path as well), and the artifact's copy lives there. It is removed
-    # however scoring ends (an interrupt kills the evaluator first: subprocess.run).
+    # nothing the agent left in the repo can shadow a module the evaluator imports (-I keeps the
+    # working folder off sys.path as well), and the artifact's copy lives there. It is removed
+    # however scoring ends (an interrupt or a timeout ends the evaluator's whole tree first).
     with tempfile.TemporaryDirectory(prefix="arun-score-") as cwd:
         copy = Path(cwd) / f"forward{SUFFIX.get(backend, '')}"
         try:
             copy_artifact(Path(artifact), copy)
         except BoundaryError as e:
             return {"error": f"INVALID: {e}", "wall_seconds": time.perf_counter() - t0}
-        cmd = [sys.executable, *safe_path, "-m", "engines.score", "--backend", backend, "--artifact", str(copy),
-               "--data-dir", str(data_dir), "--split", split, "--nonce-stdin"]
+        args = ["--backend", backend, "--artifact", str(copy), "--data-dir", str(data_dir), "--split", split,
+                "--nonce-stdin"]
         if device:
-            cmd += ["--device", device]
+            args += ["--device", device]
         if expect_fixed_sha:
-            cmd += ["--expect-fixed-sha", expect_fixed_sha]
+            args += ["--expect-fixed-sha", expect_fixed_sha]
         if test_below is not None:
-            cmd += ["--test-below", repr(float(test_below))]
+            args += ["--test-below", repr(float(test_below))]
         env = child_env(data_dir, device)
         env.pop("PYTHONPATH", None)
         if fixed_from is not None:
@@ -110,24 +108,31 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | Non
             for rel in fixed_files(Path(fixed_from)):
                 (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(fixed_from) / rel, Path(cwd) / rel)
-            env["PYTHONPATH"] = cwd
+        # Isolated (-I -S): no PYTHON* variable, user site, .pth or sitecustomize, confined or not.
+        cmd = confine.isolated_module("engines.score", args, first=Path(cwd) if fixed_from is not None else None)
         # Confined where the OS can: it reads the data, fixed code and its copy, writes its own folder
         # only; then it seals itself before loading the artifact (engines.score).
         policy = confine.scorer_policy(data_dir, copy, Path(cwd), Path(cwd) / "tmp")
         policy.read.append(Path(cwd))
         run = confine.wrap(policy, cmd, env)
+        proc = subprocess.Popen(run.cmd, cwd=cwd, env=run.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            p = subprocess.run(run.cmd, cwd=cwd, env=run.env, input=nonce + "\n", capture_output=True, text=True,
-                               timeout=timeout, start_new_session=True)
+            stdout, stderr = proc.communicate(nonce + "\n", timeout=timeout)
         except subprocess.TimeoutExpired:
+            end_tree(proc)  # SIGTERM first: the jail's supervisor reaps the detached part of the tree
+            proc.communicate()
             return {"error": f"the evaluator did not finish in {timeout:.0f}s", "wall_seconds": timeout, **run.fields()}
+        except BaseException:
+            end_tree(proc)
+            raise
     wall = time.perf_counter() - t0
-    verdict = read_verdict(p.stdout, nonce)
+    verdict = read_verdict(stdout, nonce)
     if verdict is None:
-        tail = last_error_line(p.stderr.splitlines() + p.stdout.splitlines())
-        verdict = {"error": f"the evaluator failed (exit {p.returncode}): {tail}"}
-    if p.returncode != 0 and "error" not in verdict:
-        verdict["error"] = f"the evaluator exited {p.returncode}"
+        tail = last_error_line(stderr.splitlines() + stdout.splitlines())
+        verdict = {"error": f"the evaluator failed (exit {proc.returncode}): {tail}"}
+    if proc.returncode != 0 and "error" not in verdict:
+        verdict["error"] = f"the evaluator exited {proc.returncode}"
     verdict.update(wall_seconds=wall, **run.fields())
     if out is not None:
         atomic_write_json(out, verdict)   # (replaces whatever is there, a planted symlink included)

@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arun.core.gitops import sealed_env
 from arun.core.ledger import audit_verdicts, trust_mark
 from arun.core.ratchet import baseline_record, best_record, key_records, scored
 from arun.report.compare import KeySummary, config_changes, summarize, unconfined
@@ -42,7 +43,8 @@ def train_file_at(repo_dir: Path | str, commit: str | None, path: str | None) ->
     """A train file as a commit holds it, or None when the commit (or file) is not in this repository."""
     if not commit or not path:
         return None
-    out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo_dir, capture_output=True, text=True)
+    out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=repo_dir, capture_output=True, text=True,
+                         env=sealed_env())
     return out.stdout if out.returncode == 0 else None
 
 
@@ -55,7 +57,7 @@ def winning_diff(repo_dir: Path | str, base: dict | None, best: dict | None) -> 
     if train_file_at(repo_dir, base.get("commit"), path) is not None and \
             train_file_at(repo_dir, best.get("commit"), path) is not None:
         return subprocess.run(["git", "diff", str(base["commit"]), str(best["commit"]), "--", path], cwd=repo_dir,
-                              capture_output=True, text=True).stdout
+                              capture_output=True, text=True, env=sealed_env()).stdout
     return "\n".join(str(r.get("diff") or "") for r in improvements(best.get("_chain") or [best]))
 
 
