@@ -211,6 +211,8 @@ def python_paths() -> list[Path]:
     paths.update(sysconfig.get_paths().get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib"))
     paths.update(site.getsitepackages())
     paths.add(site.getusersitepackages())
+    # Under -S (confine.isolated_module) a venv's prefix is not set up: its site-packages is only on sys.path.
+    paths.update(p for p in sys.path if os.path.basename(p) in ("site-packages", "dist-packages"))
     return [Path(p) for p in sorted(paths) if p]
 
 

@@ -115,8 +115,11 @@ def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, 
     from engines import sandbox
     # What deserializing and running the graph would import lazily (and could not, sealed, from the
     # fixed code folder, which the seal does not list).
+    import engines.artifact  # noqa: F401
     import engines.evaluator  # noqa: F401
+    import engines.opsets  # noqa: F401
     import engines.probe  # noqa: F401
+    import engines.pt2check  # noqa: F401
     if backend == "cuda":
         import torch
         import torch.export  # noqa: F401
@@ -126,6 +129,7 @@ def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, 
             torch.cuda.init()
     else:
         import mlx.core  # noqa: F401
+        import engines.mlxcheck  # noqa: F401  (the loader checks the imported graph's primitives)
     ok, why = sandbox.available()
     if not ok or sandbox.landlock_abi() <= 0:
         return False, why if not ok else "no Landlock on this OS"

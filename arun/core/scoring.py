@@ -20,6 +20,7 @@ from pathlib import Path
 from arun.core import confine
 from arun.core.process import child_env, end_tree, last_error_line
 from engines.artifact import SUFFIX, ArtifactError, read_artifact
+from engines import __file__ as _engines_init
 from engines.fingerprint import fixed_files
 from engines.report import atomic_write_json
 from engines.score import VERDICT_MARKER
@@ -67,6 +68,11 @@ def read_verdict(stdout: str, nonce: str) -> dict | None:
     return verdict if isinstance(verdict, dict) else None
 
 
+def fixed_code_root() -> Path:
+    """The folder holding the installed prepare.py, engines/ and arun_data/."""
+    return Path(_engines_init).resolve().parents[1]
+
+
 def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | None = None, *, device: str | None = None,
                    split: str = "val", expect_fixed_sha: str | None = None,
                    timeout: float = SCORE_TIMEOUT_FLOOR, fixed_from: Path | None = None,
@@ -79,7 +85,7 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | Non
     nonce sent on its stdin. `out`: the harness also writes the verdict there, for people (it never
     reads it back). test_below: also score the test rows in the same process when val_bpb is below it.
     fixed_from: a project whose fixed code (engines.fingerprint.fixed_files, nothing else) the
-    evaluator runs, copied into its private folder; else the installed arun's."""
+    evaluator runs, copied into its private folder; else the installed arun's (copied the same way)."""
     nonce = secrets.token_hex(16)
     t0 = time.perf_counter()
     # The working directory is a fresh folder (mode 0700, outside the repo) the harness alone writes:
@@ -102,14 +108,16 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | Non
             args += ["--test-below", repr(float(test_below))]
         env = child_env(data_dir, device)
         env.pop("PYTHONPATH", None)
-        if fixed_from is not None:
-            # Only the fixed files cross over: the key's fixed_code_sha256 is their hash, and no other
-            # file of the project (an agent's numpy.py, a stale .pyc) can shadow a module.
-            for rel in fixed_files(Path(fixed_from)):
-                (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(fixed_from) / rel, Path(cwd) / rel)
+        # (The installed code's fixed files by default: under -I -S the evaluator finds nothing else,
+        # and the confined process reads these copies, not the project folder around them.)
+        # Only the fixed files cross over: the key's fixed_code_sha256 is their hash, and no other
+        # file of the project (an agent's numpy.py, a stale .pyc) can shadow a module.
+        source = Path(fixed_from) if fixed_from is not None else fixed_code_root()
+        for rel in fixed_files(source):
+            (Path(cwd) / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, Path(cwd) / rel)
         # Isolated (-I -S): no PYTHON* variable, user site, .pth or sitecustomize, confined or not.
-        cmd = confine.isolated_module("engines.score", args, first=Path(cwd) if fixed_from is not None else None)
+        cmd = confine.isolated_module("engines.score", args, first=Path(cwd))
         # Confined where the OS can: it reads the data, fixed code and its copy, writes its own folder
         # only; then it seals itself before loading the artifact (engines.score).
         policy = confine.scorer_policy(data_dir, copy, Path(cwd), Path(cwd) / "tmp")
