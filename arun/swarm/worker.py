@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arun.core import gitops
+from arun.core import gitops, trust
 from arun.core.context import cached_context
 from arun.core.errors import ArunError
 from arun.core.ledger import ledger_path, written
@@ -76,6 +76,10 @@ class Worker:
         # arguments, and a handle among them would have to outlive everything else in the object store.
         coordinator = ray.get_actor(cfg["coordinator"])
         self.cfg, self.k, self.coord = cfg, k, coordinator
+        if cfg.get("head_key"):
+            # Every line of the swarm's ledger is signed by the head: trusted here, the mirrored ledger
+            # verifies and this worker's ratchet sees the real best (not "no best": a false baseline keep).
+            trust.trust_for_session(cfg["head_key"], "swarm head")
         self.run, self.base = cfg["run"], cfg["base"]
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
