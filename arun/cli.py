@@ -567,6 +567,24 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
     sys.exit(130 if summary["interrupted"] else 0)
 
 
+@cli.command("swarm-down")
+@click.option("--temp-dir", "temp_dir", required=True, type=click.Path(file_okay=False),
+              help="the --temp-dir this cluster's `ray start --head` was given")
+def swarm_down_cmd(temp_dir: str) -> None:
+    """Stops this machine's processes of one Ray cluster (run it on every node), never another Ray of the
+    user (as `ray stop` would)."""
+    from arun.swarm.procs import ray_processes, stop_pids
+    try:
+        pids = ray_processes(Path(temp_dir))
+    except ImportError as e:
+        fail(f"arun swarm-down needs Ray ({e}); install it with: pip install -e '.[swarm]'")
+    if not pids:
+        say(f"no process of the Ray cluster at {temp_dir} runs on this machine")
+        return
+    stop_pids(pids, grace=5.0)
+    say(f"stopped {len(pids)} process(es) of the Ray cluster at {temp_dir} on this machine")
+
+
 @cli.command("loop")
 @backend_choice("engine: mlx or cuda (PyTorch)")
 @click.option("--agent", required=True, metavar="SPEC",

@@ -256,6 +256,11 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
         out = _arun(["swarm", "--backend", "cuda", "--device", "cpu", "--address", f"127.0.0.2:{port}", "--agent",
                      "sweep", "--budget", "1", "--iterations", "4", "--max-crashes", "0", "--run", run], repo, head_env)
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        # The README's teardown: this cluster's processes only, by its --temp-dir (both nodes are on this box).
+        down = _arun(["swarm-down", "--temp-dir", str(temp / "ray")], repo, env)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+        time.sleep(0.5)
+        assert not _procs_with(str(temp / "ray")), "a Ray process of this cluster outlived swarm-down"
     finally:
         _end(_procs_with(str(temp)))
     text = out.stdout + out.stderr
@@ -274,7 +279,9 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
             best = r["val_bpb"]
     assert sum(1 for r in records if r.get("baseline") and r["status"] == "keep") == 1
     log = (clone / ".arun" / "swarm" / f"{run}-w{remote.pop()}.log").read_text()
-    assert "starts from" in log
+    # The remote worker verified the head's signed ledger: it saw the best it started from (a worker that
+    # cannot verify it sees none and runs a false "baseline").
+    assert "starts from" in log and log.count("no baseline yet") == log.count("(no result yet: the baseline)"), log
     # Committed: a clean tree on the head, the records on the run's branch, no base ref left.
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
     refs = subprocess.run(["git", "for-each-ref", f"refs/arun/swarm/{run}/base"], cwd=repo, capture_output=True,

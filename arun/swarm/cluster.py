@@ -75,6 +75,28 @@ def join(address: str) -> None:
                             "Ray version as the cluster".replace("{address}", address))
 
 
+def token_path() -> Path | None:
+    """The token file Ray reads here (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), if one exists;
+    None when the token comes from RAY_AUTH_TOKEN or there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    return path if path.is_file() else None
+
+
+def private_token() -> str | None:
+    """Ray writes ~/.ray/auth_token readable by every user of the machine (0644); anyone who reads it can
+    join the cluster and run code on every node. Made 0600 here; returns what was done, or None."""
+    path = token_path()
+    if path is None or not path.stat().st_mode & 0o077:
+        return None
+    try:
+        path.chmod(0o600)
+    except OSError as e:
+        return f"warning: {path} is readable by other users and could not be made private ({e.strerror}); chmod 600 it"
+    return f"note: {path} was readable by other users; made it private (mode 600)"
+
+
 def log_dir() -> str:
     """Where Ray keeps this session's logs (raylet, workers, the driver's core worker)."""
     try:

@@ -114,6 +114,8 @@ class Swarm:
             pass  # a caller (a test, a notebook) already connected; leave its cluster alone at the end
         elif o.address:
             cluster.join(o.address)
+            if said := cluster.private_token():
+                self.log(said)
         else:
             cluster.start_local(o.num_cpus or max(os.cpu_count() or 1, o.workers or 1), o.object_store_mb)
             self.own_cluster = True

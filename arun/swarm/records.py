@@ -21,8 +21,9 @@ from arun.core.errors import ArunError
 
 def changed_ledgers(repo: Path) -> list[str]:
     """bench/<tag>/ledger.jsonl files that differ from HEAD (modified or new)."""
-    out = gitops.run_git(repo, "status", "--porcelain", "--untracked-files=all", "--", "bench")
-    paths = [line[3:].strip() for line in out.splitlines() if line.strip()]
+    changed = gitops.run_git(repo, "diff", "--name-only", "HEAD", "--", "bench")
+    new = gitops.run_git(repo, "ls-files", "--others", "--exclude-standard", "--", "bench")
+    paths = [line.strip() for line in (changed + "\n" + new).splitlines() if line.strip()]
     return sorted(p for p in paths if p.endswith("/ledger.jsonl"))
 
 
@@ -43,8 +44,9 @@ def on_top(repo: Path, parent: str, source: str, paths: list[str], message: str)
 
 
 def commit_records(repo: Path, run: str, branches: dict[str, str], base: str) -> dict:
-    """Commits the swarm's ledgers on the current branch and on the run's branch(es); moves `branches`
-    (branch -> best commit) onto their records commits. Returns {"lines": what to tell the user}."""
+    """Commits the swarm's ledgers on the current branch and on the run's branch(es): each of `branches`
+    (branch -> best commit) moves to a records commit whose parent is that best, as a single run's record
+    commit follows its keep. Returns {"lines": what to tell the user, "commit": the head's records commit}."""
     paths = changed_ledgers(repo)
     if not paths:
         return {"lines": []}
@@ -59,7 +61,6 @@ def commit_records(repo: Path, run: str, branches: dict[str, str], base: str) ->
     for branch, best in targets.items():
         tip = on_top(repo, best, head, paths, message) if best else head
         if gitops.move_branch(repo, branch, tip):
-            branches[branch] = tip
             lines.append(f"{branch} carries the run's records: elsewhere, git fetch origin {branch} && "
                          f"arun compare --ref origin/{branch}")
     return {"lines": lines, "commit": head}
