@@ -319,6 +319,7 @@ def test_ctrl_c_records_the_interrupted_experiments_and_leaves_no_worktree(swarm
     for r in (repo, clone):
         assert git(r, "worktree", "list", "--porcelain").count("worktree ") == 1
         assert not [p for p in (r / ".arun" / "swarm").glob("t-w*") if p.is_dir()]  # the per-worker logs stay
+        assert not list((r / ".arun" / "swarm").glob("t-w*.tmp"))  # nor the workers' scratch (scorer) folders
     assert git(repo, "branch", "--list", "autoresearch/t-w0") and git(clone, "branch", "--list", "autoresearch/t-w1")
     for wt in swarm_run["worktrees"].values():
         assert not _processes_with_cwd_under(wt)

@@ -264,6 +264,7 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
     finally:
         _end(_procs_with(str(temp)))
     text = out.stdout + out.stderr
+    print(text)  # shown with -s or on failure
     records = _records(repo, run)
     assert len(records) == 4, text[-2000:]
     # Which worker ran on the second node: its log sits in the clone's .arun/swarm/.

@@ -50,7 +50,8 @@ def ray_processes(temp_dir: Path) -> list[int]:
     """This machine's processes of the Ray cluster started with `ray start --temp-dir temp_dir`: each
     names that folder on its command line (a node joining the cluster takes the head's), so another
     Ray instance of the same user is never among them."""
-    import psutil  # comes with Ray (the [swarm] extra)
+    import ray  # noqa: F401  (Ray brings psutil: imported after it, as Ray's own modules do)
+    import psutil
     root, me = str(Path(temp_dir).expanduser().resolve()), os.getpid()
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):

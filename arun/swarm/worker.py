@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from arun.search.loop import iteration
 from arun.search.loop import make_proposer as loop_proposer
 from arun.swarm.actors import ray_get
 from arun.swarm.procs import kill_processes_in
-from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, worktree_path
+from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, temp_path, worktree_path
 
 
 def _who(record: dict, run: str) -> str:
@@ -88,10 +89,17 @@ class Worker:
         self.shares_main_repo = (self.node_id == cfg["driver_node"]
                                  and self.repo.resolve() == Path(cfg["main_repo"]).resolve())
         self.wt = worktree_path(self.repo, self.run, k)
+        tmp = temp_path(self.repo, self.run, k)
         if self.wt.exists():
-            # A restart on the same machine: the previous process's train run or agent may still be
-            # going (they outlive a SIGKILLed parent) and would hold the GPU; they stop first.
+            # A restart on the same machine: the previous process's train run, agent or scorer may still
+            # be going (they outlive a SIGKILLed parent) and would hold the GPU; they stop first.
             kill_processes_in(self.wt)
+            kill_processes_in(tmp)
+        # Scratch folders (the scorer's) go beside the worktree, not in the machine's TMPDIR: removed
+        # with the worker at the end even when it was killed mid-scoring.
+        tmp.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)
+        tempfile.tempdir = None  # re-read TMPDIR
         reg = ray_get(coordinator.register.remote(k, {"pid": os.getpid(), "node_id": self.node_id, "host": self.host,
                                                        "repo": str(self.repo), "worktree": str(self.wt)}))
         self.restarted = reg["previous"] is not None
