@@ -385,8 +385,9 @@ def test_a_keep_must_beat_the_best_written_while_it_ran(tmp_path: Path, cluster)
     late = keep(1, 2.4, best_before=2.5)          # better than where w1 started, not than 2.3
     tie = keep(1, 2.3)                            # equal is not better
     stale_baseline = keep(1, 2.6, baseline=True)  # a worker that saw no best at all
-    win = keep(1, 2.2)
+    win = keep(1, 2.2, baseline=True, best_before=None)  # better, from a worker that saw no best
     assert first["status"] == "keep" and win["status"] == "keep"
+    assert not win["baseline"] and win["best_before"] == 2.3
     for rec in (late, tie, stale_baseline):
         assert rec["status"] == "discard" and rec["superseded"]["by"] == first["id"] and not rec["baseline"]
         assert rec["best_before"] == 2.3

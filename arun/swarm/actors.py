@@ -120,8 +120,11 @@ class Coordinator:
             return record
         self._load_key(str(record.get("tag")), key_id)
         best = self.best.get(key_id)
-        if best is None or val < best["val_bpb"]:
+        if best is None:
             return record
+        if val < best["val_bpb"]:
+            # Better: a keep, measured from the real best (a worker that saw no best called it a baseline).
+            return dict(record, baseline=False, best_before=best["val_bpb"])
         return dict(record, status="discard", baseline=False, best_before=best["val_bpb"],
                     near_miss=val - best["val_bpb"] <= NEAR_MISS,
                     superseded={"by": best.get("id"), "val_bpb": best["val_bpb"], "kept_commit": record.get("commit"),
