@@ -387,7 +387,8 @@ def test_a_keep_must_beat_the_best_written_while_it_ran(tmp_path: Path, cluster)
     stale_baseline = keep(1, 2.6, baseline=True)  # a worker that saw no best at all
     win = keep(1, 2.2, baseline=True, best_before=None)  # better, from a worker that saw no best
     assert first["status"] == "keep" and win["status"] == "keep"
-    assert not win["baseline"] and win["best_before"] == 2.3
+    assert not win["baseline"] and win["best_before"] == 2.3 and win["rejudged"]["baseline"]
+    assert stale_baseline["rejudged"] == {"status": "keep", "baseline": True, "best_before": None}
     for rec in (late, tie, stale_baseline):
         assert rec["status"] == "discard" and rec["superseded"]["by"] == first["id"] and not rec["baseline"]
         assert rec["best_before"] == 2.3

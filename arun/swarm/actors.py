@@ -124,11 +124,18 @@ class Coordinator:
             return record
         if val < best["val_bpb"]:
             # Better: a keep, measured from the real best (a worker that saw no best called it a baseline).
-            return dict(record, baseline=False, best_before=best["val_bpb"])
-        return dict(record, status="discard", baseline=False, best_before=best["val_bpb"],
-                    near_miss=val - best["val_bpb"] <= NEAR_MISS,
-                    superseded={"by": best.get("id"), "val_bpb": best["val_bpb"], "kept_commit": record.get("commit"),
-                                "why": "not better than the best written while it ran"})
+            judged = dict(record, baseline=False, best_before=best["val_bpb"])
+        else:
+            judged = dict(record, status="discard", baseline=False, best_before=best["val_bpb"],
+                          near_miss=val - best["val_bpb"] <= NEAR_MISS,
+                          superseded={"by": best.get("id"), "val_bpb": best["val_bpb"],
+                                      "kept_commit": record.get("commit"),
+                                      "why": "not better than the best written while it ran"})
+        mine = {"status": record.get("status"), "baseline": bool(record.get("baseline")),
+                "best_before": record.get("best_before")}
+        if mine != {"status": judged["status"], "baseline": False, "best_before": judged["best_before"]}:
+            judged["rejudged"] = mine  # what the worker had decided, for the record
+        return judged
 
     def record(self, k: int, record: dict, bundle: bytes | None = None) -> dict:
         """Appends worker k's record (through the one writer, judged by judge()) and moves the best if it won."""
