@@ -38,8 +38,10 @@ def start_local(num_cpus: int, object_store_mb: int) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # why: see the module docstring
     try:
         # address="local": always a fresh private instance, never one a stale /tmp/ray file points at.
+        # ERROR: Ray's start-up warnings (e.g. "Token authentication is enabled ...") are about Ray's own
+        # defaults, not this run; they stay in Ray's logs and the console keeps the swarm's lines.
         ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=object_store_mb * 2**20, logging_level="WARNING", log_to_driver=False)
+                 object_store_memory=object_store_mb * 2**20, logging_level="ERROR", log_to_driver=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
