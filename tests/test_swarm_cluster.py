@@ -4,6 +4,8 @@
   `ray start` exactly as the README's multi-node steps say; the second node's raylet is killed
   mid-experiment: its experiment is recorded once, the swarm finishes on the head, the lost
   worker's worktree is removed, and every record is accounted for.
+- Two nodes, two HOMEs (two identity keys): the remote worker ratchets on the head's signed best, the
+  records land on autoresearch/<run>, and a third clone verifies them once it trusts the two keys.
 - One box: while a local swarm runs, every socket its Ray processes listen on is on loopback.
 
 Linux only (127.0.0.2 and .3 are loopback there, not on macOS). Deselect with `-m "not swarm"`.

@@ -23,7 +23,9 @@ worker on another node can adopt a commit made elsewhere.
 
 At the end (done, or Ctrl-C) every worker is stopped, its leftover processes are
 killed, its worktree is removed (the per-worker branches stay, they hold the kept
-commits), and `autoresearch/<run>` points at this run's best commit, if it beat its start.
+commits), `autoresearch/<run>` is this run's best commit (if it beat its start) with the run's records
+committed on top (records.py), and the records are committed on the head's branch too. Every keep is
+judged by the coordinator against the verified best at the moment it is written (Coordinator.judge).
 A lost machine's worktree is removed when it is on this machine's disk; otherwise the summary
 says where it is and how to remove it.
 """
