@@ -17,7 +17,7 @@ from rich.text import Text
 
 import prepare
 from arun_data import build, not_held_out
-from arun.core import artifacts, confine, gitops
+from arun.core import artifacts, confine, gitops, trust
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
@@ -29,6 +29,7 @@ from arun.report.compare import (NOT_HELD_OUT_NOTE, compare, compare_tables, fin
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
+from arun.report.signers import signer_lines
 from arun.report.site import build_site
 from arun.report.summary import parse_time, report, select
 from arun.search.calibrate import Options as CalibrateOptions
@@ -296,6 +297,7 @@ def compare_cmd(refs: tuple[str, ...]) -> None:
     for table in compare_tables(summaries):
         console.print(table)
     say("\n".join(heldout_report([r for s in summaries for r in s.records])))
+    say("\n".join(signer_lines([r for s in summaries for r in s.records])))
 
 
 @cli.command("log")
@@ -315,6 +317,7 @@ def log_cmd(tag: str | None) -> None:
     if any(not_held_out(r) for r in records):
         say(NOT_HELD_OUT_NOTE)
     say("\n".join(heldout_report(records)))
+    say("\n".join(signer_lines(records)))
 
 
 @cli.command("show")
@@ -486,6 +489,52 @@ def doctor_cmd() -> None:
                      if kept.missing else "none missing"), markup=False, highlight=False, soft_wrap=True)
 
 
+@cli.group("trust", invoke_without_command=True)
+@click.pass_context
+def trust_cmd(ctx: click.Context) -> None:
+    """Machine identities: this machine's public key, and the keys whose records this repo believes."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(trust_list_cmd)
+
+
+@trust_cmd.command("show")
+def trust_show_cmd() -> None:
+    """This machine's public key (made on first use): what other machines pass to arun trust add."""
+    public = trust.own_public()
+    say(f"{trust.public_text(public)}  (id {trust.key_id(public)}, private key {trust.identity_path()})")
+
+
+@trust_cmd.command("list")
+def trust_list_cmd() -> None:
+    """This machine's key and the keys bench/trusted_keys lists."""
+    public = trust.own_public()
+    say(f"{trust.key_id(public)}  this machine (always trusted)  {trust.public_text(public)}")
+    repo = Path.cwd()
+    for k in trust.repo_keys(repo):
+        say(f"{k.key_id}  {k.name}  {trust.public_text(k.public)}")
+    if not trust.repo_keys(repo):
+        say(f"no other key trusted in {trust.TRUST_FILE}; add one with: arun trust add <key or file> --name NAME")
+
+
+@trust_cmd.command("add")
+@click.argument("key", metavar="KEY|FILE")
+@click.option("--name", default="", help="who this key belongs to (e.g. gpu-box); default: its id")
+def trust_add_cmd(key: str, name: str) -> None:
+    """Trust another machine's records here: KEY is what `arun trust show` prints there (or a file holding it)."""
+    require_project(Path.cwd())
+    known = trust.add(Path.cwd(), key, name)
+    say(f"trusted {known.key_id} ({known.name}) in {trust.TRUST_FILE}; commit it to share it with the lab: "
+        f"git add {trust.TRUST_FILE} && git commit -m 'trust {known.name}'")
+
+
+@trust_cmd.command("remove")
+@click.argument("which", metavar="ID|NAME")
+def trust_remove_cmd(which: str) -> None:
+    """Stop trusting a key (by id, a 6+ digit id prefix, or name): its records show as foreign again."""
+    for k in trust.remove(Path.cwd(), which):
+        say(f"removed {k.key_id} ({k.name}) from {trust.TRUST_FILE}")
+
+
 @cli.command("swarm")
 @backend_choice("engine every worker runs")
 @click.option("--workers", type=int, default=None,
@@ -530,6 +579,24 @@ def swarm_cmd(backend: str, workers: int | None, address: str | None, agent: str
     for line in swarm_report(summary):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
     sys.exit(130 if summary["interrupted"] else 0)
+
+
+@cli.command("swarm-down")
+@click.option("--temp-dir", "temp_dir", required=True, type=click.Path(file_okay=False),
+              help="the --temp-dir this cluster's `ray start --head` was given")
+def swarm_down_cmd(temp_dir: str) -> None:
+    """Stops this machine's processes of one Ray cluster (run it on every node), never another Ray of the
+    user (as `ray stop` would)."""
+    from arun.swarm.procs import ray_processes, stop_pids
+    try:
+        pids = ray_processes(Path(temp_dir))
+    except ImportError as e:
+        fail(f"arun swarm-down needs Ray ({e}); install it with: pip install -e '.[swarm]'")
+    if not pids:
+        say(f"no process of the Ray cluster at {temp_dir} runs on this machine")
+        return
+    stop_pids(pids, grace=5.0)
+    say(f"stopped {len(pids)} process(es) of the Ray cluster at {temp_dir} on this machine")
 
 
 @cli.command("loop")

@@ -77,3 +77,106 @@ def test_legacy_prefix_is_accepted_and_chained(key):
     new = chain.seal({"id": "n0", "status": "discard", "val_bpb": 2.6}, prev, key)
     v = chain.check(legacy + [json.loads(json.dumps(new))], key)
     assert v.problems == [] and v.legacy == {0}
+
+
+# --------------------------------------------------------------------------- Ed25519 identities
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+from arun.core import trust  # noqa: E402
+from arun.core.ledger import Ledger, all_records, trusted  # noqa: E402
+
+
+def signed_by(priv: Ed25519PrivateKey, records: list[dict], prev: str = "") -> list[dict]:
+    """Lines as another machine writes them: chained, signed with its own identity."""
+    out = []
+    for rec in records:
+        body = json.loads(json.dumps(rec))
+        c = chain.chain_of(prev, body)
+        body.update(prev=prev, chain=c, sig=priv.sign(b"arun-ledger-line:" + c.encode()).hex(),
+                    sig_key=trust.key_id(priv.public_key()))
+        out.append(body)
+        prev = c
+    return out
+
+
+def test_identity_key_is_private_stable_and_signs_new_lines(key, tmp_path):
+    pub = trust.own_public()
+    assert trust.own_public() == pub or trust.key_id(trust.own_public()) == trust.key_id(pub)
+    assert (trust.identity_path().stat().st_mode & 0o777) == 0o600
+    assert trust.identity_path().parent == chain.key_path().parent  # the folder confinement hides
+    led = Ledger(tmp_path / "repo" / "bench" / "t" / "ledger.jsonl")
+    rec = led.append({"status": "keep", "val_bpb": 2.0, "key_id": "k"})
+    assert rec["sig_key"] == trust.key_id(pub) and "mac" not in rec
+    got = led.records()[0]
+    assert got["_trust"] == "ok" and got["_signer"] == "this machine"
+
+
+def test_a_trusted_machines_lines_verify_and_an_unknown_ones_are_foreign(key, tmp_path):
+    other = Ed25519PrivateKey.generate()
+    repo = tmp_path / "repo"
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    path.parent.mkdir(parents=True)
+    lines = signed_by(other, [{"id": "a", "status": "keep", "val_bpb": 2.0, "key_id": "k"}])
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    rec = Ledger(path).records()[0]
+    assert rec["_trust"] == "foreign" and rec["_signer"] == f"key {trust.key_id(other.public_key())}"
+    trust.add(repo, trust.public_text(other.public_key()), "gpu box")
+    rec = Ledger(path).records()[0]
+    assert rec["_trust"] == "ok" and rec["_signer"] == "gpu box" and trusted(rec)
+    assert [k.name for k in trust.repo_keys(repo)] == ["gpu box"]
+    trust.remove(repo, "gpu box")
+    assert Ledger(path).records()[0]["_trust"] == "foreign"
+
+
+def test_a_bad_signature_under_a_trusted_key_is_forged(key, tmp_path):
+    lab = Ed25519PrivateKey.generate()
+    forger = Ed25519PrivateKey.generate()
+    honest = signed_by(lab, [{"id": "a", "status": "keep", "val_bpb": 2.0}])
+    # The forger chains correctly and names the lab's key, but signs with its own.
+    fake = signed_by(forger, [{"id": "fake", "status": "keep", "val_bpb": 0.1}], honest[-1]["chain"])[0]
+    fake["sig_key"] = trust.key_id(lab.public_key())
+    keys = {trust.key_id(lab.public_key()): trust.Known(trust.key_id(lab.public_key()), "lab", lab.public_key())}
+    v = chain.check(honest + [fake], None, keys=keys)
+    assert v.bad == {1} and "does not verify under the trusted key" in v.problems[0].what
+    assert v.signer == {0: "lab"}
+
+
+def test_legacy_hmac_lines_verify_here_only(key):
+    recs = sealed(key, 2)
+    mine = chain.check(recs, key)
+    assert mine.bad == set() and mine.foreign == set() and "legacy HMAC" in mine.signer[0]
+    elsewhere = chain.check(recs, b"q" * 32)
+    assert elsewhere.foreign == {0, 1}
+
+
+def test_trust_file_lines_that_are_not_keys_trust_nothing(key, tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "trusted_keys").write_text("# lab keys\nnot-a-key name\ned25519:AAAA short\n")
+    assert trust.repo_keys(tmp_path) == []
+    with pytest.raises(Exception, match="not an arun public key"):
+        trust.add(tmp_path, "ed25519:AAAA")
+
+
+def test_a_ref_is_judged_by_the_working_trees_trust_not_its_own(key, tmp_path):
+    """A fetched branch that adds its own key to bench/trusted_keys does not make its lines verified."""
+    import subprocess
+    other = Ed25519PrivateKey.generate()
+    repo = tmp_path / "r"
+    (repo / "bench" / "t").mkdir(parents=True)
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True)  # noqa: E731
+    git("init", "-q", "-b", "main")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (repo / "README").write_text("x\n")
+    git("add", "-A")
+    git("commit", "-qm", "base")
+    git("checkout", "-qb", "theirs")
+    (repo / "bench" / "t" / "ledger.jsonl").write_text(
+        json.dumps(signed_by(other, [{"id": "x", "status": "keep", "val_bpb": 0.5, "time": "1"}])[0]) + "\n")
+    trust.add(repo, trust.public_text(other.public_key()), "self-vouched")
+    git("add", "-A")
+    git("commit", "-qm", "their records and their trust")
+    git("checkout", "-q", "main")
+    recs = all_records(repo, ["theirs"])
+    assert [r["_trust"] for r in recs] == ["foreign"]

@@ -48,6 +48,39 @@ def init_repo(path: Path, files: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- plumbing (no Ray)
 
+def test_a_world_readable_ray_token_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from arun.swarm.cluster import private_token
+    token = tmp_path / "auth_token"
+    token.write_text("t" * 64)
+    token.chmod(0o644)  # as `ray get-auth-token --generate` leaves ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert "made it private" in private_token()
+    assert token.stat().st_mode & 0o777 == 0o600 and private_token() is None
+
+
+def test_swarm_records_are_committed_here_and_on_the_run_branch(tmp_path: Path) -> None:
+    from arun.swarm.records import commit_records
+    repo = tmp_path / "r"
+    base = init_repo(repo, {"train.py": "X = 1\n", "bench/t/ledger.jsonl": '{"id": "old"}\n'})
+    git(repo, "checkout", "-qb", "autoresearch/s-w0")
+    (repo / "train.py").write_text("X = 2\n")
+    git(repo, "commit", "-qam", "a win")
+    best = git(repo, "rev-parse", "HEAD")
+    git(repo, "checkout", "-q", "main")
+    with open(repo / "bench" / "t" / "ledger.jsonl", "a") as f:
+        f.write('{"id": "new"}\n')
+    (repo / "bench" / "u").mkdir()
+    (repo / "bench" / "u" / "ledger.jsonl").write_text('{"id": "other-tag"}\n')
+    out = commit_records(repo, "s", {"autoresearch/s": best}, base)
+    assert git(repo, "status", "--porcelain") == ""
+    assert git(repo, "rev-parse", "autoresearch/s^") == best
+    assert git(repo, "show", "autoresearch/s:train.py") == "X = 2"  # the best's code, with the records
+    assert "new" in git(repo, "show", "autoresearch/s:bench/t/ledger.jsonl")
+    assert "other-tag" in git(repo, "show", "autoresearch/s:bench/u/ledger.jsonl")
+    assert any("autoresearch/s carries the run's records" in line for line in out["lines"])
+    assert commit_records(repo, "s", {}, base) == {"lines": []}  # nothing new: nothing committed
+
 def test_a_commit_travels_between_clones_as_a_bundle(tmp_path: Path) -> None:
     a = tmp_path / "a"
     base = init_repo(a, {"train.py": "X = 1\n"})
@@ -286,6 +319,7 @@ def test_ctrl_c_records_the_interrupted_experiments_and_leaves_no_worktree(swarm
     for r in (repo, clone):
         assert git(r, "worktree", "list", "--porcelain").count("worktree ") == 1
         assert not [p for p in (r / ".arun" / "swarm").glob("t-w*") if p.is_dir()]  # the per-worker logs stay
+        assert not list((r / ".arun" / "swarm").glob("t-w*.tmp"))  # nor the workers' scratch (scorer) folders
     assert git(repo, "branch", "--list", "autoresearch/t-w0") and git(clone, "branch", "--list", "autoresearch/t-w1")
     for wt in swarm_run["worktrees"].values():
         assert not _processes_with_cwd_under(wt)
@@ -296,8 +330,13 @@ def test_ctrl_c_records_the_interrupted_experiments_and_leaves_no_worktree(swarm
     assert {r["id"] for r in _ledger(swarm_run) if r.get("run_dir")} <= runs
     weights = {p.parent.name for r in (repo, clone) for p in (r / ".arun" / "runs").glob("*/weights*.npz")}
     assert weights <= {Path(best["run_dir"]).name}
-    assert git(repo, "rev-parse", "autoresearch/t") == best["commit"]
+    # The run's branch: its best commit, and on top the records commit (as a single run's record commit).
+    assert git(repo, "rev-parse", "autoresearch/t^") == best["commit"]
+    assert git(repo, "log", "-1", "--format=%s", "autoresearch/t") == "arun: swarm t records"
+    on_branch = git(repo, "show", f"autoresearch/t:bench/{best['tag']}/ledger.jsonl")
+    assert all(r["id"] in on_branch for r in records)
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""
+    assert git(repo, "for-each-ref", "refs/arun/swarm/t/base") == ""
 
 
 @pytest.mark.swarm
@@ -323,3 +362,34 @@ def test_one_baseline_per_key_the_other_workers_wait(tmp_path: Path, cluster) ->
     assert crash["status"] == "crash" and crash["description"] == "try" and crash["commit"] == base
     assert cluster.get(coord.crash.remote(1, "again"))["id"] == crash["id"]  # recorded once
     assert len(cluster.get(ledger.records.remote("tag-a"))) == 2
+
+
+@pytest.mark.swarm
+def test_a_keep_must_beat_the_best_written_while_it_ran(tmp_path: Path, cluster) -> None:
+    """Near-simultaneous keeps: the coordinator writes one record at a time, and a keep is written as a
+    keep only if strictly below the verified best at that moment; the later one becomes a discard that
+    names the record that beat it. The writer's key is what workers are told to trust."""
+    from arun.core import trust
+    repo = tmp_path / "repo"
+    base = init_repo(repo, {"train.py": "X = 1\n"})
+    ledger = cluster.remote(LedgerWriter).remote(str(repo))
+    assert cluster.get(ledger.public_key.remote()) == trust.public_text(trust.own_public())
+    coord = cluster.remote(Coordinator).remote(str(repo), "n", base, ledger)
+
+    def keep(k: int, val: float, **extra) -> dict:
+        rec = {"key_id": "key-a", "tag": "tag-a", "status": "keep", "val_bpb": val, "commit": base, **extra}
+        return cluster.get(coord.record.remote(k, rec))
+
+    assert keep(0, 2.5, baseline=True)["status"] == "keep"
+    first = keep(0, 2.3)                          # both workers started from 2.5; w0 reaches the writer first
+    late = keep(1, 2.4, best_before=2.5)          # better than where w1 started, not than 2.3
+    tie = keep(1, 2.3)                            # equal is not better
+    stale_baseline = keep(1, 2.6, baseline=True)  # a worker that saw no best at all
+    win = keep(1, 2.2, baseline=True, best_before=None)  # better, from a worker that saw no best
+    assert first["status"] == "keep" and win["status"] == "keep"
+    assert not win["baseline"] and win["best_before"] == 2.3 and win["rejudged"]["baseline"]
+    assert stale_baseline["rejudged"] == {"status": "keep", "baseline": True, "best_before": None}
+    for rec in (late, tie, stale_baseline):
+        assert rec["status"] == "discard" and rec["superseded"]["by"] == first["id"] and not rec["baseline"]
+        assert rec["best_before"] == 2.3
+    assert cluster.get(coord.state.remote())["best"]["key-a"]["id"] == win["id"]

@@ -4,6 +4,8 @@
   `ray start` exactly as the README's multi-node steps say; the second node's raylet is killed
   mid-experiment: its experiment is recorded once, the swarm finishes on the head, the lost
   worker's worktree is removed, and every record is accounted for.
+- Two nodes, two HOMEs (two identity keys): the remote worker ratchets on the head's signed best, the
+  records land on autoresearch/<run>, and a third clone verifies them once it trusts the two keys.
 - One box: while a local swarm runs, every socket its Ray processes listen on is on loopback.
 
 Linux only (127.0.0.2 and .3 are loopback there, not on macOS). Deselect with `-m "not swarm"`.
@@ -215,8 +217,117 @@ def test_one_box_ray_listens_on_loopback_only(tmp_path: Path, tiny_data: Path, t
         if swarm.poll() is None:
             swarm.kill()
     assert session, (tmp_path / "swarm.out").read_text()[-2000:]
+    assert "WARNING" not in (tmp_path / "swarm.out").read_text()  # Ray's start-up warnings stay in its logs
     assert addresses and all(is_loopback(a) for a in addresses), addresses
     time.sleep(0.5)
     left = _procs_with(session)
     _end(left)
     assert not left, "Ray processes outlived the swarm"
+
+
+def _arun(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([*ARUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_path: Path, tiny_data: Path,
+                                                                           tiny_cache: Path) -> None:
+    """Two nodes, two HOMEs (two identity keys), as two real machines: the remote worker judges against
+    the best the head signed, no keep is worse than the best written before it, the records are committed
+    on autoresearch/<run>, and a third clone verifies them only once it trusts the lab's keys."""
+    _needs_ray()
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from arun.core import chain, trust
+    repo, clone, third = tmp_path / "repo", tmp_path / "clone", tmp_path / "third"
+    repo.mkdir()
+    make_project(repo, "train_cuda.py")
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    homes = {n: tmp_path / f"home-{n}" for n in ("head", "node", "third")}
+    temp = Path(tempfile.mkdtemp(prefix="arK", dir="/tmp"))
+    token = temp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    port = _free_port("127.0.0.2")
+    env = _env(tiny_data, tiny_cache, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    head_env = dict(env, ARUN_HOME=str(homes["head"]))
+    run = "trusty"
+    try:
+        _ray(["start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(port), "--include-dashboard", "false",
+              "--num-cpus", "1", "--temp-dir", str(temp / "ray"), "--disable-usage-stats"],
+             dict(head_env, ARUN_SWARM_REPO=str(repo)), repo)
+        _ray(["start", "--address", f"127.0.0.2:{port}", "--node-ip-address", "127.0.0.3", "--num-cpus", "1"],
+             dict(env, ARUN_HOME=str(homes["node"]), ARUN_SWARM_REPO=str(clone)), clone)
+        out = _arun(["swarm", "--backend", "cuda", "--device", "cpu", "--address", f"127.0.0.2:{port}", "--agent",
+                     "sweep", "--budget", "1", "--iterations", "4", "--max-crashes", "0", "--run", run], repo, head_env)
+        assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+        # The README's teardown: this cluster's processes only, by its --temp-dir (both nodes are on this box).
+        down = _arun(["swarm-down", "--temp-dir", str(temp / "ray")], repo, env)
+        assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+        time.sleep(0.5)
+        assert not _procs_with(str(temp / "ray")), "a Ray process of this cluster outlived swarm-down"
+    finally:
+        _end(_procs_with(str(temp)))
+    text = out.stdout + out.stderr
+    print(text)  # shown with -s or on failure
+    records = _records(repo, run)
+    assert len(records) == 4, text[-2000:]
+    # Which worker ran on the second node: its log sits in the clone's .arun/swarm/.
+    remote = {int(p.stem.rsplit("-w", 1)[1]) for p in (clone / ".arun" / "swarm").glob(f"{run}-w*.log")}
+    assert len(remote) == 1, text[-2000:]
+    remote_recs = [r for r in records if r["swarm"]["worker"] in remote and r.get("val_bpb") is not None]
+    assert remote_recs, text[-2000:]
+    # The ratchet, in ledger order: every keep strictly below the verified best written before it.
+    best = None
+    for r in records:
+        if r["status"] == "keep":
+            assert best is None or r["val_bpb"] < best, (r["val_bpb"], best, r["swarm"])
+            best = r["val_bpb"]
+    assert sum(1 for r in records if r.get("baseline") and r["status"] == "keep") == 1
+    # No worker claimed a baseline while a verified best existed (what a worker that cannot verify the
+    # head's lines does; the coordinator then corrects it and keeps the claim under `rejudged`).
+    assert not [r for r in records if (r.get("rejudged") or {}).get("baseline")], text[-2000:]
+    log = (clone / ".arun" / "swarm" / f"{run}-w{remote.pop()}.log").read_text()
+    # The remote worker verified the head's signed ledger: it saw the best it started from (a worker that
+    # cannot verify it sees none and runs a false "baseline").
+    assert "starts from" in log and log.count("no baseline yet") == log.count("(no result yet: the baseline)"), log
+    # Committed: a clean tree on the head, the records on the run's branch, no base ref left.
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout == ""
+    refs = subprocess.run(["git", "for-each-ref", f"refs/arun/swarm/{run}/base"], cwd=repo, capture_output=True,
+                          text=True).stdout
+    assert refs == "" and f"autoresearch/{run} carries the run's records" in text, text[-2000:]
+    # A third machine: before trusting the lab's keys the records are foreign, after they verify.
+    subprocess.run(["git", "clone", "-q", str(clone), str(third)], check=True)
+    subprocess.run(["git", "-C", str(third), "fetch", "-q", str(repo), f"autoresearch/{run}:autoresearch/{run}"],
+                   check=True)
+    t_env = dict(env, ARUN_HOME=str(homes["third"]))
+    before = _arun(["compare", "--ref", f"autoresearch/{run}"], third, t_env)
+    assert before.returncode == 0 and "foreign: 4 record(s)" in before.stdout, before.stdout + before.stderr
+    for name in ("head", "node"):
+        key = _arun(["trust", "show"], third, dict(env, ARUN_HOME=str(homes[name]))).stdout.split()[0]
+        assert _arun(["trust", "add", key, "--name", f"lab-{name}"], third, t_env).returncode == 0
+    after = _arun(["compare", "--ref", f"autoresearch/{run}"], third, t_env)
+    assert "verified: 4 signed by lab-head" in after.stdout and "foreign" not in after.stdout, after.stdout
+    # A forged line, chained right but signed by a key nobody trusts: named, never the best.
+    subprocess.run(["git", "-C", str(third), "checkout", "-q", f"autoresearch/{run}"], check=True)
+    path = next((third / "bench").glob("*/ledger.jsonl"))
+    last = json.loads(path.read_text().splitlines()[-1])
+    forger = Ed25519PrivateKey.generate()
+    fake = {**{k: v for k, v in last.items() if k not in chain.SEAL_FIELDS}, "id": "forged-1", "status": "keep",
+            "val_bpb": 0.01, "baseline": False}
+    c = chain.chain_of(last["chain"], fake)
+    fake.update(prev=last["chain"], chain=c, sig=forger.sign(b"arun-ledger-line:" + c.encode()).hex(),
+                sig_key=trust.key_id(forger.public_key()))
+    with path.open("a") as f:
+        f.write(json.dumps(fake) + "\n")
+    forged = _arun(["compare"], third, t_env)
+    assert f"signed by key {trust.key_id(forger.public_key())}" in forged.stdout, forged.stdout
+    os.environ["ARUN_HOME"], saved = str(homes["third"]), os.environ.get("ARUN_HOME")
+    try:
+        from arun.core.ledger import Ledger
+        from arun.core.ratchet import best_record
+        recs = Ledger(path).records()
+        assert recs[-1]["_trust"] == "foreign" and best_record(recs, last["key_id"])["id"] != "forged-1"
+    finally:
+        os.environ.pop("ARUN_HOME") if saved is None else os.environ.update(ARUN_HOME=saved)
+    shown = _arun(["log"], third, t_env)
+    assert "forged-1" in shown.stdout and "[foreign]" in shown.stdout
+    shutil.rmtree(temp, ignore_errors=True)

@@ -6,9 +6,15 @@ Every line carries three fields besides the record itself:
     prev    the `chain` value of the line before it ("" for the first line)
     chain   sha256(prev + the record's canonical JSON): anyone can recompute it, so an edit,
             a deletion or an insertion breaks the chain wherever the ledger is read
-    mac     HMAC-SHA256 of `chain` under this machine's secret key (kept outside the repo, which
-            confined train and agent processes cannot read); `mac_key` names the key. A writer
-            that recomputes the whole chain still cannot produce the mac.
+    sig     Ed25519 signature of `chain` under the writing machine's identity key (arun/core/trust.py,
+            kept outside the repo where confined train and agent processes cannot read it);
+            `sig_key` names the key. A writer that recomputes the whole chain still cannot sign it,
+            and any machine holding the public key can check it: a line verifies wherever its key
+            is trusted (bench/trusted_keys, or this machine's own), and is `foreign` elsewhere.
+
+Lines written before identities existed carry `mac` / `mac_key` instead: HMAC-SHA256 of `chain` under
+this machine's secret ledger.key. They verify (as legacy HMAC seals) on the machine that made them
+only; every other machine sees them as foreign.
 
 Lines from before sealing existed (no `chain`) are accepted only as a prefix of the file: an
 unsealed line after a sealed one is reported like any other forgery.
@@ -24,18 +30,18 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-SEAL_FIELDS = ("prev", "chain", "mac", "mac_key")
+from arun.core import trust
+
+SEAL_FIELDS = ("prev", "chain", "mac", "mac_key", "sig", "sig_key")
 
 
 def key_path() -> Path:
     """$ARUN_HOME/ledger.key, default ~/.config/arun/ledger.key: outside every repo."""
-    home = os.environ.get("ARUN_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".config" / "arun"
-    return base / "ledger.key"
+    return trust.home() / "ledger.key"
 
 
 def machine_key() -> bytes:
-    """This machine's sealing key, made on first use (0600, written atomically so two aruns agree)."""
+    """This machine's legacy HMAC sealing key (new lines are signed, see trust.py), made on first use (0600, written atomically so two aruns agree)."""
     path = key_path()
     try:
         return bytes.fromhex(path.read_text().strip())
@@ -77,14 +83,19 @@ def chain_of(prev: str, record: dict) -> str:
     return hashlib.sha256(prev.encode() + b"\n" + _canonical(record)).hexdigest()
 
 
-def seal(record: dict, prev: str, key: bytes) -> dict:
-    """The record with its seal fields set, ready to be written after a line whose chain is `prev`."""
+def seal(record: dict, prev: str, key: bytes | None = None) -> dict:
+    """The record with its seal fields set, ready to be written after a line whose chain is `prev`:
+    signed with this machine's identity, or (given `key`) HMAC-sealed as before identities existed."""
     out = {k: v for k, v in record.items() if k not in SEAL_FIELDS}
     # The JSON round trip first: what is sealed must be exactly what a reader will parse back.
     out = json.loads(json.dumps(out, default=str))
     chain = chain_of(prev, out)
-    out.update(prev=prev, chain=chain, mac=hmac.new(key, chain.encode(), hashlib.sha256).hexdigest(),
-               mac_key=key_id(key))
+    out.update(prev=prev, chain=chain)
+    if key is not None:
+        out.update(mac=hmac.new(key, chain.encode(), hashlib.sha256).hexdigest(), mac_key=key_id(key))
+    else:
+        sig, kid = trust.sign(chain)
+        out.update(sig=sig, sig_key=kid)
     return out
 
 
@@ -119,19 +130,24 @@ class Problem:
 class Verdict:
     problems: list[Problem]
     bad: set[int]        # indexes of records that fail their seal: never believed
-    foreign: set[int]    # sealed under another machine's key: only their chain could be checked
+    foreign: set[int]    # sealed under a key not trusted here: only their chain could be checked
     legacy: set[int]     # written before sealing existed
+    signer: dict[int, str]   # index -> who vouches for it: a trusted key's name, or the legacy HMAC seal
 
 
-def check(records: list[dict], key: bytes | None, lines: list[int] | None = None) -> Verdict:
+def check(records: list[dict], key: bytes | None, lines: list[int] | None = None,
+          keys: dict[str, "trust.Known"] | None = None) -> Verdict:
     """Checks the seals of one ledger file's records, in file order. A record is trusted when its
-    own chain holds, its prev names the line before it, and its mac verifies under our key. A
-    record sealed under another key came from another machine (or claims to): it is shown, marked,
-    but a decision on this machine never rests on it."""
+    own chain holds, its prev names the line before it, and its signature verifies under a trusted
+    key (`keys`: id -> key, see trust.trusted) or its legacy mac under our ledger key. A record
+    signed by a key not trusted here is shown, marked foreign (with its key's id), but a decision
+    never rests on it; one whose signature fails under a trusted key is forged."""
     problems: list[Problem] = []
     bad: set[int] = set()
     foreign: set[int] = set()
     legacy: set[int] = set()
+    signer: dict[int, str] = {}
+    keys = keys or {}
     ours = key_id(key) if key is not None else None
     prev, sealed_seen = "", False
     for i, rec in enumerate(records):
@@ -157,18 +173,30 @@ def check(records: list[dict], key: bytes | None, lines: list[int] | None = None
         if chain_of(str(rec.get("prev", "")), rec) != rec["chain"]:
             problems.append(Problem(n, rid, "edited after it was written (its content no longer matches its seal)"))
             bad.add(i)
+        elif "sig" in rec or "sig_key" in rec:
+            known = keys.get(str(rec.get("sig_key")))
+            if known is None:
+                foreign.add(i)
+            elif trust.verify(known.public, rec["chain"], str(rec.get("sig", ""))):
+                signer[i] = known.name or known.key_id
+            else:
+                problems.append(Problem(n, rid, f"forged: its signature does not verify under the trusted key "
+                                                f"{known.key_id} ({known.name})"))
+                bad.add(i)
         elif ours is not None and rec.get("mac_key") == ours:
             want = hmac.new(key, str(rec["chain"]).encode(), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(want, str(rec.get("mac", ""))):
                 problems.append(Problem(n, rid, "forged: its seal was not made with this machine's ledger key"))
                 bad.add(i)
+            else:
+                signer[i] = "this machine (legacy HMAC seal)"
         elif not rec.get("mac_key") or not rec.get("mac"):
             problems.append(Problem(n, rid, "forged: sealed without a key"))
             bad.add(i)
         else:
             foreign.add(i)
         prev = rec["chain"]
-    return Verdict(problems, bad, foreign, legacy)
+    return Verdict(problems, bad, foreign, legacy, signer)
 
 
 def trust_label(what: str) -> str:

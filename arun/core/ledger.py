@@ -7,11 +7,13 @@ A writer killed mid-line leaves a torn tail; the next append cuts it off
 (keeping the bytes in ledger.jsonl.torn) before writing. Readers skip lines
 that do not parse rather than fail.
 
-Every line is sealed (arun/core/chain.py) against the line before it, under the same lock.
-Readers give each record its trust, in memory only (the `_trust` key, never written):
-"ok" (sealed by this machine), "foreign" (another machine's key), "legacy" (written before
-seals), "forged: ..." / "edited: ..." (its seal fails), "audit failed: ..." (bench/<tag>/audit.json).
-Decisions rest on "ok" records only.
+Every line is sealed (arun/core/chain.py) against the line before it, under the same lock, and
+signed with this machine's identity key (arun/core/trust.py). Readers give each record its trust,
+in memory only (the `_trust` key, never written): "ok" (signed by a key trusted here: this
+machine's, bench/trusted_keys', or a legacy HMAC seal of this machine), "foreign" (a key not trusted
+here), "legacy" (written before seals), "forged: ..." / "edited: ..." (its seal fails), "audit
+failed: ..." (bench/<tag>/audit.json). Decisions rest on "ok" records only. `_signer` says who
+vouches for a verified record (the key's name) or which key a foreign one names.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arun.core import chain
+from arun.core import chain, trust
 from arun.core.errors import ArunError
 
 TRUST = "_trust"     # the in-memory trust mark; a key that starts with "_" is never written
+SIGNER = "_signer"   # in memory: the trusted key's name, or "key <id>" for a foreign line
 AUDIT_FILE = "audit.json"
 _warned: set[tuple[str, int, str]] = set()
 
@@ -103,9 +106,16 @@ def audit_verdicts(folder: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
-def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str, str]) -> list[dict]:
-    """Sets each record's trust from its seal and the audit's verdict; one warning per bad record."""
-    verdict = chain.check(records, chain.existing_key(), lines)
+def repo_of(ledger: Path | str) -> Path:
+    """The repo a bench/<tag>/ledger.jsonl belongs to (whose bench/trusted_keys decides its trust)."""
+    return Path(ledger).resolve().parent.parent.parent
+
+
+def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str, str],
+             repo_dir: Path | str | None = None) -> list[dict]:
+    """Sets each record's trust from its seal (under the keys trusted in `repo_dir`'s working tree, never
+    a fetched ref's own list) and the audit's verdict; one warning per bad record."""
+    verdict = chain.check(records, chain.existing_key(), lines, trust.trusted(repo_dir))
     why: dict[int, str] = {}
     for p in verdict.problems:
         why.setdefault(p.line, p.what)
@@ -117,10 +127,13 @@ def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str
             rec[TRUST] = chain.trust_label(why.get(lines[i], "its seal does not hold"))
         elif i in verdict.foreign:
             rec[TRUST] = "foreign"
+            rec[SIGNER] = f"key {rec.get('sig_key') or rec.get('mac_key')}"
         elif i in verdict.legacy:
             rec[TRUST] = "legacy"
         else:
             rec[TRUST] = "ok"
+            if i in verdict.signer:
+                rec[SIGNER] = verdict.signer[i]
         audited = audit.get(str(rec.get("id")))
         if rec[TRUST] == "ok" and audited and audited.startswith("failed"):
             rec[TRUST] = "audit failed: " + audited[len("failed:"):].strip()
@@ -138,7 +151,8 @@ class Ledger:
             return []
         lines: list[int] = []
         recs = parse_lines(self.path.read_text(encoding="utf-8", errors="replace"), str(self.path), lines)
-        return annotate(recs, lines, str(self.path), audit_verdicts(self.path.parent) if audit else {})
+        return annotate(recs, lines, str(self.path), audit_verdicts(self.path.parent) if audit else {},
+                        repo_of(self.path))
 
     def _prev(self, fd: int) -> str:
         """The chain value of the file's last line (read under the lock): the prev of the next line."""
@@ -183,7 +197,7 @@ class Ledger:
         record = written(record)
         record.setdefault("id", new_id())
         record.setdefault("time", now_iso())
-        key = chain.machine_key()
+        trust.signing_key()  # made (or read) before the lock: the first append makes it
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
@@ -192,7 +206,7 @@ class Ledger:
             try:
                 self._repair(fd)  # inside the try: a full disk can stop the repair too
                 size = os.fstat(fd).st_size
-                record = chain.seal(record, self._prev(fd), key)
+                record = chain.seal(record, self._prev(fd))
                 line = (json.dumps(record) + "\n").encode()
                 view = memoryview(line)
                 while view:
@@ -242,6 +256,6 @@ def all_records(repo_dir: Path | str, refs: tuple[str, ...] | list[str] = ()) ->
                 lines: list[int] = []
                 recs = parse_lines(text, f"{ref}:{name}", lines)
                 audit = audit_verdicts((Path(repo_dir) / name).parent)
-                for rec in annotate(recs, lines, f"{ref}:{name}", audit):
+                for rec in annotate(recs, lines, f"{ref}:{name}", audit, repo_dir):
                     seen.setdefault(rec.get("id") or json.dumps(written(rec), sort_keys=True), rec)
     return sorted(seen.values(), key=lambda r: (r.get("time", ""), r.get("id", "")))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arun.core.ledger import all_records, trust_mark
+from arun.report.signers import signer_lines
 from arun.report.board import BoardRow, board
 from arun.report.charts import chart_html, plotly_js
 from arun.report.transfers import TransferRow, transfer_rows
@@ -108,8 +109,8 @@ def leaderboards(rows: list[BoardRow]) -> str:
         parts += [board_row(r) for r in group]
         parts.append("</table></div>")
         parts.append('<p class="note">A key is hardware tag + backend + data + budget; rows are never ranked '
-                     'against each other across keys. Only records sealed on this machine count as a best '
-                     '(others show as foreign).</p>')
+                     'against each other across keys. Only records signed by a key this repo trusts count as a '
+                     'best (this machine\'s, and bench/trusted_keys\'; others show as foreign).</p>')
         for r in group:
             if r.best and r.base and r.best.get("id") != r.base.get("id"):
                 parts.append(f'<h3 class="winning">Winning change on {e(r.s.tag)} ({e(r.s.backend)}): '
@@ -171,6 +172,9 @@ def tag_sections(rows: list[BoardRow]) -> tuple[str, int]:
             policy = policy_counts(s.records)  # stopped-early discards and confirmations (arun summary's line)
             if policy["stopped_early"] or any(policy["confirmations"].values()):
                 parts.append(f'<p class="note">{e(policy_line(policy))}.</p>')
+            signed = signer_lines(s.records)
+            if signed:
+                parts.append('<p class="note">' + "<br>".join(e(line) for line in signed) + '</p>')
             marks = sum(1 for r in s.records if trust_mark(r))
             if marks:
                 parts.append(f'<p class="note">{marks} record(s) not believed ({e(row.trust)}): shown, never a best.</p>')

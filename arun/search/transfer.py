@@ -21,7 +21,7 @@ from arun.core import gitops
 from arun.core.context import experiment_context
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
-from arun.core.ledger import TRUST, Ledger, all_records, trust_mark
+from arun.core.ledger import SIGNER, TRUST, Ledger, all_records, trust_mark
 from arun.core.ratchet import baseline_record, best_record, key_records
 from arun.core.trainfile import block_span, constants, rewrite_constants
 from arun.report.board import train_file_at
@@ -52,7 +52,8 @@ class Transfer:
 def believable(records: list[dict]) -> list[dict]:
     """Records a winner may be taken from: ours, and other machines' ("foreign": their seal is theirs to
     check); never forged, edited or audit-failed ones. The run here is judged under this machine's key."""
-    return [{**r, TRUST: "ok"} for r in records if trust_mark(r) in ("", "foreign")]
+    return [{**r, TRUST: "ok", "_source_trust": trust_mark(r) or "verified"} for r in records
+            if trust_mark(r) in ("", "foreign")]
 
 
 def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[str] = ()) -> Winner:
@@ -130,6 +131,9 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
         out.not_transferred.append("code change outside the constants (pass --agent to port it):\n" + winner.code_diff)
     log(f"arun transfer: {winner.origin['tag']} id {winner.origin['id']} at {str(winner.origin['commit'])[:10]} "
         f"changed {', '.join(f'{n}={v!r}' for n, v in winner.constants.items()) or 'no constants'}")
+    signer = winner.record.get(SIGNER) or "an unsigned line"
+    log(f"arun transfer: the winner's record is {winner.record.get('_source_trust', 'verified')} (signed by {signer})"
+        + ("; arun trust add its machine's key to verify it here" if winner.record.get("_source_trust") == "foreign" else ""))
     if not out.applied and not (agent and winner.code_diff.strip()):
         log("arun transfer: nothing to run here (every change is already so, or not transferable)")
         return out

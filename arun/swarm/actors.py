@@ -12,7 +12,7 @@ from typing import Any
 from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, ledger_path
-from arun.core.ratchet import best_record
+from arun.core.ratchet import NEAR_MISS, best_record
 from arun.core.record import crash_record
 from arun.swarm.worktrees import base_ref, commit_ref
 
@@ -42,6 +42,12 @@ class LedgerWriter:
 
     def records(self, tag: str) -> list[dict]:
         return self._ledger(tag).records()
+
+    def public_key(self) -> str:
+        """The key every line of this swarm is signed with (the head node's identity, as its raylet's
+        $ARUN_HOME has it): each worker trusts it for the run, so it verifies the best it starts from."""
+        from arun.core import trust
+        return trust.public_text(trust.own_public())
 
 
 class Coordinator:
@@ -103,8 +109,37 @@ class Coordinator:
         elif k in self.in_flight:
             self.in_flight[k].update(info)
 
+    def judge(self, record: dict) -> dict:
+        """The swarm's one keep rule: a keep is written as a keep only if its val_bpb is strictly lower
+        than its key's verified best at the moment it reaches this coordinator (which writes one record
+        at a time, so that best includes every keep written before it). A worker judged its result
+        against the best it started from; one that another worker has since matched or beaten is
+        written as a discard that says so (its commit stays on the worker's branch)."""
+        val, key_id = record.get("val_bpb"), record.get("key_id")
+        if record.get("status") != "keep" or not isinstance(val, (int, float)) or not key_id:
+            return record
+        self._load_key(str(record.get("tag")), key_id)
+        best = self.best.get(key_id)
+        if best is None:
+            return record
+        if val < best["val_bpb"]:
+            # Better: a keep, measured from the real best (a worker that saw no best called it a baseline).
+            judged = dict(record, baseline=False, best_before=best["val_bpb"])
+        else:
+            judged = dict(record, status="discard", baseline=False, best_before=best["val_bpb"],
+                          near_miss=val - best["val_bpb"] <= NEAR_MISS,
+                          superseded={"by": best.get("id"), "val_bpb": best["val_bpb"],
+                                      "kept_commit": record.get("commit"),
+                                      "why": "not better than the best written while it ran"})
+        mine = {"status": record.get("status"), "baseline": bool(record.get("baseline")),
+                "best_before": record.get("best_before")}
+        if mine != {"status": judged["status"], "baseline": False, "best_before": judged["best_before"]}:
+            judged["rejudged"] = mine  # what the worker had decided, for the record
+        return judged
+
     def record(self, k: int, record: dict, bundle: bytes | None = None) -> dict:
-        """Appends worker k's record (through the one writer) and moves the best if it won."""
+        """Appends worker k's record (through the one writer, judged by judge()) and moves the best if it won."""
+        record = self.judge(record)
         if bundle is not None:
             # A commit made on another machine (or clone) comes home, so the main repo holds every
             # kept commit the ledger names, and can hand it to any other worker.

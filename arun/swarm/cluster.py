@@ -38,8 +38,10 @@ def start_local(num_cpus: int, object_store_mb: int) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False  # why: see the module docstring
     try:
         # address="local": always a fresh private instance, never one a stale /tmp/ray file points at.
+        # ERROR: Ray's start-up warnings (e.g. "Token authentication is enabled ...") are about Ray's own
+        # defaults, not this run; they stay in Ray's logs and the console keeps the swarm's lines.
         ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=object_store_mb * 2**20, logging_level="WARNING", log_to_driver=False)
+                 object_store_memory=object_store_mb * 2**20, logging_level="ERROR", log_to_driver=False)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
 
@@ -73,6 +75,28 @@ def join(address: str) -> None:
             raise ArunError(f"could not join the Ray cluster at {address} ({str(e).splitlines()[0][:200]}): "
                             "check that `ray status --address {address}` works on this machine, with the same "
                             "Ray version as the cluster".replace("{address}", address))
+
+
+def token_path() -> Path | None:
+    """The token file Ray reads here (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token), if one exists;
+    None when the token comes from RAY_AUTH_TOKEN or there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    return path if path.is_file() else None
+
+
+def private_token() -> str | None:
+    """Ray writes ~/.ray/auth_token readable by every user of the machine (0644); anyone who reads it can
+    join the cluster and run code on every node. Made 0600 here; returns what was done, or None."""
+    path = token_path()
+    if path is None or not path.stat().st_mode & 0o077:
+        return None
+    try:
+        path.chmod(0o600)
+    except OSError as e:
+        return f"warning: {path} is readable by other users and could not be made private ({e.strerror}); chmod 600 it"
+    return f"note: {path} was readable by other users; made it private (mode 600)"
 
 
 def log_dir() -> str:

@@ -23,7 +23,9 @@ worker on another node can adopt a commit made elsewhere.
 
 At the end (done, or Ctrl-C) every worker is stopped, its leftover processes are
 killed, its worktree is removed (the per-worker branches stay, they hold the kept
-commits), and `autoresearch/<run>` points at this run's best commit, if it beat its start.
+commits), `autoresearch/<run>` is this run's best commit (if it beat its start) with the run's records
+committed on top (records.py), and the records are committed on the head's branch too. Every keep is
+judged by the coordinator against the verified best at the moment it is written (Coordinator.judge).
 A lost machine's worktree is removed when it is on this machine's disk; otherwise the summary
 says where it is and how to remove it.
 """
@@ -48,6 +50,7 @@ from arun.core.ratchet import SCORED
 from arun.swarm import cluster
 from arun.swarm.actors import DIED, RESTARTED, Coordinator, LedgerWriter
 from arun.swarm.worker import Worker, one_line
+from arun.swarm.records import commit_records
 from arun.swarm.worktrees import base_ref, cleanup_worker
 
 
@@ -113,6 +116,8 @@ class Swarm:
             pass  # a caller (a test, a notebook) already connected; leave its cluster alone at the end
         elif o.address:
             cluster.join(o.address)
+            if said := cluster.private_token():
+                self.log(said)
         else:
             cluster.start_local(o.num_cpus or max(os.cpu_count() or 1, o.workers or 1), o.object_store_mb)
             self.own_cluster = True
@@ -162,7 +167,7 @@ class Swarm:
         cfg = {"run": self.run_name, "base": self.base, "main_repo": str(self.repo), "backend": o.backend,
                "agent": o.agent, "budget": o.budget, "device": o.device, "driver_node": self.driver_node,
                "loop_options": dict(o.loop_options), "workers": n, "agent_timeout": o.agent_timeout,
-               "noise": measured_noise(self.repo),
+               "noise": measured_noise(self.repo), "head_key": ray.get(self.ledger.public_key.remote()),
                "coordinator": f"arun-swarm-{self.run_name}"}
         actor = ray.remote(Worker)
         for k in range(n):
@@ -317,6 +322,9 @@ class Swarm:
                          "left": {}, "ray_logs": self.ray_logs}
         if self.stopped is not None:
             return self.stopped
+        # The base ref only carried the base to other clones during the run; none is left after it
+        # (nor after a start that was refused once connected).
+        gitops.run_git(self.repo, "update-ref", "-d", base_ref(self.run_name), check=False)
         if not ray.is_initialized():
             return summary
         self.stopped = summary
@@ -392,6 +400,8 @@ class Swarm:
                 if gitops.move_branch(self.repo, branch, commit):
                     summary["branches"][branch] = commit
         recorded = [r["record"] for r in self.results if r.get("record")]
+        if recorded or summary["experiments"]:
+            summary["records"] = commit_records(self.repo, self.run_name, summary["branches"], self.base)
         summary["experiments"] += len(recorded)
         for rec in recorded:
             summary["statuses"][rec.get("status")] = summary["statuses"].get(rec.get("status"), 0) + 1
@@ -480,6 +490,7 @@ def swarm_report(summary: dict) -> list[str]:
                      f"{rec.get('val_bpb'):.6f} at {str(rec.get('commit'))[:12]}, from before this run")
     for branch, commit in summary["branches"].items():
         lines.append(f"{branch} -> {commit[:12]}")
+    lines.extend((summary.get("records") or {}).get("lines", []))
     for k, why in sorted(summary.get("dropped", {}).items()):
         lines.append(f"w{k} stopped early: {why}")
     for k, where in sorted(summary.get("left", {}).items()):

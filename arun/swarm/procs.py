@@ -43,7 +43,29 @@ def _processes_with_cwd_under(root: Path) -> list[int]:
 
 def kill_processes_in(root: Path, grace: float = 3.0) -> list[int]:
     """SIGTERM, then SIGKILL after `grace` seconds, for every process working inside `root`."""
-    pids = _processes_with_cwd_under(root)
+    return stop_pids(_processes_with_cwd_under(root), grace)
+
+
+def ray_processes(temp_dir: Path) -> list[int]:
+    """This machine's processes of the Ray cluster started with `ray start --temp-dir temp_dir`: each
+    names that folder on its command line (a node joining the cluster takes the head's), so another
+    Ray instance of the same user is never among them."""
+    import ray  # noqa: F401  (Ray brings psutil: imported after it, as Ray's own modules do)
+    import psutil
+    root, me = str(Path(temp_dir).expanduser().resolve()), os.getpid()
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+        except psutil.Error:
+            continue
+        if proc.pid != me and any(a == root or root + os.sep in a or a.endswith("=" + root) for a in args):
+            found.append(proc.pid)
+    return found
+
+
+def stop_pids(pids: list[int], grace: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL after `grace` seconds; returns the pids signalled last."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = []
         for pid in pids:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from arun.core import gitops
+from arun.core import gitops, trust
 from arun.core.context import cached_context
 from arun.core.errors import ArunError
 from arun.core.ledger import ledger_path, written
@@ -20,7 +21,7 @@ from arun.search.loop import iteration
 from arun.search.loop import make_proposer as loop_proposer
 from arun.swarm.actors import ray_get
 from arun.swarm.procs import kill_processes_in
-from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, worktree_path
+from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, temp_path, worktree_path
 
 
 def _who(record: dict, run: str) -> str:
@@ -76,6 +77,10 @@ class Worker:
         # arguments, and a handle among them would have to outlive everything else in the object store.
         coordinator = ray.get_actor(cfg["coordinator"])
         self.cfg, self.k, self.coord = cfg, k, coordinator
+        if cfg.get("head_key"):
+            # Every line of the swarm's ledger is signed by the head: trusted here, the mirrored ledger
+            # verifies and this worker's ratchet sees the real best (not "no best": a false baseline keep).
+            trust.trust_for_session(cfg["head_key"], "swarm head")
         self.run, self.base = cfg["run"], cfg["base"]
         self.node_id = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
@@ -84,10 +89,17 @@ class Worker:
         self.shares_main_repo = (self.node_id == cfg["driver_node"]
                                  and self.repo.resolve() == Path(cfg["main_repo"]).resolve())
         self.wt = worktree_path(self.repo, self.run, k)
+        tmp = temp_path(self.repo, self.run, k)
         if self.wt.exists():
-            # A restart on the same machine: the previous process's train run or agent may still be
-            # going (they outlive a SIGKILLed parent) and would hold the GPU; they stop first.
+            # A restart on the same machine: the previous process's train run, agent or scorer may still
+            # be going (they outlive a SIGKILLed parent) and would hold the GPU; they stop first.
             kill_processes_in(self.wt)
+            kill_processes_in(tmp)
+        # Scratch folders (the scorer's) go beside the worktree, not in the machine's TMPDIR: removed
+        # with the worker at the end even when it was killed mid-scoring.
+        tmp.mkdir(parents=True, exist_ok=True)
+        os.environ["TMPDIR"] = str(tmp)
+        tempfile.tempdir = None  # re-read TMPDIR
         reg = ray_get(coordinator.register.remote(k, {"pid": os.getpid(), "node_id": self.node_id, "host": self.host,
                                                        "repo": str(self.repo), "worktree": str(self.wt)}))
         self.restarted = reg["previous"] is not None

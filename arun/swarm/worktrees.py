@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from arun.core import gitops
@@ -16,6 +17,12 @@ def branch_name(run: str, k: int) -> str:
 
 def worktree_path(repo: Path, run: str, k: int) -> Path:
     return Path(repo).resolve() / SWARM_DIR / f"{run}-w{k}"
+
+
+def temp_path(repo: Path, run: str, k: int) -> Path:
+    """The worker's TMPDIR, beside its worktree: the scorer's scratch folders (and the scorer, which works
+    there) are found and removed with the worker even when it was killed mid-scoring."""
+    return Path(repo).resolve() / SWARM_DIR / f"{run}-w{k}.tmp"
 
 
 def base_ref(run: str) -> str:
@@ -76,3 +83,6 @@ def cleanup_worker(repo: str, run: str, k: int, best_runs: list[str] | None = No
             if not (dest / d.name).exists():
                 d.rename(dest / d.name)
     remove_worktree(repo_p, wt)
+    tmp = temp_path(repo_p, run, k)
+    kill_processes_in(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
