@@ -345,7 +345,7 @@ def restore_cmd(ident: str, force: bool) -> None:
 
 @cli.command("audit")
 @click.option("--tag", default=None, help="one hardware tag's ledger (default: every ledger under bench/)")
-@click.option("--ref", default=None, metavar="REF", help="audit the ledgers on this git ref instead of the working tree")
+@click.option("--ref", default=None, metavar="REF", help="audit the ledgers on this git ref instead of the working tree (printed only: audit.json is not written)")
 def audit_cmd(tag: str | None, ref: str | None) -> None:
     """Check every ledger line's seal and re-score every keep whose forward is still stored; writes
     bench/<tag>/audit.json, which log, compare, summary and the ratchet honour. Exit 1 if any record fails."""

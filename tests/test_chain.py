@@ -180,3 +180,39 @@ def test_a_ref_is_judged_by_the_working_trees_trust_not_its_own(key, tmp_path):
     git("checkout", "-q", "main")
     recs = all_records(repo, ["theirs"])
     assert [r["_trust"] for r in recs] == ["foreign"]
+
+
+def _symlinked_ledger(tmp_path, what: str):
+    """Attack (redteam-trust symlink_trust / symlink_ratchet): a ledger (or bench/ or trusted_keys) that is a
+    symlink into a folder whose own bench/trusted_keys vouches for a forger's key."""
+    import os
+    forger = Ed25519PrivateKey.generate()
+    evil = tmp_path / "evil"
+    (evil / "bench" / "t").mkdir(parents=True)
+    (evil / "bench" / "t" / "ledger.jsonl").write_text(
+        json.dumps(signed_by(forger, [{"id": "f", "status": "keep", "val_bpb": 0.1, "key_id": "k"}])[0]) + "\n")
+    trust.add(evil, trust.public_text(forger.public_key()), "lab-head")
+    repo = tmp_path / "repo"
+    if what == "bench":
+        repo.mkdir()
+        os.symlink(evil / "bench", repo / "bench")
+    else:
+        (repo / "bench" / "t").mkdir(parents=True)
+        if what == "ledger":
+            os.symlink(evil / "bench" / "t" / "ledger.jsonl", repo / "bench" / "t" / "ledger.jsonl")
+        else:  # trusted_keys
+            os.symlink(evil / "bench" / "trusted_keys", repo / "bench" / "trusted_keys")
+            (repo / "bench" / "t" / "ledger.jsonl").write_text((evil / "bench" / "t" / "ledger.jsonl").read_text())
+    return repo / "bench" / "t" / "ledger.jsonl", evil / "bench" / "t" / "ledger.jsonl"
+
+
+@pytest.mark.parametrize("what", ["ledger", "bench", "trusted_keys"])
+def test_a_symlinked_ledger_bench_or_trust_file_is_refused(key, tmp_path, what):
+    from arun.core.errors import ArunError
+    path, target = _symlinked_ledger(tmp_path, what)
+    before = target.read_text()
+    with pytest.raises(ArunError, match="is a symlink"):
+        Ledger(path).records()
+    with pytest.raises(ArunError, match="is a symlink"):
+        Ledger(path).append({"status": "keep", "val_bpb": 2.0, "key_id": "k"})
+    assert target.read_text() == before   # nothing appended through the link

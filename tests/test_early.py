@@ -269,3 +269,14 @@ def test_the_cli_has_the_switches() -> None:
     loop_help = CliRunner().invoke(cli, ["loop", "--help"]).output
     assert "--no-early-stop" in loop_help and "--no-confirm" in loop_help
     assert "--early-stop" in CliRunner().invoke(cli, ["run", "--help"]).output
+
+
+def test_a_best_that_lied_mid_run_but_not_at_the_end_is_not_believed() -> None:
+    """Attack (redteam-trust early_stop_lie): ~0 losses for 19 points and an honest last one. Train loss
+    only falls over a run, so every point, not just the last, must fit the best's val_bpb."""
+    baseline = {"id": "a", "val_bpb": 2.2, "loss_trajectory": [b + 0.4 for b in BEST]}
+    honest = best_record({}, [b + 0.2 for b in BEST])
+    liar = best_record({}, [0.01] * 19 + [BEST[-1] + 0.2])
+    assert believable(honest, baseline)
+    assert not believable(liar, baseline)
+    assert make_stopper(liar, baseline, {"MATRIX_LR": 0.045}, log=lambda s: None) is None

@@ -101,3 +101,41 @@ def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_bran
     git(repo, "worktree", "add", "-q", str(wt), "-b", "autoresearch/w1", "main")
     artifacts.retain(wt, artifacts.every_record(wt), keep_recent=0)
     assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
+
+
+def test_unsigned_future_dated_keeps_on_another_branch_never_steer_retention(
+        two_branches: tuple[Path, dict, dict]) -> None:
+    """Attack (redteam-trust retention_wipe): unsigned keeps, dated in the future and better than the real
+    best, on a branch never merged. Retention reads only trusted records: the real best stays stored."""
+    import json
+    repo, a, b = two_branches
+    git(repo, "checkout", "-qb", "contrib-untrusted")
+    forged = [{"id": f"20991231-0000{i:02d}-beef", "time": f"2099-12-31T00:00:{i:02d}+0000", "status": "keep",
+               "key_id": "kb", "val_bpb": 0.5 + i * 0.001, "backend": "cuda", "artifact_sha256": f"{i:064x}"}
+              for i in range(3)]
+    (repo / "bench" / "contrib").mkdir()
+    (repo / "bench" / "contrib" / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forged))
+    commit_ledger(repo, "contrib ledger")
+    git(repo, "checkout", "-q", "autoresearch/b")
+    newest = stored_keep(repo, "kb", 2.1, "b-newest")
+    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=2)
+    for rec in (a, b, newest):   # each key's best and the newest real keeps
+        assert artifacts.path_for(repo, "cuda", rec["artifact_sha256"]).is_file(), rec["description"]
+    records = Ledger(ledger_path(repo, TAG)).records()
+    assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
+
+
+def test_a_future_dated_trusted_keep_never_takes_the_recent_slots(two_branches: tuple[Path, dict, dict]) -> None:
+    repo, _, _ = two_branches
+    best = stored_keep(repo, "kb", 1.9, "b-best")
+    newest = stored_keep(repo, "kb", 1.95, "b-newest")
+    data = b"forward b-future"
+    sha = hashlib.sha256(data).hexdigest()
+    artifacts.path_for(repo, "cuda", sha).write_bytes(data)
+    Ledger(ledger_path(repo, TAG)).append({"status": "keep", "val_bpb": 2.5, "key_id": "kb", "tag": TAG,
+                                           "backend": "cuda", "artifact_sha256": sha,
+                                           "time": "2099-12-31T00:00:00+0000"})
+    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=1)
+    assert artifacts.path_for(repo, "cuda", best["artifact_sha256"]).is_file()
+    assert artifacts.path_for(repo, "cuda", newest["artifact_sha256"]).is_file()
+    assert not artifacts.path_for(repo, "cuda", sha).exists()

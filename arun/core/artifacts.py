@@ -15,11 +15,13 @@ import functools
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from arun.core.ledger import all_records
+from arun.core.ledger import all_records, trusted
+from arun.core.ratchet import best_record
 from engines.artifact import SUFFIX
 from prepare import sha256_file
 
@@ -110,17 +112,21 @@ class Retention:
 
 
 def plan(records: list[dict], keep_recent: int = KEEP_RECENT) -> Retention:
-    """Each key's best and the newest `keep_recent` keeps (by time), over all the records given."""
-    kept = sorted((r for r in records if needs_forward(r)), key=lambda r: (str(r.get("time", "")), str(r.get("id"))))
+    """Each key's best (as the ratchet picks it) and the newest `keep_recent` keeps, over the trusted
+    records given: an unsigned or foreign line (any branch can carry one) never steers what is deleted.
+    A time later than now is a lie: such a keep counts as the oldest, so it can never take the recent slots."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S+0000", time.gmtime())
+
+    def when(r: dict) -> str:
+        t = str(r.get("time", ""))
+        return t if t <= now else ""
+    kept = sorted((r for r in records if needs_forward(r) and trusted(r)), key=lambda r: (when(r), str(r.get("id"))))
     out = Retention(keeps=len(kept))
     recent = {r["artifact_sha256"] for r in kept[-keep_recent:]} if keep_recent > 0 else set()
-    best: dict[str, dict] = {}
-    for r in kept:
-        v = r.get("val_bpb")
-        if isinstance(v, (int, float)) and (r.get("key_id") not in best or v < best[r["key_id"]]["val_bpb"]):
-            best[r["key_id"]] = r
+    best = [best_record(kept, k) for k in {str(r.get("key_id")) for r in kept}]
+    best = [b for b in best if b is not None]
     out.best, out.recent = len(best), len(recent)
-    out.wanted = recent | {r["artifact_sha256"] for r in best.values()}
+    out.wanted = recent | {r["artifact_sha256"] for r in best}
     return out
 
 

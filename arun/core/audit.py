@@ -111,7 +111,8 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
 
 
 def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) -> list[Row]:
-    """Audits the ledgers (one tag's, or all; from a git ref when given) and writes each tag's audit.json."""
+    """Audits the ledgers (one tag's, or all; from a git ref when given) and writes each tag's audit.json
+    (not for a ref: its verdicts are printed only)."""
     repo_dir = Path(repo_dir).resolve()
     ledgers = _ledgers(repo_dir, tag, ref)
     data = None
@@ -132,10 +133,14 @@ def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) 
                     verdict = f"{verdict} ({trust})"
             elif rec.get("status") == "keep" and trust in ("ok", "foreign"):
                 verdict = "skipped: no artifact recorded (kept before artifacts existed)"
-            verdicts[rid] = verdict
+            # Only a believed line's verdict is recorded (an untrusted line carrying another's id must not
+            # fail it), and a failure sticks: no later line with the same id turns it back to "ok".
+            if trust == "ok" and not verdicts.get(rid, "").startswith(FAILING):
+                verdicts[rid] = verdict
             if rec.get("status") == "keep" or verdict != "ok":
                 rows.append(Row(t, rid, str(rec.get("status")), recorded, rescored, verdict))
-        _write(repo_dir / "bench" / t / AUDIT_FILE, verdicts)
+        if ref is None:  # a ref's verdicts are shown only: they must never replace the working tree's
+            _write(repo_dir / "bench" / t / AUDIT_FILE, verdicts)
     return rows
 
 

@@ -107,8 +107,19 @@ def audit_verdicts(folder: Path) -> dict[str, str]:
 
 
 def repo_of(ledger: Path | str) -> Path:
-    """The repo a bench/<tag>/ledger.jsonl belongs to (whose bench/trusted_keys decides its trust)."""
-    return Path(ledger).resolve().parent.parent.parent
+    """The repo a bench/<tag>/ledger.jsonl belongs to (whose bench/trusted_keys decides its trust): read
+    from the path as named, never through a link (a link would borrow another folder's trusted_keys)."""
+    return Path(os.path.abspath(ledger)).parent.parent.parent
+
+
+def refuse_links(ledger: Path | str) -> None:
+    """A ledger, its tag folder, bench/ and bench/trusted_keys must be real files and folders of the repo:
+    git stores symlinks, so a merged branch could point any of them at a folder that vouches for itself."""
+    path = Path(os.path.abspath(ledger))
+    for p in (path, path.parent, path.parent.parent, path.parent.parent / "trusted_keys"):
+        if p.is_symlink():
+            raise ArunError(f"{p} is a symlink (to {os.readlink(p)}); arun reads ledgers and trust only from "
+                            f"the repo's own files: replace it with a real file or folder (git rm it)")
 
 
 def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str, str],
@@ -117,6 +128,15 @@ def annotate(records: list[dict], lines: list[int], source: str, audit: dict[str
     a fetched ref's own list) and the audit's verdict; one warning per bad record."""
     verdict = chain.check(records, chain.existing_key(), lines, trust.trusted(repo_dir))
     why: dict[int, str] = {}
+    first: dict[str, int] = {}  # id -> line of its first record: a later line reusing an id is not believed
+    for i, rec in enumerate(records):
+        if rec.get("id") is None:
+            continue
+        rid = str(rec["id"])
+        if rid in first and i not in verdict.bad:
+            verdict.bad.add(i)
+            verdict.problems.append(chain.Problem(lines[i], rid, f"forged: reuses the id of line {first[rid]}"))
+        first.setdefault(rid, lines[i])
     for p in verdict.problems:
         why.setdefault(p.line, p.what)
         if (source, p.line, p.record_id) not in _warned:
@@ -147,6 +167,7 @@ class Ledger:
     def records(self, audit: bool = True) -> list[dict]:
         """The records in file order, each with its trust (see the module's docstring); `audit`: honour
         the folder's audit.json (`arun audit` itself reads without it)."""
+        refuse_links(self.path)
         if not self.path.exists():
             return []
         lines: list[int] = []
@@ -192,20 +213,40 @@ class Ledger:
         os.fsync(fd)
         _warn(f"{self.path}: repaired a torn last line ({len(torn)} bytes) left by a killed writer")
 
+    def _fresh_id(self, fd: int, record: dict) -> dict:
+        """The record with an id no line of the file has (read under the lock): a sent id (a swarm
+        worker's) that is taken gets a new one, kept as `sent_id`, so no line can claim another's verdict."""
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+        taken = {str(r.get("id")) for r in parse_lines(text, str(self.path))}
+        if str(record["id"]) not in taken:
+            return record
+        fresh = new_id()
+        while fresh in taken:
+            fresh = new_id()
+        return dict(record, id=fresh, sent_id=record["id"])
+
     def append(self, record: dict) -> dict:
         """Seals the record against the file's last line and appends it; returns the sealed record."""
         record = written(record)
         record.setdefault("id", new_id())
         record.setdefault("time", now_iso())
         trust.signing_key()  # made (or read) before the lock: the first append makes it
+        refuse_links(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # O_NOFOLLOW: a link planted between the check and the open is refused too
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise ArunError(f"{self.path} is a symlink; arun appends only to the repo's own ledger file: "
+                            f"replace it with a real file") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             size = None
             try:
                 self._repair(fd)  # inside the try: a full disk can stop the repair too
                 size = os.fstat(fd).st_size
+                record = self._fresh_id(fd, record)
                 record = chain.seal(record, self._prev(fd))
                 line = (json.dumps(record) + "\n").encode()
                 view = memoryview(line)

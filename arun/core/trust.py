@@ -131,6 +131,10 @@ def trust_file(repo_dir: Path | str) -> Path:
 
 def repo_keys(repo_dir: Path | str) -> list[Known]:
     """The keys bench/trusted_keys lists (unreadable lines are skipped: they trust nothing)."""
+    for p in (trust_file(repo_dir), trust_file(repo_dir).parent):
+        if p.is_symlink():  # a link would let any folder (a merged branch's) vouch for its own keys
+            raise ArunError(f"{p} is a symlink; arun trusts only the repo's own bench/trusted_keys: "
+                            f"replace it with a real file or folder")
     try:
         lines = trust_file(repo_dir).read_text(encoding="utf-8").splitlines()
     except (FileNotFoundError, NotADirectoryError):

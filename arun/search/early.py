@@ -161,13 +161,15 @@ def believable(best: dict, baseline: dict | None) -> bool:
     traj = best.get("loss_trajectory") or []
     if not traj or not isinstance(traj[-1], (int, float)):
         return False
+    low = min(x for x in traj if isinstance(x, (int, float)))
     if baseline is None or baseline is best or baseline.get("id") == best.get("id"):
         return True
     base = baseline.get("loss_trajectory") or []
     bv, v = baseline.get("val_bpb"), best.get("val_bpb")
     if not base or not isinstance(base[-1], (int, float)) or not all(isinstance(x, (int, float)) and x > 0 for x in (bv, v)):
         return False
-    return traj[-1] >= base[-1] * v / bv * (1.0 - BELIEVE_REL)
+    # Train loss only falls over a run, so no point (not just the last) may sit below what val_bpb implies.
+    return low >= base[-1] * v / bv * (1.0 - BELIEVE_REL)
 
 
 # --------------------------------------------------------------------------- watching a run

@@ -209,3 +209,59 @@ def test_audit_passes_an_honest_ledger_and_fails_a_swapped_artifact(scored_keep,
     proc = run_arun(repo, env, "audit", timeout=300)
     assert proc.returncode == 1 and "unverified" in proc.stdout
     assert best_record(Ledger(ledger_path(repo, rec["tag"])).records(), rec["key_id"]) is None
+
+
+def test_an_audit_of_a_ref_never_writes_the_working_trees_verdicts(repo: Path, data_env: Path) -> None:
+    """Attack (redteam-trust audit_ref): `arun audit --ref` on an untrusted ref whose line carries the
+    honest best's id. The working tree's audit.json (here holding a real failure) is left as it was."""
+    from arun.core.audit import audit
+    victim = lines(repo)[-1]
+    folder = ledger_path(repo, TAG).parent
+    (folder / "audit.json").write_text(json.dumps({"earlier-failure": "failed: re-scored 2.5"}) + "\n")
+    before = (folder / "audit.json").read_text()
+    git(repo, "add", "bench")
+    git(repo, "commit", "-qm", "honest history")
+    git(repo, "checkout", "-qb", "evil-audit")
+    ledger_path(repo, TAG).write_text(json.dumps({**keep(1.0), "id": victim["id"], "artifact_sha256": "0" * 64}) + "\n")
+    git(repo, "commit", "-qam", "untrusted contribution")
+    git(repo, "checkout", "-q", "main")
+    rows = audit(repo, TAG, ref="evil-audit")
+    assert any(r.id == victim["id"] for r in rows)           # shown on screen
+    assert (folder / "audit.json").read_text() == before     # never written
+    assert best(repo) == 1.9
+
+
+def test_an_untrusted_line_reusing_an_id_never_writes_its_verdict(repo: Path) -> None:
+    from arun.core.audit import audit
+    victim = lines(repo)[-1]
+    append_line(repo, {**keep(0.5), "id": victim["id"]})      # unsealed, carrying the best's id
+    assert Ledger(ledger_path(repo, TAG)).records()[-1]["_trust"].startswith("forged")
+    audit(repo, TAG)
+    verdicts = json.loads((ledger_path(repo, TAG).parent / "audit.json").read_text())
+    assert verdicts[victim["id"]].startswith("skipped")      # its own verdict, not the forged line's
+    assert best(repo) == 1.9
+
+
+def test_a_believed_line_reusing_a_failed_keeps_id_is_not_trusted(repo: Path, data_env: Path) -> None:
+    """Attack (redteam-trust audit_idcollide): a keep that fails its audit, then a discard signed by a
+    believed key reusing its id. The later line is flagged, the failure sticks, the keep is never a best."""
+    from arun.core.audit import audit
+    fake = Ledger(ledger_path(repo, TAG)).append(keep(1.0, artifact_sha256="0" * 64))  # its forward: not stored
+    append_line(repo, chain.seal({**fake, "status": "discard", "val_bpb": 9.9, "prev": None, "chain": None,
+                                  "sig": None, "sig_key": None}, fake["chain"]))
+    recs = Ledger(ledger_path(repo, TAG)).records()
+    assert recs[-1]["_trust"].startswith("forged") and "reuses the id" in recs[-1]["_trust"]
+    audit(repo, TAG)
+    verdicts = json.loads((ledger_path(repo, TAG).parent / "audit.json").read_text())
+    assert verdicts[fake["id"]].startswith("failed")
+    assert best(repo) == 1.9
+
+
+def test_a_sent_id_that_is_taken_gets_a_fresh_one(repo: Path) -> None:
+    """A swarm worker's record keeps the id it sends unless a line already has it: the head re-ids it."""
+    from arun.swarm.actors import LedgerWriter
+    taken = lines(repo)[-1]["id"]
+    got = LedgerWriter(str(repo)).append({**keep(1.5), "id": taken})
+    assert got["id"] != taken and got["sent_id"] == taken
+    assert [r["_trust"] for r in Ledger(ledger_path(repo, TAG)).records()] == ["ok"] * 4
+    assert best(repo) == 1.5
