@@ -216,3 +216,6 @@ def test_a_symlinked_ledger_bench_or_trust_file_is_refused(key, tmp_path, what):
     with pytest.raises(ArunError, match="is a symlink"):
         Ledger(path).append({"status": "keep", "val_bpb": 2.0, "key_id": "k"})
     assert target.read_text() == before   # nothing appended through the link
+    if what == "trusted_keys":              # `arun trust list` and every trust read refuse it too
+        with pytest.raises(ArunError, match="is a symlink"):
+            trust.trusted(tmp_path / "repo")

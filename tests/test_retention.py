@@ -103,14 +103,15 @@ def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_bran
     assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
 
 
-def test_unsigned_future_dated_keeps_on_another_branch_never_steer_retention(
-        two_branches: tuple[Path, dict, dict]) -> None:
-    """Attack (redteam-trust retention_wipe): unsigned keeps, dated in the future and better than the real
-    best, on a branch never merged. Retention reads only trusted records: the real best stays stored."""
+@pytest.mark.parametrize("when", ["2099-12-31", "2026-06-01"])   # in the future; newer than every real keep
+def test_unsigned_keeps_on_another_branch_never_steer_retention(two_branches: tuple[Path, dict, dict],
+                                                                 when: str) -> None:
+    """Attack (redteam-trust retention_wipe): unsigned keeps, dated after every real one and better than the
+    real best, on a branch never merged. Retention reads only trusted records: the real forwards stay stored."""
     import json
     repo, a, b = two_branches
     git(repo, "checkout", "-qb", "contrib-untrusted")
-    forged = [{"id": f"20991231-0000{i:02d}-beef", "time": f"2099-12-31T00:00:{i:02d}+0000", "status": "keep",
+    forged = [{"id": f"20991231-0000{i:02d}-beef", "time": f"{when}T00:00:{i:02d}+0000", "status": "keep",
                "key_id": "kb", "val_bpb": 0.5 + i * 0.001, "backend": "cuda", "artifact_sha256": f"{i:064x}"}
               for i in range(3)]
     (repo / "bench" / "contrib").mkdir()
