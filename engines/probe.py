@@ -23,17 +23,29 @@ altered copy of its own, so this is the floor for covering every row. Measured w
 2-core box): probe/eval = 0.71 (MLX: 2.10 s / 2.95 s) and 0.86 (torch: 2.64 s / 3.08 s), i.e.
 +71 % / +86 % of the scoring time, above the +50 % goal.
 
-Tolerance: PROBE_RTOL x (1 + max|logit| of the batch). Measured on honest models (the tests'
-tiny GPT from the real train files, 64-token rows, vocab 512, batches of 8 over the tiny val rows,
-CPU), max prefix difference over all rows:
+What is compared: the log-softmax of the two forwards (in float32, on the device), not the raw
+logits. The softmax ignores a shift of all of a row's logits and any one logit pushed to a huge
+negative value, so raw logits let an artifact move a tolerance scaled by their size without
+changing what it scores (a red team's -1e6 on the never-scored 0-byte BOS token, or -1e5 on every
+logit, lifted a max|logit|-scaled tolerance to ~100 or ~10 and hid a +40 / +8 look-ahead).
 
-    python -m engines.probe --measure
-    torch fp32 0  | torch bf16 0  | mlx fp32 0  | mlx bf16 0      (max|logit| ~ 1-15)
+Tolerance: PROBE_TOL nats, absolute: nothing in the artifact moves it. Logits above LOGIT_LIMIT in
+magnitude anywhere are refused (INVALID, keep them bounded): float32 carries about 7 digits, so a
+log-softmax of logits near 1e5 is only good to ~0.01 nats, enough to hide a leak; below 1e3 it is
+good to ~1e-4. Softcapped models stay within +-SOFTCAP (15); the tests' tiny GPT within ~2.
+Measured on honest models (the tests' tiny GPT from the real train files, 64-token rows, vocab 512,
+batches of 8 over the tiny val rows, CPU), max prefix difference over all rows:
+
+    ARUN_DATA_DIR=<the tiny profile: arun prepare --dataset pystdlib --profile tiny> python -m engines.probe
+    torch fp32 0  | torch bf16 0  | mlx fp32 0  | mlx bf16 0      (max|logit| ~ 1.7-1.8)
 
 An exported program recomputes a row with the same kernels at the same shapes, so an honest
-model moves by exactly 0 on the CPU; 1e-4 leaves room for GPU kernels that reduce in a
-data-dependent order (split-K, atomics). A leak under the tolerance gains at most about that
-many nats per token: 1e-4 x 16 ~ 0.0016 nats for softcapped logits.
+model moves by exactly 0 on the CPU. GPU kernels are not measured here (no GPU on the machine
+this was written on); the same expectation holds there because the altered forward has the
+same shapes as the reference, so the same kernels and tilings run, and each output row is a
+reduction over that row alone in a shape-fixed order; only kernels that reduce in a
+data-dependent order (split-K with atomics) could differ, by float32 rounding, far below
+PROBE_TOL. A leak under the tolerance gains at most about PROBE_TOL nats per token.
 """
 
 from __future__ import annotations
@@ -46,7 +58,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-PROBE_RTOL = 1e-4
+PROBE_TOL = 1e-3     # nats of log-softmax, absolute
+LOGIT_LIMIT = 1e3    # |logit| above this anywhere: refused (float32 log-softmax too coarse)
 DONOR_TRIES = 8   # draws for a donor row whose token at the cut differs from the row's own
 
 
@@ -72,6 +85,19 @@ class ProbeResult:
 
 def _rowwise_max(a: Any) -> Any:
     return a.amax(-1) if hasattr(a, "amax") else a.max(axis=-1)   # torch / mlx
+
+
+def _log_softmax(a: Any) -> Any:
+    """float32 log-softmax over the vocab, on the device (torch / mlx)."""
+    if hasattr(a, "amax"):
+        return a.float().log_softmax(-1)
+    import mlx.core as mx
+    a = a.astype(mx.float32)
+    return a - mx.logsumexp(a, axis=-1, keepdims=True)
+
+
+def _magnitude(engine: Any, a: Any) -> float:
+    return float(engine.to_numpy(_rowwise_max(_rowwise_max(abs(a)))).max())
 
 
 class Probe:
@@ -117,12 +143,16 @@ class Probe:
             raise ValueError(f"the artifact returns logits {tuple(ref.shape)}, expected {(B, T, self.vocab_size)} "
                              f"(batch, tokens, vocab)")
         # (this also computes the reference, which MLX builds lazily, outside the probe's time)
-        scale = float(self.engine.to_numpy(_rowwise_max(_rowwise_max(abs(ref)))).max())
+        scale = _magnitude(self.engine, ref)
         t0 = time.perf_counter()
         if alt is None:
             alt = logits_fn(self.engine.to_device(altered))
-        d = self.engine.to_numpy(_rowwise_max(abs(alt - ref))).astype(np.float64)   # (B, T)
+        scale = max(scale, _magnitude(self.engine, alt))
+        # Shift-invariant: what is scored is the softmax, so that is what must not move.
+        la = _log_softmax(alt)
         del alt
+        d = self.engine.to_numpy(_rowwise_max(abs(la - _log_softmax(ref)))).astype(np.float64)   # (B, T)
+        del la
         self.result.seconds += probe_s + time.perf_counter() - t0
         self._check(d, cuts, scale)
         return ref
@@ -133,12 +163,17 @@ class Probe:
         r.rows += d.shape[0]
         r.batch_size = d.shape[0]
         r.cuts_sha256 = self._digest.hexdigest()
-        tol = PROBE_RTOL * (1.0 + scale) if np.isfinite(scale) else 0.0
-        r.tolerance = max(r.tolerance, tol)
+        tol = PROBE_TOL
+        r.tolerance = tol
         before = np.arange(d.shape[1])[None, :] < cuts[:, None]
         moved = np.where(before, d, 0.0).max(axis=1)                    # per row, before its own cut
         if not np.isfinite(scale) or not np.all(np.isfinite(moved)):
             r.ok, r.max_diff, r.reason = False, float("nan"), "the artifact's logits are not finite"
+            raise ProbeFailure(r.reason)
+        if scale > LOGIT_LIMIT:
+            r.ok, r.max_diff = False, float("nan")
+            r.reason = (f"the artifact's logits reach |{scale:.3g}|, above {LOGIT_LIMIT:.0f}: float32 cannot check "
+                        f"them for look-ahead; keep logits bounded (e.g. softcap them)")
             raise ProbeFailure(r.reason)
         r.max_diff = max(r.max_diff, float(moved.max()))
         worst = int(moved.argmax())

@@ -34,8 +34,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("val", "test")
 VERDICT_MARKER = "ARUN-VERDICT"
-# Bytes of fp32 logits one batch may take. The probe holds three batches of them at once
-# (reference, altered, difference), so a CUDA budget is a sixth of the free memory.
+# Bytes of fp32 logits one batch may take. The probe holds up to five batches of them at once
+# (reference, the two log-softmaxes, their difference and its magnitude), so a CUDA budget is a
+# sixth of the free memory.
 LOGITS_BUDGET_CPU = 2**28
 LOGITS_BUDGET_GPU = 2**31
 

@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_artifact import SMALL, Built  # noqa: E402 - the tests' tiny GPT from the real train files
 
 from engines import get_engine  # noqa: E402
-from engines.probe import Probe, probe_rows  # noqa: E402
+from engines.probe import PROBE_TOL, Probe, probe_rows  # noqa: E402
 
 V = SMALL["vocab_size"]
 BATCH = 8
-# A leak twice PROBE_RTOL x (1 + max|logit|) for the tiny GPT (max|logit| about 1.9: tolerance 2.9e-4); a
-# literal, so loosening the tolerance fails the test.
-NEAR_LEAK = 0.0006
+# A leak twice PROBE_TOL (1e-3 nats; the tiny GPT's next-token probabilities are ~1/512, so the
+# leaked token's log-softmax moves by ~the whole bump); a literal, so loosening the tolerance fails the test.
+NEAR_LEAK = 0.002
 
 
 def val_rows() -> np.ndarray:
@@ -88,9 +88,11 @@ def roll(backend: str, a: Any, shift: int, axis: int) -> Any:
 
 
 def leak(backend: str, honest: Callable, amount: float, where: Callable[[int, int], np.ndarray] | None = None,
-         source: str = "next") -> Callable:
+         source: str = "next", shift: float = 0.0, bos: float = 0.0) -> Callable:
     """honest + amount on the logit of the next token (source='next') or of the same position of the
-    next row (source='row'), at positions where(B, T) (a 0/1 mask), everywhere when None."""
+    next row (source='row'), at positions where(B, T) (a 0/1 mask), everywhere when None; plus `shift`
+    on every logit and `bos` on the last token's (never scored): what a forward uses to inflate a
+    tolerance scaled by the logits' size without changing the softmax."""
     def fn(idx):
         logits = honest(idx)
         B, T = idx.shape[0], idx.shape[1]
@@ -101,7 +103,9 @@ def leak(backend: str, honest: Callable, amount: float, where: Callable[[int, in
             if backend == "cuda":
                 mask = mask.to(logits.dtype)
             bump = bump * mask[..., None]
-        return logits + bump
+        if bos:
+            bump = bump + bos * onehot(backend, ids * 0 + (V - 1), logits.dtype)
+        return logits + bump + shift
     return fn
 
 
@@ -124,10 +128,39 @@ def test_a_leak_just_above_the_tolerance_is_caught(backend: str, env: Path) -> N
     engine, fn = built(backend)
     rows = val_rows()
     honest = probe_rows(engine, fn, rows, BATCH, V)
-    assert honest.tolerance < NEAR_LEAK <= 4 * honest.tolerance   # just above the tolerance (PROBE_RTOL)
+    assert honest.tolerance < NEAR_LEAK <= 4 * honest.tolerance   # just above the tolerance (PROBE_TOL)
     over = probe_rows(engine, leak(backend, fn, NEAR_LEAK), rows, BATCH, V)
     assert not over.ok and "looks ahead" in over.reason, over
     assert over.max_diff > over.tolerance >= honest.max_diff
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.parametrize("shift,bos,amount", [(-1e5, 0.0, 8.0), (0.0, -1e6, 40.0)], ids=["shift", "bos"])
+def test_huge_logits_that_would_hide_a_leak_are_refused(backend: str, shift: float, bos: float, amount: float,
+                                                        env: Path) -> None:
+    """The red team's forwards: every logit -1e5, or one never-scored token's -1e6 (the softmax barely
+    moves), once lifted a size-scaled tolerance above a +8 / +40 look-ahead."""
+    engine, fn = built(backend)
+    r = probe_rows(engine, leak(backend, fn, amount, shift=shift, bos=bos), val_rows(), BATCH, V)
+    assert not r.ok and "keep logits bounded" in r.reason, r
+    assert r.tolerance == PROBE_TOL
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_only_the_softmax_is_compared_with_an_absolute_tolerance(backend: str, env: Path) -> None:
+    """A shift of a position's logits read from the next token changes no probability: it passes. A 0.01
+    look-ahead under a -900 shift of every logit is caught (a tolerance scaled by max|logit| was 0.09)."""
+    engine, fn = built(backend)
+    rows = val_rows()
+
+    def shifted(idx):
+        nxt = roll(backend, idx, -1, 1)
+        nxt = nxt.float() if backend == "cuda" else nxt.astype(fn(idx).dtype)
+        return fn(idx) + 0.01 * nxt[..., None]
+    same = probe_rows(engine, shifted, rows, BATCH, V)
+    assert same.ok and same.max_diff <= PROBE_TOL, same
+    caught = probe_rows(engine, leak(backend, fn, 0.01, shift=-900.0), rows, BATCH, V)
+    assert not caught.ok and "looks ahead" in caught.reason, caught
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])

@@ -84,12 +84,19 @@ def train_constants(text: str) -> dict:
     return constants(text, keep_source=True)
 
 
+MAX_TRAIN_FILE_BYTES = 256 * 1024   # today's train files are ~27 KB
+
+
 def check_scope(repo_dir: Path, train_file: str) -> None:
     """Only the backend's train file may differ from the run's pinned base commit (HEAD before the
     run branch exists), committed or not; and the fixed code must hash as it did when the run began."""
     gitops.open_repo(repo_dir)
     if not (repo_dir / train_file).exists():
         raise ArunError(f"{repo_dir / train_file} not found; run arun from the project root")
+    size = (repo_dir / train_file).stat().st_size
+    if size > MAX_TRAIN_FILE_BYTES:   # weights pasted into the source would carry state between runs (SECURITY.md)
+        raise ArunError(f"{train_file} is {size // 1024} KB, above the {MAX_TRAIN_FILE_BYTES // 1024} KB cap on a train "
+                        f"file; keep it code and hyperparameters (no embedded weights or data)")
     try:
         gitops.file_at(repo_dir, "HEAD", train_file)
     except Exception:  # noqa: BLE001 - git's error text is the same point said worse

@@ -68,6 +68,27 @@ SUMMARY_LINE = re.compile(r"^\s*(val_bpb|test_bpb|training_seconds|total_seconds
                           r"total_tokens_M|num_steps|num_params_M|depth)\s*:")
 
 
+# What of the train process's output reaches run.log. run.log is read by the agent, which edits the
+# train file: a run that prints its weights there hands them to the next run (SECURITY.md, state
+# carried between runs). Step lines are ~200 characters; a whole honest run prints a few KB.
+MAX_LINE_CHARS = 2000
+MAX_LOG_BYTES = 512 * 1024
+
+
+def bounded_lines(stream: TextIO, width: int = MAX_LINE_CHARS) -> Iterator[str]:
+    """The stream's lines, each cut to `width` characters (saying how many went); a longer line is
+    never held whole in memory."""
+    while line := stream.readline(width + 1):
+        if len(line) <= width or line.endswith("\n") and len(line) == width + 1:
+            yield line
+            continue
+        cut = len(line) - width
+        while (rest := stream.readline(65536)) and not rest.endswith("\n"):
+            cut += len(rest)
+        cut += len(rest.rstrip("\n"))
+        yield f"{line[:width]} [arun: {cut} more characters of this line cut]\n"
+
+
 def neutralise(line: str) -> str:
     """A train-process line that looks like a summary line is marked as the train process's."""
     return "train| " + line if SUMMARY_LINE.match(line) else line
@@ -205,10 +226,17 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         watchdog.start()
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
+            logged = 0
+            for line in bounded_lines(proc.stdout):
                 clock.line(line)
-                log.write(prefix + neutralise(line))
-                log.flush()
+                if logged < MAX_LOG_BYTES:
+                    text = prefix + neutralise(line)
+                    logged += len(text.encode("utf-8", "replace"))
+                    log.write(text)
+                    if logged >= MAX_LOG_BYTES:
+                        log.write(f"{prefix}[arun: the rest of the train process's output is cut from run.log "
+                                  f"(over {MAX_LOG_BYTES // 1024} KB)]\n")
+                    log.flush()
                 if SUMMARY_LINE.match(line) and len(claims) < 100:
                     claims.append(line)
                 lines.append(line)

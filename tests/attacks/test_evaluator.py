@@ -10,7 +10,9 @@ the best unchanged.
 - what the run leaves as its artifact: a symlink to a file it cannot read, a fifo;
 - a process that outlives the train file and writes fake verdicts wherever it can;
 - re-exporting until the cuts miss: cuts are drawn at scoring time, so two scorings of one
-  artifact differ.
+  artifact differ;
+- inflating a tolerance that scaled with the logits' size (a red team's replays): -1e6 on one
+  never-scored token, or -1e5 on every logit (the softmax is unchanged), over a look-ahead.
 """
 
 from __future__ import annotations
@@ -136,6 +138,38 @@ def test_a_forward_that_reads_across_rows_is_invalid(engine: str, request: pytes
     project: Project = request.getfixturevalue(f"{engine}_project")
     rec = cheat(project, NEXT_ROW[project.backend], "1.0")
     assert_invalid(project, rec, "across rows")
+
+
+# A red team's forwards (notes: train_cuda_tolerance_inflation.py / _shift.py), as wrappers: a +40 / +8
+# bump on the next token's logit, with -1e6 on one token's logit (the 0-byte BOS, never scored) or
+# -1e5 on every logit. Against a tolerance of 1e-4 x (1 + max|logit|) both kept, with audit passing.
+INFLATE = {"mlx": '''
+import mlx.core as _mx
+_honest = forward
+def forward(idx):
+    logits = _honest(idx)
+    ar = _mx.arange(logits.shape[-1])
+    bump = {amount} * (ar[None, None, :] == _mx.roll(idx, -1, axis=1)[..., None]).astype(logits.dtype)
+    return logits + bump + {shift} + {bos} * (ar == logits.shape[-1] - 1).astype(logits.dtype)
+''', "cuda": '''
+import torch as _torch
+_honest = forward
+def forward(idx):
+    logits = _honest(idx)
+    ar = _torch.arange(logits.shape[-1], device=idx.device)
+    bump = {amount} * (ar[None, None, :] == _torch.roll(idx, -1, dims=1)[..., None]).to(logits.dtype)
+    return logits + bump + {shift} + {bos} * (ar == logits.shape[-1] - 1).to(logits.dtype)
+'''}
+
+
+@pytest.mark.parametrize("engine", ["mlx", "torch"])
+@pytest.mark.parametrize("amount,shift,bos", [(40.0, 0.0, -1e6), (8.0, -1e5, 0.0)], ids=["bos-1e6", "shift-1e5"])
+def test_huge_logits_that_inflate_the_tolerance_are_invalid(engine: str, amount: float, shift: float, bos: float,
+                                                            request: pytest.FixtureRequest) -> None:
+    project: Project = request.getfixturevalue(f"{engine}_project")
+    code = INFLATE[project.backend].format(amount=amount, shift=shift, bos=bos)
+    rec = project.run(inject(project.clean, "finish_run(ENGINE", code, before=True))
+    assert_invalid(project, rec, "keep logits bounded")
 
 
 # =========================================================================== (d): what crosses the boundary
