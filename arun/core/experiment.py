@@ -33,6 +33,7 @@ from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
 from arun.core.errors import ArunError
+from arun.core import runfolder
 from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
@@ -312,6 +313,12 @@ def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stoppe
                 att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
                 att.outcomes.append(RunOutcome(seed, status="crash", error=f"interrupted ({att.interrupted})"))
                 break
+            finally:
+                # Before anything reads the folder or the next run starts: only the harness's own names
+                # stay (data in file names, links, FIFOs and tmp/ go; see arun.core.runfolder).
+                runfolder.prune(att.run_dir, runfolder.harness_names(ctx.backend, len(att.seed_list)))
+            if outcome.status == "ok" and not att.artifact(i).is_file():
+                outcome.status, outcome.error = "crash", "the exported forward is not a plain file (a link or removed)"
             att.outcomes.append(outcome)
             if outcome.status == "stopped" and early_stop is not None:
                 att.early = early_stop.evidence

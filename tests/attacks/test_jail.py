@@ -267,7 +267,7 @@ def test_the_agent_cannot_write_the_harness_git_config(project: Path, tmp_path: 
     before = (project / TRAIN).read_bytes()
     try:
         proposal = propose(project, "gitconfig")
-        out = (project / ".arun" / "agent" / "stdout.log").read_text()
+        out = (project / ".arun" / "agent-logs" / "stdout.log").read_text()
         assert proposal.extra["agent_confined"] is True and "denied:" in out and "done:" not in out, out
     finally:
         (project / TRAIN).write_bytes(before)
@@ -307,3 +307,33 @@ def test_an_unconfined_keep_is_never_the_best_against_confined_ones() -> None:
     loose = {"id": "b", "key_id": "k", "status": "keep", "val_bpb": 0.5, "confined": False}
     assert best_record([confined, loose], "k")["id"] == "a"
     assert best_record([loose], "k")["id"] == "b"  # a key with no confined keep still has a best
+
+
+# --------------------------------------------------------------------------- the agent's exchange folder (red team)
+
+def test_links_in_the_agents_exchange_folder_are_never_followed(project: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """The red team's agent: description.txt -> the identity key (the harness copied it into the ledger,
+    the commit message and the next prompt), stdout.log -> a ledger (the harness opened it "wb" next
+    turn), and a link in place of the train file. Now: no key anywhere, nothing written, a note."""
+    from arun.core import trust
+    from arun.search.loop import run_loop
+    key = trust.home() / "identity.key"
+    assert key.is_file()
+    secret = key.read_text().strip()
+    target = project / "bench" / "PWNED_BY_AGENT"
+    before, lines = snapshot(project), []
+    result = run_loop(project, "cuda", f"{FAKE} links {key} {target}", iterations=2, budget=BUDGET, device="cpu",
+                      show_progress=False, log=lines.append, early_stop=False)
+    out = (project / ".arun" / "agent-logs" / "stdout.log").read_text()
+    assert not target.exists()
+    assert "done: train file is a link" not in out and "denied: train link" in out, out
+    assert "denied: ../agent-logs/stdout.log" in out, out  # the harness's own log folder is not the agent's
+    assert (project / TRAIN).is_file() and not (project / TRAIN).is_symlink()
+    assert len(result.records) == 2
+    assert [r["description"] for r in result.records] == [f"links planted at iteration {i}" for i in (1, 2)]
+    text = "\n".join([*lines, git(project, "log", "-3", "--format=%B"),
+                      *(p.read_text() for p in (project / "bench").glob("*/ledger.jsonl"))])
+    assert secret[:32] not in text
+    assert "arun: ignored the agent's description.txt: not a plain file" in capsys.readouterr().out
+    assert snapshot(project)["best"] == before["best"]
