@@ -241,6 +241,8 @@ def guard(repo_dir: Path | str, backend: str, budget: float, device: str | None)
     """Every check that can refuse comes before anything is written: engine, data, scope."""
     ctx = experiment_context(repo_dir, backend, budget, device, verify_data=True)
     check_scope(ctx.repo_dir, ctx.train_file)
+    if ctx.train_path.is_symlink() or not ctx.train_path.is_file():  # the harness would read what it points at
+        raise ArunError(f"{ctx.train_file} is not a plain file (a link?); restore it: git checkout -- {ctx.train_file}")
     return ctx
 
 
