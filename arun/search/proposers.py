@@ -16,8 +16,9 @@ The external-agent convention (also in program.md):
       $ARUN_BACKEND          mlx or cuda
     `{prompt_file}` in COMMAND is replaced by the prompt file's path (for CLIs that take a file);
     `{prompt}` by the prompt text as one argument.
-    The description is the first line of $ARUN_DESCRIPTION_FILE if the agent wrote it, else the
-    last non-empty line the agent printed on stdout.
+    The description is the first line of $ARUN_DESCRIPTION_FILE if the agent wrote it (a plain file:
+    a link is ignored with a note), else the last non-empty line the agent printed on stdout, which
+    the harness captures in .arun/agent-logs/ (a folder the agent cannot write).
     The agent gets --agent-timeout seconds of wall clock; then its whole process group is killed,
     whatever it changed is reverted, and the attempt is recorded `invalid` ("agent timed out").
     Where the OS can, the agent runs confined (arun.core.confine.agent_policy): it reads the repo
