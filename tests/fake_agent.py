@@ -21,6 +21,9 @@ the last stdout line. Modes:
                          $ARUN_DATA_DIR; bench: write into bench/; pth: drop a .pth into site-packages;
                          evaluator: edit engines/evaluator.py), print "denied: ..." or "done: ...",
                          then make an honest edit of the train file (in place) and run `git diff`
+    links SECRET TARGET  plant links in the exchange folder for the harness to follow (description.txt ->
+                         SECRET, stdout.log/stderr.log -> TARGET, the harness's log folder too), try to put a
+                         link in place of the train file, print "denied: ..." or "done: ...", honest edit
 
 $FAKE_AGENT_DUMP: if set, the prompt read from stdin is written there (with the env it saw).
 $FAKE_AGENT_PIDS: if set, `hang` writes "<own pid> <grandchild pid>" there once it is running.
@@ -88,6 +91,29 @@ def detach(folder: Path) -> None:
         time.sleep(0.05)
 
 
+def links(secret: Path, target: Path, train: Path, it: str) -> None:
+    """The red team's replay: the unconfined harness reads description.txt and wrote stdout.log in the
+    agent's own exchange folder; links there once made it copy a key and write where the agent may not."""
+    exchange = Path(os.environ["ARUN_DESCRIPTION_FILE"]).parent
+    for name, to in (("description.txt", secret), ("stdout.log", target), ("stderr.log", target),
+                     ("prompt.md", target), ("../agent-logs/stdout.log", target)):
+        try:
+            (exchange / name).unlink(missing_ok=True)
+            (exchange / name).symlink_to(to)
+            print(f"done: {name}")
+        except OSError as e:
+            print(f"denied: {name}: {e}")
+    try:  # a link in place of the train file: the harness would read (and commit) whatever it points at
+        moved = train.with_name(train.name + ".agent")
+        os.symlink(secret, moved)
+        os.replace(moved, train)
+        print("done: train file is a link")
+    except OSError as e:
+        print(f"denied: train link: {e}")
+    append(train, f"# honest edit {it}")
+    print(f"links planted at iteration {it}")
+
+
 def main(argv: list[str]) -> int:
     prompt = sys.stdin.read()
     train = Path(os.environ["ARUN_TRAIN_FILE"])
@@ -144,6 +170,8 @@ def main(argv: list[str]) -> int:
         append(train, f"# honest edit {it}")
     elif mode == "attack":
         attack(args[0], train, it)
+    elif mode == "links":
+        links(Path(args[0]), Path(args[1]), train, it)
     elif mode == "nochange":
         print("I looked and changed nothing")
     elif mode == "break":

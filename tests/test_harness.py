@@ -453,6 +453,19 @@ def test_scope_guard_refuses_listing_offenders_and_touches_nothing(data_env: Pat
     assert not (repo / ".arun").exists() and not (repo / "run.log").exists()
 
 
+def test_a_train_file_that_is_a_link_is_refused(data_env: Path, tmp_path: Path) -> None:
+    """An unconfined agent (or anyone) puts a link where the train file was: the harness would read,
+    record and commit whatever it points at (a key). Refused before anything is written."""
+    repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX})
+    secret = tmp_path / "identity.key"
+    secret.write_text(MINI_MLX)  # even a link to a valid train file
+    (repo / "train_mlx.py").unlink()
+    (repo / "train_mlx.py").symlink_to(secret)
+    with pytest.raises(ArunError, match="train_mlx.py is not a plain file") as e:
+        run(repo, "mlx", "linked")
+    assert "\n" not in str(e.value) and not (repo / ".arun").exists() and not (repo / "run.log").exists()
+
+
 def test_bad_input_is_one_line_and_touches_nothing(data_env: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX, "train_cuda.py": MINI_TORCH})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import os
 import tempfile
 from dataclasses import dataclass
@@ -94,20 +95,37 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
         return None, f"skipped: recorded on {rec.get('tag')}, this machine is {tags[(backend, device)]}"
     if key.get("fixed_code_sha256") and key["fixed_code_sha256"] != fixed_code_sha256(repo_dir):
         return None, "skipped: scored by other fixed code (another run's pin); check out that commit to audit it"
-    with tempfile.TemporaryDirectory(prefix="arun-audit-") as d:
-        verdict = score_artifact(backend, path, data.dir, Path(d) / "verdict.json", device=device,
-                                 expect_fixed_sha=key.get("fixed_code_sha256"), fixed_from=repo_dir)
-    got = verdict.get("val_bpb")
-    swapped = sha256_file(path) != sha
-    if "error" in verdict or not isinstance(got, (int, float)):
-        return None, f"failed: the evaluator refused its forward ({verdict.get('error', 'no val_bpb')})"
+    # A multi-seed keep: val_bpb is the mean of its seeds' scores, and every seed's forward is stored
+    # (artifact_sha256_seeds, keep_artifacts) and re-scored against its own seed's score.
     seeds = rec.get("val_bpb_seeds") or []
-    want = float(seeds[0]) if len(seeds) > 1 else float(rec["val_bpb"])  # one forward: the first seed's
-    if swapped:
-        return got, "failed: the stored forward's bytes no longer match the record's artifact_sha256 (swapped)"
-    if not math.isclose(got, want, rel_tol=RTOL, abs_tol=0.0):
-        return got, f"failed: re-scored {got:.6f}, recorded {want:.6f} (beyond {RTOL:g} relative)"
-    return got, "ok"
+    pairs: list[tuple[str, float]] = [(sha, float(rec["val_bpb"]))]
+    if len(seeds) > 1:
+        shas = rec.get("artifact_sha256_seeds") or []
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in seeds) or len(shas) != len(seeds) \
+                or shas[0] != sha:
+            return None, "failed: unverified (a multi-seed keep without one stored forward per seed score)"
+        mean = statistics.fmean(float(v) for v in seeds)
+        if not math.isclose(float(rec["val_bpb"]), mean, rel_tol=1e-9, abs_tol=0.0):
+            return None, f"failed: recorded val_bpb {float(rec['val_bpb']):.6f} is not the mean {mean:.6f} of its seeds"
+        pairs = [(str(s), float(v)) for s, v in zip(shas, seeds)]
+    scores: list[float] = []
+    for i, (seed_sha, want) in enumerate(pairs):
+        seed_path = artifacts.path_for(repo_dir, backend, seed_sha)
+        which = f" (seed {i + 1}/{len(pairs)})" if len(pairs) > 1 else ""
+        if not seed_path.is_file():
+            return None, f"failed: unverified (its stored forward{which} is gone; it can never be re-scored)"
+        with tempfile.TemporaryDirectory(prefix="arun-audit-") as d:
+            verdict = score_artifact(backend, seed_path, data.dir, Path(d) / "verdict.json", device=device,
+                                     expect_fixed_sha=key.get("fixed_code_sha256"), fixed_from=repo_dir)
+        v = verdict.get("val_bpb")
+        if "error" in verdict or not isinstance(v, (int, float)):
+            return None, f"failed: the evaluator refused its forward{which} ({verdict.get('error', 'no val_bpb')})"
+        scores.append(float(v))
+        if sha256_file(seed_path) != seed_sha:
+            return v, f"failed: the stored forward's bytes{which} no longer match the record's sha256 (swapped)"
+        if not math.isclose(v, want, rel_tol=RTOL, abs_tol=0.0):
+            return v, f"failed: re-scored {v:.6f}{which}, recorded {want:.6f} (beyond {RTOL:g} relative)"
+    return statistics.fmean(scores), "ok"
 
 
 def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) -> list[Row]:

@@ -33,6 +33,7 @@ from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
 from arun.core.errors import ArunError
+from arun.core import runfolder
 from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
@@ -247,6 +248,8 @@ def guard(repo_dir: Path | str, backend: str, budget: float, device: str | None)
     """Every check that can refuse comes before anything is written: engine, data, scope."""
     ctx = experiment_context(repo_dir, backend, budget, device, verify_data=True)
     check_scope(ctx.repo_dir, ctx.train_file)
+    if ctx.train_path.is_symlink() or not ctx.train_path.is_file():  # the harness would read what it points at
+        raise ArunError(f"{ctx.train_file} is not a plain file (a link?); restore it: git checkout -- {ctx.train_file}")
     return ctx
 
 
@@ -319,6 +322,12 @@ def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stoppe
                 att.interrupted = "SIGTERM" if str(e) == "SIGTERM" else "Ctrl-C"
                 att.outcomes.append(RunOutcome(seed, status="crash", error=f"interrupted ({att.interrupted})"))
                 break
+            finally:
+                # Before anything reads the folder or the next run starts: only the harness's own names
+                # stay (data in file names, links, FIFOs and tmp/ go; see arun.core.runfolder).
+                runfolder.prune(att.run_dir, runfolder.harness_names(ctx.backend, len(att.seed_list)))
+            if outcome.status == "ok" and not att.artifact(i).is_file():
+                outcome.status, outcome.error = "crash", "the exported forward is not a plain file (a link or removed)"
             att.outcomes.append(outcome)
             if outcome.status == "stopped" and early_stop is not None:
                 att.early = early_stop.evidence

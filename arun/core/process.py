@@ -25,6 +25,7 @@ from typing import Callable, Iterator, TextIO
 
 from arun.core import confine as confinement
 from arun.core.deadline import Clock, Limits
+from arun.core.runfolder import read_regular
 
 
 class Interrupted(KeyboardInterrupt):
@@ -64,6 +65,7 @@ class RunOutcome:
     confinement: str = ""           # how, or why not
 
 
+RESULT_CAP = 16 << 20  # a result JSON is a few KB; a bigger one is a train file's trick
 SUMMARY_LINE = re.compile(r"^\s*(val_bpb|test_bpb|training_seconds|total_seconds|peak_vram_mb|mfu_percent|"
                           r"total_tokens_M|num_steps|num_params_M|depth)\s*:")
 
@@ -286,9 +288,13 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         out.error = "the train file exited without a result (engines.run.finish_run was not reached)"
         return out
     try:
-        out.result = json.loads(result_path.read_text())
-        out.result_mtime = result_path.stat().st_mtime
-    except (json.JSONDecodeError, OSError) as e:
+        # The run folder is the train process's: a link or FIFO there is never followed (arun.core.runfolder).
+        raw = read_regular(result_path, RESULT_CAP)
+        if raw is None:
+            raise OSError("not a plain file: a link, a FIFO or a device")
+        out.result = json.loads(raw)
+        out.result_mtime = os.lstat(result_path).st_mtime
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         out.status, out.error = "crash", f"the result JSON is unreadable ({e})"
         return out
     if not isinstance(out.result, dict):

@@ -16,8 +16,9 @@ The external-agent convention (also in program.md):
       $ARUN_BACKEND          mlx or cuda
     `{prompt_file}` in COMMAND is replaced by the prompt file's path (for CLIs that take a file);
     `{prompt}` by the prompt text as one argument.
-    The description is the first line of $ARUN_DESCRIPTION_FILE if the agent wrote it, else the
-    last non-empty line the agent printed on stdout.
+    The description is the first line of $ARUN_DESCRIPTION_FILE if the agent wrote it (a plain file:
+    a link is ignored with a note), else the last non-empty line the agent printed on stdout, which
+    the harness captures in .arun/agent-logs/ (a folder the agent cannot write).
     The agent gets --agent-timeout seconds of wall clock; then its whole process group is killed,
     whatever it changed is reverted, and the attempt is recorded `invalid` ("agent timed out").
     Where the OS can, the agent runs confined (arun.core.confine.agent_policy): it reads the repo
@@ -39,11 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from arun.core import confine as confinement
+from arun.core import runfolder
 from arun.core.errors import ArunError
 
 DEFAULT_AGENT_TIMEOUT = 900.0  # 15 minutes to think and edit; a training run is 5
 HISTORY_ROWS = 20
 DIFF_LINES = 60
+DESCRIPTION_CAP = 4096  # bytes of the agent's description file the harness reads
 
 
 @dataclass
@@ -208,16 +211,22 @@ class AgentProposer:
         program_text = program.read_text(encoding="utf-8", errors="replace") if program.exists() else ""
         prompt = build_prompt(ctx, program_text)
         prompt_file, desc_file = state / "prompt.md", state / "description.txt"
-        out_file, err_file = state / "stdout.log", state / "stderr.log"
-        prompt_file.write_text(prompt, encoding="utf-8")
-        desc_file.unlink(missing_ok=True)
+        # The agent writes its exchange folder (and may plant links there): the harness's own files, the
+        # agent's captured output, live where the agent cannot write; the prompt is a file made afresh.
+        logs = Path(ctx.repo_dir) / ".arun" / "agent-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        out_file, err_file = logs / "stdout.log", logs / "stderr.log"
+        with os.fdopen(runfolder.create_fresh(prompt_file, 0o644), "w", encoding="utf-8") as f:
+            f.write(prompt)
+        runfolder.remove(desc_file)
         env = dict(os.environ, ARUN_PROMPT_FILE=str(prompt_file), ARUN_DESCRIPTION_FILE=str(desc_file),
                    ARUN_TRAIN_FILE=ctx.train_file, ARUN_BACKEND=ctx.backend, ARUN_ITERATION=str(ctx.iteration))
         cmd = self.command(prompt_file, prompt)
         policy = confinement.agent_policy(ctx.repo_dir, ctx.train_file, state, os.environ.get("ARUN_DATA_DIR"), cmd)
         run = confinement.wrap(policy, cmd, env, self.confine)
         t0 = time.monotonic()
-        with open(prompt_file, "rb") as stdin, open(out_file, "wb") as out, open(err_file, "wb") as err:
+        with os.fdopen(os.open(prompt_file, os.O_RDONLY | os.O_NOFOLLOW), "rb") as stdin, \
+                open(out_file, "wb") as out, open(err_file, "wb") as err:
             # Files, not pipes: an agent's grandchild holding a pipe open can never hang us.
             proc = subprocess.Popen(run.cmd, cwd=ctx.repo_dir, env=run.env, stdin=stdin,
                                     stdout=out, stderr=err, start_new_session=True)
@@ -246,8 +255,11 @@ class AgentProposer:
 
     @staticmethod
     def _description(desc_file: Path, out_file: Path) -> str:
-        if desc_file.exists():
-            for line in desc_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        if os.path.lexists(desc_file):
+            raw = runfolder.read_regular(desc_file, DESCRIPTION_CAP)  # never through a link the agent planted
+            if raw is None:
+                print(f"arun: ignored the agent's {desc_file.name}: not a plain file (a link, FIFO or device)")
+            for line in (raw or b"").decode("utf-8", errors="replace").splitlines():
                 if line.strip():
                     return line.strip()[:200]
         if out_file.exists():

@@ -174,7 +174,7 @@ def test_the_agent_cannot_read_the_val_rows_or_write_outside_the_train_file(proj
     before = (project / TRAIN).read_bytes()
     try:
         proposal = propose(project, f"attack {what}")
-        out = (project / ".arun" / "agent" / "stdout.log").read_text()
+        out = (project / ".arun" / "agent-logs" / "stdout.log").read_text()
         assert proposal.extra["agent_confined"] is True and proposal.extra["agent_exit"] == 0, out
         assert "denied: [Errno 13] Permission denied" in out and "done:" not in out
         assert "git diff exit 0" in out  # the agent may read git history

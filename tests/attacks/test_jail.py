@@ -267,7 +267,7 @@ def test_the_agent_cannot_write_the_harness_git_config(project: Path, tmp_path: 
     before = (project / TRAIN).read_bytes()
     try:
         proposal = propose(project, "gitconfig")
-        out = (project / ".arun" / "agent" / "stdout.log").read_text()
+        out = (project / ".arun" / "agent-logs" / "stdout.log").read_text()
         assert proposal.extra["agent_confined"] is True and "denied:" in out and "done:" not in out, out
     finally:
         (project / TRAIN).write_bytes(before)
@@ -307,3 +307,73 @@ def test_an_unconfined_keep_is_never_the_best_against_confined_ones() -> None:
     loose = {"id": "b", "key_id": "k", "status": "keep", "val_bpb": 0.5, "confined": False}
     assert best_record([confined, loose], "k")["id"] == "a"
     assert best_record([loose], "k")["id"] == "b"  # a key with no confined keep still has a best
+
+
+# --------------------------------------------------------------------------- the agent's exchange folder (red team)
+
+def test_links_in_the_agents_exchange_folder_are_never_followed(project: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """The red team's agent: description.txt -> the identity key (the harness copied it into the ledger,
+    the commit message and the next prompt), stdout.log -> a ledger (the harness opened it "wb" next
+    turn), and a link in place of the train file. Now: no key anywhere, nothing written, a note."""
+    from arun.core import trust
+    from arun.search.loop import run_loop
+    key = trust.home() / "identity.key"
+    assert key.is_file()
+    secret = key.read_text().strip()
+    target = project / "bench" / "PWNED_BY_AGENT"
+    lines: list[str] = []
+    result = run_loop(project, "cuda", f"{FAKE} links {key} {target}", iterations=2, budget=BUDGET, device="cpu",
+                      show_progress=False, log=lines.append, early_stop=False, confirm=False)
+    assert not target.exists()
+    out = (project / ".arun" / "agent-logs" / "stdout.log").read_text()
+    assert "done: train file is a link" not in out and "denied: train link" in out, out
+    assert "denied: ../agent-logs/stdout.log" in out, out  # the harness's own log folder is not the agent's
+    assert (project / TRAIN).is_file() and not (project / TRAIN).is_symlink()
+    assert len(result.records) == 2
+    assert [r["description"] for r in result.records] == [f"links planted at iteration {i}" for i in (1, 2)]
+    text = "\n".join([*lines, git(project, "log", "-3", "--format=%B"),
+                      *(p.read_text() for p in (project / "bench").glob("*/ledger.jsonl"))])
+    assert secret[:32] not in text
+    assert "arun: ignored the agent's description.txt: not a plain file" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- data in the run folder's file names (red team)
+
+NAMES = """
+    import sys
+    me = os.path.dirname(os.environ["ARUN_RESULT_JSON"])
+    for where in (me, os.environ["TMPDIR"], os.path.join(me, "sub")):
+        os.makedirs(where, exist_ok=True)
+        for i in range(200):  # ~790 KB of weights went through names like these
+            open(os.path.join(where, "C%06d_" % i + "w" * 200), "w").close()
+    os.symlink("/etc/passwd", os.path.join(me, "score0.json"))  # a harness name, as a link
+    sys.exit("left names")
+"""
+
+LIST = """
+    import sys
+    me = os.path.dirname(os.environ["ARUN_RESULT_JSON"])
+    runs = os.path.dirname(me)
+    for d in sorted(os.listdir(runs)):
+        if os.path.join(runs, d) != me:
+            print("names", d, sorted(os.listdir(os.path.join(runs, d))), flush=True)
+    sys.exit("listed")
+"""
+
+
+def test_data_in_file_names_never_reaches_the_next_run(project: Path) -> None:
+    from arun.core.runfolder import harness_names
+    (project / TRAIN).write_text(attack_file(NAMES))
+    rec = run(project, "attack names")
+    assert rec["status"] == "crash" and "left names" in run_log(project)
+    folder = project / rec["run_dir"]
+    left = sorted(os.listdir(folder))
+    assert set(left) <= harness_names("cuda", 1) and "score0.json" not in left, left
+    (project / TRAIN).write_text(attack_file(LIST))
+    rec2 = run(project, "attack list names")
+    seen = [line for line in run_log(project).splitlines() if line.startswith("names ")]
+    assert any(line.startswith(f"names {rec['id']} ") for line in seen), seen  # it did list the folder ...
+    assert not any("C000" in line or "'sub'" in line or "'tmp'" in line for line in seen), seen  # ... and found nothing
+    assert rec2["status"] == "crash"
+    git(project, "checkout", "-q", "--", TRAIN)

@@ -265,3 +265,37 @@ def test_a_sent_id_that_is_taken_gets_a_fresh_one(repo: Path) -> None:
     assert got["id"] != taken and got["sent_id"] == taken
     assert [r["_trust"] for r in Ledger(ledger_path(repo, TAG)).records()] == ["ok"] * 4
     assert best(repo) == 1.5
+
+
+def test_audit_rescores_every_seed_of_a_multi_seed_keep_and_its_mean(tmp_path: Path, data_env: Path,
+                                                                     tiny_cache: Path) -> None:
+    """The red team's forge: a keep with its real first seed's score and forward but a made-up val_bpb
+    (audit re-scored seeds[0] only). Now val_bpb must be the seeds' mean and each seed's forward its score."""
+    from arun.core.context import experiment_context, open_data
+    from arun.core.scoring import score_artifact
+
+    repo = tmp_path / "proj"
+    make_project(repo)
+    data = open_data()
+    shas, vals = [], []
+    for seed in (0, 1):
+        meta = _export_bigram(tmp_path / f"fwd{seed}.pt2", data.manifest["vocab_size"], data.key()["max_seq_len"], seed)
+        verdict = score_artifact("cuda", Path(meta["path"]), data.dir, tmp_path / f"v{seed}.json", device="cpu")
+        assert "error" not in verdict, verdict
+        shas.append(artifacts.store(repo, "cuda", Path(meta["path"]))[0])
+        vals.append(verdict["val_bpb"])
+    ctx = experiment_context(repo, "cuda", 2.0, "cpu", data=data)
+    ledger = Ledger(ctx.ledger_path)
+    common = {"status": "keep", "baseline": True, "key": ctx.key, "key_id": ctx.key_id, "tag": ctx.tag,
+              "backend": "cuda", "device": "cpu", "artifact_sha256": shas[0], "artifact_sha256_seeds": shas}
+    mean = (vals[0] + vals[1]) / 2
+    honest = ledger.append({**common, "val_bpb": mean, "val_bpb_seeds": vals})
+    forged = ledger.append({**common, "val_bpb": 1.234567, "val_bpb_seeds": vals})
+    second = [vals[0], vals[1] - 0.5]  # the second seed's score made up, the mean consistent with it
+    lied = ledger.append({**common, "val_bpb": (second[0] + second[1]) / 2, "val_bpb_seeds": second})
+    proc = run_arun(repo, arun_env(data_env, tiny_cache), "audit", timeout=300)
+    audit = json.loads((repo / "bench" / ctx.tag / "audit.json").read_text())
+    assert audit[honest["id"]] == "ok", proc.stdout
+    assert audit[forged["id"]].startswith("failed: recorded val_bpb 1.234567 is not the mean"), audit
+    assert audit[lied["id"]].startswith("failed: re-scored") and "(seed 2/2)" in audit[lied["id"]], audit
+    assert proc.returncode == 1
