@@ -3,7 +3,7 @@ A night you can measure: one seeded sequence of sweep proposals replayed under t
 side by side, on a throwaway copy of this project (tiny model, tiny data).
 
     plain   upstream's ratchet: every run to the end, kept when its val_bpb is below the best's
-    night   arun loop's default: a run clearly behind the best mid-run is stopped (arun.search.early),
+    night   arun loop's default: a run clearly behind the best mid-run is stopped (arun.core.early),
             a near win is re-run with fresh seeds before it is kept (arun.search.policy)
 
 The proposals come from the built-in sweep (arun.search.sweep), drawn once from the baseline
@@ -143,7 +143,7 @@ def main() -> None:
     from arun.core.experiment import run_experiment
     from arun.core.ledger import read_records
     from arun.core.context import cached_context
-    from arun.search.early import change_kinds, kind_of
+    from arun.core.early import change_kinds, kind_of
     from arun.search.loop import iteration
     from engines import TRAIN_FILES
 

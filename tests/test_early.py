@@ -1,5 +1,5 @@
 """
-Loss trajectories, early discard and confirmation of near wins (arun.search.early, arun.search.policy).
+Loss trajectories, early discard and confirmation of near wins (arun.core.early, arun.search.policy).
 
 The rules are pure functions tested on hand-made numbers; two real tiny runs (torch on the CPU, 1.5 s
 budget) show the mechanics end to end: a run stopped by a best whose trajectory is far below it ends
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from arun.search import early
-from arun.search.early import (GRID, Stopper, Watch, behind, believable, change_kinds, make_stopper, margins,
+from arun.core import early
+from arun.core.early import (GRID, Stopper, Watch, behind, believable, change_kinds, make_stopper, margins,
                                protected_changes, resample)
 from arun.search.policy import ConfirmingDecider
 from helpers_repo import ledger_records, make_project

@@ -75,8 +75,8 @@ class Bigram(nn.Module):
 
 def train():
     t_start = time.time()
-    if os.environ.get("TEST_PID_FILE"):
-        with open(os.environ["TEST_PID_FILE"], "w") as f:
+    if os.environ.get("ARUN_TEST_PID_FILE"):
+        with open(os.environ["ARUN_TEST_PID_FILE"], "w") as f:
             f.write(str(os.getpid()))
     seed = env_seed(SEED)
     mx.random.seed(seed)
@@ -595,8 +595,8 @@ def test_ctrl_c_kills_the_run_restores_the_train_file_and_records_crash(data_env
     experiment = (repo / "train_mlx.py").read_text()
     (tmp_path / "pid").mkdir()
     pid_file = tmp_path / "pid" / "child.pid"
-    # (a confined run writes only its run folder: the test's pid folder is granted explicitly)
-    env = dict(os.environ, TEST_PID_FILE=str(pid_file), ARUN_SANDBOX_EXTRA_WRITE=str(pid_file.parent))
+    # (a confined run writes only its run folder and sees only allowed variables (ARUN_*): the test's pid folder is granted explicitly)
+    env = dict(os.environ, ARUN_TEST_PID_FILE=str(pid_file), ARUN_SANDBOX_EXTRA_WRITE=str(pid_file.parent))
     proc = subprocess.Popen([sys.executable, "-m", "arun.cli", "--backend", "mlx", "-m", "long run", "--budget", "120"],
                             cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from arun.core.gitops import sealed_env
 from arun.core.ledger import all_records, trusted
 from arun.core.ratchet import best_record
 from engines.artifact import SUFFIX
@@ -33,7 +34,7 @@ def _clone_root(repo_dir: str) -> Path:
     """The main worktree of the clone repo_dir belongs to (repo_dir itself outside git)."""
     try:
         common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=repo_dir,
-                                capture_output=True, text=True, check=True).stdout.strip()
+                                capture_output=True, text=True, check=True, env=sealed_env()).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return Path(repo_dir)
     return Path(common).parent if Path(common).name == ".git" else Path(repo_dir)
@@ -70,10 +71,16 @@ def needs_forward(record: dict) -> bool:
 
 
 def stored_check(repo_dir: Path) -> Callable[[dict], bool]:
-    """record -> whether its forward can be re-scored here (True for records that need none)."""
+    """record -> whether its forward can be re-scored here (True for records that need none, and for
+    records another trusted machine signed: their forward is kept, and audited, where they ran)."""
+    from arun.core.trust import key_id, own_public
+    own = key_id(own_public())
+
     def stored(record: dict) -> bool:
         backend = str(record.get("backend"))
         if not needs_forward(record):
+            return True
+        if record.get("sig_key") and record.get("sig_key") != own:
             return True
         return backend in SUFFIX and path_for(repo_dir, backend, str(record["artifact_sha256"])).is_file()
     return stored
@@ -82,7 +89,7 @@ def stored_check(repo_dir: Path) -> Callable[[dict], bool]:
 def local_branches(repo_dir: Path) -> list[str]:
     try:
         out = subprocess.run(["git", "for-each-ref", "--format=%(refname:short)", "refs/heads"], cwd=repo_dir,
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True, env=sealed_env()).stdout
     except (OSError, subprocess.CalledProcessError):
         return []
     return [b for b in out.split() if b]

@@ -47,7 +47,7 @@ from arun.core.scoring import score_artifact
 from arun.core.timing import (audit_timing, charged_seconds, default_allowance, non_training_limit,
                               non_training_seconds, reference_of)
 from arun.core.trainfile import constants
-from arun.search.early import Stopper, Watch, mean_trajectory
+from arun.core.early import Stopper, Watch, mean_trajectory
 from arun_data import held_out
 from engines import TRAIN_FILES
 from engines.artifact import SUFFIX
@@ -152,8 +152,8 @@ class Attempt:
     allowance: float = 0.0       # non-training seconds a baseline may use (arun.core.timing)
     reference: float | None = None   # the key's baseline's non-training seconds per run (None: this is it)
     interrupted: str | None = None
-    watches: list[Watch] = field(default_factory=list)   # each run's loss trajectory (arun.search.early)
-    early: dict | None = None    # why a run was stopped early: the evidence (arun.search.early.Stopper)
+    watches: list[Watch] = field(default_factory=list)   # each run's loss trajectory (arun.core.early)
+    early: dict | None = None    # why a run was stopped early: the evidence (arun.core.early.Stopper)
 
     def artifact(self, i: int) -> Path:
         """Where run i exports its forward."""
@@ -191,7 +191,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
     for the plain "strictly lower than the best" rule (e.g. a significance test over seeds).
     allowance: non-training seconds a run may use (default max(60, budget/5); arun.core.timing).
     extra: fields added to the record as they are (e.g. `transfer_from` of arun transfer).
-    early_stop: stops a run clearly behind the best (arun.search.early); recorded discard with stopped_at.
+    early_stop: stops a run clearly behind the best (arun.core.early); recorded discard with stopped_at.
     Raises ArunError (nothing touched) for bad input, KeyboardInterrupt after recording an interrupted run."""
     t_begin = time.perf_counter()
     budget, limits = check_limits(seeds, budget, hard_timeout)
@@ -398,7 +398,7 @@ def decide(att: Attempt, decide_fn: DecideFn | None, near_miss: float) -> tuple[
     failed = att.failed
     if failed is not None:
         att.record.error = failed.error
-        if failed.status == "stopped":  # early discard: behind the best mid-run (arun.search.early)
+        if failed.status == "stopped":  # early discard: behind the best mid-run (arun.core.early)
             att.record.update({"stopped_at": (att.early or {}).get("progress"), "early_stop": att.early})
             return "discard", False, None
         return failed.status, False, None
@@ -633,7 +633,7 @@ def verdict_line(rec: dict, other: dict | None = None) -> str:
     if status == "keep":
         what = f"improved on {best:.6f} by {best - val:.6f}"
         return f"arun: KEEP {val:.6f} ({what}{f'; {how}' if how else ''}) -> commit {rec['commit'][:10]} {where}"
-    if status == "discard" and val is None:  # stopped early: never scored (arun.search.early)
+    if status == "discard" and val is None:  # stopped early: never scored (arun.core.early)
         return (f"arun: DISCARD ({rec.get('error')}); train file restored to {rec['commit'][:10]} {where}; "
                 f"restore: arun restore {rec['id']}")
     if status == "discard":

@@ -193,7 +193,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
     can, the process is confined: it writes only its run folder (the folder of $ARUN_RESULT_JSON,
     with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs.
     limits: when it is killed (arun.core.deadline; a number is one limit from the start).
-    should_stop(line) -> reason: the harness ends the run early (status "stopped", arun.search.early)."""
+    should_stop(line) -> reason: the harness ends the run early (status "stopped", arun.core.early)."""
     out = RunOutcome(seed)
     lines: list[str] = []
     claims: list[str] = []
@@ -246,7 +246,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
                     del lines[:200]
                 if on_line:
                     on_line(line)
-                if should_stop and (reason := should_stop(line)):  # early discard (arun.search.early)
+                if should_stop and (reason := should_stop(line)):  # early discard (arun.core.early)
                     why.append(reason)
                     stopped.set()
                     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -71,7 +71,7 @@ class Record:
     wall_seconds: float | None = None
     bookkeeping_seconds: float | None = None
     overhead_seconds: float | None = None
-    # claims of the train process, used only to stop a run early, never to keep one (arun.search.early)
+    # claims of the train process, used only to stop a run early, never to keep one (arun.core.early)
     loss_trajectory: list = field(default_factory=list)   # train loss at 5 %, 10 %, ... 100 % of the budget
     stopped_at: float | None = None     # a discard stopped early: the progress (%) it was stopped at
     confirmation: dict | None = None    # a near win re-run with fresh seeds: verdict, seeds, p-value

@@ -163,7 +163,7 @@ def report(period: list[dict], history: list[dict] | None = None, title: str = "
 
 def policy_counts(recs: list[dict]) -> dict:
     """The loop's policy at work: discards stopped early (and the training time they did not spend) and
-    how results near the best were decided (arun.search.early, arun.search.policy)."""
+    how results near the best were decided (arun.core.early, arun.search.policy)."""
     stopped = [r for r in recs if r.get("status") == "discard" and isinstance(r.get("stopped_at"), (int, float))]
     verdicts = Counter((r.get("confirmation") or {}).get("verdict") for r in recs if isinstance(r.get("confirmation"), dict))
     return {"stopped_early": len(stopped),

@@ -38,7 +38,7 @@ from arun.core.ratchet import SCORED, baseline_record, best_record, key_records
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
-from arun.search.early import make_stopper
+from arun.core.early import make_stopper
 from arun.search.noise import load_noise, significance_decider
 from arun.search.policy import ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
@@ -134,7 +134,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
               number: int = 1, noise_std: float | None = None, early_stop: bool = True, confirm: bool = True) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
     append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up.
-    early_stop: stop a run clearly behind the best (arun.search.early); confirm: a near win is re-run
+    early_stop: stop a run clearly behind the best (arun.core.early); confirm: a near win is re-run
     with fresh seeds before it is kept (arun.search.policy)."""
     repo_dir = Path(repo_dir).resolve()
     info = cached_context(repo_dir, backend, budget, device)

@@ -28,7 +28,7 @@ from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import read_records
 from arun.core.ratchet import NEAR_MISS, best_record
-from arun.search.early import trajectory_std
+from arun.core.early import trajectory_std
 from arun.search.stats import gate
 
 
@@ -117,7 +117,7 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
              "seeds": rec.get("seeds"), **spread([float(v) for v in rec["val_bpb_seeds"]]),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.time() - t0, 3),
              "time_budget": rec.get("time_budget"), "device": rec.get("device"),
-             # the train-loss spread at each 5 % of the budget: the early-stop margin (arun.search.early)
+             # the train-loss spread at each 5 % of the budget: the early-stop margin (arun.core.early)
              "loss_trajectory_std": trajectory_std(rec.get("loss_trajectory_seeds") or [])}
     path = save_noise(repo_dir, rec["tag"], entry)
     log(f"arun: noise over {entry['n']} seeds: mean {entry['mean']:.6f}, std {entry['std']:.6f} "
