@@ -61,6 +61,22 @@ def public_text(public: Ed25519PublicKey) -> str:
     return PREFIX + base64.b64encode(raw(public)).decode()
 
 
+def create_secret(path: Path, text: str) -> None:
+    """Writes a machine secret (mode 0600) unless one is there: linked into place, so when two aruns
+    race to make it, the first one's wins and both read the same."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)  # fails if another process made it first: theirs wins
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def signing_key() -> Ed25519PrivateKey:
     """This machine's private key, made on first use (0600, linked into place so two aruns agree on one)."""
     path = identity_path()
@@ -68,18 +84,7 @@ def signing_key() -> Ed25519PrivateKey:
         return _load_private(path)
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    seed = Ed25519PrivateKey.generate().private_bytes_raw()
-    with os.fdopen(fd, "w") as f:
-        f.write(seed.hex() + "\n")
-    try:
-        os.link(tmp, path)  # fails if another process made it first: theirs wins
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    create_secret(path, Ed25519PrivateKey.generate().private_bytes_raw().hex() + "\n")
     return _load_private(path)
 
 
