@@ -282,12 +282,11 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
             assert best is None or r["val_bpb"] < best, (r["val_bpb"], best, r["swarm"])
             best = r["val_bpb"]
     assert sum(1 for r in records if r.get("baseline") and r["status"] == "keep") == 1
-    # No worker claimed a baseline while it started from a verified best (what a worker that cannot verify
-    # the head's lines does; the coordinator then corrects it and keeps the claim under `rejudged`). Two
-    # workers that both start before the first record exists both claim it, rightly: that race is not this.
-    kept_commits = {r["commit"] for r in records if r["status"] == "keep"}
-    assert not [r for r in records if (r.get("rejudged") or {}).get("baseline")
-                and r.get("parent_commit") in kept_commits], text[-2000:]
+    # A baseline is claimed only by experiments already in flight when the first record was written (at
+    # most one per other worker); a worker that cannot verify the head's lines would claim it every time
+    # (the coordinator corrects each claim and keeps it under `rejudged`; the log check below is exact).
+    claims = [r for r in records if (r.get("rejudged") or {}).get("baseline")]
+    assert len(claims) <= 1, text[-2000:]
     log = (clone / ".arun" / "swarm" / f"{run}-w{remote.pop()}.log").read_text()
     # The remote worker verified the head's signed ledger: it saw the best it started from (a worker that
     # cannot verify it sees none and runs a false "baseline").
