@@ -329,15 +329,22 @@ def restrict_self(policy: Policy) -> int:
         raise OSError(f"sandbox: {available()[1]}")
     policy.check()
     _make_writable_folders(policy)
-    libc = _libc()
     net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 and not policy.network else 0
     scoped = (SCOPE_SIGNAL | (0 if policy.network else SCOPE_ABSTRACT_UNIX)) if abi >= 6 else 0
+    _enforce(abi, landlock_rules(policy, abi), net, scoped)
+    return abi
+
+
+def _enforce(abi: int, rules: list[tuple[Path, int]], net: int, scoped: int) -> None:
+    """One Landlock ruleset: the handled rights of `abi`, the path rules, the network and scope
+    restrictions; then no_new_privs and restrict_self."""
+    libc = _libc()
     attr = _RulesetAttr(handled_rights(abi), net, scoped)
     size = 24 if abi >= 6 else 16 if abi >= 4 else 8  # older kernels reject fields they do not know
     ruleset = _check(libc.syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
                                   ctypes.c_uint32(0)), "landlock_create_ruleset")
     try:
-        for path, rights in landlock_rules(policy, abi):
+        for path, rights in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:
                 rule = _PathBeneathAttr(rights, fd)
@@ -351,7 +358,6 @@ def restrict_self(policy: Policy) -> int:
                "landlock_restrict_self")
     finally:
         os.close(ruleset)
-    return abi
 
 
 # ---------------------------------------------------------------------------
@@ -508,30 +514,10 @@ def seal_self(read: list[Path], write: list[Path], devices: bool = False) -> int
     if abi <= 0:
         raise OSError(f"sandbox: {available()[1]}")
     handled = handled_rights(abi)
-    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
-    scoped = SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0
-    libc = _libc()
-    attr = _RulesetAttr(handled, net, scoped)
-    size = ctypes.sizeof(attr) if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset = _check(libc.syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size),
-                                  ctypes.c_uint32(0)), "landlock_create_ruleset")
-    try:
-        rules = [(Path(p), READ) for p in read] + [(Path(p), handled) for p in write]
-        rules += [(Path("/dev"), DEV)] if devices else []
-        for path, rights in rules:
-            if not path.exists():
-                continue
-            rights = (rights if path.is_dir() else rights & FILE_RIGHTS) & handled
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            try:
-                _check(libc.syscall(ctypes.c_long(SYS_ADD_RULE), ctypes.c_int(ruleset), ctypes.c_int(RULE_PATH_BENEATH),
-                                    ctypes.byref(_PathBeneathAttr(rights, fd)), ctypes.c_uint32(0)),
-                       f"landlock_add_rule {path}")
-            finally:
-                os.close(fd)
-        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        _check(libc.syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)),
-               "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
+    rules = [(Path(p), READ) for p in read] + [(Path(p), handled) for p in write]
+    rules += [(Path("/dev"), DEV)] if devices else []
+    rules = [(path, (rights if path.is_dir() else rights & FILE_RIGHTS) & handled) for path, rights in rules
+             if path.exists()]
+    _enforce(abi, rules, NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0,
+             SCOPE_ABSTRACT_UNIX | SCOPE_SIGNAL if abi >= 6 else 0)
     return abi
