@@ -11,6 +11,7 @@ baseline first, then one attack per test, each restored to the baseline by the h
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +34,9 @@ SAVE_WEIGHTS = '''
 import os as _os
 from pathlib import Path as _Path
 from engines.weights import save_checkpoint as _save
-_save(model, _Path(_os.environ["ARUN_RESULT_JSON"]).with_name("weights.npz"))
+_run = _Path(_os.environ["ARUN_RESULT_JSON"]).parent.name
+(_Path(_os.environ["ARUN_TEST_WEIGHTS_DIR"]) / _run).mkdir(parents=True, exist_ok=True)
+_save(model, _Path(_os.environ["ARUN_TEST_WEIGHTS_DIR"]) / _run / "weights.npz")
 '''
 
 
@@ -86,7 +89,7 @@ def in_process_bpb(project: Project, rec: dict) -> float:
     from engines.evaluator import evaluate_bpb
     from engines.weights import import_weights, inference
     from prepare import PreparedData
-    weights_path = project.repo / rec["run_dir"] / "weights.npz"
+    weights_path = Path(os.environ["ARUN_TEST_WEIGHTS_DIR"]) / Path(rec["run_dir"]).name / "weights.npz"
     config = json.loads(weights_path.with_suffix(".json").read_text())["config"]
     with np.load(weights_path) as npz:
         weights = {k: npz[k] for k in npz.files}
@@ -104,6 +107,11 @@ def make(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: 
     for name, value in dict(ARUN_CACHE=str(tiny_cache), ARUN_DATA_DIR=str(tiny_data), ARUN_DEVICE="cpu",
                             OMP_NUM_THREADS="1").items():
         mp.setenv(name, value)  # for this module's tests only
+    # The honest baseline saves its weights for the in-process comparison outside its run folder, which
+    # the harness prunes to its own names after every run: a folder granted to the run explicitly.
+    weights = tmp_path_factory.mktemp(f"weights-{backend}")
+    mp.setenv("ARUN_TEST_WEIGHTS_DIR", str(weights))
+    mp.setenv("ARUN_SANDBOX_EXTRA_WRITE", str(weights))
     root = tmp_path_factory.mktemp(f"attack-{backend}") / "repo"
     make_project(root, train_file, overrides=FAST)
     project = Project(root, train_file, backend)
