@@ -14,13 +14,13 @@ import bisect
 import hashlib
 import json
 import os
-import runpy
 import pickle
 import queue
+import runpy
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class Tokenizer:
         self.vocab_size: int = enc.n_vocab
 
     @classmethod
-    def from_directory(cls, data_dir: Path | str | None = None) -> "Tokenizer":
+    def from_directory(cls, data_dir: Path | str | None = None) -> Tokenizer:
         data = PreparedData.open(data_dir)
         path = data.dir / "tokenizer.pkl"
         data.verify_file("tokenizer.pkl", data.manifest["tokenizer_sha256"])
@@ -197,7 +197,7 @@ class PreparedData:
         return f"arun prepare --dataset {self.manifest['dataset']} --profile {self.manifest['profile']} --force"
 
     @classmethod
-    def open(cls, path: Path | str | None = None) -> "PreparedData":
+    def open(cls, path: Path | str | None = None) -> PreparedData:
         """Explicit path > $ARUN_DATA_DIR > the folder the last `arun prepare` made current."""
         if path is None:
             path = os.environ.get("ARUN_DATA_DIR")

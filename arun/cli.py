@@ -16,16 +16,23 @@ from rich.table import Table
 from rich.text import Text
 
 import prepare
-from arun_data import build, not_held_out
 from arun.core import artifacts, confine, gitops, trust
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
-from arun.core.timing import default_allowance
 from arun.core.ledger import all_records
+from arun.core.timing import default_allowance
 from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
-from arun.report.compare import (NOT_HELD_OUT_NOTE, compare, compare_tables, find_record, log_rows, log_table,
-                                 show_renderables, tag_records)
+from arun.report.compare import (
+    NOT_HELD_OUT_NOTE,
+    compare,
+    compare_tables,
+    find_record,
+    log_rows,
+    log_table,
+    show_renderables,
+    tag_records,
+)
 from arun.report.export import write_tsv
 from arun.report.heldout import heldout_report
 from arun.report.plot import plot_tags
@@ -38,6 +45,7 @@ from arun.search.loop import run_loop, stopper_for
 from arun.search.noise import measure_noise, significance_decider
 from arun.search.transfer import transfer
 from arun.swarm.driver import SwarmOptions, run_swarm, swarm_report
+from arun_data import build, not_held_out
 from engines import BACKENDS, TRAIN_FILES, get_engine
 
 console = Console(highlight=False)

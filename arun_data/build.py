@@ -26,9 +26,9 @@ import pickle
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 

@@ -17,9 +17,9 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import pyarrow.parquet as pq
 

@@ -6,7 +6,7 @@ Loading and using a prepared tokenizer is runtime work: prepare.Tokenizer.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import rustbpe

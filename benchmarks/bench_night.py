@@ -139,12 +139,12 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny in a tmp cache)")
     args = ap.parse_args()
 
-    from arun_data import build
-    from arun.core.experiment import run_experiment
-    from arun.core.ledger import read_records
     from arun.core.context import cached_context
     from arun.core.early import change_kinds, kind_of
+    from arun.core.experiment import run_experiment
+    from arun.core.ledger import read_records
     from arun.search.loop import iteration
+    from arun_data import build
     from engines import TRAIN_FILES
 
     device = args.device if args.backend != "mlx" else None
@@ -191,8 +191,8 @@ def main() -> None:
         def fmt(v, spec="{:.4f}"):
             return "-" if v is None else spec.format(v)
         print()
-        print(f"| policy | experiments | wall (s) | experiments/hour | keeps | stopped early | confirm runs "
-              f"| val gain | test gain | keeps confirmed by test |")
+        print("| policy | experiments | wall (s) | experiments/hour | keeps | stopped early | confirm runs "
+              "| val gain | test gain | keeps confirmed by test |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for p, r in res.items():
             print(f"| {p} | {r['experiments']} | {r['wall']:.0f} | {r['per_hour']:.0f} | {r['keeps']} | {r['stopped']} "

@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers_repo import make_project  # noqa: E402 - the tests' throwaway copy of the project (tiny train file)
 
+
 def split(rec: dict) -> dict:
     def v(name: str) -> float:
         x = rec.get(name)
@@ -63,8 +64,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny, prepared in a tmp cache)")
     args = ap.parse_args()
 
-    from arun_data import build
     from arun.core.experiment import run_experiment
+    from arun_data import build
     from engines import TRAIN_FILES
 
     with tempfile.TemporaryDirectory(prefix="arun-bench-") as tmp:

@@ -112,6 +112,7 @@ TRAIN_FILES = {"torch": ("train_cuda.py", "cpu"), "mlx": ("train_mlx.py", None)}
 def real_project(scratch: Path) -> Path:
     """The fixed files and both train files at the tiny config, as a user's clone holds them."""
     import shutil
+
     from arun.core.trainfile import rewrite_constants
     repo = scratch / "project"
     repo.mkdir()

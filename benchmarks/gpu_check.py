@@ -71,7 +71,7 @@ class Check:
         t0 = time.perf_counter()
         try:
             result = fn(*args)
-        except Exception as e:  # noqa: BLE001 - one failed step must not hide the others' figures
+        except Exception as e:  # one failed step must not hide the others' figures
             self.failed.append(name)
             self.log(f"!! {name} failed after {time.perf_counter() - t0:.1f}s: {type(e).__name__}: {e}")
             if self.out:

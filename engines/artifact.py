@@ -32,9 +32,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from engines.opsets import FORWARD_RULES
 from engines.pt2check import CONTRACT_FILE, ArtifactError, check_pt2
@@ -209,7 +210,7 @@ def _export_torch(forward: Callable, model: Any, path: Path, contract: dict) -> 
             # or to the input becomes a graph output pt2check can see and refuse
             program = program.run_decompositions({})
         torch.export.save(program, str(path), extra_files={CONTRACT_FILE: json.dumps(contract)})
-    except Exception as e:  # noqa: BLE001 - torch.export raises many types; the first line says which op or guard
+    except Exception as e:  # torch.export raises many types; the first line says which op or guard
         if "Constraints violated (batch)" in str(e):
             raise ArtifactError(f"FAIL: torch.export: the forward's Python depends on the batch size (the artifact "
                                 f"must accept every batch of 1..{max(contract['batch_sizes'])}); change the forward in "
@@ -314,7 +315,7 @@ def _load_torch(data: bytes, device: str | None) -> tuple[Callable, dict]:
     contract = check_pt2(data)
     try:
         program = torch.export.load(io.BytesIO(data))
-    except Exception as e:  # noqa: BLE001 - a malformed archive can raise anything; one line says what
+    except Exception as e:  # a malformed archive can raise anything; one line says what
         raise ArtifactError(f"not a loadable .pt2 ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
                             f"re-export the forward") from e
     weights = list(program.state_dict.values()) + list(program.constants.values())

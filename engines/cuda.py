@@ -229,7 +229,7 @@ class TorchEngine:
 def _device_count(torch: Any) -> int:
     try:
         return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - a broken driver can raise anything here; 0 is the honest answer
+    except Exception:  # a broken driver can raise anything here; 0 is the honest answer
         return 0
 
 

@@ -75,7 +75,7 @@ class MLXEngine:
         try:
             # Runs one op: the plain `mlx` wheel on Linux imports but has no CPU backend to run it.
             mx.eval(mx.array([1.0]) + 1)
-        except Exception as e:  # noqa: BLE001 - any backend failure means "not usable", with its text
+        except Exception as e:  # any backend failure means "not usable", with its text
             hint = ("on Linux the plain `mlx` wheel has no CPU backend: pip install 'mlx[cpu]'"
                     if platform.system() == "Linux" else "reinstall mlx for this macOS / Apple chip")
             return False, f"mlx {getattr(mx, '__version__', '?')} has no usable backend ({str(e).splitlines()[0]}); {hint}"
@@ -152,7 +152,7 @@ def _metal_device_name() -> str | None:
         info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
         name = info.get("device_name")
         return str(name) if name else None
-    except Exception:  # noqa: BLE001 - a name is a nicety; the caller falls back to the CPU brand string
+    except Exception:  # a name is a nicety; the caller falls back to the CPU brand string
         return None
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from engines.opsets import FORWARD_RULES, MLX_PRIMITIVES
 from engines.pt2check import ArtifactError

@@ -53,8 +53,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -205,7 +206,7 @@ def measure() -> None:
     from pathlib import Path
     sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
     os.environ.setdefault("ARUN_DEVICE", "cpu")
-    from test_probe import honest_models   # the tests' tiny GPT from the real train files
+    from test_probe import honest_models  # the tests' tiny GPT from the real train files
     for name, engine, fn, rows in honest_models():
         r = probe_rows(engine, fn, rows, 8, 512)
         print(f"{name}: ok={r.ok} max_diff={r.max_diff:.3g} tolerance={r.tolerance:.3g} rows={r.rows}")

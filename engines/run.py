@@ -14,8 +14,9 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -198,7 +199,7 @@ def score_in_process(backend: str, artifact: Path, data_dir: Path) -> dict:
     try:
         verdict = score(backend, artifact, data_dir)
     except ScoreError as e:
-        raise SystemExit(e.args[0] if str(e.args[0]).startswith("INVALID:") else f"FAIL: {e.args[0]}")
+        raise SystemExit(e.args[0] if str(e.args[0]).startswith("INVALID:") else f"FAIL: {e.args[0]}") from e
     return {"val_bpb": verdict["val_bpb"], "eval_seconds": sum(verdict["seconds"].values()),
             "eval_tokens": verdict["tokens"], "eval_bytes": verdict["bytes"], "eval_nats": verdict["nats"],
             "causality_max_diff": verdict["causality"]["max_diff"]}

@@ -434,7 +434,7 @@ def jailed_command(cmd: list[str]) -> list[str]:
     return [sys.executable, "-I", "-S", os.path.abspath(__file__), "--jail-only", "--", *cmd]
 
 
-def _jail():  # noqa: ANN202 (a module)
+def _jail():  # (a module)
     """engines.jail, also when this file runs as a script (`python -I .../sandbox.py`, no package path)."""
     if __package__:
         from engines import jail

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("val", "test")
 VERDICT_MARKER = "ARUN-VERDICT"
@@ -113,23 +112,24 @@ def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, 
     import shutil
     import tempfile
 
-    from engines import sandbox
     # What deserializing and running the graph would import lazily (and could not, sealed, from the
     # fixed code folder, which the seal does not list).
-    import engines.artifact  # noqa: F401
-    import engines.evaluator  # noqa: F401
-    import engines.opsets  # noqa: F401
-    import engines.probe  # noqa: F401
-    import engines.pt2check  # noqa: F401
+    import engines.artifact
+    import engines.evaluator
+    import engines.opsets
+    import engines.probe
+    import engines.pt2check
+    from engines import sandbox
     if backend == "cuda":
         import torch
-        import torch.export  # noqa: F401
-        import torch.export.passes  # noqa: F401
-        import torch._export.serde.serialize  # noqa: F401
+        import torch._export.serde.serialize
+        import torch.export
+        import torch.export.passes
         if kind == "cuda":
             torch.cuda.init()
     else:
         import mlx.core  # noqa: F401
+
         import engines.mlxcheck  # noqa: F401  (the loader checks the imported graph's primitives)
     ok, why = sandbox.available()
     if not ok or sandbox.landlock_abi() <= 0:
@@ -155,7 +155,7 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     from engines.evaluator import evaluate_bpb
     from engines.fingerprint import fixed_code_sha256
     from engines.probe import Probe, ProbeFailure
-    from prepare import PrepareError, PreparedData
+    from prepare import PreparedData, PrepareError
 
     verdict: dict = {"backend": backend, "split": split, "artifact": str(artifact)}
 
@@ -178,7 +178,7 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
             test_rows = data.test_rows()
         token_bytes = data.token_bytes()
     except PrepareError as e:
-        raise fail(str(e))
+        raise fail(str(e)) from e
     verdict["data"] = data.key()
     kind = _select_device(backend, device)
     verdict["device"] = kind
@@ -189,7 +189,7 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     try:
         blob = read_artifact(Path(artifact))
     except ArtifactError as e:
-        raise fail(str(e))
+        raise fail(str(e)) from e
     if sealed:
         verdict["sealed"], verdict["seal"] = seal(backend, kind, (Path(data_dir), Path(artifact).parent))
         if not verdict["sealed"]:
@@ -200,10 +200,10 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     try:
         fn = load_forward(backend, artifact, kind if backend == "cuda" else None, data=blob)
     except ArtifactError as e:
-        raise fail(str(e))
-    except Exception as e:  # noqa: BLE001 - an importer meeting a hostile file may raise anything
+        raise fail(str(e)) from e
+    except Exception as e:  # an importer meeting a hostile file may raise anything
         raise fail(f"broken artifact ({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}); "
-                   f"re-export the forward")
+                   f"re-export the forward") from e
     del blob
     verdict["artifact_sha256"] = fn.sha256
     verdict["artifact_bytes"] = fn.bytes
@@ -225,8 +225,8 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
             result = evaluate_bpb(engine, fn, batch, which, token_bytes, probe=probe)
         except ProbeFailure:
             result = None
-        except Exception as e:  # noqa: BLE001 - a graph that fails at run time is a broken artifact
-            raise fail(failed_to_run(e))
+        except Exception as e:  # a graph that fails at run time is a broken artifact
+            raise fail(failed_to_run(e)) from e
         finally:
             verdict["causality"] = probe.result.to_dict()
             seconds["probe"] = probe.result.seconds
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None, sealed: bool = False) -> int:
     args = ap.parse_args(argv)
     nonce = sys.stdin.readline().strip() if args.nonce_stdin else "-"
     # Opened now: once sealed, this process can open nothing.
-    out = open(args.out, "w") if args.out is not None else None   # noqa: SIM115 - written at the end
+    out = open(args.out, "w") if args.out is not None else None   # written at the end
     rc = 0
     try:
         verdict = score(args.backend, args.artifact, args.data_dir, args.device, args.split, args.expect_fixed_sha,

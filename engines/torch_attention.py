@@ -18,7 +18,7 @@ Masks are built by prepare_attention(), once per window, never inside a compiled
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers_repo import empty_repo, git
 
 import arun.cli
 from arun.cli import cli
-from arun.report.compare import compare, config_changes, find_record, log_rows, summarize
 from arun.core.errors import ArunError
-from arun.report.export import HEADER, tsv_rows
 from arun.core.ledger import Ledger, ledger_path
+from arun.report.compare import compare, config_changes, find_record, log_rows, summarize
+from arun.report.export import HEADER, tsv_rows
 from arun.report.plot import plot_records, plot_tags
+from helpers_repo import empty_repo, git
 
 H100 = "cuda-nvidia-h100-80gb-hbm3"
 M4 = "mlx-apple-m4-max-64gb"

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers_repo import load_module
 import torch
 
 from arun.core.trainfile import rewrite_constants
 from engines import torch_attention
 from engines.cuda import ENGINE, gpu_tag, memory_bucket_gb, peak_flops_for
 from engines.weights import import_weights
+from helpers_repo import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "tests" / "baseline" / "train_cuda.py"
@@ -138,7 +138,7 @@ def test_unavailable_without_cuda_names_the_cpu_build(monkeypatch: pytest.Monkey
 def test_cuda_build_with_unusable_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA build of torch on a machine whose driver is missing or too old (what torch reports there)."""
     def is_available() -> bool:
-        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).")
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).", stacklevel=2)
         return False
     monkeypatch.delenv("ARUN_DEVICE", raising=False)
     monkeypatch.setattr(torch.version, "cuda", "12.8")

@@ -9,17 +9,24 @@ Neither depends on how many steps fit: a run prints a step line at its first and
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from arun.core import early
-from arun.core.early import (GRID, Stopper, Watch, behind, believable, change_kinds, make_stopper, margins,
-                               protected_changes, resample)
+from arun.core.early import (
+    GRID,
+    Stopper,
+    Watch,
+    behind,
+    believable,
+    change_kinds,
+    make_stopper,
+    margins,
+    protected_changes,
+    resample,
+)
 from arun.search.policy import ConfirmingDecider
 from helpers_repo import ledger_records, make_project
 

@@ -28,9 +28,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers_repo import (REPO, arun_cmd, arun_env, assert_failure_recorded, assert_refused, assert_worktree_at,
-                          best_commit, changed_paths, git, inject, kill_under, ledger_paths, ledger_records, make_project,
-                          report_faults, run_arun, tiny_train_text)
+from helpers_repo import (
+    REPO,
+    arun_cmd,
+    arun_env,
+    assert_failure_recorded,
+    assert_refused,
+    assert_worktree_at,
+    best_commit,
+    changed_paths,
+    git,
+    inject,
+    kill_under,
+    ledger_paths,
+    ledger_records,
+    make_project,
+    report_faults,
+    run_arun,
+    tiny_train_text,
+)
 
 TRAIN = "train_cuda.py"
 STATUSES = {"keep", "discard", "crash", "timeout", "invalid"}

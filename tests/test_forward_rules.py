@@ -94,6 +94,7 @@ def torch_model(kind: str):
 @pytest.mark.parametrize("kind", ["moe", "flat_head", "scatter", "inplace", "tuple"])
 def test_torch_research_edits_export_pass_and_match(kind: str, tmp_path: Path) -> None:
     import torch
+
     from engines.artifact import export_forward, load_forward
     model = torch_model(kind)
     export_forward("cuda", model, model, tmp_path / "f.pt2", seq_len=T, batch_sizes=(1, 2, 4))
@@ -153,8 +154,9 @@ def test_sliding_window_layers_export_with_sdpa_when_the_kernel_is_flex(tmp_path
     """On a GPU without FA3 the engine picks FlexAttention for the short-window layers; the artifact
     must still export (flex fails in torch.export.save, and the allow-list refuses its HOP)."""
     import torch
+
     from engines import torch_attention
-    from engines.artifact import export_forward, load_forward
+    from engines.artifact import load_forward
     cpu = torch.device("cpu")
     built = Built("cuda")   # window_pattern "SL": one sliding-window layer
     try:
@@ -201,6 +203,7 @@ def mlx_model(kind: str, seq_len: int = T):
 @pytest.mark.parametrize("kind", ["plain", "tuple"])
 def test_mlx_export_is_the_eval_mode_forward_with_its_constants_intact(kind: str, tmp_path: Path) -> None:
     import mlx.core as mx
+
     from engines.artifact import export_forward, load_forward
     model = mlx_model(kind)
     model.train(True)
@@ -223,9 +226,10 @@ def test_mlx_random_draws_are_refused_by_primitive_name(tmp_path: Path) -> None:
 
 
 def test_mlx_allow_list_reads_every_primitive_of_an_honest_gpt(tmp_path: Path) -> None:
+    import mlx.core as mx
+
     from engines.mlxcheck import check_mlx_graph, primitives
     from engines.opsets import MLX_PRIMITIVES
-    import mlx.core as mx
     built = Built("mlx")
     built.export(tmp_path / "f.mlxfn", batch_sizes=(1, 2))
     imported = mx.import_function(str(tmp_path / "f.mlxfn"))
@@ -238,6 +242,7 @@ def test_mlx_custom_function_exports_or_gets_a_one_line_refusal(tmp_path: Path) 
     """MLX versions differ on whether a custom function (with its own vjp) exports; either way the
     train file sees one line, never a traceback, and what exports computes the same."""
     import mlx.core as mx
+
     from engines.artifact import ArtifactError, export_forward, load_forward
 
     @mx.custom_function

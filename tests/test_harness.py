@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from arun.core import gitops
 from arun.cli import cli
+from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.experiment import repo_lock, run_experiment
-from arun.core.process import last_error_line
 from arun.core.ledger import Ledger, ledger_path
+from arun.core.process import last_error_line
 from arun.core.progress import parse_step_line
 from arun.core.trainfile import rewrite_constants
 from engines.artifact import SUFFIX

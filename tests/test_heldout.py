@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers_repo import empty_repo
 
 import arun.cli
 from arun.cli import cli
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record, decide
 from arun.report.heldout import NOT_CONFIRMED, NOT_REAL, held_out, heldout_lines, heldout_report
+from helpers_repo import empty_repo
 
 TAG = "cuda-cpu-test"
 KID = "k_test"
@@ -129,7 +129,7 @@ def test_report_names_each_key() -> None:
     other = [dict(r, key_id="k_other", id=f"o{i}") for i, r in enumerate(honest_night())]
     lines = heldout_report(lucky_night() + other)
     assert lines[0] == f"held-out test rows, key {KID} (cuda, 60s):"
-    assert f"held-out test rows, key k_other (cuda, 60s):" in lines
+    assert "held-out test rows, key k_other (cuda, 60s):" in lines
     assert sum(NOT_REAL in line for line in lines) == 1   # the honest key is not flagged
 
 
@@ -138,13 +138,12 @@ def test_report_names_each_key() -> None:
 
 def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_artifact import Built
-
     from arun.core.context import experiment_context
     from arun.core.heldout import run_artifacts, score_test
     from engines import get_engine
     from engines.evaluator import evaluate_bpb
     from prepare import PreparedData
+    from test_artifact import Built
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
     repo = Path(__file__).resolve().parents[1]  # its fixed code is what the evaluator runs and the key pins
     ctx = experiment_context(repo, "cuda", 5.0, "cpu", verify_data=True)
@@ -173,10 +172,9 @@ def test_score_test_scores_each_seed_on_the_test_rows(data_env: Path, tmp_path: 
 
 def test_a_run_that_may_be_kept_is_test_scored_in_the_same_process(data_env: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_artifact import Built
-
     from arun.core.heldout import test_fields
     from arun.core.scoring import score_artifact
+    from test_artifact import Built
     monkeypatch.setenv("ARUN_DEVICE", "cpu")
     repo = Path(__file__).resolve().parents[1]
     built = Built("cuda")

@@ -17,14 +17,23 @@ background when the module starts and are checked by the last tests, so they ove
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers_repo import (arun_cmd, arun_env, assert_failure_recorded, inject, kill_under, ledger_records,
-                          make_project, replace_once, run_arun, tiny_train_text)
+from helpers_repo import (
+    arun_cmd,
+    arun_env,
+    assert_failure_recorded,
+    inject,
+    kill_under,
+    ledger_records,
+    make_project,
+    replace_once,
+    run_arun,
+    tiny_train_text,
+)
 
 
 def noncausal_train_text() -> str:

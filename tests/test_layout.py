@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("arun", "arun_data", "engines")
 FIXED = ("prepare", "arun_data", "engines")  # and every train_*.py

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_repo import empty_repo, git
 
+from arun.core.chain import SEAL_FIELDS
 from arun.core.errors import ArunError
 from arun.core.keys import comparability_key, key_id
-from arun.core.chain import SEAL_FIELDS
 from arun.core.ledger import Ledger, all_records, ledger_path, written
 from arun.core.ratchet import baseline_record, best_record, decide, running_best
 from arun.core.record import Record
+from helpers_repo import empty_repo, git
 
 
 def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 import prepare
 from arun_data import build, sources
-from prepare import BestFitPacker, PrepareError, PreparedData, Tokenizer
+from prepare import BestFitPacker, PreparedData, PrepareError, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from arun_data import build, sources
-from prepare import PrepareError, PreparedData, Tokenizer
+from prepare import PreparedData, PrepareError, Tokenizer
 
 
 def _docs(n: int, seed: int) -> list[str]:

@@ -12,17 +12,17 @@ exported forwards through the harness.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_artifact import SMALL, Built  # noqa: E402 - the tests' tiny GPT from the real train files
-
-from engines import get_engine  # noqa: E402
-from engines.probe import PROBE_TOL, Probe, probe_rows  # noqa: E402
+from engines import get_engine
+from engines.probe import PROBE_TOL, Probe, probe_rows
+from test_artifact import SMALL, Built
 
 V = SMALL["vocab_size"]
 BATCH = 8

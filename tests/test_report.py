@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers_repo import arun_env, git, make_project, tiny_train_text
 
 from arun.core.ledger import Ledger, ledger_path
 from arun.report.board import board
 from arun.report.site import build_site
 from arun.report.transfers import transfer_rows
+from helpers_repo import arun_env, git, make_project, tiny_train_text
 
 SLOW_LRS = {"MATRIX_LR": 0.0004, "EMBEDDING_LR": 0.006, "UNEMBEDDING_LR": 0.00004, "SCALAR_LR": 0.005}
 GOOD_LRS = {"MATRIX_LR": 0.04, "EMBEDDING_LR": 0.6, "UNEMBEDDING_LR": 0.004, "SCALAR_LR": 0.5}

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers_repo import empty_repo, git
 
 from arun.cli import cli
 from arun.core import artifacts
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record
+from helpers_repo import empty_repo, git
 
 TAG = "cuda-cpu-test"
 _clock = iter(range(10, 60))  # one record a second: "newest" is by time, across branches

@@ -48,6 +48,7 @@ def _needs_ray() -> None:
 
 def _procs_with(text: str) -> list:
     import ray  # noqa: F401
+    # isort: split
     import psutil
     found = []
     for p in psutil.process_iter(["pid", "cmdline"]):
@@ -190,6 +191,7 @@ def _listening(procs: list) -> set[str]:
 def test_one_box_ray_listens_on_loopback_only(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
     _needs_ray()
     import psutil
+
     from arun.swarm.cluster import is_loopback
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -236,6 +238,7 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
     on autoresearch/<run>, and a third clone verifies them only once it trusts the lab's keys."""
     _needs_ray()
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from arun.core import chain, trust
     repo, clone, third = tmp_path / "repo", tmp_path / "clone", tmp_path / "third"
     repo.mkdir()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from arun.search.sweep import (Sweep, SweepError, make_dims, parse_block, plausible, safe_eval, scored_shas)
 from arun.core.trainfile import constants
+from arun.search.sweep import Sweep, SweepError, make_dims, parse_block, plausible, safe_eval, scored_shas
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -46,7 +46,7 @@ def attempt_text(repo_dir: Path, rec: dict) -> bytes:
     if data is None and rec.get("status") == "keep" and rec.get("commit") and rec.get("train_file"):
         try:
             data = gitops.file_at(repo_dir, rec["commit"], rec["train_file"])
-        except Exception:  # noqa: BLE001 - a commit that is gone is reported below
+        except Exception:  # a commit that is gone is reported below
             data = None
     if data is None:
         raise ArunError(f"the train file of {rec.get('id')} was not saved (.arun/attempts/ has no "
@@ -66,7 +66,7 @@ def restore_attempt(repo_dir: Path, rec: dict, force: bool = False) -> Path:
     if not force and target.exists():
         try:
             committed = gitops.file_at(repo_dir, "HEAD", train_file)
-        except Exception:  # noqa: BLE001 - not committed at all: any content is an uncommitted change
+        except Exception:  # not committed at all: any content is an uncommitted change
             committed = None
         if target.read_bytes() not in (committed, data):
             raise ArunError(f"{train_file} has uncommitted changes that restoring {rec.get('id')} would overwrite; "

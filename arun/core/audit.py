@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import os
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,8 @@ from pathlib import Path
 from arun.core import artifacts
 from arun.core.context import open_data, resolve_engine
 from arun.core.errors import ArunError
-from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, ledgers_in, parse_lines
 from arun.core.gitops import run_git
+from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, ledgers_in, parse_lines
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
 from engines.fingerprint import fixed_code_sha256

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +125,7 @@ class Verdict:
 
 
 def check(records: list[dict], key: bytes | None, lines: list[int] | None = None,
-          keys: dict[str, "trust.Known"] | None = None) -> Verdict:
+          keys: dict[str, trust.Known] | None = None) -> Verdict:
     """Checks the seals of one ledger file's records, in file order. A record is trusted when its
     own chain holds, its prev names the line before it, and its signature verifies under a trusted
     key (`keys`: id -> key, see trust.trusted) or its legacy mac under our ledger key. A record

@@ -142,8 +142,8 @@ def isolated_module(module: str, args: list[str], first: Path | None = None) -> 
     roots = ([str(first)] if first is not None else []) + [str(code_root)]
     # Ours, not the child's: without site a venv's python does not know its own site-packages.
     packages = [p for p in site.getsitepackages() if p not in roots]
-    boot = ("import runpy, sys; sys.path[:0] = %r; sys.path += %r; "
-            "runpy.run_module(%r, run_name='__main__', alter_sys=True)") % (roots, packages, module)
+    boot = (f"import runpy, sys; sys.path[:0] = {roots!r}; sys.path += {packages!r}; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
     return [sys.executable, "-I", "-S", "-c", boot, *args]
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import prepare
 from arun.core.errors import ArunError
@@ -115,7 +116,7 @@ def _engine_works(name: str, device: str | None) -> bool:
     try:
         with scoped_env(ARUN_DEVICE=device):
             return bool(get_engine(name).available()[0])
-    except Exception:  # noqa: BLE001 - an engine failing to import simply does not work here
+    except Exception:  # an engine failing to import simply does not work here
         return False
 
 

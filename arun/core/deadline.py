@@ -32,7 +32,7 @@ class Limits:
     total: float | None = None
 
     @classmethod
-    def for_run(cls, budget: float, timeout: float | None = None, first_step: float | None = None) -> "Limits":
+    def for_run(cls, budget: float, timeout: float | None = None, first_step: float | None = None) -> Limits:
         """--timeout S: S from the start; otherwise the two clocks."""
         if timeout:
             return cls(first_step=float(timeout), total=float(timeout))

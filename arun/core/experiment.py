@@ -22,32 +22,44 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from arun.core import artifacts, confine, gitops
+from arun.core import artifacts, confine, gitops, runfolder
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
+from arun.core.early import Stopper, Watch, mean_trajectory
 from arun.core.errors import ArunError
-from arun.core import runfolder
 from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
-from arun.core.process import (RunOutcome, child_env, finite, overhead_split, run_train_file, same_file,
-                               sigterm_as_interrupt)
+from arun.core.process import (
+    RunOutcome,
+    child_env,
+    finite,
+    overhead_split,
+    run_train_file,
+    same_file,
+    sigterm_as_interrupt,
+)
 from arun.core.progress import Progress
 from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
-from arun.core.timing import (audit_timing, charged_seconds, default_allowance, non_training_limit,
-                              non_training_seconds, reference_of)
+from arun.core.timing import (
+    audit_timing,
+    charged_seconds,
+    default_allowance,
+    non_training_limit,
+    non_training_seconds,
+    reference_of,
+)
 from arun.core.trainfile import constants
-from arun.core.early import Stopper, Watch, mean_trajectory
 from arun_data import held_out
 from engines import TRAIN_FILES
 from engines.artifact import SUFFIX
@@ -100,7 +112,7 @@ def check_scope(repo_dir: Path, train_file: str) -> None:
                         f"file; keep it code and hyperparameters (no embedded weights or data)")
     try:
         gitops.file_at(repo_dir, "HEAD", train_file)
-    except Exception:  # noqa: BLE001 - git's error text is the same point said worse
+    except Exception:  # git's error text is the same point said worse
         raise ArunError(f"{train_file} is not committed; git add {train_file} && git commit -m 'add {train_file}'") from None
     pin = gitops.run_pin(repo_dir)
     base = pin["base"] if pin else gitops.head_sha(repo_dir)

@@ -42,7 +42,7 @@ class Progress:
                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=True)
         self.task = self.bar.add_task(label, total=100.0, info="starting (imports, data, compile)")
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         if self.enabled:
             self.bar.start()
         return self

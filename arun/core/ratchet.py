@@ -5,7 +5,7 @@ line is shown by the reports but never becomes a best or a baseline."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from arun.core.ledger import trusted
 

@@ -88,7 +88,7 @@ class Record:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "Record":
+    def from_json(cls, data: dict) -> Record:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         rec = cls(**{k: v for k, v in data.items() if k in known})
         rec.extra = {k: v for k, v in data.items() if k not in known and not str(k).startswith("_")}

@@ -13,8 +13,8 @@ import contextlib
 import os
 import shutil
 import stat
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from engines.artifact import SUFFIX
 

@@ -29,7 +29,7 @@ from arun.core.errors import ArunError
 TRUST_FILE = Path("bench") / "trusted_keys"
 PREFIX = "ed25519:"
 _DOMAIN = b"arun-ledger-line:"      # what is signed is never mistaken for another use of the key
-_session: dict[str, "Known"] = {}   # keys trusted for this process only (a swarm worker: its head)
+_session: dict[str, Known] = {}   # keys trusted for this process only (a swarm worker: its head)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _load_private(path: Path) -> Ed25519PrivateKey:
     try:
         return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(text))
     except ValueError:
-        raise ArunError(f"{path} is not an arun identity key (64 hex digits); move it away and rerun to make a new one")
+        raise ArunError(f"{path} is not an arun identity key (64 hex digits); move it away and rerun to make a new one") from None
 
 
 def own_public() -> Ed25519PublicKey:
@@ -127,7 +127,7 @@ def parse_public(text: str) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(data)
     except (binascii.Error, ValueError):
         raise ArunError(f"{text[:60]!r} is not an arun public key; pass what `arun trust show` prints on that "
-                        "machine (ed25519:<base64>) or a file holding it")
+                        "machine (ed25519:<base64>) or a file holding it") from None
 
 
 def trust_file(repo_dir: Path | str) -> Path:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arun.core.ledger import all_records, trust_mark
-from arun.report.signers import signer_lines
 from arun.report.board import BoardRow, board
 from arun.report.charts import chart_html, plotly_js
-from arun.report.transfers import TransferRow, transfer_rows
+from arun.report.signers import signer_lines
 from arun.report.summary import policy_counts, policy_line
+from arun.report.transfers import TransferRow, transfer_rows
 
 ASSETS = "assets"
 STYLE = """

@@ -23,13 +23,15 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from arun.core import confine as confinement
 from arun.core import gitops
 from arun.core.context import ExperimentContext, cached_context, open_data
+from arun.core.early import make_stopper
 from arun.core.errors import ArunError
 from arun.core.experiment import check_scope, repo_lock, run_experiment, train_constants
 from arun.core.ledger import Ledger, new_id, read_records
@@ -38,7 +40,6 @@ from arun.core.ratchet import SCORED, baseline_record, best_record, key_records
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
-from arun.core.early import make_stopper
 from arun.search.noise import load_noise, significance_decider
 from arun.search.policy import ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
@@ -104,7 +105,7 @@ def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path |
         try:
             gitops.file_at(repo_dir, "HEAD", rel)
             in_head = True
-        except Exception:  # noqa: BLE001 - not in HEAD: a new file
+        except Exception:  # not in HEAD: a new file
             in_head = False
         if keep_dir is not None and (path.is_file() or path.is_symlink()):
             (keep_dir / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     except ArunError:
         revert_all(repo_dir, train_file, pre)
         raise
-    except Exception as e:  # noqa: BLE001 - a broken proposer is an invalid attempt, not a dead loop
+    except Exception as e:  # a broken proposer is an invalid attempt, not a dead loop
         proposal = Proposal(description=name, error=f"{name} failed: {type(e).__name__}: {e}"[:500])
     seconds = proposal.seconds or (time.monotonic() - t0)
     base = best["commit"]
@@ -260,7 +261,7 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
     base = best["commit"] if best else gitops.head_sha(repo_dir)
     try:
         committed = gitops.file_at(repo_dir, base, train_file)
-    except Exception:  # noqa: BLE001
+    except Exception:
         raise ArunError(f"the best commit {base[:10]} is not in this repository; git fetch the branch that has it") from None
     if (repo_dir / train_file).read_bytes() != committed:
         raise ArunError(f"{train_file} has edits that are not the best commit ({base[:10]}); run them once "

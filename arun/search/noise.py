@@ -19,16 +19,16 @@ import hashlib
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from arun.core import gitops
 from arun.core.context import cached_context
+from arun.core.early import trajectory_std
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import read_records
 from arun.core.ratchet import NEAR_MISS, best_record
-from arun.core.early import trajectory_std
 from arun.search.stats import gate
 
 
@@ -87,7 +87,7 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
     current = (repo_dir / train_file).read_bytes()
     try:
         at_base = gitops.file_at(repo_dir, base, train_file)
-    except Exception:  # noqa: BLE001 - not in this repository: run_experiment says so better
+    except Exception:  # not in this repository: run_experiment says so better
         at_base = current
     if current != at_base:
         raise ArunError(f"arun noise measures the best train file (commit {base[:10]}), but {train_file} has "

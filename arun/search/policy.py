@@ -16,8 +16,8 @@ spread `arun noise` measured:
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from arun.core.ratchet import NEAR_MISS
 from arun.search.noise import load_noise

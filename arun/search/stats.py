@@ -19,8 +19,6 @@ import statistics
 
 from arun.core.ratchet import NEAR_MISS
 
-
-
 # --------------------------------------------------------------------------- distributions
 
 def _betacf(a: float, b: float, x: float) -> float:

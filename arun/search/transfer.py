@@ -13,9 +13,9 @@ them as one more ordinary experiment, or are listed as not transferred.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from arun.core import gitops
 from arun.core.context import experiment_context

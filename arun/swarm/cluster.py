@@ -18,9 +18,9 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from arun.core.errors import ArunError
 
@@ -58,23 +58,23 @@ def join(address: str) -> None:
         socket.create_connection((host, port), timeout=10).close()
     except OSError as e:
         raise ArunError(f"nothing answers at {address} ({e.strerror or e}): start the head there with "
-                        f"`ray start --head --port {port}`, or check the address and that port {port} is open from here")
+                        f"`ray start --head --port {port}`, or check the address and that port {port} is open from here") from e
     with tempfile.TemporaryDirectory(prefix="arun-ray-") as tmp:
         errors = Path(tmp) / "stderr"
         try:
             with _stderr_to(errors):
                 ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         except AuthenticationError:
-            raise ArunError(f"token authentication is on but this machine has no Ray token: {AUTH_FIX}")
+            raise ArunError(f"token authentication is on but this machine has no Ray token: {AUTH_FIX}") from None
         except (ConnectionError, RuntimeError) as e:
             said = errors.read_text(errors="replace") if errors.exists() else ""
             if "InvalidAuthToken" in said or "Unauthenticated" in said:
                 mode = os.environ.get("RAY_AUTH_MODE")
                 raise ArunError(f"the Ray cluster at {address} refused this connection's token "
-                                f"(RAY_AUTH_MODE={mode}): {AUTH_FIX}")
+                                f"(RAY_AUTH_MODE={mode}): {AUTH_FIX}") from e
             raise ArunError(f"could not join the Ray cluster at {address} ({str(e).splitlines()[0][:200]}): "
                             "check that `ray status --address {address}` works on this machine, with the same "
-                            "Ray version as the cluster".replace("{address}", address))
+                            "Ray version as the cluster".replace("{address}", address)) from e
 
 
 def token_path() -> Path | None:

@@ -40,17 +40,18 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.ratchet import SCORED
 from arun.swarm import cluster
 from arun.swarm.actors import DIED, RESTARTED, Coordinator, LedgerWriter
-from arun.swarm.worker import Worker, one_line
 from arun.swarm.records import commit_records
+from arun.swarm.worker import Worker, one_line
 from arun.swarm.worktrees import base_ref, cleanup_worker
 
 
@@ -106,7 +107,7 @@ class Swarm:
         try:
             self.base = gitops.run_git(self.repo, "rev-parse", "HEAD")
         except ArunError:
-            raise ArunError(f"{self.repo} has no commit yet; commit the project first (git add -A && git commit)")
+            raise ArunError(f"{self.repo} has no commit yet; commit the project first (git add -A && git commit)") from None
         dirty = gitops.run_git(self.repo, "status", "--porcelain", "--untracked-files=no")
         if dirty:
             self.log(f"note: uncommitted changes in {self.repo} stay there; workers start from {self.base[:12]} (HEAD)")
@@ -185,7 +186,7 @@ class Swarm:
             try:
                 infos[k] = ray.get(w.info.remote(), timeout=600)
             except Exception as e:
-                raise ArunError(f"worker w{k} did not start: {_ray_cause(e)}")
+                raise ArunError(f"worker w{k} did not start: {_ray_cause(e)}") from e
         self.infos = infos
         tags = sorted({i["tag"] for i in infos.values()})
         self.log(f"swarm {self.run_name}: {n} {o.backend} worker(s) on {len(nodes)} machine(s), base {self.base[:12]}, "
@@ -193,7 +194,7 @@ class Swarm:
 
     # -- run
     def run(self, iterations: int | None = None, deadline: float | None = None,
-            on_result: Callable[["Swarm", dict], None] | None = None) -> list[dict]:
+            on_result: Callable[[Swarm, dict], None] | None = None) -> list[dict]:
         """Keeps every worker busy until `iterations` experiments (in all) were dispatched or the
         deadline passed, then waits for those in flight. Returns this call's step summaries."""
         import ray
@@ -444,7 +445,7 @@ def _ray_cause(e: BaseException) -> str:
         line = line.strip()
         if line.startswith(("arun.core.errors.ArunError:", "ArunError:")):
             return line.split(":", 1)[1].strip()
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
     return (lines[0] if lines else type(e).__name__)[:300]
 
 

@@ -51,6 +51,7 @@ def ray_processes(temp_dir: Path) -> list[int]:
     names that folder on its command line (a node joining the cluster takes the head's), so another
     Ray instance of the same user is never among them."""
     import ray  # noqa: F401  (Ray brings psutil: imported after it, as Ray's own modules do)
+    # isort: split
     import psutil
     root, me = str(Path(temp_dir).expanduser().resolve()), os.getpid()
     found = []

@@ -43,7 +43,7 @@ class SwarmLedger:
     stood when the experiment started (the ratchet compares against the best it adopted); an
     append goes to the coordinator, which writes it through the one ledger actor."""
 
-    def __init__(self, worker: "Worker", records: list[dict], path: Path):
+    def __init__(self, worker: Worker, records: list[dict], path: Path):
         self.worker, self._records, self.path = worker, records, path
         self.appended: list[dict] = []
 

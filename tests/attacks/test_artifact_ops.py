@@ -10,16 +10,15 @@ it tries the one that is not pure (a random draw). Each ends invalid, nothing ke
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from helpers_repo import inject, make_project
 
 from arun.core.experiment import run_experiment
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
+from helpers_repo import inject, make_project
 
 BUDGET = 2.0
 

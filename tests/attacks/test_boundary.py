@@ -13,19 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
-
-from helpers_repo import inject, load_module, make_project
 
 from arun.core import confine
 from arun.core.artifacts import path_for
 from arun.core.experiment import run_experiment
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
+from helpers_repo import inject, load_module, make_project
 
 BUDGET = 2.0
 FAST = {"COMPILE": False}

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers_repo import inject
-from test_harness import MINI_MLX, _snapshot, make_repo, run
-
 from arun.core.errors import ArunError
 from arun.core.experiment import MAX_TRAIN_FILE_BYTES
 from arun.core.process import MAX_LINE_CHARS, MAX_LOG_BYTES
 from arun.core.progress import parse_step_line
+from helpers_repo import inject
+from test_harness import MINI_MLX, _snapshot, make_repo, run
 
 # After training, before the export: one 1 MB line, then 2 MB of 1000-character lines.
 FLOOD = '''

@@ -18,17 +18,16 @@ the best unchanged.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
-from attacks.test_boundary import FROZEN, Project, make
-from helpers_repo import inject, replace_once
-
 from arun.core.artifacts import path_for
 from arun.core.scoring import score_artifact
+from attacks.test_boundary import FROZEN, Project, make
+from helpers_repo import inject, replace_once
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_repo import arun_env, empty_repo, git, make_project, run_arun
 
 from arun.core import artifacts, chain
 from arun.core.keys import comparability_key, key_id
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record
 from engines.fingerprint import fixed_code_sha256
+from helpers_repo import arun_env, empty_repo, git, make_project, run_arun
 
 TAG = "cuda-cpu-test"
 KEY = "k1"
@@ -83,7 +83,7 @@ def test_a_forged_keep_never_becomes_the_best_and_is_marked(repo: Path, how: str
     assert "not believed" in out["compare"].stdout and "1.900000" in out["compare"].stdout
     assert "not believed" in out["summary"].stdout and "best val_bpb: 1.900000" in out["summary"].stdout
     if mark == "forged":
-        assert f"ledger.jsonl line 4 (id fake-1):" in out["log"].stderr and "; ignored" in out["log"].stderr
+        assert "ledger.jsonl line 4 (id fake-1):" in out["log"].stderr and "; ignored" in out["log"].stderr
     # An honest append after the forgery still chains and is believed.
     led = Ledger(ledger_path(repo, TAG))
     led.append(keep(1.8))

@@ -9,18 +9,17 @@ The tests share one project (a module fixture) and run in file order after its h
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
-from helpers_repo import git, inject, make_project, tiny_train_text
 
 from arun.core import timing
 from arun.core.artifacts import path_for
 from arun.core.experiment import run_experiment
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
+from helpers_repo import git, inject, make_project, tiny_train_text
 
 BUDGET = 2.0
 
