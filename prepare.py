@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -108,6 +109,10 @@ class Tokenizer:
     def get_bos_token_id(self) -> int:
         return self.bos_token_id
 
+    @overload
+    def encode(self, text: str, prepend: int | None = None) -> list[int]: ...
+    @overload
+    def encode(self, text: list[str], prepend: int | None = None) -> list[list[int]]: ...
     def encode(self, text: str | list[str], prepend: int | None = None) -> list[int] | list[list[int]]:
         if isinstance(text, str):
             ids = self.enc.encode_ordinary(text)
@@ -258,7 +263,7 @@ class PreparedData:
         return tb
 
     def train_shards(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        shards = []
+        shards: list[tuple[np.ndarray, np.ndarray]] = []
         for s in self.manifest["train_shards"]:
             tokens = np.memmap(self.dir / s["tokens"], dtype=np.uint16, mode="r")
             offsets = np.load(self.dir / s["offsets"])

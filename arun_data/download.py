@@ -37,7 +37,7 @@ def hf_dataset_url(repo: str, filename: str, revision: str = "main") -> str:
     return f"{hf_endpoint()}/datasets/{repo}/resolve/{revision}/{filename}"
 
 
-def _one_line(s: str, limit: int = 200) -> str:
+def _one_line(s: object, limit: int = 200) -> str:
     # library errors can span lines; ours must not (the CLI prints exactly one line)
     s = " ".join(str(s).split())
     return s if len(s) <= limit else s[: limit - 3] + "..."
@@ -113,8 +113,8 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: Callable[[int], 
         if r.status_code != 200 and r.status_code != 206:
             raise DownloadError(f"{url}: unexpected HTTP {r.status_code}; check the URL and HF_ENDPOINT")
 
-        length = r.headers.get("Content-Length")
-        length = int(length) if length and length.isdigit() and not r.headers.get("Content-Encoding") else None
+        said = r.headers.get("Content-Length")
+        length = int(said) if said and said.isdigit() and not r.headers.get("Content-Encoding") else None
         if r.status_code == 206:
             start, total = _content_range(r.headers.get("Content-Range"))
             if start != have:  # a server that resumes somewhere else would splice garbage

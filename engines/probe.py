@@ -115,7 +115,7 @@ class Probe:
         """(altered batch, cuts): each row keeps x[i, :c_i] and takes another real row's tokens from c_i on."""
         B, T = x.shape
         n = self.pool.shape[0]
-        cuts = self.rng.integers(1, T, size=B) if T > 1 else np.ones(B, dtype=np.int64)
+        cuts = np.asarray(self.rng.integers(1, T, size=B)) if T > 1 else np.ones(B, dtype=np.int64)
         altered = x.copy()
         for i, c in enumerate(cuts):
             c = int(c)

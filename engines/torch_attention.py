@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ class Attention:
         if kernel not in KERNELS:
             raise ValueError(f"unknown attention kernel {kernel!r}; use fa3, flex or sdpa")
         self.device, self.kernel = device, kernel
-        self.fa3 = _flash_attention_3() if kernel == "fa3" else None
+        self.fa3: Any = _flash_attention_3() if kernel == "fa3" else None  # not None when kernel == "fa3"
         if kernel == "fa3" and (self.fa3 is None or device.type != "cuda"):
             raise RuntimeError("attention kernel fa3 needs a CUDA device and flash_attn_interface installed")
         if kernel == "flex":

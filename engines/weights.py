@@ -73,7 +73,7 @@ def count_params(model: Any) -> int:
 def model_config(model: Any) -> dict:
     """The model's `config` dataclass as a dict (what rebuilds it), or {} for a model without one."""
     config = getattr(model, "config", None)
-    return asdict(config) if is_dataclass(config) else {}
+    return asdict(config) if is_dataclass(config) and not isinstance(config, type) else {}
 
 
 def save_checkpoint(model: Any, path: Path | str) -> None:
@@ -81,7 +81,7 @@ def save_checkpoint(model: Any, path: Path | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:  # a file object, so numpy does not append a second .npz
-        np.savez(f, **export_weights(model))
+        np.savez(f, **export_weights(model))  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
     path.with_suffix(".json").write_text(json.dumps({"config": model_config(model)}, indent=2))
 
 

@@ -48,3 +48,51 @@ def ledger_key_home(tmp_path_factory: pytest.TempPathFactory):
         os.environ.pop("ARUN_HOME", None)
     else:
         os.environ["ARUN_HOME"] = old
+
+
+# Every test belongs to exactly one tier, so `pytest -m unit` is a quick, honest first check:
+#   unit    pure functions, small real MLX/torch tensors, small git repos, about a second each: no
+#           training run, no `arun` subprocess, no Ray, no browser (the whole tier runs in about a minute)
+#   e2e     the real `arun` CLI, a real training run in a subprocess, or seconds of real compute
+#           (a whole model exported, probed or stepped)
+#   faults  injected failures (kills, full disks, broken pipes) through the real harness
+#   swarm   a real Ray cluster
+#   browser headless Chromium
+# A file's tier comes from this table; a test in a mixed file says its own with @pytest.mark.<tier>.
+TIERS = ("unit", "e2e", "faults", "swarm", "browser")
+TIER_OF_FILE = {
+    "test_stats.py": "unit", "test_download.py": "unit", "test_sweep.py": "unit", "test_prepare_hub.py": "unit",
+    "test_conformance.py": "unit", "test_probe.py": "unit", "test_forward_rules.py": "unit",
+    "test_imports.py": "unit", "test_chain.py": "unit",
+    "test_faults.py": "faults",
+    "test_swarm.py": "swarm", "test_swarm_cluster.py": "swarm",
+    "test_artifact.py": "e2e", "test_calibrate.py": "e2e", "test_compare.py": "e2e", "test_cuda.py": "e2e",
+    "test_early.py": "e2e", "test_gpu_check.py": "e2e", "test_harness.py": "e2e", "test_heldout.py": "e2e",
+    "test_integrity.py": "e2e", "test_ledger.py": "e2e", "test_loop.py": "e2e", "test_mlx.py": "e2e",
+    "test_prepare.py": "e2e", "test_report.py": "e2e", "test_retention.py": "e2e", "test_rough_edges.py": "e2e",
+    "test_sandbox.py": "e2e", "test_score.py": "e2e",
+    "attacks/test_artifact_ops.py": "e2e", "attacks/test_boundary.py": "e2e", "attacks/test_carry.py": "e2e",
+    "attacks/test_confinement.py": "e2e", "attacks/test_evaluator.py": "e2e", "attacks/test_jail.py": "e2e",
+    "attacks/test_ledger.py": "e2e", "attacks/test_time.py": "e2e",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).resolve().parent
+    untiered, doubled = set(), set()
+    for item in items:
+        own = {m.name for m in item.iter_markers() if m.name in TIERS}
+        key = Path(item.path).resolve().relative_to(tests_dir).as_posix()
+        if len(own) > 1:
+            doubled.add(f"{item.nodeid} ({', '.join(sorted(own))})")
+        elif not own:
+            if key not in TIER_OF_FILE:
+                untiered.add(key)
+                continue
+            item.add_marker(TIER_OF_FILE[key])
+    if untiered or doubled:
+        raise pytest.UsageError(
+            (f"tests without a tier: {', '.join(sorted(untiered))}; add the file to TIER_OF_FILE in "
+             f"tests/conftest.py. " if untiered else "")
+            + (f"tests with two tiers: {'; '.join(sorted(doubled))}; keep one." if doubled else ""))

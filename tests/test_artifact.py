@@ -331,6 +331,7 @@ def test_pt2_archives_that_would_run_code_are_refused(env: Path, tmp_path: Path)
         assert "\n" not in str(e.value), name
 
 
+@pytest.mark.unit
 def test_fixed_code_fingerprint(tmp_path: Path) -> None:
     from engines.fingerprint import fixed_code_sha256, fixed_files
     (tmp_path / "engines").mkdir()

@@ -87,6 +87,7 @@ def test_a_run_that_never_reaches_its_first_step_is_killed_at_the_cap(data_env: 
     assert out.status == "timeout" and "no step line within 2s" in out.error
 
 
+@pytest.mark.unit
 def test_default_limits_count_from_the_first_step_and_timeout_from_the_start() -> None:
     assert Limits.for_run(300) == Limits(first_step=1800, after_step=600, total=None)
     assert Limits.for_run(300, 20) == Limits(first_step=20, after_step=None, total=20)
@@ -144,6 +145,7 @@ def test_calibrate_sizes_warm_up_to_fit_and_names_the_device(data_env: Path, tmp
     assert "WARMUP_STEPS=" in p.stdout and "next: arun --backend cuda --device cpu --budget 30" in p.stdout
 
 
+@pytest.mark.unit
 def test_warm_up_is_lowered_only_when_it_does_not_fit() -> None:
     from arun.search.calibrate import warmup_steps
     from arun.search.probe import Measure

@@ -72,6 +72,7 @@ def repo(tmp_path: Path) -> Path:
     return repo
 
 
+@pytest.mark.unit
 def test_summaries_per_key(repo: Path) -> None:
     by_key = {s.key_id: s for s in compare(repo)}
     h = by_key["k_h100"]
@@ -168,6 +169,7 @@ def test_show_finds_by_prefix_and_highlights_the_diff(repo: Path, monkeypatch: p
     assert colored and "\x1b[" in colored[0]
 
 
+@pytest.mark.e2e
 def test_plot_one_png_per_tag_with_the_plotted_points(repo: Path, tmp_path: Path) -> None:
     from PIL import Image
     written = plot_tags(repo, out_dir=tmp_path / "plots")
@@ -212,5 +214,6 @@ def test_export_writes_upstreams_results_tsv(repo: Path, monkeypatch: pytest.Mon
     assert {line.split("\t")[3] for line in lines[1:]} == {"keep", "discard", "crash"}
 
 
+@pytest.mark.unit
 def test_summarize_ignores_records_without_a_key() -> None:
     assert summarize([{"status": "keep", "val_bpb": 1.0}]) == []

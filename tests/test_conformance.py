@@ -111,6 +111,7 @@ def data(data_env: Path):
     return d.val_rows(), d.token_bytes(), d.manifest["vocab_size"], d.profile.max_seq_len
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 def test_same_weights_same_logits_and_val_bpb(tc, tm, data) -> None:
     import engines.cuda
     import engines.mlx
@@ -210,6 +211,7 @@ def test_gradients_agree(tc, tm, data) -> None:
         assert np.abs(g - grads_m[name]).max() <= GRAD_RTOL * np.abs(g).max(), name
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 def test_train_steps_agree(tc, tm, data) -> None:
     """Two optimizer steps through each file's own make_train_step (MLX compiled), two micro-batches each."""
     rows, _, vocab, seq_len = data

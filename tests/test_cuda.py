@@ -126,6 +126,7 @@ def test_import_runs_no_training(data_env: Path, tmp_path: Path, monkeypatch: py
     assert callable(module.train) and isinstance(module.DEPTH, int)
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this machine's torch is a CUDA build")
 def test_unavailable_without_cuda_names_the_cpu_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ARUN_DEVICE", raising=False)
@@ -135,6 +136,7 @@ def test_unavailable_without_cuda_names_the_cpu_build(monkeypatch: pytest.Monkey
     assert "--backend mlx" in why and "ARUN_DEVICE=cpu" in why  # says what would work
 
 
+@pytest.mark.unit
 def test_cuda_build_with_unusable_driver(monkeypatch: pytest.MonkeyPatch) -> None:
     """A CUDA build of torch on a machine whose driver is missing or too old (what torch reports there)."""
     def is_available() -> bool:
@@ -150,18 +152,21 @@ def test_cuda_build_with_unusable_driver(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "ARUN_DEVICE=cpu" in why
 
 
+@pytest.mark.unit
 def test_torch_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # what `import torch` does without torch installed
     ok, why = ENGINE.available()
     assert not ok and "pip install -e '.[cuda]'" in why
 
 
+@pytest.mark.unit
 def test_unknown_device_is_an_error_not_a_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARUN_DEVICE", "mps")
     ok, why = ENGINE.available()
     assert not ok and "ARUN_DEVICE" in why and "cpu" in why
 
 
+@pytest.mark.unit
 def test_cpu_device_description(cpu_device: None) -> None:
     ok, why = ENGINE.available()
     assert ok, why
@@ -173,6 +178,7 @@ def test_cpu_device_description(cpu_device: None) -> None:
     ENGINE.sync()  # a no-op on the CPU
 
 
+@pytest.mark.unit
 def test_cpu_arrays_and_token_nats(cpu_device: None) -> None:
     x = np.arange(12, dtype=np.int32).reshape(3, 4)
     t = ENGINE.to_device(x)
@@ -187,6 +193,7 @@ def test_cpu_arrays_and_token_nats(cpu_device: None) -> None:
     np.testing.assert_allclose(nats, want, rtol=1e-5)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name, mem, flops, tag", [
     ("NVIDIA H100 80GB HBM3", 79.1, 989.5e12, "cuda-nvidia-h100-80gb-hbm3"),
     ("NVIDIA H100 PCIe", 79.2, 756e12, "cuda-nvidia-h100-pcie-80gb"),
@@ -206,6 +213,7 @@ def test_gpu_names_to_peak_flops_and_tags(name: str, mem: float, flops: float | 
     assert gpu_tag(name, mem) == tag
 
 
+@pytest.mark.unit
 def test_memory_buckets() -> None:
     assert [memory_bucket_gb(g) for g in (7.6, 11.7, 15.7, 23.6, 47.5, 79.2, 300.0)] == [8, 12, 16, 24, 48, 80, 300]
 
@@ -223,6 +231,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windo
     return torch.einsum("bhij,bjhd->bihd", scores.softmax(-1), v.double())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("seq_len", [256])  # two 128-token flex blocks: tiles fully in, partly in, out
 def test_sliding_window_masks_match_dense_reference(cpu_device: None, seq_len: int) -> None:
     from torch.nn.attention.flex_attention import create_mask
@@ -248,6 +257,7 @@ def test_sliding_window_masks_match_dense_reference(cpu_device: None, seq_len: i
         ta.Attention(cpu, "magic")
 
 
+@pytest.mark.unit
 def test_model_is_causal_and_softcapped(cpu_device: None) -> None:
     t = load_module(BASELINE, "train_cuda_causal")
     torch.manual_seed(0)

@@ -57,6 +57,7 @@ def step_lines(losses_at: list[tuple[float, float]]) -> list[str]:
 
 # --------------------------------------------------------------------------- trajectories
 
+@pytest.mark.unit
 def test_step_lines_become_a_trajectory_at_every_5_percent() -> None:
     w = Watch()
     lines = step_lines([(1, 9.0), (3, 7.0), (12, 5.0), (14, 4.0), (40, 3.0)])
@@ -73,6 +74,7 @@ def test_step_lines_become_a_trajectory_at_every_5_percent() -> None:
     assert traj[8:] == [None] * 12                # not reached yet
 
 
+@pytest.mark.unit
 def test_resample_leaves_unreached_bins_empty_and_progress_never_goes_back() -> None:
     assert resample([(50.0, 2.0)], upto=50.0)[:10] == [None] * 9 + [2.0]
     w = Watch()
@@ -86,6 +88,7 @@ def test_resample_leaves_unreached_bins_empty_and_progress_never_goes_back() -> 
 BEST = [4.0 - 0.1 * i for i in range(20)]
 
 
+@pytest.mark.unit
 def test_a_run_behind_by_more_than_the_spread_is_stopped() -> None:
     margin, source = margins(BEST, [0.01] * 20)
     assert source == "measured spread" and margin[5] == pytest.approx(max(3 * math.sqrt(2) * 0.01, 0.005 * BEST[5]))
@@ -95,6 +98,7 @@ def test_a_run_behind_by_more_than_the_spread_is_stopped() -> None:
                   "margin": round(margin[5], 6)}
 
 
+@pytest.mark.unit
 def test_a_run_within_the_spread_or_too_early_or_behind_once_is_not_stopped() -> None:
     margin, _ = margins(BEST, [0.01] * 20)
     within = [b + 0.9 * margin[i] for i, b in enumerate(BEST)]
@@ -107,6 +111,7 @@ def test_a_run_within_the_spread_or_too_early_or_behind_once_is_not_stopped() ->
     assert behind(ahead, BEST, margin) is None
 
 
+@pytest.mark.unit
 def test_without_a_measured_spread_the_margin_is_the_conservative_default() -> None:
     margin, source = margins(BEST, None)
     assert source == "default margin" and margin[9] == pytest.approx(early.DEFAULT_REL * BEST[9])
@@ -119,6 +124,7 @@ def best_record(config: dict, traj: list | None = None, **kw) -> dict:
     return {"id": "b", "val_bpb": 2.0, "config": config, "loss_trajectory": traj or BEST, **kw}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name,value", [("WARMDOWN_RATIO", 0.7), ("WARMUP_RATIO", 0.1), ("FINAL_LR_FRAC", 0.1),
                                         ("TOTAL_BATCH_SIZE", 2**15), ("DEVICE_BATCH_SIZE", 4), ("DEPTH", 6),
                                         ("ASPECT_RATIO", 96), ("HEAD_DIM", 64)])
@@ -135,6 +141,7 @@ def test_schedule_batch_and_size_changes_are_never_stopped_early(name: str, valu
         {"lr": ["MATRIX_LR"], "other": ["EVAL_BATCH_SIZE"]}
 
 
+@pytest.mark.unit
 def test_the_spread_comes_from_arun_noise_else_the_bests_seeds() -> None:
     config = {"MATRIX_LR": 0.04}
     noisy = make_stopper(best_record(config), None, config, noise={"std": 0.01, "loss_trajectory_std": [0.2] * 20})
@@ -145,6 +152,7 @@ def test_the_spread_comes_from_arun_noise_else_the_bests_seeds() -> None:
     assert make_stopper(best_record(config), None, config).source == "default margin"
 
 
+@pytest.mark.unit
 def test_a_best_whose_trajectory_is_too_low_for_its_val_bpb_is_not_believed() -> None:
     """Attack: a train file that prints tiny losses and becomes the best would stop every honest run
     after it. Its trajectory is checked against its own val_bpb (the baseline's loss-to-val ratio)."""
@@ -163,6 +171,7 @@ def test_a_best_whose_trajectory_is_too_low_for_its_val_bpb_is_not_believed() ->
 BEST_REC = {"val_bpb": 1.0, "val_bpb_seeds": [1.0], "tag": "t", "key_id": "k"}
 
 
+@pytest.mark.unit
 def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_path: Path) -> None:
     said: list[str] = []
     d = ConfirmingDecider(repo_dir=tmp_path, noise_std=0.001, log=said.append)
@@ -179,11 +188,13 @@ def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_pat
     assert d([0.5], None, []) == ("keep", False, {})                    # the baseline
 
 
+@pytest.mark.unit
 def test_with_no_spread_known_every_win_is_confirmed_by_fresh_seeds(tmp_path: Path) -> None:
     d = ConfirmingDecider(repo_dir=tmp_path, log=None)
     assert d([0.5], BEST_REC, [])[0] == "confirm"
 
 
+@pytest.mark.unit
 def test_the_verdict_line_says_how_a_keep_was_decided() -> None:
     from arun.core.experiment import verdict_line
     rec = {"status": "keep", "val_bpb": 0.99, "best_before": 1.0, "tag": "t", "id": "1", "commit": "abcdef1234567"}
@@ -196,6 +207,7 @@ def test_the_verdict_line_says_how_a_keep_was_decided() -> None:
     assert stopped.startswith("arun: DISCARD (stopped early at 30% of the budget)")
 
 
+@pytest.mark.unit
 def test_the_summary_shows_stopped_early_runs_and_confirmations() -> None:
     from arun.report.summary import report
     recs = [{"id": "1", "key_id": "k", "tag": "t", "status": "keep", "baseline": True, "val_bpb": 1.0},
@@ -278,6 +290,7 @@ def test_the_cli_has_the_switches() -> None:
     assert "--early-stop" in CliRunner().invoke(cli, ["run", "--help"]).output
 
 
+@pytest.mark.unit
 def test_a_best_that_lied_mid_run_but_not_at_the_end_is_not_believed() -> None:
     """Attack (redteam-trust early_stop_lie): ~0 losses for 19 points and an honest last one. Train loss
     only falls over a run, so every point, not just the last, must fit the best's val_bpb."""

@@ -123,6 +123,7 @@ def test_sigkilled_appenders_lose_no_completed_record(tmp_path: Path) -> None:
     assert ids[-1] == "final"
 
 
+@pytest.mark.unit
 def test_a_torn_line_longer_than_64k_keeps_every_earlier_record(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Regression: the repair looked for the last newline in a 64 KiB tail only, and cut the whole
     file when the torn record (a big diff) was longer: every earlier record went with it."""

@@ -91,6 +91,7 @@ def torch_model(kind: str):
     return Tiny().eval()
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 @pytest.mark.parametrize("kind", ["moe", "flat_head", "scatter", "inplace", "tuple"])
 def test_torch_research_edits_export_pass_and_match(kind: str, tmp_path: Path) -> None:
     import torch
@@ -126,6 +127,7 @@ def test_a_batch_dependent_forward_gets_a_one_line_fail(tmp_path: Path) -> None:
     assert str(e.value).startswith("FAIL:") and "batch size" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 def test_pt2check_refuses_file_reading_and_in_place_ops_written_into_an_archive(tmp_path: Path) -> None:
     from engines.pt2check import ArtifactError, check_pt2
     path = tmp_path / "good.pt2"
@@ -150,6 +152,7 @@ def test_shape_expressions_allow_arithmetic_only() -> None:
             check_expression(bad)
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 def test_sliding_window_layers_export_with_sdpa_when_the_kernel_is_flex(tmp_path: Path) -> None:
     """On a GPU without FA3 the engine picks FlexAttention for the short-window layers; the artifact
     must still export (flex fails in torch.export.save, and the allow-list refuses its HOP)."""
@@ -268,6 +271,7 @@ def test_mlx_custom_function_exports_or_gets_a_one_line_refusal(tmp_path: Path) 
 # =========================================================================== the pre-flight
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 @pytest.mark.parametrize("backend", ["mlx", "cuda"])
 def test_check_export_passes_an_honest_model_and_stops_a_bad_one_in_one_line(backend: str, data_env: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:

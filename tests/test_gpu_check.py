@@ -57,6 +57,7 @@ def test_gpu_check_cpu_end_to_end(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("gpu-check-*")), "the scratch folder was left behind"
 
 
+@pytest.mark.unit
 def test_nvidia_smi_description_gives_the_torch_tag() -> None:
     """The harness describes the GPU from nvidia-smi (no CUDA context); the tag must be the one torch's
     description gives, or ledgers would split (nvidia-smi's MiB run a little above torch's total)."""

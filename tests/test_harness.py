@@ -688,6 +688,7 @@ def test_the_real_train_files_run_under_the_harness(backend: str, train_file: st
 
 # --------------------------------------------------------------------------- small parts
 
+@pytest.mark.unit
 def test_step_lines_and_error_lines_are_parsed() -> None:
     info = parse_step_line("step 00012 | progress   4.1% | loss 3.210000 | dt 12ms | tok/s 12,345 | mfu n/a | "
                            "epoch 1 | remaining 287s")
@@ -716,6 +717,7 @@ def test_run_branch_naming(tmp_path: Path) -> None:
         gitops.ensure_run_branch(repo, "bad name..")
 
 
+@pytest.mark.unit
 def test_the_record_config_keeps_every_constant_of_the_block() -> None:
     from arun.core.experiment import train_constants
     text = ("X = 0\n# --- hyperparameters ---\nDEPTH = 8  # layers\nTOTAL_BATCH_SIZE = 2**19\nBETAS = (0.8, 0.95)\n"

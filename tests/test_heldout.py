@@ -54,6 +54,7 @@ def lucky_night() -> list[dict]:
 # =========================================================================== the pure function
 
 
+@pytest.mark.unit
 def test_an_honest_night_is_confirmed() -> None:
     h = held_out(honest_night(), KID)
     assert (h.start_val, h.end_val, h.start_test, h.end_test) == (1.00, 0.90, 1.01, 0.915)
@@ -65,6 +66,7 @@ def test_an_honest_night_is_confirmed() -> None:
     assert len(lines) == 1
 
 
+@pytest.mark.unit
 def test_unconfirmed_keeps_and_a_night_that_is_mostly_luck_are_flagged() -> None:
     h = held_out(lucky_night(), KID)
     assert [u.id for u in h.unconfirmed] == ["r003"]   # test 1.02 after 1.005; r002 and r005 improve on test
@@ -77,6 +79,7 @@ def test_unconfirmed_keeps_and_a_night_that_is_mostly_luck_are_flagged() -> None
     assert f"! {NOT_REAL}" in text and "33% of the val gain" in text
 
 
+@pytest.mark.unit
 def test_a_period_is_measured_from_the_best_when_it_began() -> None:
     records = lucky_night()
     h = held_out(records, KID, period_ids={"r004", "r005"})
@@ -84,6 +87,7 @@ def test_a_period_is_measured_from_the_best_when_it_began() -> None:
     assert not h.unconfirmed and not h.not_real   # r003 is before the period; the period's keep holds on test
 
 
+@pytest.mark.unit
 def test_records_without_test_rows_are_never_flagged() -> None:
     legacy = [{k: v for k, v in r.items() if k != "test_bpb"} for r in lucky_night()]
     h = held_out(legacy, KID)
@@ -92,6 +96,7 @@ def test_records_without_test_rows_are_never_flagged() -> None:
     assert "test - -> -" in lines[0] and "not scored" in lines[1]
 
 
+@pytest.mark.unit
 def test_the_ratchet_never_reads_test_bpb() -> None:
     """A terrible test_bpb does not stop a better val from being kept, nor from being the best."""
     records = [rec(1, "keep", 1.00, 1.00, baseline=True), rec(2, "keep", 0.99, 9.99)]
@@ -125,6 +130,7 @@ def test_commands_show_val_and_test_side_by_side(command: list[str], repo: Path,
     assert f"{NOT_CONFIRMED}: id r003" in text and NOT_REAL in text
 
 
+@pytest.mark.unit
 def test_report_names_each_key() -> None:
     other = [dict(r, key_id="k_other", id=f"o{i}") for i, r in enumerate(honest_night())]
     lines = heldout_report(lucky_night() + other)

@@ -66,6 +66,7 @@ def test_audit_timing_passes_honest_runs() -> None:
     assert audit_timing({"training_seconds": 1.02, "time_budget": 1.0, "warmup_steps": 1}, 12.0, 1.0, 60.0) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("changes, wall, budget, allowance, reason", [
     ({}, 300.3 + 60 + 15.5, 300.0, ALLOWANCE, "charged"),                   # trained past the budget, claimed 300 s
     ({"warmup_seconds": 200.0}, 520.0, 300.0, ALLOWANCE, "charged"),       # training booked as warm-up
@@ -91,6 +92,7 @@ def test_audit_timing_flags_each_overrun(changes: dict, wall: float, budget: flo
     assert "\n" not in got
 
 
+@pytest.mark.unit
 def test_audit_timing_does_not_trust_claimed_startup_warmup_or_export_time() -> None:
     """The wall time is the only thing the harness sees from outside: whatever the run books as
     start-up, warm-up or export, at most the allowance of it is not charged as training."""

@@ -20,6 +20,7 @@ from arun.core.record import Record
 from helpers_repo import empty_repo, git
 
 
+@pytest.mark.unit
 def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
     led = Ledger(ledger_path(tmp_path, "cuda-nvidia-h100-80gb-hbm3"))
     assert led.path == tmp_path / "bench" / "cuda-nvidia-h100-80gb-hbm3" / "ledger.jsonl"
@@ -34,6 +35,7 @@ def test_append_adds_id_and_time_and_reads_back(tmp_path: Path) -> None:
     assert len(led.path.read_text().splitlines()) == 2  # one line per record, whatever the text holds
 
 
+@pytest.mark.unit
 def test_garbage_lines_are_skipped_with_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     led = Ledger(tmp_path / "ledger.jsonl")
     led.append({"n": 1})
@@ -107,6 +109,7 @@ def test_a_failed_write_leaves_the_ledger_unchanged(tmp_path: Path) -> None:
     assert [r["n"] for r in led.records()] == [1]
 
 
+@pytest.mark.unit
 def test_all_records_reads_bench_and_git_refs(tmp_path: Path) -> None:
     repo = empty_repo(tmp_path / "repo")
     # Another machine's run branch: its ledger is committed there, not in this working tree.
@@ -129,6 +132,7 @@ def test_all_records_reads_bench_and_git_refs(tmp_path: Path) -> None:
         all_records(repo, ["nope"])
 
 
+@pytest.mark.unit
 def test_comparability_key_and_its_id() -> None:
     data = {"dataset": "pystdlib", "profile": "tiny", "dataset_fingerprint": "f", "tokenizer_sha256": "t",
             "val_rows_sha256": "v", "max_seq_len": 64, "eval_tokens": 8192}
@@ -141,6 +145,7 @@ def test_comparability_key_and_its_id() -> None:
         assert key_id({**k, **change}) != key_id(k)
 
 
+@pytest.mark.unit
 def test_ratchet_rules() -> None:
     recs = [
         {"key_id": "a", "status": "crash", "baseline": True, "val_bpb": None},
@@ -160,6 +165,7 @@ def test_ratchet_rules() -> None:
     assert running_best([r for r in recs if r["key_id"] == "a"]) == [None, 1.5, 1.5, 1.4]
 
 
+@pytest.mark.unit
 def test_record_round_trips_and_keeps_fields_it_does_not_know(tmp_path: Path) -> None:
     line = {"id": "x", "time": "t", "key_id": "k", "status": "keep", "val_bpb": 1.5, "from_the_future": {"a": 1}}
     rec = Record.from_json(line)

@@ -139,6 +139,7 @@ def pid_alive(pid: int) -> bool:
 
 # --------------------------------------------------------------------------- program.md and the prompt (no runs)
 
+@pytest.mark.unit
 def test_program_md_covers_setup_loop_rules_and_history() -> None:
     text = (REPO / "program.md").read_text()
     for needle in ("arun start", "arun doctor", "README.md", "prepare.py", "train_mlx.py", "train_cuda.py",
@@ -148,6 +149,7 @@ def test_program_md_covers_setup_loop_rules_and_history() -> None:
         assert needle in text, needle
 
 
+@pytest.mark.unit
 def test_the_prompt_carries_the_best_the_history_and_the_diffs_to_learn_from(tmp_path: Path) -> None:
     from arun.search.proposers import Context, build_prompt
     base = {"id": "b0", "status": "keep", "val_bpb": 1.5, "baseline": True, "commit": "c0" * 20,
@@ -171,6 +173,7 @@ def test_the_prompt_carries_the_best_the_history_and_the_diffs_to_learn_from(tmp
     assert prompt.index("Near misses") < prompt.index("Recently discarded")
 
 
+@pytest.mark.unit
 def test_the_morning_report_counts_ranks_and_times_by_key() -> None:
     from arun.report.summary import parse_time, report, select, summarize
 

@@ -158,6 +158,7 @@ def upstream_names(n_layer: int) -> set[str]:
     return names
 
 
+@pytest.mark.unit
 def test_export_import_round_trip(tmp_path: Path) -> None:
     tm = load_module(name="train_mlx_rt", DEPTH=3)
     a, b = tiny_model(tm, seed=1), tiny_model(tm, seed=2)
@@ -181,6 +182,7 @@ def test_export_import_round_trip(tmp_path: Path) -> None:
         import_weights(b, {k: v for k, v in wa.items() if k != "lm_head.weight"})
 
 
+@pytest.mark.unit
 def test_rope_matches_upstream_formula() -> None:
     """Upstream: split halves, y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos, freqs t / 10000^(2i/D), on (B, T, H, D)."""
     tm = load_module(name="train_mlx_rope")
@@ -195,6 +197,7 @@ def test_rope_matches_upstream_formula() -> None:
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.unit
 def test_config_and_window_sizes() -> None:
     tm = load_module(name="train_mlx_cfg", DEPTH=5, ASPECT_RATIO=64, HEAD_DIM=128, WINDOW_PATTERN="SSSL")
     c = tm.build_config(8192, 2048)
@@ -205,6 +208,7 @@ def test_config_and_window_sizes() -> None:
     np.testing.assert_array_equal(m, (j <= i) & (i - j <= 3))                  # FA3 window_size=(3, 0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("seq_len, window", [(64, 64), (64, 32), (37, 5)])
 def test_attention_matches_reference(seq_len: int, window: int) -> None:
     """Query i attends to keys i - window .. i; grouped-query heads share their kv head."""
@@ -221,6 +225,7 @@ def test_attention_matches_reference(seq_len: int, window: int) -> None:
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+@pytest.mark.unit
 def test_model_is_causal_with_windows() -> None:
     tm = load_module(name="train_mlx_causal")
     model = tiny_model(tm)
@@ -234,6 +239,7 @@ def test_model_is_causal_with_windows() -> None:
     assert np.abs(a[:, 40:] - b[:, 40:]).max() > 1e-4
 
 
+@pytest.mark.e2e
 def test_compiled_step_matches_eager() -> None:
     """Same init, two optimizer steps (one micro-batch, then accumulation of two): compiled == eager."""
     tm = load_module(name="train_mlx_compile")
@@ -272,6 +278,7 @@ def test_training_reduces_loss_on_a_fixed_batch() -> None:
 # Engine adapter
 # ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_token_nats_matches_numpy_log_softmax() -> None:
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((3, 7, 50)) * 4).astype(np.float32)
@@ -287,6 +294,7 @@ def test_token_nats_matches_numpy_log_softmax() -> None:
     np.testing.assert_allclose(got_bf16, want, atol=0.2)
 
 
+@pytest.mark.unit
 def test_engine_on_this_machine() -> None:
     ok, why = ENGINE.available()
     assert ok, why
@@ -303,6 +311,7 @@ def test_engine_on_this_machine() -> None:
     assert ENGINE.peak_memory_mb() > 0
 
 
+@pytest.mark.unit
 def test_apple_peak_flops_table() -> None:
     assert apple_chip("Apple M4 Max") == "M4 Max" and apple_chip("Apple M1") == "M1"
     assert apple_chip("Apple M2 Ultra") == "M2 Ultra" and apple_chip("AMD EPYC 7B13") is None

@@ -114,6 +114,7 @@ def test_files_test_split_is_disjoint_by_document(tmp_path: Path, cache: Path) -
     assert all(sources._stable_bucket(f"d.jsonl#{i}") % sources.VAL_EVERY == 0 for i in val)
 
 
+@pytest.mark.unit
 def test_packer_invariants() -> None:
     rng = np.random.default_rng(1)
     bos = 9999
@@ -135,6 +136,7 @@ def test_packer_invariants() -> None:
             assert any(len(d) >= len(piece) and np.array_equal(d[:len(piece)], piece) for d in docs), "piece not from a document"
 
 
+@pytest.mark.unit
 def test_packer_prefers_largest_fitting_doc() -> None:
     docs = [np.array([0] + [1] * (n - 1), dtype=np.int32) for n in (3, 5, 8)]
     row = np.empty(10, dtype=np.int32)
@@ -156,6 +158,7 @@ def test_dataloader_deterministic_and_shaped(tiny_data: Path) -> None:
     assert not np.array_equal(next(c)[0], next(prepare.make_dataloader(4, 64, seed=3, data_dir=tiny_data, prefetch=0))[0])
 
 
+@pytest.mark.unit
 def test_dataloader_counts_epochs(tmp_path: Path, cache: Path) -> None:
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _corpus_text(3000)))
     path = build.prepare(f"files:{tmp_path / 'docs.jsonl'}", "tiny", log=lambda s: None)
@@ -165,6 +168,7 @@ def test_dataloader_counts_epochs(tmp_path: Path, cache: Path) -> None:
     assert epochs[0] == 1 and max(epochs) >= 2 and epochs == sorted(epochs)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fmt", ["txt-dir", "txt-blank", "jsonl", "parquet", "glob"])
 def test_files_dataset_formats(fmt: str, tmp_path: Path, cache: Path) -> None:
     docs = _corpus_text(3000)
@@ -202,6 +206,7 @@ def _fails(spec: str, profile: str = "tiny", match: str = "") -> str:
     return msg
 
 
+@pytest.mark.unit
 def test_bad_input_one_line_errors(tmp_path: Path, cache: Path) -> None:
     _fails(f"files:{tmp_path / 'nope'}", match="no such file")
     (tmp_path / "empty.txt").write_text("")
@@ -222,6 +227,7 @@ def test_bad_input_one_line_errors(tmp_path: Path, cache: Path) -> None:
     assert not any(p.name.startswith(".") and "tmp" in p.name for p in cache.glob("*")) if cache.exists() else True
 
 
+@pytest.mark.unit
 def test_too_small_splits_name_the_fix_that_works(tmp_path: Path, cache: Path) -> None:
     # many .txt files are one document each, and a row starts at most one: few rows however long they are
     books = tmp_path / "books"
@@ -239,6 +245,7 @@ def test_too_small_splits_name_the_fix_that_works(tmp_path: Path, cache: Path) -
     _fails(f"files:{tmp_path / 'd.jsonl'}", match="test split too small: 0 of 128 rows")
 
 
+@pytest.mark.unit
 def test_data_without_test_rows_is_refused(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in _corpus_text(3000)))
     dataset = f"files:{tmp_path / 'd.jsonl'}"
@@ -261,6 +268,7 @@ def test_data_without_test_rows_is_refused(tmp_path: Path, cache: Path, monkeypa
     assert PreparedData(again).test_rows().shape == PreparedData(again).val_rows().shape
 
 
+@pytest.mark.unit
 def test_no_data_names_the_prepare_command(cache: Path) -> None:
     with pytest.raises(PrepareError, match="arun prepare --dataset pystdlib"):
         PreparedData.open()
@@ -302,6 +310,7 @@ def test_cli_prepare_and_doctor(tmp_path: Path) -> None:
     assert doc.returncode == 0 and "mlx" in doc.stdout and "cuda" in doc.stdout
 
 
+@pytest.mark.unit
 def test_uniform_bound_arithmetic() -> None:
     """A uniform model scores log2(V) * tokens / bytes exactly."""
     from engines.evaluator import bpb_from_sums

@@ -72,6 +72,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.shutdown()
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 def test_climbmix_downloads_shards_and_pins_val_and_test(hub: Path, tmp_path: Path) -> None:
     path = build.prepare("climbmix", "tiny", num_shards=2, workers=3, log=lambda s: None)
     m = PreparedData(path).manifest

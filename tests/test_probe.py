@@ -111,6 +111,7 @@ def leak(backend: str, honest: Callable, amount: float, where: Callable[[int, in
 
 # --------------------------------------------------------------------------- tests
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_honest_models_pass_on_every_row(backend: str, bf16: bool, env: Path) -> None:
@@ -123,6 +124,7 @@ def test_honest_models_pass_on_every_row(backend: str, bf16: bool, env: Path) ->
     assert r.rows == padded and r.forwards == padded // BATCH   # every scored row, one extra forward per batch
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
 def test_a_leak_just_above_the_tolerance_is_caught(backend: str, env: Path) -> None:
     engine, fn = built(backend)
@@ -146,6 +148,7 @@ def test_huge_logits_that_would_hide_a_leak_are_refused(backend: str, shift: flo
     assert r.tolerance == PROBE_TOL
 
 
+@pytest.mark.e2e  # seconds of real compute: kept out of the quick unit tier
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
 def test_only_the_softmax_is_compared_with_an_absolute_tolerance(backend: str, env: Path) -> None:
     """A shift of a position's logits read from the next token changes no probability: it passes. A 0.01

@@ -100,6 +100,7 @@ def _source_tag(repo: Path) -> str:
     return next(r["tag"] for r in recs if r.get("backend") == "cuda")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it: apt-get install chromium)")
 def test_report_in_headless_chromium(project: tuple[Path, dict], tmp_path: Path) -> None:
     repo, env = project

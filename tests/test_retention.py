@@ -52,6 +52,7 @@ def two_branches(tmp_path: Path) -> tuple[Path, dict, dict]:
     return repo, a, b
 
 
+@pytest.mark.unit
 def test_retention_keeps_another_branchs_keeps(two_branches: tuple[Path, dict, dict]) -> None:
     repo, a, b = two_branches
     # b keeps twice more; only the newest keep is retained besides each key's best
@@ -63,6 +64,7 @@ def test_retention_keeps_another_branchs_keeps(two_branches: tuple[Path, dict, d
     assert not artifacts.path_for(repo, "cuda", b["artifact_sha256"]).exists()      # neither: deleted
 
 
+@pytest.mark.unit
 def test_a_keep_whose_forward_is_gone_is_never_a_best(two_branches: tuple[Path, dict, dict]) -> None:
     repo, _, b = two_branches
     better = stored_keep(repo, "kb", 1.0, "b-better")
@@ -72,6 +74,7 @@ def test_a_keep_whose_forward_is_gone_is_never_a_best(two_branches: tuple[Path, 
     assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
 
 
+@pytest.mark.unit
 def test_the_store_is_shared_by_a_clones_worktrees(two_branches: tuple[Path, dict, dict], tmp_path: Path) -> None:
     repo, a, _ = two_branches
     wt = tmp_path / "wt"
@@ -91,6 +94,7 @@ def test_doctor_shows_retention(two_branches: tuple[Path, dict, dict], monkeypat
     assert "1 wanted forward(s) missing" in line and "unverified" in line
 
 
+@pytest.mark.unit
 def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_branches: tuple[Path, dict, dict],
                                                                           tmp_path: Path) -> None:
     # the swarm's ledger is the main checkout's working copy (not committed): a worker's keep in its
@@ -103,6 +107,7 @@ def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_bran
     assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("when", ["2099-12-31", "2026-06-01"])   # in the future; newer than every real keep
 def test_unsigned_keeps_on_another_branch_never_steer_retention(two_branches: tuple[Path, dict, dict],
                                                                  when: str) -> None:
@@ -126,6 +131,7 @@ def test_unsigned_keeps_on_another_branch_never_steer_retention(two_branches: tu
     assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
 
 
+@pytest.mark.unit
 def test_a_future_dated_trusted_keep_never_takes_the_recent_slots(two_branches: tuple[Path, dict, dict]) -> None:
     repo, _, _ = two_branches
     best = stored_keep(repo, "kb", 1.9, "b-best")

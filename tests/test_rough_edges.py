@@ -215,6 +215,7 @@ def test_set_validates_values_and_keeps_the_comment_column(tmp_path: Path, monke
 
 # --------------------------------------------------------------------------- the plot
 
+@pytest.mark.unit
 def test_plot_ticks_legend_entries_and_placement() -> None:
     key = {"dataset": "pystdlib", "profile": "tiny", "time_budget": 1.0}
     vals = [("keep", 2.0), ("discard", 2.1), ("keep", 1.9), ("crash", None), ("discard", 1.95)]

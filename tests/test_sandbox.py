@@ -59,6 +59,7 @@ def denied(proc: subprocess.CompletedProcess, path: Path) -> bool:
     return proc.returncode != 0 and f"PermissionError: [Errno 13] Permission denied: '{path}'" in proc.stderr
 
 
+@pytest.mark.unit
 def test_available_says_what_or_why():
     ok, text = sandbox.available()
     assert isinstance(ok, bool) and text
@@ -167,6 +168,7 @@ def test_frameworks_work_confined(project):
     assert (project["temp"] / "mlx").is_dir() and (project["temp"] / "torchinductor").is_dir()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("grant", ["folder", "file"])
 def test_hidden_area_under_a_grant_is_refused(tmp_path, grant):
     val = tmp_path / "val_rows.npy"
@@ -219,6 +221,7 @@ def test_seatbelt_profile(project):
     assert depth == 0
 
 
+@pytest.mark.unit
 def test_seatbelt_quotes_paths(tmp_path):
     odd = tmp_path / 'a "quoted" \\ folder'
     odd.mkdir()

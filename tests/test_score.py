@@ -53,6 +53,7 @@ def test_a_sealed_evaluator_can_open_no_data_file_and_make_no_connection(tiny_da
     assert p.stdout.split("\n")[:len(targets) + 1] == [f"denied {t}" for t in targets] + ["denied tcp"], p.stdout
 
 
+@pytest.mark.unit
 def test_only_a_plain_regular_file_crosses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = tmp_path / "real.mlxfn"
     real.write_bytes(b"abc")
@@ -73,6 +74,7 @@ def test_only_a_plain_regular_file_crosses(tmp_path: Path, monkeypatch: pytest.M
         copy_artifact(big, dest / "big")
 
 
+@pytest.mark.unit
 def test_only_the_line_with_the_nonce_is_the_verdict() -> None:
     real = verdict_line("n1", {"val_bpb": 3.0})
     fake = verdict_line("n0", {"val_bpb": 0.1})

@@ -48,6 +48,7 @@ def init_repo(path: Path, files: dict[str, str]) -> str:
 
 # --------------------------------------------------------------------------- plumbing (no Ray)
 
+@pytest.mark.unit
 def test_a_world_readable_ray_token_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from arun.swarm.cluster import private_token
     token = tmp_path / "auth_token"
@@ -59,6 +60,7 @@ def test_a_world_readable_ray_token_is_made_private(tmp_path: Path, monkeypatch:
     assert token.stat().st_mode & 0o777 == 0o600 and private_token() is None
 
 
+@pytest.mark.unit
 def test_swarm_records_are_committed_here_and_on_the_run_branch(tmp_path: Path) -> None:
     from arun.swarm.records import commit_records
     repo = tmp_path / "r"
@@ -81,6 +83,7 @@ def test_swarm_records_are_committed_here_and_on_the_run_branch(tmp_path: Path) 
     assert any("autoresearch/s carries the run's records" in line for line in out["lines"])
     assert commit_records(repo, "s", {}, base) == {"lines": []}  # nothing new: nothing committed
 
+@pytest.mark.unit
 def test_a_commit_travels_between_clones_as_a_bundle(tmp_path: Path) -> None:
     a = tmp_path / "a"
     base = init_repo(a, {"train.py": "X = 1\n"})
@@ -101,6 +104,7 @@ def test_a_commit_travels_between_clones_as_a_bundle(tmp_path: Path) -> None:
     assert make_bundle(a, base, base, "refs/arun/x") is None  # the base needs no bundle
 
 
+@pytest.mark.unit
 def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     base = init_repo(repo, {"train.py": "X = 1\n"})

@@ -130,8 +130,7 @@ def plan(records: list[dict], keep_recent: int = KEEP_RECENT) -> Retention:
     kept = sorted((r for r in records if needs_forward(r) and trusted(r)), key=lambda r: (when(r), str(r.get("id"))))
     out = Retention(keeps=len(kept))
     recent = {r["artifact_sha256"] for r in kept[-keep_recent:]} if keep_recent > 0 else set()
-    best = [best_record(kept, k) for k in {str(r.get("key_id")) for r in kept}]
-    best = [b for b in best if b is not None]
+    best = [b for k in {str(r.get("key_id")) for r in kept} if (b := best_record(kept, k)) is not None]
     out.best, out.recent = len(best), len(recent)
     out.wanted = recent | {r["artifact_sha256"] for r in best}
     return out

@@ -172,7 +172,7 @@ def check(records: list[dict], key: bytes | None, lines: list[int] | None = None
                 problems.append(Problem(n, rid, f"forged: its signature does not verify under the trusted key "
                                                 f"{known.key_id} ({known.name})"))
                 bad.add(i)
-        elif ours is not None and rec.get("mac_key") == ours:
+        elif key is not None and rec.get("mac_key") == ours:
             want = hmac.new(key, str(rec["chain"]).encode(), hashlib.sha256).hexdigest()
             if not hmac.compare_digest(want, str(rec.get("mac", ""))):
                 problems.append(Problem(n, rid, "forged: its seal was not made with this machine's ledger key"))

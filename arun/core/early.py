@@ -166,7 +166,8 @@ def believable(best: dict, baseline: dict | None) -> bool:
         return True
     base = baseline.get("loss_trajectory") or []
     bv, v = baseline.get("val_bpb"), best.get("val_bpb")
-    if not base or not isinstance(base[-1], (int, float)) or not all(isinstance(x, (int, float)) and x > 0 for x in (bv, v)):
+    if not (base and isinstance(base[-1], (int, float)) and isinstance(bv, (int, float)) and isinstance(v, (int, float))
+            and bv > 0 and v > 0):
         return False
     # Train loss only falls over a run, so no point (not just the last) may sit below what val_bpb implies.
     return low >= base[-1] * v / bv * (1.0 - BELIEVE_REL)

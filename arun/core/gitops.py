@@ -56,7 +56,7 @@ def commit_identity(repo_dir: Path | str) -> dict[str, str]:
         return proc.stdout.strip() if proc.returncode == 0 else ""
     name, email = value("user.name"), value("user.email")
     if not (name and email):
-        name, email = KEEP_AUTHOR.name, KEEP_AUTHOR.email
+        name, email = str(KEEP_AUTHOR.name), str(KEEP_AUTHOR.email)
     return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
 
 

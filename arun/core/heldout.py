@@ -30,8 +30,8 @@ def run_artifacts(run_dir: Path, backend: str, runs: int) -> list[Path]:
 def test_fields(verdicts: Sequence[dict]) -> dict | None:
     """The record's test fields from val verdicts that already carry `test_bpb` (the evaluator scores
     the test rows in the same process when a run may be kept), or None when any seed lacks one."""
-    values = [v.get("test_bpb") for v in verdicts]
-    if not values or not all(isinstance(x, (int, float)) for x in values):
+    values = [x for v in verdicts if isinstance(x := v.get("test_bpb"), (int, float))]
+    if not values or len(values) < len(verdicts):
         return None
     return {"test_bpb": statistics.fmean(values), "test_bpb_seeds": [float(x) for x in values],
             "test_seconds": sum(float((v.get("seconds") or {}).get("test") or 0.0) for v in verdicts)}

@@ -257,7 +257,7 @@ class Ledger:
                 if size is not None:
                     os.ftruncate(fd, size)  # never leave half a record
                 why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
-                       errno.EFBIG: "file size limit reached, see ulimit -f"}.get(e.errno, e.strerror)
+                       errno.EFBIG: "file size limit reached, see ulimit -f"}.get(e.errno or 0) or e.strerror or str(e)
                 raise ArunError(f"could not write {self.path} ({why}); free space and rerun, the ledger is unchanged") from e
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)

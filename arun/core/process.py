@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import IO, TextIO
 
 from arun.core import confine as confinement
 from arun.core.deadline import Clock, Limits
@@ -78,7 +78,7 @@ MAX_LINE_CHARS = 2000
 MAX_LOG_BYTES = 512 * 1024
 
 
-def bounded_lines(stream: TextIO, width: int = MAX_LINE_CHARS) -> Iterator[str]:
+def bounded_lines(stream: IO[str], width: int = MAX_LINE_CHARS) -> Iterator[str]:
     """The stream's lines, each cut to `width` characters (saying how many went); a longer line is
     never held whole in memory."""
     while line := stream.readline(width + 1):

@@ -75,10 +75,6 @@ def _source_value(value: object) -> str:
     return repr(value)
 
 
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def check_value(name: str, old: object, new: object) -> str | None:
     """Why `new` cannot replace `old` as NAME's value (None when it can): the type stays the type,
     sizes and counts are positive integers (steps and seeds may be 0), rates are positive and finite,
@@ -91,7 +87,7 @@ def check_value(name: str, old: object, new: object) -> str | None:
         low = 0 if name.endswith(("_STEPS", "SEED")) else 1
         return None if new >= low else f"{name} must be at least {low}, got {new}; write e.g. {name}={old}"
     if isinstance(old, float):
-        if not _is_number(new) or not math.isfinite(new):
+        if not isinstance(new, (int, float)) or isinstance(new, bool) or not math.isfinite(new):
             return f"{name} is a number, got {new!r}; write e.g. {name}={old}"
         if name.endswith(("_RATIO", "_FRAC")) and not 0.0 <= new <= 1.0:
             return f"{name} is a fraction between 0 and 1, got {new}; write e.g. {name}={old}"
@@ -125,7 +121,7 @@ def rewrite_constants(text: str, overrides: dict) -> str:
             if name in overrides:
                 v = node.value
                 a = offsets[v.lineno - 1] + v.col_offset
-                b = offsets[v.end_lineno - 1] + v.end_col_offset
+                b = offsets[(v.end_lineno or v.lineno) - 1] + (v.end_col_offset or 0)  # always set by ast.parse
                 edits.append((a, b, _source_value(overrides[name])))
                 missing.discard(name)
     if missing:

@@ -255,6 +255,7 @@ def test_a_planted_git_config_and_hooks_never_run_in_the_loop(project: Path, tmp
     assert git(project, "log", "-1", "--format=%an <%ae>") == "arun test <test@arun>"
 
 
+@pytest.mark.unit
 def test_commits_take_the_users_identity_from_a_sealed_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from arun.core import gitops
     from helpers_repo import empty_repo
@@ -314,6 +315,7 @@ def test_the_evaluator_runs_no_planted_pth_even_unconfined(data_env: Path, tmp_p
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_an_unconfined_keep_is_never_the_best_against_confined_ones() -> None:
     from arun.core.ratchet import best_record
     confined = {"id": "a", "key_id": "k", "status": "keep", "val_bpb": 1.0, "confined": True, "baseline": True}

@@ -231,6 +231,7 @@ def test_an_audit_of_a_ref_never_writes_the_working_trees_verdicts(repo: Path, d
     assert best(repo) == 1.9
 
 
+@pytest.mark.unit
 def test_an_untrusted_line_reusing_an_id_never_writes_its_verdict(repo: Path) -> None:
     from arun.core.audit import audit
     victim = lines(repo)[-1]
@@ -257,6 +258,7 @@ def test_a_believed_line_reusing_a_failed_keeps_id_is_not_trusted(repo: Path, da
     assert best(repo) == 1.9
 
 
+@pytest.mark.unit
 def test_a_sent_id_that_is_taken_gets_a_fresh_one(repo: Path) -> None:
     """A swarm worker's record keeps the id it sends unless a line already has it: the head re-ids it."""
     from arun.swarm.actors import LedgerWriter

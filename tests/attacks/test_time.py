@@ -139,6 +139,7 @@ def test_both_engines_on_one_branch(project: Project) -> None:
 
 # --------------------------------------------------------------------------- the rules, without a run
 
+@pytest.mark.unit
 def test_the_limit_is_the_baseline_plus_the_margin() -> None:
     assert timing.non_training_limit(60.0, None) == 60.0
     assert timing.non_training_limit(60.0, 8.0) == 18.0                 # 10 s floor
@@ -151,6 +152,7 @@ def test_the_limit_is_the_baseline_plus_the_margin() -> None:
     assert "charged" in timing.audit_timing(honest, 300.0 + 18.0 + 15.1, 300.0, 18.0)
 
 
+@pytest.mark.unit
 def test_the_last_step_is_believed_only_up_to_its_cap() -> None:
     assert timing.step_slack({}, 20.0) == 2.0
     assert timing.step_slack({"last_step_seconds": 3.0}, 20.0) == 3.0
