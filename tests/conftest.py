@@ -94,5 +94,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if untiered or doubled:
         raise pytest.UsageError(
             (f"tests without a tier: {', '.join(sorted(untiered))}; add the file to TIER_OF_FILE in "
-             f"tests/conftest.py. " if untiered else "")
+             f"tests/conftest.py." if untiered else "")
+            + (" " if untiered and doubled else "")
             + (f"tests with two tiers: {'; '.join(sorted(doubled))}; keep one." if doubled else ""))

@@ -3,7 +3,7 @@
 The swarm test runs two workers of the torch engine on CPU (ARUN_DEVICE=cpu) with a tiny
 model and a 1.5 s budget, the built-in sweep proposer, worker w1 in a separate clone (as on
 another machine, so adoption goes through git bundles), and kills w1 mid-experiment.
-Deselect with `-m "not swarm"`.
+Tier `swarm` (tests/conftest.py): deselect with `-m "not swarm"`.
 """
 
 from __future__ import annotations

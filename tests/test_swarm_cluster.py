@@ -8,7 +8,7 @@
   records land on autoresearch/<run>, and a third clone verifies them once it trusts the two keys.
 - One box: while a local swarm runs, every socket its Ray processes listen on is on loopback.
 
-Linux only (127.0.0.2 and .3 are loopback there, not on macOS). Deselect with `-m "not swarm"`.
+Linux only (127.0.0.2 and .3 are loopback there, not on macOS). Tier `swarm` (tests/conftest.py): deselect with `-m "not swarm"`.
 Ray's processes are found by their own temp folder and ended by pid (never `ray stop`, which ends
 every Ray instance of this user on the machine).
 """
