@@ -33,7 +33,7 @@ from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
 from arun.core.errors import ArunError
-from arun.core import runfolder
+from arun.core import runfolder, steplines
 from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
@@ -212,6 +212,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         status = score_heldout(att, status, log)
         att.record.update(result_fields(att.outcomes, att.results))
         att.record.update(trajectory_fields(att.watches))
+        att.record.update(steplines.note_fields([o.step_lines for o in att.outcomes if o.status == "ok"]))
         att.record.update(score_fields(att))
         att.record.update(confinement_fields(att.outcomes))
         status = keep_artifacts(att, status)
@@ -554,6 +555,8 @@ def report(att: Attempt, appended: dict, log: Callable[[str], None]) -> None:
     scored = att.results and att.failed is None and appended.get("val_bpb") is not None
     summary = summary_text(_summary_values(appended, att.results)) if scored else None
     verdict = verdict_line(appended, other_key(att.records, att.ctx.key_id) if att.best is None else None)
+    if appended.get("step_line_note"):  # before the verdict, which stays the last line
+        verdict = f"arun: note: {appended['step_line_note']}\n{verdict}"
     if not att.log_is_stdout:  # (when stdout is run.log, the lines below land there anyway)
         with open(att.log_path, "a", encoding="utf-8") as f:
             if summary:
