@@ -39,6 +39,7 @@ from arun.search.noise import measure_noise, significance_decider
 from arun.search.transfer import transfer
 from arun.swarm.driver import SwarmOptions, run_swarm, swarm_report
 from engines import BACKENDS, TRAIN_FILES, get_engine
+from engines.atomic import write_atomic
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -252,7 +253,7 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
         problem = check_value(name, before[name], value)
         if problem:
             fail(f"{problem} (nothing was changed)")
-    gitops.write_atomic(path, rewrite_constants(text, overrides).encode())
+    write_atomic(path, rewrite_constants(text, overrides).encode())
     for name, value in overrides.items():
         console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
 

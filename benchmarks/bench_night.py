@@ -60,7 +60,7 @@ class Replay:
         self.changes, self.description = changes, description
 
     def propose(self, ctx):
-        from arun.core.gitops import write_atomic
+        from engines.atomic import write_atomic
         from arun.core.trainfile import rewrite_constants
         from arun.search.proposers import Proposal
         path = Path(ctx.repo_dir) / ctx.train_file

@@ -21,7 +21,8 @@ import numpy as np
 
 import prepare
 from engines.artifact import SUFFIX, ArtifactError, export_forward
-from engines.report import atomic_write_json, summary_text
+from engines.atomic import write_json
+from engines.report import summary_text
 from engines.timer import TimeBudget
 from engines.weights import count_params, model_config, save_checkpoint
 
@@ -148,7 +149,7 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
             result["total_seconds"] = time.time() - t_start
     print(summary_text(result, with_score=by_hand), flush=True)
     if os.environ.get("ARUN_RESULT_JSON"):
-        atomic_write_json(os.environ["ARUN_RESULT_JSON"], result)
+        write_json(os.environ["ARUN_RESULT_JSON"], result)
     return result
 
 

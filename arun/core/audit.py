@@ -12,10 +12,8 @@ is not believed, and is never a best),
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, l
 from arun.core.gitops import run_git
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
+from engines.atomic import write_json
 from engines.fingerprint import fixed_code_sha256
 from prepare import sha256_file
 
@@ -163,7 +162,4 @@ def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) 
 
 
 def _write(path: Path, verdicts: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(verdicts, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, verdicts, indent=1, sort_keys=True)

@@ -51,6 +51,7 @@ from arun.core.early import Stopper, Watch, mean_trajectory
 from arun_data import held_out
 from engines import TRAIN_FILES
 from engines.artifact import SUFFIX
+from engines.atomic import write_atomic
 from engines.fingerprint import fixed_code_sha256, fixed_files
 from engines.report import summary_text
 
@@ -509,7 +510,7 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
     if rec.status == "keep" and ctx.train_path.read_bytes() != att.pre_run:
         # Edited while it ran (an agent that did not wait): what is committed is what ran; the edit is saved.
         save_attempt(ctx.repo_dir, ctx.train_path.read_bytes())
-        gitops.write_atomic(ctx.train_path, att.pre_run)
+        write_atomic(ctx.train_path, att.pre_run)
     if rec.status == "keep":
         message = (f"{rec.description or 'arun keep'}\n\narun: val_bpb {rec.val_bpb:.6f} on {ctx.tag} "
                    f"(key {ctx.key_id}, id {rec.id})")
@@ -522,7 +523,7 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
         rec.commit = att.base_commit
         rec.train_sha256 = save_attempt(ctx.repo_dir, att.pre_run)  # no edit is lost: arun restore ID
         if att.interrupted:
-            gitops.write_atomic(ctx.train_path, att.pre_run)
+            write_atomic(ctx.train_path, att.pre_run)
         else:
             gitops.restore_train_file(ctx.repo_dir, ctx.train_file, att.base_commit)
 
