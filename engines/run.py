@@ -2,7 +2,7 @@
 The fixed ends of every training run. Train files call check_export() once, right
 after building the model (a forward the evaluator would refuse fails in seconds, not
 after the whole budget), and finish_run() once, after training: it exports the trained
-forward (engines.artifact) for the harness's evaluator process, writes the training
+forward (engines.forward_file) for the harness's evaluator process, writes the training
 diagnostics and prints a training summary. The number of record never comes from this
 process.
 Also the small helpers a train loop shares: the seed, the step log, fail-fast.
@@ -20,9 +20,9 @@ from typing import Any, Callable
 import numpy as np
 
 import prepare
-from engines.artifact import SUFFIX, ArtifactError, export_forward
+from engines.forward_file import SUFFIX, ArtifactError, export_forward
 from engines.atomic import write_json
-from engines.report import summary_text
+from engines.summary_block import summary_text
 from engines.timer import TimeBudget
 from engines.weights import count_params, model_config, save_checkpoint
 

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from arun.core import artifacts, confine, gitops
+from arun.core import confine, forward_store, gitops
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
@@ -50,10 +50,10 @@ from arun.core.trainfile import constants
 from arun.core.early import Stopper, Watch, mean_trajectory
 from arun_data import held_out
 from engines import TRAIN_FILES
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 from engines.atomic import write_atomic
 from engines.fingerprint import fixed_code_sha256, fixed_files
-from engines.report import summary_text
+from engines.summary_block import summary_text
 
 
 @contextlib.contextmanager
@@ -265,7 +265,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
     records = Ledger(ctx.ledger_path).records()
-    best = best_record(records, ctx.key_id, stored=artifacts.stored_check(repo_dir))  # unverified keeps never are
+    best = best_record(records, ctx.key_id, stored=forward_store.stored_check(repo_dir))  # unverified keeps never are
     head = gitops.head_sha(repo_dir)
     base_commit = best["commit"] if best else head
     if best and not gitops.commit_exists(repo_dir, base_commit):
@@ -493,7 +493,7 @@ def keep_artifacts(att: Attempt, status: str) -> str:
         return status
     shas = []
     for f, verdict in zip(files, att.verdicts):
-        sha, _ = artifacts.store(ctx.repo_dir, ctx.backend, f)
+        sha, _ = forward_store.store(ctx.repo_dir, ctx.backend, f)
         if sha != verdict.get("artifact_sha256"):
             att.record.error = "the exported forward changed after the evaluator scored it"
             return "invalid"
@@ -539,7 +539,7 @@ def write_record(att: Attempt, t_begin: float, record_sink: Callable[[dict], dic
     line = rec.to_json()
     appended = record_sink(line) if record_sink else Ledger(att.ctx.ledger_path).append(line)
     if appended.get("status") == "keep":  # (every branch's keeps: retention never depends on the checkout)
-        artifacts.retain(att.ctx.repo_dir, artifacts.every_record(att.ctx.repo_dir, [appended] if record_sink else []))
+        forward_store.retain(att.ctx.repo_dir, forward_store.every_record(att.ctx.repo_dir, [appended] if record_sink else []))
     return appended
 
 

@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 
 def harness_names(backend: str, runs: int) -> set[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from arun.core import confine
 from arun.core.process import child_env, end_tree, last_error_line
-from engines.artifact import SUFFIX, ArtifactError, read_artifact
+from engines.forward_file import SUFFIX, ArtifactError, read_artifact
 from engines import __file__ as _engines_init
 from engines.fingerprint import fixed_files
 from engines.atomic import write_json

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arun.report.compare import FAILED, tag_records
+from arun.report.compare import FAILED
+from arun.report.history import tag_records
 from arun.core.ratchet import running_best, scored
 
 

@@ -27,7 +27,7 @@ from arun.core.errors import ArunError
 from arun.core.experiment import repo_lock
 from arun.core.timing import default_allowance
 from arun.core.trainfile import constants, rewrite_constants
-from arun.search.probe import Measure, probe
+from arun.search.calibration_probe import Measure, probe
 from engines.atomic import write_atomic
 
 NEEDED = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")

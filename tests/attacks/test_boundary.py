@@ -22,7 +22,7 @@ import pytest
 from helpers_repo import inject, load_module, make_project
 
 from arun.core import confine
-from arun.core.artifacts import path_for
+from arun.core.forward_store import path_for
 from arun.core.experiment import run_experiment
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record

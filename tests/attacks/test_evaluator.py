@@ -27,7 +27,7 @@ import pytest
 from attacks.test_boundary import FROZEN, Project, make
 from helpers_repo import inject, replace_once
 
-from arun.core.artifacts import path_for
+from arun.core.forward_store import path_for
 from arun.core.scoring import score_artifact
 
 
@@ -50,7 +50,7 @@ def val_rows(tiny_data: Path) -> np.ndarray:
 
 def scored_batch(tiny_data: Path) -> int:
     """The batch size the evaluator picks for these rows (the attacker can work it out too)."""
-    from engines.artifact import BATCH_LADDER
+    from engines.forward_file import BATCH_LADDER
     return max(b for b in BATCH_LADDER if b <= val_rows(tiny_data).shape[0])
 
 

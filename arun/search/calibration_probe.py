@@ -15,7 +15,7 @@ from arun.core.deadline import Limits
 from arun.core.process import child_env, finite, run_train_file
 from arun.core.steplines import parse_step_line
 from arun.core.trainfile import rewrite_constants
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 
 @dataclass
