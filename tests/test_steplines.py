@@ -81,7 +81,7 @@ def test_the_reader_cuts_an_over_long_line_and_counts_what_went() -> None:
 # --------------------------------------------------------------------------- through the launch path
 
 UPSTREAM_STEPPER = '''import time
-print("compiling", flush=True)
+print("compiling\\rval_bpb:          0.100000", flush=True)   # a summary line hidden behind a \\r
 print({line!r}, end="", flush=True)   # upstream's way: a \\r before, nothing after
 time.sleep(600)                        # hangs after its first step line
 '''
@@ -96,7 +96,10 @@ def test_an_upstream_style_step_line_starts_the_clock_at_once(data_env: Path, tm
     env = child_env(data_env, None, None, ARUN_RESULT_JSON=str(repo / "run" / "result.json"))
     out = run_train_file(repo, "train.py", env, tmp_path / "run.log", Limits(first_step=60, after_step=1))
     assert out.status == "timeout" and "after the first step" in out.error, out.error
-    assert (tmp_path / "run.log").read_text().splitlines()[-1] == UPSTREAM.strip("\r")
+    log = (tmp_path / "run.log").read_text().splitlines()
+    assert log[-1] == UPSTREAM.strip("\r")
+    # The \r ends a line before the summary-line check: the train process's val_bpb is marked as its own.
+    assert log[:2] == ["compiling", "train| val_bpb:          0.100000"]
 
 
 UPSTREAM_LOG = '''def log(budget, loss, tokens_per_step, dt, mfu, epoch, force=False):
