@@ -39,7 +39,8 @@ def mfu_percent(flops_per_token: float, tokens: float, seconds: float, peak_flop
 
 
 class StepLog:
-    """Step lines for people and for the harness's progress bar, at most a few per second."""
+    """Step lines for people and for the harness (its kill clock, progress bar and loss trajectory), at
+    most a few per second. The format, and upstream's that the harness also reads: arun/core/steplines.py."""
 
     def __init__(self, every_seconds: float = 0.5):
         self.every = every_seconds
