@@ -16,29 +16,21 @@ from rich.table import Table
 from rich.text import Text
 
 import prepare
-from arun.core import artifacts, confine, gitops, trust
+from arun.core import confine, forward_store, gitops, trust
 from arun.core.attempts import load_attempt, restore_attempt
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import all_records
 from arun.core.timing import default_allowance
 from arun.core.trainfile import check_value, constants, rewrite_constants, safe_eval
-from arun.report.compare import (
-    NOT_HELD_OUT_NOTE,
-    compare,
-    compare_tables,
-    find_record,
-    log_rows,
-    log_table,
-    show_renderables,
-    tag_records,
-)
+from arun.report.compare import NOT_HELD_OUT_NOTE, compare, compare_tables
 from arun.report.export import write_tsv
-from arun.report.heldout import heldout_report
+from arun.report.history import find_record, log_rows, log_table, show_renderables, tag_records
 from arun.report.plot import plot_tags
 from arun.report.signers import signer_lines
 from arun.report.site import build_site
 from arun.report.summary import parse_time, report, select
+from arun.report.val_vs_test import heldout_report
 from arun.search.calibrate import Options as CalibrateOptions
 from arun.search.calibrate import calibrate, calibration_table
 from arun.search.loop import run_loop, stopper_for
@@ -47,6 +39,7 @@ from arun.search.transfer import transfer
 from arun.swarm.driver import SwarmOptions, run_swarm, swarm_report
 from arun_data import build, not_held_out
 from engines import BACKENDS, TRAIN_FILES, get_engine
+from engines.atomic import write_atomic
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -260,7 +253,7 @@ def set_cmd(backend: str, assignments: tuple[str, ...]) -> None:
         problem = check_value(name, before[name], value)
         if problem:
             fail(f"{problem} (nothing was changed)")
-    gitops.write_atomic(path, rewrite_constants(text, overrides).encode())
+    write_atomic(path, rewrite_constants(text, overrides).encode())
     for name, value in overrides.items():
         console.print(f"{path.name}: {name} = {before[name]!r} -> {value!r}")
 
@@ -487,10 +480,10 @@ def doctor_cmd() -> None:
         console.print(f"data: {data.dir} ({data.manifest['describe']})")
     except Exception as e:
         console.print(f"data: {e}", markup=False)
-    files, size = artifacts.disk_use(Path.cwd())
-    console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {artifacts.store_dir(Path.cwd())} "
-                  f"(each key's best and the last {artifacts.KEEP_RECENT} keeps)")
-    kept = artifacts.retention(Path.cwd())  # every local branch's ledgers, whichever is checked out
+    files, size = forward_store.disk_use(Path.cwd())
+    console.print(f"kept forwards: {files} file(s), {size / 2**20:.1f} MiB in {forward_store.store_dir(Path.cwd())} "
+                  f"(each key's best and the last {forward_store.KEEP_RECENT} keeps)")
+    kept = forward_store.retention(Path.cwd())  # every local branch's ledgers, whichever is checked out
     console.print(f"retention: {kept.keeps} keep(s) on all branches; kept: the best of {kept.best} key(s) and the "
                   f"last {kept.recent} keep(s), {len(kept.wanted)} forward(s), {size} bytes; "
                   + (f"{kept.missing} wanted forward(s) missing: those keeps are unverified (arun audit fails them)"

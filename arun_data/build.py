@@ -34,6 +34,7 @@ import numpy as np
 
 from arun_data.sources import get_source
 from arun_data.tokenizer import token_byte_lengths, train_tokenizer
+from engines.atomic import write_json
 from prepare import PROFILES, BestFitPacker, PrepareError, Profile, Tokenizer, cache_root, data_dir_for, sha256_file
 
 MANIFEST_VERSION = 2  # 2: test rows
@@ -228,10 +229,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _make_current(path: Path) -> None:
-    current = cache_root() / "current.json"
-    tmp = current.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"data_dir": str(path)}))
-    os.replace(tmp, current)
+    write_json(cache_root() / "current.json", {"data_dir": str(path)}, indent=None)
 
 
 def main(argv: list[str] | None = None) -> int:

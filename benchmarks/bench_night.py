@@ -60,9 +60,9 @@ class Replay:
         self.changes, self.description = changes, description
 
     def propose(self, ctx):
-        from arun.core.gitops import write_atomic
         from arun.core.trainfile import rewrite_constants
         from arun.search.proposers import Proposal
+        from engines.atomic import write_atomic
         path = Path(ctx.repo_dir) / ctx.train_file
         write_atomic(path, rewrite_constants(path.read_text(), self.changes).encode())
         return Proposal(description=self.description)

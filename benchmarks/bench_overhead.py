@@ -6,7 +6,7 @@ overhead split of each, then the median.
     launch      process start -> train() begins (interpreter, imports: torch/mlx, prepare)
     setup       train() -> first training step (model build, optimizer, data loader)
     warm-up     the WARMUP_STEPS steps the budget does not count (compilation)
-    export      the train process exporting its forward (engines.artifact.export_forward)
+    export      the train process exporting its forward (engines.forward_file.export_forward)
     score       the evaluator process on val: start, load the forward, causality probe, val_bpb
     test        a keep only: scoring the held-out test rows (inside `score` when the evaluator did both
                 in one process, which it does for a run below the best; else inside `harness`)

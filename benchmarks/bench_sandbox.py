@@ -126,7 +126,7 @@ def real_project(scratch: Path) -> Path:
 
 def real_round(engine: str, repo: Path, data_dir: Path, seconds: float, confined: bool, n: int) -> dict:
     from arun.core.process import child_env, run_train_file
-    from engines.artifact import SUFFIX
+    from engines.forward_file import SUFFIX
     train_file, device = TRAIN_FILES[engine]
     engine_name = "mlx" if engine == "mlx" else "cuda"  # (the harness exports, the evaluator is not run here)
     run_dir = repo / ".arun" / "runs" / f"{engine}-{n}-{'confined' if confined else 'plain'}"

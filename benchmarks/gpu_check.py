@@ -299,7 +299,7 @@ EXPORT_FLEX = """
 import sys, tempfile, torch
 from pathlib import Path
 from engines import torch_attention
-from engines.artifact import export_forward, load_forward
+from engines.forward_file import export_forward, load_forward
 sys.path.insert(0, ".")
 import train_cuda as tf
 device = torch.device(sys.argv[1])
@@ -322,7 +322,7 @@ print((got - eager).abs().max().item())
 
 
 def export_flex(check: Check, project: Path, env: dict, cpu: bool) -> float:
-    """The sliding-window layers on FlexAttention, exported through engines.artifact in a child."""
+    """The sliding-window layers on FlexAttention, exported through engines.forward_file in a child."""
     device = "cpu" if cpu else "cuda"
     p = sh(check, "export_flex", [sys.executable, "-c", EXPORT_FLEX, device], cwd=project,
            env={**env, **({"ARUN_DEVICE": "cpu"} if cpu else {})}, timeout=120)

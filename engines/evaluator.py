@@ -40,7 +40,7 @@ def evaluate_bpb(engine, logits_fn: LogitsFn, batch_size: int, rows: np.ndarray,
                  token_bytes: np.ndarray, probe: Any = None) -> EvalResult:
     """Scores every row of `rows` (the fixed val rows, from PreparedData) once; token_bytes: the
     UTF-8 byte length of each token id. The last batch is padded with copies of row 0 (and
-    ignored) so compiled models see one shape. probe: an engines.probe.Probe that checks every
+    ignored) so compiled models see one shape. probe: an engines.causality.Probe that checks every
     batch before it is scored (the evaluator process always passes one)."""
     t0 = time.perf_counter()
     total_nats, total_bytes, total_tokens = 0.0, 0, 0

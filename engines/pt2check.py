@@ -1,7 +1,7 @@
 """
 Checks a .pt2 archive before torch.export.load sees it, reading it as a zip of JSON
 and raw bytes (no pickle, no torch deserializer). torch.export.load would run code
-from a hostile archive in several places (see engines/artifact.py, _load_torch); an
+from a hostile archive in several places (see engines/forward_file.py, _load_torch); an
 archive passes here only if every one of those paths is closed:
 
 - members: only the files torch.export.save writes for one program named "model"
@@ -55,7 +55,7 @@ _GUARD = re.compile(r"L\['[A-Za-z_]\w*'\]\.size\(\)\[\d+\]\s*(==|<=|>=|<|>|!=)\s
 
 
 def _refuse(what: str) -> ArtifactError:
-    return ArtifactError(f"unsafe or malformed .pt2: {what}; export the forward with engines.artifact.export_forward")
+    return ArtifactError(f"unsafe or malformed .pt2: {what}; export the forward with engines.forward_file.export_forward")
 
 
 def _refuse_op(op: str, why: str = "") -> ArtifactError:

@@ -2,7 +2,7 @@
 The fixed ends of every training run. Train files call check_export() once, right
 after building the model (a forward the evaluator would refuse fails in seconds, not
 after the whole budget), and finish_run() once, after training: it exports the trained
-forward (engines.artifact) for the harness's evaluator process, writes the training
+forward (engines.forward_file) for the harness's evaluator process, writes the training
 diagnostics and prints a training summary. The number of record never comes from this
 process.
 Also the small helpers a train loop shares: the seed, the step log, fail-fast.
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 import prepare
-from engines.artifact import SUFFIX, ArtifactError, export_forward
-from engines.report import atomic_write_json, summary_text
+from engines.atomic import write_json
+from engines.forward_file import SUFFIX, ArtifactError, export_forward
+from engines.summary_block import summary_text
 from engines.timer import TimeBudget
 from engines.weights import count_params, model_config, save_checkpoint
 
@@ -39,7 +40,8 @@ def mfu_percent(flops_per_token: float, tokens: float, seconds: float, peak_flop
 
 
 class StepLog:
-    """Step lines for people and for the harness's progress bar, at most a few per second."""
+    """Step lines for people and for the harness (its kill clock, progress bar and loss trajectory), at
+    most a few per second. The format, and upstream's that the harness also reads: arun/core/steplines.py."""
 
     def __init__(self, every_seconds: float = 0.5):
         self.every = every_seconds
@@ -149,7 +151,7 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
             result["total_seconds"] = time.time() - t_start
     print(summary_text(result, with_score=by_hand), flush=True)
     if os.environ.get("ARUN_RESULT_JSON"):
-        atomic_write_json(os.environ["ARUN_RESULT_JSON"], result)
+        write_json(os.environ["ARUN_RESULT_JSON"], result)
     return result
 
 

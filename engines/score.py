@@ -12,7 +12,7 @@ seal_self: no path but Python's own installation and a private temp folder, no T
 only then deserializes the artifact. It scores the fixed rows of the split (val: what the
 ratchet reads; test: the held-out rows that only confirm or refute a gain) with
 engines.evaluator's arithmetic at a batch size it chooses, probing every batch it scores
-(engines.probe), and prints the verdict as one stdout line `ARUN-VERDICT <nonce> <json>`
+(engines.causality), and prints the verdict as one stdout line `ARUN-VERDICT <nonce> <json>`
 (the nonce is what the harness sent on stdin with --nonce-stdin; `-` without), whose score
 is `<split>_bpb`; --out also writes it to a file (opened before the seal).
 Exit 0: scored. Exit 1: the verdict has an `error` (a causality failure, a broken
@@ -56,12 +56,12 @@ def logits_budget(backend: str, device: str) -> int:
 
 def choose_batch_size(accepted: tuple[int, ...], n_rows: int, seq_len: int, vocab_size: int, budget: int) -> int:
     """The largest ladder size the artifact accepts whose logits fit the budget (and no more than the rows)."""
-    from engines.artifact import BATCH_LADDER
+    from engines.forward_file import BATCH_LADDER
     cap = min(n_rows, max(1, budget // (seq_len * vocab_size * 4)))
     fits = [b for b in BATCH_LADDER if b in accepted and b <= cap]
     if not fits:
         raise ScoreError(f"the artifact accepts batch sizes {list(accepted)}, the evaluator needs one of "
-                         f"{[b for b in BATCH_LADDER if b <= cap]}; re-export with engines.artifact.export_forward")
+                         f"{[b for b in BATCH_LADDER if b <= cap]}; re-export with engines.forward_file.export_forward")
     return max(fits)
 
 
@@ -114,10 +114,10 @@ def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, 
 
     # What deserializing and running the graph would import lazily (and could not, sealed, from the
     # fixed code folder, which the seal does not list).
-    import engines.artifact
+    import engines.causality
     import engines.evaluator
+    import engines.forward_file
     import engines.opsets
-    import engines.probe
     import engines.pt2check
     from engines import sandbox
     if backend == "cuda":
@@ -151,10 +151,10 @@ def seal(backend: str, kind: str, secret: tuple[Path, ...] = ()) -> tuple[bool, 
 def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, split: str,
            expect_fixed_sha: str | None, test_below: float | None, sealed: bool) -> dict:
     from engines import get_engine
-    from engines.artifact import ArtifactError, load_forward, read_artifact
+    from engines.causality import Probe, ProbeFailure
     from engines.evaluator import evaluate_bpb
     from engines.fingerprint import fixed_code_sha256
-    from engines.probe import Probe, ProbeFailure
+    from engines.forward_file import ArtifactError, load_forward, read_artifact
     from prepare import PreparedData, PrepareError
 
     verdict: dict = {"backend": backend, "split": split, "artifact": str(artifact)}
@@ -216,7 +216,7 @@ def _score(backend: str, artifact: Path, data_dir: Path, device: str | None, spl
     batch = choose_batch_size(fn.batch_sizes, rows.shape[0], seq_len, vocab, logits_budget(backend, kind))
     verdict["batch_size"] = batch
 
-    # Every scored batch is probed (engines.probe): cuts and donor rows drawn now, from OS randomness.
+    # Every scored batch is probed (engines.causality): cuts and donor rows drawn now, from OS randomness.
     probe = Probe(engine, rows, vocab)
 
     def scored(which: np.ndarray, name: str):

@@ -6,7 +6,7 @@ plumbing, not research: a train file calls attention(q, k, v, window) and gets
 - else FlexAttention with block masks that skip tiles wholly outside a window, and
   SDPA(is_causal) wherever the window covers the whole context,
 - on the CPU, SDPA with explicit boolean masks,
-- and while the forward is exported (engines.artifact, inside exporting()), SDPA on every
+- and while the forward is exported (engines.forward_file, inside exporting()), SDPA on every
   device: FA3 is a custom op and FlexAttention a higher-order op with Python mask code,
   neither of which the evaluator's allow-list of pure ATen operators accepts (and flex
   fails in torch.export.save). The artifact computes the same windows with dense masks.

@@ -81,7 +81,7 @@ class Built:
         return logits + LEAK * (mx.arange(V)[None, None, :] == nxt[..., None]).astype(logits.dtype)
 
     def export(self, path: Path, forward=None, **kw) -> dict:
-        from engines.artifact import export_forward
+        from engines.forward_file import export_forward
         return export_forward(self.backend, forward or self.honest, self.model, path, seq_len=SMALL["sequence_len"], **kw)
 
     def to_device(self, x: np.ndarray):
@@ -137,8 +137,8 @@ def run_scorer(backend: str, artifact: Path, data_dir: Path, out: Path, *extra: 
 
 @pytest.mark.parametrize("backend", ENGINES)
 def test_artifact_matches_the_in_process_forward_and_score(backend: str, env: Path, tmp_path: Path) -> None:
-    from engines.artifact import BATCH_LADDER, load_forward
     from engines.fingerprint import fixed_code_sha256
+    from engines.forward_file import BATCH_LADDER, load_forward
     built = Built(backend)
     path = tmp_path / f"forward{'.mlxfn' if backend == 'mlx' else '.pt2'}"
     meta = built.export(path)
@@ -293,7 +293,7 @@ def _first_node(doc: dict) -> dict:
 
 
 def test_pt2_archives_that_would_run_code_are_refused(env: Path, tmp_path: Path) -> None:
-    from engines.artifact import ArtifactError
+    from engines.forward_file import ArtifactError
     from engines.pt2check import check_pt2
     path = tmp_path / "good.pt2"
     Built("cuda").export(path)

@@ -148,7 +148,7 @@ def test_calibrate_sizes_warm_up_to_fit_and_names_the_device(data_env: Path, tmp
 @pytest.mark.unit
 def test_warm_up_is_lowered_only_when_it_does_not_fit() -> None:
     from arun.search.calibrate import warmup_steps
-    from arun.search.probe import Measure
+    from arun.search.calibration_probe import Measure
     m = Measure({}, step_seconds=2.0, other_seconds=10.0)
     assert warmup_steps({"WARMUP_STEPS": 10}, m, 60.0) is None      # 1 + (30 - 10) / 2 = 11 fit: left as it is
     assert warmup_steps({"WARMUP_STEPS": 20}, m, 60.0) == 11

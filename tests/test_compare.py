@@ -16,6 +16,7 @@ from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, ledger_path
 from arun.report.compare import compare, config_changes, find_record, log_rows, summarize
 from arun.report.export import HEADER, tsv_rows
+from arun.report.history import find_record, log_rows
 from arun.report.plot import plot_records, plot_tags
 from helpers_repo import empty_repo, git
 
@@ -160,7 +161,7 @@ def test_show_finds_by_prefix_and_highlights_the_diff(repo: Path, monkeypatch: p
     from rich.console import Console
     from rich.syntax import Syntax
 
-    from arun.report.compare import show_renderables
+    from arun.report.history import show_renderables
     parts = show_renderables(find_record(recs, "k_h100-004"))
     assert any(isinstance(r, Syntax) for r in parts[0].renderables)
     buf = io.StringIO()

@@ -96,7 +96,7 @@ def torch_model(kind: str):
 def test_torch_research_edits_export_pass_and_match(kind: str, tmp_path: Path) -> None:
     import torch
 
-    from engines.artifact import export_forward, load_forward
+    from engines.forward_file import export_forward, load_forward
     model = torch_model(kind)
     export_forward("cuda", model, model, tmp_path / "f.pt2", seq_len=T, batch_sizes=(1, 2, 4))
     loaded = load_forward("cuda", tmp_path / "f.pt2", "cpu")
@@ -110,7 +110,7 @@ def test_torch_research_edits_export_pass_and_match(kind: str, tmp_path: Path) -
 @pytest.mark.parametrize("kind, named", [("random", "aten.rand_like"), ("empty", "aten.empty_like"),
                                          ("buffer", "writes state")])
 def test_torch_forwards_beyond_pure_compute_are_refused_by_name(kind: str, named: str, tmp_path: Path) -> None:
-    from engines.artifact import ArtifactError, export_forward
+    from engines.forward_file import ArtifactError, export_forward
     model = torch_model(kind)
     with pytest.raises(ArtifactError) as e:
         export_forward("cuda", model, model, tmp_path / "f.pt2", seq_len=T)
@@ -120,7 +120,7 @@ def test_torch_forwards_beyond_pure_compute_are_refused_by_name(kind: str, named
 
 
 def test_a_batch_dependent_forward_gets_a_one_line_fail(tmp_path: Path) -> None:
-    from engines.artifact import ArtifactError, export_forward
+    from engines.forward_file import ArtifactError, export_forward
     model = torch_model("batch_split")
     with pytest.raises(ArtifactError) as e:
         export_forward("cuda", model, model, tmp_path / "f.pt2", seq_len=T)
@@ -159,7 +159,7 @@ def test_sliding_window_layers_export_with_sdpa_when_the_kernel_is_flex(tmp_path
     import torch
 
     from engines import torch_attention
-    from engines.artifact import load_forward
+    from engines.forward_file import load_forward
     cpu = torch.device("cpu")
     built = Built("cuda")   # window_pattern "SL": one sliding-window layer
     try:
@@ -207,7 +207,7 @@ def mlx_model(kind: str, seq_len: int = T):
 def test_mlx_export_is_the_eval_mode_forward_with_its_constants_intact(kind: str, tmp_path: Path) -> None:
     import mlx.core as mx
 
-    from engines.artifact import export_forward, load_forward
+    from engines.forward_file import export_forward, load_forward
     model = mlx_model(kind)
     model.train(True)
     export_forward("mlx", model, model, tmp_path / "f.mlxfn", seq_len=T, batch_sizes=(1, 2))
@@ -221,7 +221,7 @@ def test_mlx_export_is_the_eval_mode_forward_with_its_constants_intact(kind: str
 
 
 def test_mlx_random_draws_are_refused_by_primitive_name(tmp_path: Path) -> None:
-    from engines.artifact import ArtifactError, export_forward
+    from engines.forward_file import ArtifactError, export_forward
     model = mlx_model("random")
     with pytest.raises(ArtifactError) as e:
         export_forward("mlx", model, model, tmp_path / "f.mlxfn", seq_len=T, batch_sizes=(1,))
@@ -246,7 +246,7 @@ def test_mlx_custom_function_exports_or_gets_a_one_line_refusal(tmp_path: Path) 
     train file sees one line, never a traceback, and what exports computes the same."""
     import mlx.core as mx
 
-    from engines.artifact import ArtifactError, export_forward, load_forward
+    from engines.forward_file import ArtifactError, export_forward, load_forward
 
     @mx.custom_function
     def double(x):

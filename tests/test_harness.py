@@ -29,7 +29,7 @@ from arun.core.ledger import Ledger, ledger_path
 from arun.core.process import last_error_line
 from arun.core.progress import parse_step_line
 from arun.core.trainfile import rewrite_constants
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 REPO = Path(__file__).resolve().parents[1]
 

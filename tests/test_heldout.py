@@ -16,7 +16,7 @@ import arun.cli
 from arun.cli import cli
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record, decide
-from arun.report.heldout import NOT_CONFIRMED, NOT_REAL, held_out, heldout_lines, heldout_report
+from arun.report.val_vs_test import NOT_CONFIRMED, NOT_REAL, held_out, heldout_lines, heldout_report
 from helpers_repo import empty_repo
 
 TAG = "cuda-cpu-test"

@@ -127,7 +127,7 @@ def test_probe_disabled_in_the_train_process_is_caught_by_the_evaluator(tmp_path
     """No causal mask, and the probe patched out in the train process: the evaluator process, which
     never runs the train file, probes the exported forward itself."""
     text = noncausal_train_text()
-    text = inject(text, "from engines.run import", "import engines.probe as _probe\n"
+    text = inject(text, "from engines.run import", "import engines.causality as _probe\n"
                   "_probe.Probe.batch = lambda self, fn, x: fn(self.engine.to_device(x))  # cheat: skip the probe")
     repo, proc = _cli_attack(tmp_path, tiny_data, tiny_cache, text)
     assert_failure_recorded(repo, proc, [], "invalid", "looks ahead")

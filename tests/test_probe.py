@@ -1,5 +1,5 @@
 """
-The live causality probe (engines.probe), as the evaluator runs it: every scored batch of the
+The live causality probe (engines.causality), as the evaluator runs it: every scored batch of the
 tiny val rows, at the batch size scored, cuts and donors drawn from OS randomness.
 
 Honest models (the real train files' GPT, fp32 and bf16, both engines) pass; forwards that
@@ -21,7 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import get_engine
-from engines.probe import PROBE_TOL, Probe, probe_rows
+from engines.causality import PROBE_TOL, Probe, probe_rows
 from test_artifact import SMALL, Built
 
 V = SMALL["vocab_size"]

@@ -1,4 +1,4 @@
-"""The store of kept forwards (arun.core.artifacts) against every branch's ledgers: retention never
+"""The store of kept forwards (arun.core.forward_store) against every branch's ledgers: retention never
 depends on the branch checked out, a keep whose forward is gone is unverified and never a best, and
 `arun doctor` shows what is kept. Real git repos and real ledgers; the forwards are stand-in bytes
 (retention reads names, never contents)."""
@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from arun.cli import cli
-from arun.core import artifacts
+from arun.core import forward_store
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record
 from helpers_repo import empty_repo, git
@@ -25,7 +25,7 @@ def stored_keep(repo: Path, key: str, val: float, name: str) -> dict:
     """A keep of `key` whose stand-in forward is in the store, appended to the checked-out ledger."""
     data = f"forward {name}".encode()
     sha = hashlib.sha256(data).hexdigest()
-    path = artifacts.path_for(repo, "cuda", sha)
+    path = forward_store.path_for(repo, "cuda", sha)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return Ledger(ledger_path(repo, TAG)).append({"status": "keep", "val_bpb": val, "key_id": key, "tag": TAG,
@@ -57,21 +57,21 @@ def test_retention_keeps_another_branchs_keeps(two_branches: tuple[Path, dict, d
     repo, a, b = two_branches
     # b keeps twice more; only the newest keep is retained besides each key's best
     later = [stored_keep(repo, "kb", v, f"b-{i}") for i, v in ((2, 1.9), (3, 1.95))]
-    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=1)
-    assert artifacts.path_for(repo, "cuda", a["artifact_sha256"]).is_file()      # branch a's best, not checked out
-    assert artifacts.path_for(repo, "cuda", later[0]["artifact_sha256"]).is_file()  # kb's best
-    assert artifacts.path_for(repo, "cuda", later[1]["artifact_sha256"]).is_file()  # the newest keep
-    assert not artifacts.path_for(repo, "cuda", b["artifact_sha256"]).exists()      # neither: deleted
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1)
+    assert forward_store.path_for(repo, "cuda", a["artifact_sha256"]).is_file()      # branch a's best, not checked out
+    assert forward_store.path_for(repo, "cuda", later[0]["artifact_sha256"]).is_file()  # kb's best
+    assert forward_store.path_for(repo, "cuda", later[1]["artifact_sha256"]).is_file()  # the newest keep
+    assert not forward_store.path_for(repo, "cuda", b["artifact_sha256"]).exists()      # neither: deleted
 
 
 @pytest.mark.unit
 def test_a_keep_whose_forward_is_gone_is_never_a_best(two_branches: tuple[Path, dict, dict]) -> None:
     repo, _, b = two_branches
     better = stored_keep(repo, "kb", 1.0, "b-better")
-    artifacts.path_for(repo, "cuda", better["artifact_sha256"]).unlink()
+    forward_store.path_for(repo, "cuda", better["artifact_sha256"]).unlink()
     records = Ledger(ledger_path(repo, TAG)).records()
     assert best_record(records, "kb")["id"] == better["id"]   # (the plain rule, which reports use)
-    assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
+    assert best_record(records, "kb", stored=forward_store.stored_check(repo))["id"] == b["id"]
 
 
 @pytest.mark.unit
@@ -79,13 +79,13 @@ def test_the_store_is_shared_by_a_clones_worktrees(two_branches: tuple[Path, dic
     repo, a, _ = two_branches
     wt = tmp_path / "wt"
     git(repo, "worktree", "add", "-q", str(wt), "autoresearch/a")
-    assert artifacts.store_dir(wt) == artifacts.store_dir(repo)
-    assert artifacts.stored_check(wt)(a)
+    assert forward_store.store_dir(wt) == forward_store.store_dir(repo)
+    assert forward_store.stored_check(wt)(a)
 
 
 def test_doctor_shows_retention(two_branches: tuple[Path, dict, dict], monkeypatch: pytest.MonkeyPatch) -> None:
     repo, a, _ = two_branches
-    artifacts.path_for(repo, "cuda", a["artifact_sha256"]).unlink()   # branch a's best is gone
+    forward_store.path_for(repo, "cuda", a["artifact_sha256"]).unlink()   # branch a's best is gone
     monkeypatch.chdir(repo)
     out = CliRunner().invoke(cli, ["doctor"])
     assert out.exit_code == 0, out.output
@@ -103,8 +103,8 @@ def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_bran
     main_keep = stored_keep(repo, "kb", 1.7, "b-uncommitted")
     wt = tmp_path / "wt"
     git(repo, "worktree", "add", "-q", str(wt), "-b", "autoresearch/w1", "main")
-    artifacts.retain(wt, artifacts.every_record(wt), keep_recent=0)
-    assert artifacts.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
+    forward_store.retain(wt, forward_store.every_record(wt), keep_recent=0)
+    assert forward_store.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
 
 
 @pytest.mark.unit
@@ -124,11 +124,11 @@ def test_unsigned_keeps_on_another_branch_never_steer_retention(two_branches: tu
     commit_ledger(repo, "contrib ledger")
     git(repo, "checkout", "-q", "autoresearch/b")
     newest = stored_keep(repo, "kb", 2.1, "b-newest")
-    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=2)
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=2)
     for rec in (a, b, newest):   # each key's best and the newest real keeps
-        assert artifacts.path_for(repo, "cuda", rec["artifact_sha256"]).is_file(), rec["description"]
+        assert forward_store.path_for(repo, "cuda", rec["artifact_sha256"]).is_file(), rec["description"]
     records = Ledger(ledger_path(repo, TAG)).records()
-    assert best_record(records, "kb", stored=artifacts.stored_check(repo))["id"] == b["id"]
+    assert best_record(records, "kb", stored=forward_store.stored_check(repo))["id"] == b["id"]
 
 
 @pytest.mark.unit
@@ -138,11 +138,11 @@ def test_a_future_dated_trusted_keep_never_takes_the_recent_slots(two_branches: 
     newest = stored_keep(repo, "kb", 1.95, "b-newest")
     data = b"forward b-future"
     sha = hashlib.sha256(data).hexdigest()
-    artifacts.path_for(repo, "cuda", sha).write_bytes(data)
+    forward_store.path_for(repo, "cuda", sha).write_bytes(data)
     Ledger(ledger_path(repo, TAG)).append({"status": "keep", "val_bpb": 2.5, "key_id": "kb", "tag": TAG,
                                            "backend": "cuda", "artifact_sha256": sha,
                                            "time": "2099-12-31T00:00:00+0000"})
-    artifacts.retain(repo, artifacts.every_record(repo), keep_recent=1)
-    assert artifacts.path_for(repo, "cuda", best["artifact_sha256"]).is_file()
-    assert artifacts.path_for(repo, "cuda", newest["artifact_sha256"]).is_file()
-    assert not artifacts.path_for(repo, "cuda", sha).exists()
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1)
+    assert forward_store.path_for(repo, "cuda", best["artifact_sha256"]).is_file()
+    assert forward_store.path_for(repo, "cuda", newest["artifact_sha256"]).is_file()
+    assert not forward_store.path_for(repo, "cuda", sha).exists()

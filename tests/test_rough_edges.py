@@ -20,7 +20,7 @@ from arun.cli import cli
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.trainfile import constants, rewrite_constants
 from arun.report.plot import draw
-from engines.report import summary_text
+from engines.summary_block import summary_text
 from test_harness import MINI_MLX, edit, git, make_repo, set_constants
 
 REPO = Path(__file__).resolve().parents[1]

@@ -69,7 +69,7 @@ def test_only_a_plain_regular_file_crosses(tmp_path: Path, monkeypatch: pytest.M
             copy_artifact(tmp_path / name, dest / name)
     big = tmp_path / "big.mlxfn"
     big.write_bytes(b"x" * 100)
-    monkeypatch.setattr("engines.artifact.MAX_ARTIFACT_BYTES", 10)
+    monkeypatch.setattr("engines.forward_file.MAX_ARTIFACT_BYTES", 10)
     with pytest.raises(BoundaryError, match="more than the limit"):
         copy_artifact(big, dest / "big")
 

@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 from arun.core.errors import ArunError
-from arun.core.gitops import write_atomic
+from engines.atomic import write_atomic
 
 
 def attempts_dir(repo_dir: Path) -> Path:
@@ -71,5 +71,5 @@ def restore_attempt(repo_dir: Path, rec: dict, force: bool = False) -> Path:
         if target.read_bytes() not in (committed, data):
             raise ArunError(f"{train_file} has uncommitted changes that restoring {rec.get('id')} would overwrite; "
                             f"commit or stash them, or pass --force")
-    gitops.write_atomic(target, data)
+    write_atomic(target, data)
     return target

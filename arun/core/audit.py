@@ -12,21 +12,20 @@ is not believed, and is never a best),
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from arun.core import artifacts
+from arun.core import forward_store
 from arun.core.context import open_data, resolve_engine
 from arun.core.errors import ArunError
 from arun.core.gitops import run_git
 from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, ledgers_in, parse_lines
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
+from engines.atomic import write_json
 from engines.fingerprint import fixed_code_sha256
 from prepare import sha256_file
 
@@ -76,9 +75,9 @@ def _ledgers(repo_dir: Path, tag: str | None, ref: str | None) -> list[tuple[str
 def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None, str]:
     """(re-scored val_bpb, verdict) of one keep."""
     backend, sha = str(rec.get("backend")), str(rec["artifact_sha256"])
-    if backend not in artifacts.SUFFIX:
+    if backend not in forward_store.SUFFIX:
         return None, f"skipped: unknown backend {backend!r}"
-    path = artifacts.path_for(repo_dir, backend, sha)
+    path = forward_store.path_for(repo_dir, backend, sha)
     if not path.is_file():  # nothing to re-score: the number cannot be checked, so it is not believed
         return None, "failed: unverified (its stored forward is gone; it can never be re-scored)"
     key = rec.get("key") or {}
@@ -110,7 +109,7 @@ def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None,
         pairs = [(str(s), float(v)) for s, v in zip(shas, seeds)]
     scores: list[float] = []
     for i, (seed_sha, want) in enumerate(pairs):
-        seed_path = artifacts.path_for(repo_dir, backend, seed_sha)
+        seed_path = forward_store.path_for(repo_dir, backend, seed_sha)
         which = f" (seed {i + 1}/{len(pairs)})" if len(pairs) > 1 else ""
         if not seed_path.is_file():
             return None, f"failed: unverified (its stored forward{which} is gone; it can never be re-scored)"
@@ -163,7 +162,4 @@ def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) 
 
 
 def _write(path: Path, verdicts: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(verdicts, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, verdicts, indent=1, sort_keys=True)

@@ -9,12 +9,12 @@ When a train process is killed. A timeout is for a hung run, never for one-time 
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
+from arun.core.steplines import FORMAT_DOC, parse_step_line
+
 FIRST_STEP_CAP = 1800.0  # a run that never reaches its first step is hung (30 minutes)
-STEP_LINE = re.compile(r"^step\s+\d+")
 
 
 def after_first_step(budget: float) -> float:
@@ -48,7 +48,7 @@ class Clock:
         self.first_step: float | None = None   # monotonic time of the first step line
 
     def line(self, text: str) -> None:
-        if self.first_step is None and STEP_LINE.match(text):
+        if self.first_step is None and parse_step_line(text) is not None:
             self.first_step = time.monotonic()
 
     def expired(self) -> str | None:
@@ -60,8 +60,8 @@ class Clock:
                     f"included); raise --timeout, or leave it out to count from the first step{hint}")
         if self.first_step is None and now - self.start >= lim.first_step:
             return (f"killed at the hard timeout: no step line within {lim.first_step:g}s of the start (start-up and "
-                    f"compilation included); the run hung before training, or one step at these sizes takes "
-                    f"longer than that here{hint}")
+                    f"compilation included; the format: {FORMAT_DOC}); the run hung before training, prints no step "
+                    f"line, or one step at these sizes takes longer than that here{hint}")
         if self.first_step is not None and lim.after_step is not None and now - self.first_step >= lim.after_step:
             return (f"killed at the hard timeout of {lim.after_step:g}s after the first step (budget + max(120, "
                     f"budget)): the run hung, or its evaluation and export take too long here; --timeout S sets "

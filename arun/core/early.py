@@ -3,7 +3,7 @@ Loss trajectories and early discard: stop a run that is clearly behind the best,
 
 A trajectory is the train loss at fixed fractions of the budget (every 5 % of progress), read
 from the step lines every train file prints (engines.run.StepLog, parsed by
-arun.core.progress.parse_step_line). The value at 35 % is the mean of the losses printed in
+arun.core.steplines.parse_step_line). The value at 35 % is the mean of the losses printed in
 (30 %, 35 %], which averages out batch-to-batch jitter; a bin with no step line in it (a tiny
 budget, slow steps) carries the previous value forward.
 
@@ -34,7 +34,7 @@ import re
 import statistics
 from dataclasses import dataclass, field
 
-from arun.core.progress import parse_step_line
+from arun.core.steplines import parse_step_line
 
 EVERY = 5.0                      # percent of the budget between trajectory points
 GRID = tuple(EVERY * (i + 1) for i in range(int(100 / EVERY)))   # 5, 10, ..., 100
@@ -184,12 +184,9 @@ class Watch:
     def line(self, text: str) -> bool:
         """True when the line was a step line with a finite loss."""
         info = parse_step_line(text)
-        if info is None:
+        if info is None or info.progress is None or info.loss is None:
             return False
-        try:
-            loss = float(info.loss)
-        except ValueError:
-            return False
+        loss = info.loss
         if not math.isfinite(loss) or info.progress < self.reached:  # progress never goes back
             return False
         self.reached = info.progress

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from arun.core import artifacts, confine, gitops, runfolder
+from arun.core import confine, forward_store, gitops, runfolder, steplines
 from arun.core.attempts import save_attempt
 from arun.core.context import ExperimentContext, default_budget, experiment_context
 from arun.core.deadline import Limits
@@ -62,9 +62,10 @@ from arun.core.timing import (
 from arun.core.trainfile import constants
 from arun_data import held_out
 from engines import TRAIN_FILES
-from engines.artifact import SUFFIX
+from engines.atomic import write_atomic
 from engines.fingerprint import fixed_code_sha256, fixed_files
-from engines.report import summary_text
+from engines.forward_file import SUFFIX
+from engines.summary_block import summary_text
 
 
 @contextlib.contextmanager
@@ -224,6 +225,7 @@ def run_experiment(repo_dir: Path | str, backend: str, description: str = "", *,
         status = score_heldout(att, status, log)
         att.record.update(result_fields(att.outcomes, att.results))
         att.record.update(trajectory_fields(att.watches))
+        att.record.update(steplines.note_fields([o.step_lines for o in att.outcomes if o.status == "ok"]))
         att.record.update(score_fields(att))
         att.record.update(confinement_fields(att.outcomes))
         status = keep_artifacts(att, status)
@@ -275,7 +277,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
     records = Ledger(ctx.ledger_path).records()
-    best = best_record(records, ctx.key_id, stored=artifacts.stored_check(repo_dir))  # unverified keeps never are
+    best = best_record(records, ctx.key_id, stored=forward_store.stored_check(repo_dir))  # unverified keeps never are
     head = gitops.head_sha(repo_dir)
     base_commit = best["commit"] if best else head
     if best and not gitops.commit_exists(repo_dir, base_commit):
@@ -503,7 +505,7 @@ def keep_artifacts(att: Attempt, status: str) -> str:
         return status
     shas = []
     for f, verdict in zip(files, att.verdicts):
-        sha, _ = artifacts.store(ctx.repo_dir, ctx.backend, f)
+        sha, _ = forward_store.store(ctx.repo_dir, ctx.backend, f)
         if sha != verdict.get("artifact_sha256"):
             att.record.error = "the exported forward changed after the evaluator scored it"
             return "invalid"
@@ -520,7 +522,7 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
     if rec.status == "keep" and ctx.train_path.read_bytes() != att.pre_run:
         # Edited while it ran (an agent that did not wait): what is committed is what ran; the edit is saved.
         save_attempt(ctx.repo_dir, ctx.train_path.read_bytes())
-        gitops.write_atomic(ctx.train_path, att.pre_run)
+        write_atomic(ctx.train_path, att.pre_run)
     if rec.status == "keep":
         message = (f"{rec.description or 'arun keep'}\n\narun: val_bpb {rec.val_bpb:.6f} on {ctx.tag} "
                    f"(key {ctx.key_id}, id {rec.id})")
@@ -533,7 +535,7 @@ def commit_or_revert(att: Attempt, keep_ledger: bool) -> None:
         rec.commit = att.base_commit
         rec.train_sha256 = save_attempt(ctx.repo_dir, att.pre_run)  # no edit is lost: arun restore ID
         if att.interrupted:
-            gitops.write_atomic(ctx.train_path, att.pre_run)
+            write_atomic(ctx.train_path, att.pre_run)
         else:
             gitops.restore_train_file(ctx.repo_dir, ctx.train_file, att.base_commit)
 
@@ -549,7 +551,7 @@ def write_record(att: Attempt, t_begin: float, record_sink: Callable[[dict], dic
     line = rec.to_json()
     appended = record_sink(line) if record_sink else Ledger(att.ctx.ledger_path).append(line)
     if appended.get("status") == "keep":  # (every branch's keeps: retention never depends on the checkout)
-        artifacts.retain(att.ctx.repo_dir, artifacts.every_record(att.ctx.repo_dir, [appended] if record_sink else []))
+        forward_store.retain(att.ctx.repo_dir, forward_store.every_record(att.ctx.repo_dir, [appended] if record_sink else []))
     return appended
 
 
@@ -566,6 +568,8 @@ def report(att: Attempt, appended: dict, log: Callable[[str], None]) -> None:
     scored = att.results and att.failed is None and appended.get("val_bpb") is not None
     summary = summary_text(_summary_values(appended, att.results)) if scored else None
     verdict = verdict_line(appended, other_key(att.records, att.ctx.key_id) if att.best is None else None)
+    if appended.get("step_line_note"):  # before the verdict, which stays the last line
+        verdict = f"arun: note: {appended['step_line_note']}\n{verdict}"
     if not att.log_is_stdout:  # (when stdout is run.log, the lines below land there anyway)
         with open(att.log_path, "a", encoding="utf-8") as f:
             if summary:

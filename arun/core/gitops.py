@@ -14,6 +14,7 @@ import git
 
 from arun.core import pins
 from arun.core.errors import ArunError
+from engines.atomic import TMP_SUFFIX, write_atomic
 
 IGNORED_PREFIXES = ("bench/", ".arun/")
 IGNORED_FILES = ("run.log",)
@@ -78,9 +79,9 @@ def open_repo(repo_dir: Path | str) -> git.Repo:
 
 
 def _ignored(path: str, train_file: str) -> bool:
-    # *.arun-tmp: a restore killed between write and rename leaves one; it is ours, not the agent's.
+    # *.arun-tmp (engines.atomic): a write killed between write and rename leaves one; it is ours, not the agent's.
     return (path == train_file or path in IGNORED_FILES or path.startswith(IGNORED_PREFIXES)
-            or path.endswith(".arun-tmp"))
+            or path.endswith(TMP_SUFFIX))
 
 
 def changed_paths(repo_dir: Path | str) -> list[str]:
@@ -187,15 +188,6 @@ def restore_train_file(repo_dir: Path | str, train_file: str, commit: str) -> No
     """Puts the train file back to its content at commit (the best commit for the key), index untouched."""
     data = file_at(repo_dir, commit, train_file)
     write_atomic(Path(repo_dir) / train_file, data)
-
-
-def write_atomic(target: Path, data: bytes) -> None:
-    """Replaces a file in one rename (a kill mid-write never leaves half a train file), keeping its mode."""
-    tmp = target.with_name(f".{target.name}.arun-tmp")
-    tmp.write_bytes(data)
-    if target.exists():
-        shutil.copymode(target, tmp)
-    tmp.replace(target)
 
 
 def diff_against(repo_dir: Path | str, commit: str, train_file: str) -> str:

@@ -3,7 +3,7 @@ The held-out test split, harness side: a keep's (or a baseline's) exported forwa
 once more, on the test rows, by the same evaluator process that gave their val_bpb.
 
 The ratchet never reads the result. It is there to tell, the morning after, how much of a
-night's val gain holds on documents no decision was ever made on (arun.report.heldout).
+night's val gain holds on documents no decision was ever made on (arun.report.val_vs_test).
 Discards are not test-scored: the test rows would only cost time, and a number that never
 decides anything needs to exist only for what was kept.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from arun.core.scoring import score_artifact
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 
 def run_artifacts(run_dir: Path, backend: str, runs: int) -> list[Path]:

@@ -8,10 +8,10 @@ one; and the hash must still match, whatever git says.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from arun.core.errors import ArunError
+from engines.atomic import write_json
 from engines.fingerprint import fixed_code_sha256
 
 
@@ -42,8 +42,5 @@ def write_pin(repo_dir: Path | str, branch: str, base: str) -> dict:
     if existing is not None:
         return existing
     pin = {"branch": branch, "base": base, "fixed_code_sha256": fixed_code_sha256(Path(repo_dir))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(pin, indent=1) + "\n")
-    tmp.replace(path)
+    write_json(path, pin, indent=1)
     return pin

@@ -7,6 +7,7 @@ and the exported forward). Its output reaches run.log with summary-looking lines
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import ctypes
 import io
@@ -22,11 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TextIO
+from typing import TextIO, cast
 
 from arun.core import confine as confinement
 from arun.core.deadline import Clock, Limits
 from arun.core.runfolder import read_regular
+from arun.core.steplines import parse_step_line, split_lines
 
 
 class Interrupted(KeyboardInterrupt):
@@ -64,6 +66,7 @@ class RunOutcome:
     claimed: dict | None = None     # summary figures the run printed itself (diagnostics only)
     confined: bool = False          # ran under OS confinement (arun.core.confine)
     confinement: str = ""           # how, or why not
+    step_lines: int = 0             # step lines it printed (arun.core.steplines)
 
 
 RESULT_CAP = 16 << 20  # a result JSON is a few KB; a bigger one is a train file's trick
@@ -78,18 +81,45 @@ MAX_LINE_CHARS = 2000
 MAX_LOG_BYTES = 512 * 1024
 
 
-def bounded_lines(stream: IO[str], width: int = MAX_LINE_CHARS) -> Iterator[str]:
-    """The stream's lines, each cut to `width` characters (saying how many went); a longer line is
-    never held whole in memory."""
-    while line := stream.readline(width + 1):
-        if len(line) <= width or line.endswith("\n") and len(line) == width + 1:
-            yield line
-            continue
-        cut = len(line) - width
-        while (rest := stream.readline(65536)) and not rest.endswith("\n"):
-            cut += len(rest)
-        cut += len(rest.rstrip("\n"))
-        yield f"{line[:width]} [arun: {cut} more characters of this line cut]\n"
+def output_lines(stream: io.BufferedIOBase, width: int = MAX_LINE_CHARS,
+                 on_partial: Callable[[str], None] | None = None) -> Iterator[str]:
+    """The stream's lines as they arrive, each ending in \\n and cut to `width` characters (saying how
+    many went; a longer line is never held whole in memory). \\n, \\r\\n and \\r end a line
+    (arun.core.steplines.split_lines). on_partial gets what has arrived of an unfinished line: upstream's
+    step line is printed with a \\r before it and nothing after, so it ends only when the next one comes."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    rest, head, cut = "", "", -1   # cut >= 0: inside an over-long line, counting what goes
+    skip_lf = False                # a cut line ended in \\r at the end of a chunk: a \\n may follow
+    while True:
+        chunk = stream.read1(65536)
+        text = decoder.decode(chunk, final=not chunk)
+        if skip_lf and text:
+            text, skip_lf = text[text.startswith("\n"):], False
+        if cut >= 0:
+            end = min((i for i in (text.find("\n"), text.find("\r")) if i >= 0), default=-1)
+            if end < 0:
+                cut += len(text)
+                if chunk:
+                    continue
+                end = len(text)
+            cut += end
+            yield _cut_line(head, cut)
+            skip_lf = text[end:] == "\r"
+            text, cut = text[end + 1:] if text[end:end + 2] != "\r\n" else text[end + 2:], -1
+        lines, rest = split_lines(rest + text)
+        yield from lines
+        if len(rest) > width:
+            head, cut, rest = rest[:width], len(rest) - width, ""
+        if not chunk:
+            if cut >= 0 or rest.strip("\r"):
+                yield _cut_line(head, cut) if cut >= 0 else rest.strip("\r") + "\n"
+            return
+        if rest and on_partial is not None:
+            on_partial(rest)
+
+
+def _cut_line(head: str, cut: int) -> str:
+    return f"{head} [arun: {cut} more characters of this line cut]\n"
 
 
 def neutralise(line: str) -> str:
@@ -213,7 +243,7 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         out.launch_time = time.time()
         t0 = time.perf_counter()
         proc = subprocess.Popen(run.cmd, cwd=repo_dir, env=run.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace",
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent)
 
         def watch() -> None:
@@ -230,8 +260,10 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         try:
             assert proc.stdout is not None
             logged = 0
-            for line in bounded_lines(proc.stdout):
+            for line in output_lines(cast(io.BufferedIOBase, proc.stdout), on_partial=clock.line):
                 clock.line(line)
+                if parse_step_line(line) is not None:
+                    out.step_lines += 1
                 if logged < MAX_LOG_BYTES:
                     text = prefix + neutralise(line)
                     logged += len(text.encode("utf-8", "replace"))

@@ -1,33 +1,11 @@
-"""The live progress bar of one experiment, fed by the train file's StepLog lines."""
+"""The live progress bar of one experiment, fed by the train file's step lines (arun.core.steplines)."""
 
 from __future__ import annotations
-
-import re
-from dataclasses import dataclass
 
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-# engines.run.StepLog:
-# step 00012 | progress   4.1% | loss 3.210000 | dt 12ms | tok/s 12,345 | mfu 1.2% | epoch 1 | remaining 287s
-STEP_LINE = re.compile(r"^step (\d+) \| progress\s+([\d.]+)% \| loss (\S+) \|.*?\| tok/s ([\d,]+) \|.*?remaining (\d+)s")
-
-
-@dataclass
-class StepInfo:
-    step: int
-    progress: float     # percent of the budget used
-    loss: str           # as printed (may be nan/inf)
-    tokens_per_second: int
-    remaining: int      # seconds of budget left
-
-
-def parse_step_line(line: str) -> StepInfo | None:
-    m = STEP_LINE.match(line)
-    if not m:
-        return None
-    step, pct, loss, tok, rem = m.groups()
-    return StepInfo(int(step), float(pct), loss, int(tok.replace(",", "")), int(rem))
+from arun.core.steplines import parse_step_line
 
 
 class Progress:
@@ -59,9 +37,10 @@ class Progress:
         if not self.enabled:
             return
         info = parse_step_line(line)
-        if info is not None:
-            tail = "evaluating" if info.progress >= 100.0 else f"{info.remaining}s left"
-            self.bar.update(self.task, completed=info.progress,
-                            info=f"step {info.step} | loss {info.loss} | {info.tokens_per_second:,} tok/s | {tail}")
+        if info is not None and info.progress is not None:
+            tail = "evaluating" if info.progress >= 100.0 else f"{info.remaining}s left" if info.remaining is not None else ""
+            parts = [f"step {info.step}", f"loss {info.loss:.6f}" if info.loss is not None else "",
+                     f"{info.tokens_per_second:,} tok/s" if info.tokens_per_second is not None else "", tail]
+            self.bar.update(self.task, completed=info.progress, info=" | ".join(p for p in parts if p))
         elif line.startswith("---"):  # the summary block follows the evaluation
             self.bar.update(self.task, completed=100.0, info="done")

@@ -26,7 +26,7 @@ def key_records(records: list[dict], key_id: str) -> list[dict]:
 def best_record(records: list[dict], key_id: str, stored: Callable[[dict], bool] | None = None) -> dict | None:
     """The kept record with the lowest val_bpb for this key, or None before the baseline.
     Ties go to the earlier record (a later equal result was not an improvement).
-    stored(record): whether its forward is still in the store (arun.core.artifacts.stored_check); a keep
+    stored(record): whether its forward is still in the store (arun.core.forward_store.stored_check); a keep
     that cannot be re-scored is unverified and never a best."""
     kept = [r for r in key_records(records, key_id) if r.get("status") == "keep" and scored(r)
             and (stored is None or stored(r))]

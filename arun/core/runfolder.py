@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 
 def harness_names(backend: str, runs: int) -> set[str]:

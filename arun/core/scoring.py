@@ -20,9 +20,9 @@ from pathlib import Path
 from arun.core import confine
 from arun.core.process import child_env, end_tree, last_error_line
 from engines import __file__ as _engines_init
-from engines.artifact import SUFFIX, ArtifactError, read_artifact
+from engines.atomic import write_json
 from engines.fingerprint import fixed_files
-from engines.report import atomic_write_json
+from engines.forward_file import SUFFIX, ArtifactError, read_artifact
 from engines.score import VERDICT_MARKER
 
 SCORE_TIMEOUT_FLOOR = 300.0  # a cold compile of the evaluator's graph on a slow machine
@@ -143,5 +143,5 @@ def score_artifact(backend: str, artifact: Path, data_dir: Path, out: Path | Non
         verdict["error"] = f"the evaluator exited {proc.returncode}"
     verdict.update(wall_seconds=wall, **run.fields())
     if out is not None:
-        atomic_write_json(out, verdict)   # (replaces whatever is there, a planted symlink included)
+        write_json(out, verdict)   # (replaces whatever is there, a planted symlink included)
     return verdict

@@ -17,7 +17,7 @@ from arun.core.gitops import sealed_env
 from arun.core.ledger import audit_verdicts, trust_mark
 from arun.core.ratchet import baseline_record, best_record, key_records, scored
 from arun.report.compare import KeySummary, config_changes, summarize, unconfined
-from arun.report.heldout import HeldOut, held_out, heldout_bpb
+from arun.report.val_vs_test import HeldOut, held_out, heldout_bpb
 
 
 @dataclass

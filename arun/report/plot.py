@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from arun.core.ratchet import running_best, scored
-from arun.report.compare import FAILED, tag_records
+from arun.report.compare import FAILED
+from arun.report.history import tag_records
 
 
 @dataclass

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from arun.core.ledger import trust_mark, trusted
 from arun.core.ratchet import baseline_record, best_record, scored
-from arun.report.heldout import held_out, heldout_lines
+from arun.report.val_vs_test import held_out, heldout_lines
 from arun_data import held_out as dataset_held_out
 
 STATUS_ORDER = ("keep", "discard", "crash", "timeout", "invalid")

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from rich.table import Table
 
-from arun.core import gitops
 from arun.core.context import experiment_context
 from arun.core.errors import ArunError
 from arun.core.experiment import repo_lock
 from arun.core.timing import default_allowance
 from arun.core.trainfile import constants, rewrite_constants
-from arun.search.probe import Measure, probe
+from arun.search.calibration_probe import Measure, probe
+from engines.atomic import write_atomic
 
 NEEDED = ("DEPTH", "TOTAL_BATCH_SIZE", "DEVICE_BATCH_SIZE")
 TARGET_STEPS = 100      # aimed for, so a baseline still gets 50 when the machine is twice as busy
@@ -208,7 +208,7 @@ def calibrate(repo_dir: Path | str, backend: str, opts: Options, device: str | N
                      cal.chosen.get("COMPILE", c.get("COMPILE"))), default=0.0)
         if other > 0.7 * allowance:
             cal.allowance_hint = float(math.ceil(other * 1.5 / 10) * 10)
-        gitops.write_atomic(ctx.train_path, rewrite_constants(text, cal.chosen).encode())
+        write_atomic(ctx.train_path, rewrite_constants(text, cal.chosen).encode())
     return cal
 
 

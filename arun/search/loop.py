@@ -44,6 +44,7 @@ from arun.search.noise import load_noise, significance_decider
 from arun.search.policy import ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
 from arun.search.sweep import Sweep
+from engines.atomic import write_atomic
 
 DEFAULT_MAX_CRASHES = 3
 
@@ -122,7 +123,7 @@ def revert_all(repo_dir: Path, train_file: str, pre: RepoState, keep_dir: Path |
                     parent.rmdir()
                     parent = parent.parent
     repo.git.reset("-q", "--", train_file)  # unstage, if the agent staged it
-    gitops.write_atomic(repo_dir / train_file, pre.train)
+    write_atomic(repo_dir / train_file, pre.train)
     return sorted(set(offending) | (set(committed) - {train_file}))
 
 

@@ -30,6 +30,7 @@ from arun.core.experiment import run_experiment
 from arun.core.ledger import read_records
 from arun.core.ratchet import NEAR_MISS, best_record
 from arun.search.stats import gate
+from engines.atomic import write_json
 
 
 def noise_path(repo_dir: Path | str, tag: str) -> Path:
@@ -57,12 +58,9 @@ def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
 def save_noise(repo_dir: Path | str, tag: str, entry: dict) -> Path:
     """Adds or replaces this key's entry, atomically (one rename)."""
     path = noise_path(repo_dir, tag)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = _read(path)
     data[entry["key_id"]] = entry
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json(path, data, indent=1, sort_keys=True)
     return path
 
 

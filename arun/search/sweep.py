@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from arun.core.gitops import write_atomic
 from arun.core.trainfile import BEGIN, END, block_span, safe_eval
 from arun.search.proposers import Context, Proposal
+from engines.atomic import write_atomic
 
 SKIP = frozenset({"SEED", "WARMUP_STEPS", "EVAL_BATCH_SIZE", "COMPILE"})
 WINDOW_CHOICES = ("L", "SL", "SSL", "SSSL")

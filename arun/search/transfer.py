@@ -26,6 +26,7 @@ from arun.core.ratchet import baseline_record, best_record, key_records
 from arun.core.trainfile import block_span, constants, rewrite_constants
 from arun.report.board import train_file_at
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context
+from engines.atomic import write_atomic
 
 
 @dataclass
@@ -144,7 +145,7 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
     origin = {"transfer_from": winner.origin}
     if out.applied:
         text = rewrite_constants(ctx.train_path.read_text(), out.applied)
-        gitops.write_atomic(ctx.train_path, text.encode())
+        write_atomic(ctx.train_path, text.encode())
         what = ", ".join(f"{n}={v!r}" for n, v in out.applied.items())
         out.records.append(run_experiment(repo_dir, backend, f"transfer from {winner.origin['tag']}: {what}",
                                           extra={**origin, "transfer_applied": out.applied}, **run))

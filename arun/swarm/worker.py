@@ -22,6 +22,7 @@ from arun.search.loop import make_proposer as loop_proposer
 from arun.swarm.actors import ray_get
 from arun.swarm.procs import kill_processes_in
 from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, temp_path, worktree_path
+from engines.atomic import write_atomic
 
 
 def _who(record: dict, run: str) -> str:
@@ -55,9 +56,7 @@ class SwarmLedger:
         a read-only copy of the main ledger as it stood at adoption (appends go through the sink instead)."""
         path = ledger_path(wt, tag)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".swarm-tmp")
-        tmp.write_text("".join(json.dumps(written(r), default=str) + "\n" for r in self._records), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(json.dumps(written(r), default=str) + "\n" for r in self._records))
         return path
 
     def append(self, record: dict) -> dict:

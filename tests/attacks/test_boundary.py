@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from arun.core import confine
-from arun.core.artifacts import path_for
 from arun.core.experiment import run_experiment
+from arun.core.forward_store import path_for
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
 from helpers_repo import inject, load_module, make_project

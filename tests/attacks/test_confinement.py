@@ -216,7 +216,8 @@ def test_unconfined_runs_work_are_marked_and_can_be_refused(tmp_path: Path, data
 
     from arun.cli import cli
     from arun.core.errors import ArunError
-    from arun.report.compare import compare_tables, log_rows, summarize
+    from arun.report.compare import compare_tables, summarize
+    from arun.report.history import log_rows
     pytest.importorskip("torch")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     repo = tmp_path / "repo"

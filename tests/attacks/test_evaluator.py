@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from arun.core.artifacts import path_for
+from arun.core.forward_store import path_for
 from arun.core.scoring import score_artifact
 from attacks.test_boundary import FROZEN, Project, make
 from helpers_repo import inject, replace_once
@@ -49,7 +49,7 @@ def val_rows(tiny_data: Path) -> np.ndarray:
 
 def scored_batch(tiny_data: Path) -> int:
     """The batch size the evaluator picks for these rows (the attacker can work it out too)."""
-    from engines.artifact import BATCH_LADDER
+    from engines.forward_file import BATCH_LADDER
     return max(b for b in BATCH_LADDER if b <= val_rows(tiny_data).shape[0])
 
 

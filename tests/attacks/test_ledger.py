@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from arun.core import artifacts, chain
+from arun.core import chain, forward_store
 from arun.core.keys import comparability_key, key_id
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import best_record
@@ -152,7 +152,7 @@ def test_a_committed_evaluator_edit_is_refused_and_never_shares_a_key(tmp_path: 
 def _export_bigram(path: Path, vocab: int, seq_len: int, seed: int) -> dict:
     import torch
 
-    from engines.artifact import export_forward
+    from engines.forward_file import export_forward
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)).eval()
@@ -171,7 +171,7 @@ def scored_keep(tmp_path: Path, data_env: Path) -> tuple[Path, dict]:
     meta = _export_bigram(tmp_path / "fwd.pt2", data.manifest["vocab_size"], data.key()["max_seq_len"], 0)
     verdict = score_artifact("cuda", Path(meta["path"]), data.dir, tmp_path / "v.json", device="cpu")
     assert "error" not in verdict, verdict
-    sha, _ = artifacts.store(repo, "cuda", Path(meta["path"]))
+    sha, _ = forward_store.store(repo, "cuda", Path(meta["path"]))
     ctx = experiment_context(repo, "cuda", 2.0, "cpu", data=data)
     rec = Ledger(ctx.ledger_path).append({"status": "keep", "baseline": True, "val_bpb": verdict["val_bpb"],
                                           "key": ctx.key, "key_id": ctx.key_id, "tag": ctx.tag, "backend": "cuda",
@@ -192,7 +192,7 @@ def test_audit_passes_an_honest_ledger_and_fails_a_swapped_artifact(scored_keep,
     from arun.core.context import open_data
     data = open_data()
     other = _export_bigram(tmp_path / "other.pt2", data.manifest["vocab_size"], data.key()["max_seq_len"], 1)
-    stored = artifacts.path_for(repo, "cuda", rec["artifact_sha256"])
+    stored = forward_store.path_for(repo, "cuda", rec["artifact_sha256"])
     stored.write_bytes(Path(other["path"]).read_bytes())
     proc = run_arun(repo, env, "audit", "--tag", rec["tag"], timeout=300)
     assert proc.returncode == 1
@@ -284,7 +284,7 @@ def test_audit_rescores_every_seed_of_a_multi_seed_keep_and_its_mean(tmp_path: P
         meta = _export_bigram(tmp_path / f"fwd{seed}.pt2", data.manifest["vocab_size"], data.key()["max_seq_len"], seed)
         verdict = score_artifact("cuda", Path(meta["path"]), data.dir, tmp_path / f"v{seed}.json", device="cpu")
         assert "error" not in verdict, verdict
-        shas.append(artifacts.store(repo, "cuda", Path(meta["path"]))[0])
+        shas.append(forward_store.store(repo, "cuda", Path(meta["path"]))[0])
         vals.append(verdict["val_bpb"])
     ctx = experiment_context(repo, "cuda", 2.0, "cpu", data=data)
     ledger = Ledger(ctx.ledger_path)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from arun.core import timing
-from arun.core.artifacts import path_for
 from arun.core.experiment import run_experiment
+from arun.core.forward_store import path_for
 from arun.core.ledger import Ledger
 from arun.core.ratchet import best_record
 from helpers_repo import git, inject, make_project, tiny_train_text

@@ -23,7 +23,7 @@ from pathlib import Path
 from arun.core.gitops import sealed_env
 from arun.core.ledger import all_records, trusted
 from arun.core.ratchet import best_record
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 from prepare import sha256_file
 
 KEEP_RECENT = 20  # besides each key's best, the newest kept forwards stay on disk

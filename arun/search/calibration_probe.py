@@ -13,8 +13,9 @@ from pathlib import Path
 
 from arun.core.deadline import Limits
 from arun.core.process import child_env, finite, run_train_file
+from arun.core.steplines import parse_step_line
 from arun.core.trainfile import rewrite_constants
-from engines.artifact import SUFFIX
+from engines.forward_file import SUFFIX
 
 
 @dataclass
@@ -49,7 +50,7 @@ def probe(repo_dir: Path, train_file: str, text: str, overrides: dict, *, backen
         t0 = time.perf_counter()
 
         def on_line(line: str) -> None:
-            if not first and line.startswith("step "):
+            if not first and parse_step_line(line) is not None:
                 first.append(time.perf_counter() - t0)
 
         out = run_train_file(repo_dir, str(script), env, work_dir / "run.log",

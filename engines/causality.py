@@ -36,7 +36,7 @@ good to ~1e-4. Softcapped models stay within +-SOFTCAP (15); the tests' tiny GPT
 Measured on honest models (the tests' tiny GPT from the real train files, 64-token rows, vocab 512,
 batches of 8 over the tiny val rows, CPU), max prefix difference over all rows:
 
-    ARUN_DATA_DIR=<the tiny profile: arun prepare --dataset pystdlib --profile tiny> python -m engines.probe
+    ARUN_DATA_DIR=<the tiny profile: arun prepare --dataset pystdlib --profile tiny> python -m engines.causality
     torch fp32 0  | torch bf16 0  | mlx fp32 0  | mlx bf16 0      (max|logit| ~ 1.7-1.8)
 
 An exported program recomputes a row with the same kernels at the same shapes, so an honest

@@ -1,11 +1,6 @@
-"""End-of-run summary in upstream's format, plus the machine-readable result JSON."""
+"""End-of-run summary in upstream's format."""
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
-from pathlib import Path
 
 SUMMARY_FIELDS = [
     ("val_bpb", "{:.6f}"),
@@ -42,18 +37,3 @@ def summary_value(name: str, fmt: str, value: object) -> str:
     if name.endswith("_M") and isinstance(value, (int, float)) and abs(value) < 1:
         fmt = "{:.3f}"
     return fmt.format(value)
-
-
-def atomic_write_json(path: Path | str, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=float)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -63,7 +63,7 @@ def read_artifact(path: Path) -> bytes:
             raise ArtifactError(f"{path}: the artifact is not a regular file; export it with export_forward")
         if st.st_size > MAX_ARTIFACT_BYTES:
             raise ArtifactError(f"{path}: the artifact has {st.st_size} bytes, more than the limit "
-                                f"{MAX_ARTIFACT_BYTES} (engines.artifact.MAX_ARTIFACT_BYTES)")
+                                f"{MAX_ARTIFACT_BYTES} (engines.forward_file.MAX_ARTIFACT_BYTES)")
         data = f.read(MAX_ARTIFACT_BYTES + 1)
     if len(data) > MAX_ARTIFACT_BYTES:
         raise ArtifactError(f"{path}: the artifact grew past {MAX_ARTIFACT_BYTES} bytes while it was read")
