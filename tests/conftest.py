@@ -63,7 +63,7 @@ TIERS = ("unit", "e2e", "faults", "swarm", "browser")
 TIER_OF_FILE = {
     "test_stats.py": "unit", "test_download.py": "unit", "test_sweep.py": "unit", "test_prepare_hub.py": "unit",
     "test_conformance.py": "unit", "test_probe.py": "unit", "test_forward_rules.py": "unit",
-    "test_imports.py": "unit", "test_chain.py": "unit",
+    "test_imports.py": "unit", "test_chain.py": "unit", "test_atomic.py": "unit", "test_steplines.py": "unit",
     "test_faults.py": "faults",
     "test_swarm.py": "swarm", "test_swarm_cluster.py": "swarm",
     "test_artifact.py": "e2e", "test_calibrate.py": "e2e", "test_compare.py": "e2e", "test_cuda.py": "e2e",

@@ -14,7 +14,7 @@ import arun.cli
 from arun.cli import cli
 from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, ledger_path
-from arun.report.compare import compare, config_changes, find_record, log_rows, summarize
+from arun.report.compare import compare, config_changes, summarize
 from arun.report.export import HEADER, tsv_rows
 from arun.report.history import find_record, log_rows
 from arun.report.plot import plot_records, plot_tags

@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from arun.core.deadline import Limits
 from arun.core.process import child_env, output_lines, run_train_file
 from arun.core.steplines import FORMAT_DOC, StepLine, parse_step_line, split_lines
@@ -87,6 +89,7 @@ time.sleep(600)                        # hangs after its first step line
 '''
 
 
+@pytest.mark.e2e
 def test_an_upstream_style_step_line_starts_the_clock_at_once(data_env: Path, tmp_path: Path) -> None:
     # Hung after its first \r step line: killed by the clock that starts there (1 s), not at the
     # first-step cap (60 s here, 30 minutes by default), which is what a run with no step line gets.
@@ -120,6 +123,7 @@ def cli_run(tmp_path: Path, data: Path, log_code: str) -> tuple[object, dict, st
     return p, ledger_records(repo)[-1], (repo / "run.log").read_text()
 
 
+@pytest.mark.e2e
 def test_a_train_file_logging_as_upstream_gets_its_loss_trajectory(data_env: Path, tmp_path: Path) -> None:
     p, rec, log = cli_run(tmp_path, data_env, UPSTREAM_LOG)
     assert rec["status"] == "keep" and "step_line_note" not in rec
@@ -129,6 +133,7 @@ def test_a_train_file_logging_as_upstream_gets_its_loss_trajectory(data_env: Pat
     assert "no step line" not in p.stdout
 
 
+@pytest.mark.e2e
 def test_a_run_that_prints_no_step_line_is_told_so_in_one_line(data_env: Path, tmp_path: Path) -> None:
     p, rec, log = cli_run(tmp_path, data_env, "def log(*args, **kwargs):\n    pass\n")
     assert rec["status"] == "keep" and rec["loss_trajectory"] in ([], [None] * len(rec["loss_trajectory"]))
