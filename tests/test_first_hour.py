@@ -164,3 +164,39 @@ def test_another_branch_or_clone_never_receives_a_branchs_records(project: tuple
     crash_edit(repo)
     p = run(repo, env, "-m", "in a new clone")
     assert "put back" not in p.stdout and len(ledger_records(repo)) == 1, p.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------- arun transfer --from TAG
+
+GOOD = ["MATRIX_LR=0.04", "EMBEDDING_LR=0.6", "UNEMBEDDING_LR=0.004", "SCALAR_LR=0.5"]
+
+
+def test_transfer_from_a_tag_takes_this_machines_own_winner_over_a_shipped_reference(
+        tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
+    """A clone ships reference ledgers under bench/; on the same hardware they share the user's tag. The
+    reference (another machine's key) wins only while this machine has no record of that tag."""
+    repo = tmp_path / "repo"
+    make_project(repo, overrides={k: float(v) for k, v in (s.split("=") for s in SLOW)})
+    ref_env = arun_env(tiny_data, tiny_cache, ARUN_HOME=str(tmp_path / "reference-machine"))
+    assert run(repo, ref_env, "-m", "baseline").returncode == 0
+    assert run_arun(repo, ref_env, "set", "--backend", "cuda", *GOOD).returncode == 0
+    assert "arun: KEEP" in run(repo, ref_env, "-m", "learning rates restored").stdout
+    ref_branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    git(repo, "checkout", "-q", "-f", "main")
+    git(repo, "checkout", ref_branch, "--", "bench")
+    git(repo, "commit", "-qm", "ship the reference ledger")
+    tag = ledger_tag(repo)
+
+    from arun.search.transfer import find_winner
+    shipped = find_winner(repo, tag)
+    assert shipped.record["status"] == "keep" and "other machines' records" in shipped.source
+
+    env = arun_env(tiny_data, tiny_cache)
+    assert run_arun(repo, env, "start", "mine").returncode == 0
+    assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
+    before = ledger_records(repo)
+    p = run_arun(repo, env, "transfer", "--backend", "cuda", "--device", "cpu", "--from", tag, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"the winner comes from this machine's own records in bench/{tag}/ledger.jsonl (1 of its 3" in p.stdout
+    assert before[-1]["id"] in p.stdout and shipped.record["id"] not in p.stdout
+    assert "nothing to run here" in p.stdout and ledger_records(repo) == before
