@@ -200,3 +200,27 @@ def test_transfer_from_a_tag_takes_this_machines_own_winner_over_a_shipped_refer
     assert f"the winner comes from this machine's own records in bench/{tag}/ledger.jsonl (1 of its 3" in p.stdout
     assert before[-1]["id"] in p.stdout and shipped.record["id"] not in p.stdout
     assert "nothing to run here" in p.stdout and ledger_records(repo) == before
+
+
+def test_any_append_puts_back_what_a_reset_erased_first(tmp_path: Path) -> None:
+    """Records appended outside an experiment (the loop's invalid turns) repair the ledger too: the
+    erased line goes back verbatim before the new one, and the chain holds."""
+    from helpers_repo import empty_repo
+    repo = empty_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    ledger = Ledger(path)
+    first = ledger.append({"branch": "autoresearch/x", "commit": head, "status": "crash"})
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "record 1")
+    erased = ledger.append({"branch": "autoresearch/x", "commit": head, "status": "discard"})
+    git(repo, "commit", "-qam", "record 2")
+    git(repo, "reset", "--hard", "HEAD~1")
+    assert [r["id"] for r in ledger.records()] == [first["id"]]
+    other = Ledger(path).append({"branch": "autoresearch/y", "commit": head, "status": "invalid"})
+    assert [r["id"] for r in ledger.records()] == [first["id"], other["id"]]   # another branch's: not its
+    git(repo, "checkout", "-q", "--", "bench")
+    last = Ledger(path).append({"branch": "autoresearch/x", "commit": head, "status": "invalid"})
+    recs = ledger.records()
+    assert [r["id"] for r in recs] == [first["id"], erased["id"], last["id"]]
+    assert all(r["_trust"] == "ok" for r in recs)
