@@ -85,8 +85,9 @@ DEV_HIDDEN = ["/dev/shm", "/dev/mqueue"]
 # Caches the frameworks would otherwise write in the home folder or /tmp, relative to the temp folder.
 FRAMEWORK_ENV = {"TMPDIR": "", "TMP": "", "TEMP": "", "TORCHINDUCTOR_CACHE_DIR": "torchinductor",
                  "TRITON_CACHE_DIR": "triton", "CUDA_CACHE_PATH": "nv"}
-# Top-level entries of the repo a train file never reads: ledgers, run folders, history.
-REPO_HIDDEN = {".git", "bench", ".arun", "run.log"}
+# Top-level entries of the repo a train file never reads: ledgers, run folders, history, and the
+# untracked results.tsv upstream's agents keep (tolerated beside a run: arun.core.gitops.UPSTREAM_LEFTOVERS).
+REPO_HIDDEN = {".git", "bench", ".arun", "run.log", "results.tsv"}
 # Files of a prepared data folder a train file needs; everything else (val and test rows) stays out.
 DATA_READABLE = ("tokenizer.pkl", "token_bytes.npy", "manifest.json", "train_*")
 

@@ -70,7 +70,7 @@ TIER_OF_FILE = {
     "test_early.py": "e2e", "test_gpu_check.py": "e2e", "test_harness.py": "e2e", "test_heldout.py": "e2e",
     "test_integrity.py": "e2e", "test_ledger.py": "e2e", "test_loop.py": "e2e", "test_mlx.py": "e2e",
     "test_prepare.py": "e2e", "test_report.py": "e2e", "test_retention.py": "e2e", "test_rough_edges.py": "e2e",
-    "test_sandbox.py": "e2e", "test_score.py": "e2e",
+    "test_sandbox.py": "e2e", "test_score.py": "e2e", "test_first_hour.py": "e2e",
     "attacks/test_artifact_ops.py": "e2e", "attacks/test_boundary.py": "e2e", "attacks/test_carry.py": "e2e",
     "attacks/test_confinement.py": "e2e", "attacks/test_evaluator.py": "e2e", "attacks/test_jail.py": "e2e",
     "attacks/test_ledger.py": "e2e", "attacks/test_time.py": "e2e",

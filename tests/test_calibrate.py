@@ -154,3 +154,33 @@ def test_warm_up_is_lowered_only_when_it_does_not_fit() -> None:
     assert warmup_steps({"WARMUP_STEPS": 20}, m, 60.0) == 11
     assert warmup_steps({"WARMUP_STEPS": 10}, Measure({}, step_seconds=2.0, other_seconds=40.0), 60.0) == 1
     assert warmup_steps({"WARMUP_STEPS": 3}, m, 60.0) is None
+
+
+# --------------------------------------------------------------------------- compiling, decided first
+
+@pytest.mark.unit
+def test_compile_is_decided_before_anything_compiles() -> None:
+    from arun.search.calibrate import compile_choice
+    off, why = compile_choice(True, "mlx", "cpu")
+    assert off == {"COMPILE": False} and why and why.startswith("COMPILE=False")
+    assert compile_choice(True, "mlx", "gpu") == ({}, None)          # Metal: compiling pays
+    assert compile_choice(True, "cuda", "cpu") == ({}, None)         # train_cuda.py is eager on a CPU anyway
+    assert compile_choice(True, "cuda", "gpu") == ({}, None)
+    assert compile_choice(False, "mlx", "cpu") == ({}, None)         # nothing to switch off
+    assert compile_choice(None, "mlx", "cpu") == ({}, None)          # a file without the constant is left alone
+
+
+def test_calibrate_with_mlx_on_a_cpu_never_compiles(data_env: Path, tmp_path: Path) -> None:
+    """The file says COMPILE=True: on a CPU every probe already runs with COMPILE=False (no minutes of
+    kernel compiling first), and the written file says so with the reason."""
+    repo = tmp_path / "repo"
+    make_project(repo, "train_mlx.py", overrides={"DEPTH": 1, "TOTAL_BATCH_SIZE": 512, "DEVICE_BATCH_SIZE": 8,
+                                                  "COMPILE": True})
+    env = arun_env(data_env, data_env.parent)
+    p = cli(repo, env, "calibrate", "--backend", "mlx", "--budget", "30", "--probe-seconds", "1",
+            "--max-depth", "1", "--max-rows", "8", "--max-probes", "1")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    probes = [line for line in p.stdout.splitlines() if "arun calibrate: probe" in line]
+    assert probes and all("COMPILE=False" in line for line in probes), p.stdout[-2000:]
+    assert "decided before the first probe" in p.stdout
+    assert constants((repo / "train_mlx.py").read_text())["COMPILE"] is False

@@ -276,6 +276,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     branch, created = gitops.ensure_run_branch(repo_dir)
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
+    restore_erased(ctx, branch, log)
     records = Ledger(ctx.ledger_path).records()
     best = best_record(records, ctx.key_id, stored=forward_store.stored_check(repo_dir))  # unverified keeps never are
     head = gitops.head_sha(repo_dir)
@@ -304,6 +305,22 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     base_seed = config["SEED"] if isinstance(config.get("SEED"), int) else 42
     seed_list: list[int | None] = [None] if seeds <= 1 else [base_seed + i for i in range(seeds)]
     return Attempt(ctx, record, records, best, base_commit, pre_run, run_dir, log_path, log_is_stdout, seed_list)
+
+
+def restore_erased(ctx: ExperimentContext, branch: str, log: Callable[[str], None]) -> None:
+    """Records of this branch that a `git reset` cut from the ledger go back and are committed again
+    (arun.core.journal): the ledger is append-only, whatever git is told."""
+    restored = Ledger(ctx.ledger_path).restore(branch)
+    if not restored:
+        return
+    ids = ", ".join(str(r.get("id")) for r in restored)
+    log(f"arun: put back {len(restored)} record(s) a git reset had erased from {ctx.ledger_path.relative_to(ctx.repo_dir)} "
+        f"({ids}); records are never undone, start a new run branch to start afresh (arun start NAME)")
+    rel = str(ctx.ledger_path.relative_to(ctx.repo_dir))
+    try:
+        gitops.commit_keep(ctx.repo_dir, [rel], f"arun: restore {len(restored)} record(s) erased by a git reset")
+    except ArunError as e:
+        log(f"arun: the restored records are written but not committed ({e}); commit {rel} with git when that is fixed")
 
 
 def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stopper | None = None,

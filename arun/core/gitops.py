@@ -18,6 +18,11 @@ from engines.atomic import TMP_SUFFIX, write_atomic
 
 IGNORED_PREFIXES = ("bench/", ".arun/")
 IGNORED_FILES = ("run.log",)
+# What upstream's program.md leaves in the tree: its agent logs each experiment to an untracked
+# results.tsv at the root. Tolerated only as that: untracked, at the root, a plain file (not a link or
+# a folder). No train process reads it (engines.sandbox.REPO_HIDDEN) and nothing of arun's does either;
+# tracked, staged or committed it counts like any other file.
+UPSTREAM_LEFTOVERS = ("results.tsv",)
 KEEP_AUTHOR = git.Actor("arun", "arun@localhost")
 
 # Every git the harness runs is sealed from configuration it does not need: a loop agent may write
@@ -84,22 +89,37 @@ def _ignored(path: str, train_file: str) -> bool:
             or path.endswith(TMP_SUFFIX))
 
 
+def _status(repo_dir: Path | str) -> list[tuple[str, str]]:
+    """(XY code, path) of every entry `git status` reports; "??" marks an untracked file."""
+    out = open_repo(repo_dir).git.status("--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
+    return [(entry[:2], entry[3:]) for entry in out.split("\0") if len(entry) > 3]
+
+
 def changed_paths(repo_dir: Path | str) -> list[str]:
     """Every path that differs from HEAD (staged, unstaged, deleted, renamed) or is new and not
     ignored. `git status` refreshes stat info, so a touched but unchanged file is not a change."""
-    repo = open_repo(repo_dir)
-    out = repo.git.status("--porcelain=v1", "-z", "--untracked-files=all", "--no-renames")
-    return [entry[3:] for entry in out.split("\0") if len(entry) > 3]
+    return [path for _, path in _status(repo_dir)]
+
+
+def _leftover(repo_dir: Path | str, path: str) -> bool:
+    """An untracked file upstream's protocol leaves (UPSTREAM_LEFTOVERS), as a plain file at the root."""
+    full = Path(repo_dir) / path
+    return path in UPSTREAM_LEFTOVERS and not full.is_symlink() and full.is_file()
 
 
 def offending_files(repo_dir: Path | str, train_file: str, base: str | None = None) -> list[str]:
     """Everything but the train file that differs from `base` (default HEAD): committed since base, staged
-    or not, and new files (bench/, .arun/ and run.log are the harness's own and never count)."""
-    paths = set(changed_paths(repo_dir))
+    or not, and new files (bench/, .arun/ and run.log are the harness's own and never count, nor is an
+    untracked results.tsv left by upstream's protocol: UPSTREAM_LEFTOVERS)."""
+    entries = _status(repo_dir)
+    paths = {path for _, path in entries}
+    tracked = {path for code, path in entries if code != "??"}  # (a path can be both: git rm --cached)
     if base is not None:
         out = open_repo(repo_dir).git.diff("--name-only", "-z", "--no-renames", base, "--")
-        paths |= {p for p in out.split("\0") if p}
-    return sorted(p for p in paths if not _ignored(p, train_file))
+        tracked |= {p for p in out.split("\0") if p}
+        paths |= tracked
+    return sorted(p for p in paths if not _ignored(p, train_file)
+                  and (p in tracked or not _leftover(repo_dir, p)))
 
 
 def run_pin(repo_dir: Path | str) -> dict | None:

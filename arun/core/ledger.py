@@ -26,10 +26,12 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from arun.core import chain, trust
+from arun.core import chain, journal, trust
 from arun.core.errors import ArunError
 
 TRUST = "_trust"     # the in-memory trust mark; a key that starts with "_" is never written
@@ -225,12 +227,9 @@ class Ledger:
             fresh = new_id()
         return dict(record, id=fresh, sent_id=record["id"])
 
-    def append(self, record: dict) -> dict:
-        """Seals the record against the file's last line and appends it; returns the sealed record."""
-        record = written(record)
-        record.setdefault("id", new_id())
-        record.setdefault("time", now_iso())
-        trust.signing_key()  # made (or read) before the lock: the first append makes it
+    @contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The ledger file, opened for appending (made if missing) and held under its exclusive lock."""
         refuse_links(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:  # O_NOFOLLOW: a link planted between the check and the open is refused too
@@ -242,16 +241,59 @@ class Ledger:
                             f"replace it with a real file") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            yield fd
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _write(self, fd: int, line: bytes) -> None:
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+
+    def _restore(self, fd: int, branch: str) -> list[dict]:
+        """Puts back, verbatim, the lines a git reset cut from this ledger (arun.core.journal)."""
+        from arun.core.gitops import commit_exists  # (late: gitops loads gitpython)
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
+        ids = {str(r.get("id")) for r in parse_lines(text, str(self.path))}
+        lines = journal.erased(self.path, self._prev(fd), ids, branch,
+                               lambda sha: commit_exists(repo_of(self.path), sha))
+        for line in lines:
+            self._write(fd, line)
+        if lines:
+            os.fsync(fd)
+        return [json.loads(line) for line in lines]
+
+    def restore(self, branch: str) -> list[dict]:
+        """The records of `branch` a git reset erased from this ledger, appended again as they were."""
+        if not journal.path_for(self.path).exists():
+            return []
+        existed = self.path.exists()
+        with self._locked() as fd:
+            self._repair(fd)
+            restored = self._restore(fd, branch)
+        if not restored and not existed:
+            self.path.unlink(missing_ok=True)  # (opening it made an empty one)
+        return restored
+
+    def append(self, record: dict) -> dict:
+        """Seals the record against the file's last line and appends it; returns the sealed record.
+        Records of its branch that a git reset erased go back first (arun.core.journal)."""
+        record = written(record)
+        record.setdefault("id", new_id())
+        record.setdefault("time", now_iso())
+        trust.signing_key()  # made (or read) before the lock: the first append makes it
+        with self._locked() as fd:
             size = None
             try:
                 self._repair(fd)  # inside the try: a full disk can stop the repair too
+                if isinstance(record.get("branch"), str):
+                    self._restore(fd, record["branch"])
                 size = os.fstat(fd).st_size
                 record = self._fresh_id(fd, record)
                 record = chain.seal(record, self._prev(fd))
                 line = (json.dumps(record) + "\n").encode()
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(fd, view):]
+                self._write(fd, line)
                 os.fsync(fd)
             except OSError as e:
                 if size is not None:
@@ -259,9 +301,7 @@ class Ledger:
                 why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
                        errno.EFBIG: "file size limit reached, see ulimit -f"}.get(e.errno or 0) or e.strerror or str(e)
                 raise ArunError(f"could not write {self.path} ({why}); free space and rerun, the ledger is unchanged") from e
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            journal.note(self.path, line)
         return record
 
 

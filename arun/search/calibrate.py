@@ -1,8 +1,8 @@
 """
 `arun calibrate`: sizes the train file's model and batch for this machine.
 
-    probe 1: a small model, compilation as the file has it -> seconds per step, the one-time
-             compilation, memory per row (where the engine reports it)
+    probe 1: a small model, compilation as the file has it (off for MLX on a CPU: compile_choice)
+             -> seconds per step, the one-time compilation, memory per row (where the engine reports it)
     -> predict along a ladder (one more layer, twice the rows, in turn) the largest size whose step
        gives the baseline about TARGET_STEPS steps in the budget, micro-batched to fit memory
     probe 2 (and 3 if it misses): that size, measured -> the constants block
@@ -55,6 +55,18 @@ class Calibration:
     compile_seconds: float = float("nan")
     allowance_hint: float | None = None   # --allowance to suggest, when compilation is near the default
     device: str | None = None             # the torch device it was sized on: the next command needs it too
+
+
+def compile_choice(declared: object, backend: str, kind: str) -> tuple[dict, str | None]:
+    """Whether the probes compile, decided before anything compiles: ({"COMPILE": False} or {}, why).
+    MLX on a CPU builds its kernels with the system C++ compiler, minutes of a loaded machine (189 s
+    seen) that a short budget never earns back, so there it is off from the first probe. torch's file
+    already runs eager on a CPU, and on an accelerator compiling pays: left as declared (the first probe
+    still switches it off when it costs more than half the allowance)."""
+    if declared is True and backend == "mlx" and kind == "cpu":
+        return {"COMPILE": False}, ("COMPILE=False: MLX on a CPU compiles its kernels with the C++ compiler, "
+                                    "minutes that a short budget does not earn back (decided before the first probe)")
+    return {}, None
 
 
 def width(c: dict, depth: int) -> int | None:
@@ -170,11 +182,12 @@ def calibrate(repo_dir: Path | str, backend: str, opts: Options, device: str | N
                                 f"{m.error}; the train file must run as it is before it can be sized")
             return m
 
-        first = run(*rungs[0], {})
+        extra, why = compile_choice(c.get("COMPILE"), backend, getattr(ctx.hardware_info, "kind", ""))
+        cal.reasons.extend([why] if why else [])
+        first = run(*rungs[0], extra)
         cal.compile_seconds = first.compile_seconds
-        extra: dict = {}
         allowance = default_allowance(opts.budget)
-        if c.get("COMPILE") is True and first.compile_seconds > 0.5 * allowance:
+        if not extra and c.get("COMPILE") is True and first.compile_seconds > 0.5 * allowance:
             extra = {"COMPILE": False}
             cal.reasons.append(f"COMPILE=False: compiling took {first.compile_seconds:.0f}s, more than half the "
                                f"{allowance:g}s a run may spend besides training (--allowance)")

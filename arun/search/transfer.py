@@ -36,6 +36,7 @@ class Winner:
     baseline: dict
     constants: dict                                   # NAME -> the winner's value, where it differs
     code_diff: str = ""                               # its train file's changes outside the constants
+    source: str = ""                                  # whose records it was chosen from, in words
 
     @property
     def origin(self) -> dict:
@@ -57,18 +58,39 @@ def believable(records: list[dict]) -> list[dict]:
             if trust_mark(r) in ("", "foreign")]
 
 
+def own(record: dict) -> bool:
+    """Whether this machine wrote a believable record (signed with its key, or its legacy HMAC seal)."""
+    return record.get("_source_trust") == "verified" and str(record.get(SIGNER, "")).startswith("this machine")
+
+
+def records_of_tag(records: list[dict], tag: str) -> tuple[list[dict], str]:
+    """The records of `tag` a winner is chosen from, and whose they are: this machine's own when it has
+    any (a clone ships reference ledgers under bench/, and a user on the same hardware shares their tag:
+    theirs must win), else every believable one."""
+    of_tag = [r for r in records if r.get("tag") == tag]
+    mine = [r for r in of_tag if own(r)]
+    where = f"bench/{tag}/ledger.jsonl"
+    if mine:
+        return mine, (f"this machine's own records in {where} ({len(mine)} of its {len(of_tag)}"
+                      + ("; the rest are other machines', e.g. a reference shipped with the project)" if len(mine) < len(of_tag) else ")"))
+    signers = sorted({str(r.get(SIGNER) or "unsigned") for r in of_tag})
+    return of_tag, f"other machines' records in {where} (signed by {', '.join(signers)}; none are this machine's)"
+
+
 def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[str] = ()) -> Winner:
-    """The best keep of tag `source` (its most-run key), or the keep whose commit starts with `source`."""
+    """The best keep of tag `source` (its most-run key; this machine's own records when it has some:
+    records_of_tag), or the keep whose commit starts with `source`."""
     records = believable(all_records(repo_dir, refs))
-    of_tag = [r for r in records if r.get("tag") == source]
+    of_tag, whose = records_of_tag(records, source)
     if of_tag:
+        records = of_tag  # (its baseline too: the changes are measured within the same machine's records)
         counts: dict[str, int] = {}
         for r in of_tag:
             counts[r.get("key_id")] = counts.get(r.get("key_id"), 0) + 1
         kid = max(counts, key=counts.get)
         best = best_record(of_tag, kid)
         if best is None:
-            raise ArunError(f"tag {source!r} has no scored keep yet; nothing to transfer")
+            raise ArunError(f"tag {source!r} has no scored keep yet in {whose}; nothing to transfer")
     else:
         hits = [r for r in records if r.get("status") == "keep" and len(source) >= 7
                 and str(r.get("commit") or "").startswith(source)]
@@ -77,12 +99,13 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
             raise ArunError(f"{source!r} is neither a hardware tag with records nor the commit of a keep "
                             f"(7+ hex digits); tags here: {tags}")
         best, kid = hits[-1], hits[-1].get("key_id")
+        whose = f"the keep at commit {source}"
     base = baseline_record(key_records(records, kid), kid)
     if base is None:
         raise ArunError(f"key {kid} of {best.get('tag')} has no baseline record; its changes cannot be told apart")
     before, after = base.get("config") or {}, best.get("config") or {}
     changed = {n: after[n] for n in after if before.get(n, object()) != after[n]}
-    return Winner(best, base, changed, code_diff(repo_dir, base, best))
+    return Winner(best, base, changed, code_diff(repo_dir, base, best), whose)
 
 
 def _outside_block(text: str) -> list[str]:
@@ -130,6 +153,7 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
             out.applied[name] = _value(value)
     if winner.code_diff.strip() and agent is None:
         out.not_transferred.append("code change outside the constants (pass --agent to port it):\n" + winner.code_diff)
+    log(f"arun transfer: the winner comes from {winner.source}")
     log(f"arun transfer: {winner.origin['tag']} id {winner.origin['id']} at {str(winner.origin['commit'])[:10]} "
         f"changed {', '.join(f'{n}={v!r}' for n, v in winner.constants.items()) or 'no constants'}")
     signer = winner.record.get(SIGNER) or "an unsigned line"

@@ -1,0 +1,226 @@
+"""The first hour of an agent that follows upstream autoresearch's program.md unchanged, through the real
+`arun` CLI on a tiny model: it keeps an untracked results.tsv (which must not block a run) and runs
+`git reset --hard` after a discard (which must not erase arun's record of it). Next to each tolerance,
+the attacks that would hide a forbidden change behind it: each is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from arun.core.ledger import Ledger
+from engines import sandbox
+from helpers_repo import arun_env, git, inject, ledger_records, make_project, run_arun
+
+HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+SLOW = ["MATRIX_LR=0.0004", "EMBEDDING_LR=0.006", "UNEMBEDDING_LR=0.00004", "SCALAR_LR=0.005"]
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    make_project(repo)
+    return repo, arun_env(tiny_data, tiny_cache)
+
+
+def run(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return run_arun(repo, env, "--budget", "1.5", *args, timeout=300)
+
+
+def crash_edit(repo: Path) -> None:
+    """An edit that fails at once: a cheap experiment, recorded and committed like any other."""
+    path = repo / "train_cuda.py"
+    path.write_text(inject(path.read_text(), "# --- hyperparameters ---", "raise SystemExit('first-hour probe')\n",
+                           before=True))
+
+
+def committed_ids(repo: Path) -> list[str]:
+    text = git(repo, "show", "HEAD:bench/" + ledger_tag(repo) + "/ledger.jsonl")
+    return [json.loads(line)["id"] for line in text.splitlines() if line.strip()]
+
+
+def ledger_tag(repo: Path) -> str:
+    return next((repo / "bench").glob("*/ledger.jsonl")).parent.name
+
+
+# --------------------------------------------------------------------------- results.tsv
+
+def test_an_untracked_results_tsv_does_not_block_a_run(project: tuple[Path, dict]) -> None:
+    repo, env = project
+    (repo / "results.tsv").write_text(HEADER)
+    p = run(repo, env, "-m", "baseline")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "arun: BASELINE" in p.stdout
+    assert (repo / "results.tsv").read_text() == HEADER                      # left as the agent wrote it
+    assert "results.tsv" not in git(repo, "ls-files")                         # and never committed
+    assert [r["status"] for r in ledger_records(repo)] == ["keep"]
+
+
+@pytest.mark.parametrize("attack", ["fixed file edited", "committed", "staged", "symlink", "folder",
+                                    "not at the root", "look-alike name", "second train file"])
+def test_results_tsv_hides_no_other_change(project: tuple[Path, dict], attack: str) -> None:
+    """An agent paid to fake a win, using the tolerated name as cover: every variant is still refused."""
+    repo, env = project
+    assert run_arun(repo, env, "start", "cover").returncode == 0             # a pinned run branch
+    (repo / "results.tsv").write_text(HEADER)
+    named = "results.tsv"
+    if attack == "fixed file edited":
+        (repo / "prepare.py").write_text((repo / "prepare.py").read_text() + "\nVAL_TOKENS = 1\n")
+        named = "prepare.py"
+    elif attack == "committed":
+        git(repo, "add", "results.tsv")
+        git(repo, "commit", "-qm", "log")
+    elif attack == "staged":
+        git(repo, "add", "results.tsv")
+    elif attack == "symlink":
+        (repo / "results.tsv").unlink()
+        (repo / "results.tsv").symlink_to(repo / "prepare.py")
+    elif attack == "folder":
+        (repo / "results.tsv").unlink()
+        (repo / "results.tsv").mkdir()
+        (repo / "results.tsv" / "helper.py").write_text("X = 1\n")
+    elif attack == "not at the root":
+        (repo / "engines" / "results.tsv").write_text(HEADER)
+        named = "engines/results.tsv"
+    elif attack == "look-alike name":
+        (repo / "results.tsv.py").write_text("X = 1\n")
+        named = "results.tsv.py"
+    elif attack == "second train file":
+        (repo / "train_helper.py").write_text("X = 1\n")
+        named = "train_helper.py"
+    p = run(repo, env, "-m", "cover")
+    assert p.returncode != 0
+    assert "only train_cuda.py may differ" in p.stderr and named in p.stderr, p.stderr[-2000:]
+    assert not list((repo / "bench").glob("*/ledger.jsonl"))                  # nothing ran, nothing recorded
+
+
+@pytest.mark.skipif(sandbox.landlock_abi() < 4, reason="needs Landlock ABI >= 4 (Linux >= 6.7)")
+def test_a_confined_train_file_cannot_read_results_tsv(project: tuple[Path, dict]) -> None:
+    """The tolerated file is no side channel: a train file that reads it (weights an agent stored there,
+    say) is stopped by the OS, and the attempt is recorded as a crash with nothing kept."""
+    repo, env = project
+    (repo / "results.tsv").write_text(HEADER + "weights\t0.1 0.2 0.3\n")
+    path = repo / "train_cuda.py"
+    path.write_text(inject(path.read_text(), "# --- hyperparameters ---",
+                           "STORED = open(__import__('pathlib').Path(__file__).resolve().parent / 'results.tsv').read()\n",
+                           before=True))
+    p = run(repo, env, "-m", "read results.tsv")
+    assert "arun: confined" in p.stdout, p.stdout[-1000:]
+    assert "arun: CRASH: PermissionError" in p.stdout and "results.tsv" in p.stdout
+    assert [r["status"] for r in ledger_records(repo)] == ["crash"]
+
+
+# --------------------------------------------------------------------------- git reset
+
+def test_a_git_reset_after_a_discard_never_erases_its_record(project: tuple[Path, dict]) -> None:
+    """Upstream's agent resets after every discard; arun puts the record back (sealed as it was) and
+    commits it again at the next run, however far back the branch was reset."""
+    repo, env = project
+    assert run(repo, env, "-m", "baseline").returncode == 0
+    assert run_arun(repo, env, "set", "--backend", "cuda", *SLOW).returncode == 0
+    p = run(repo, env, "-m", "learning rates 100x smaller")
+    assert "arun: DISCARD" in p.stdout, p.stdout[-2000:]
+    base, discard = [r["id"] for r in ledger_records(repo)]
+
+    git(repo, "reset", "--hard", "HEAD~1")                                    # upstream: "git reset back"
+    assert [r["id"] for r in ledger_records(repo)] == [base]                 # the discard's line is gone
+    crash_edit(repo)
+    p = run(repo, env, "-m", "after a reset")
+    assert "put back 1 record(s) a git reset had erased" in p.stdout and discard in p.stdout, p.stdout[-2000:]
+    ids = [r["id"] for r in ledger_records(repo)]
+    assert ids[:2] == [base, discard] and len(ids) == 3
+    assert committed_ids(repo) == ids                                         # committed again, tree clean
+    assert all(r["_trust"] == "ok" for r in Ledger(next((repo / "bench").glob("*/ledger.jsonl"))).records())
+
+    git(repo, "reset", "--hard", "main")                                      # before any record at all
+    assert not list((repo / "bench").glob("*/ledger.jsonl"))
+    crash_edit(repo)
+    p = run(repo, env, "-m", "after a reset to main")
+    assert "put back 3 record(s)" in p.stdout, p.stdout[-2000:]
+    assert [r["id"] for r in ledger_records(repo)][:3] == ids
+    assert committed_ids(repo)[:3] == ids
+
+
+def test_another_branch_or_clone_never_receives_a_branchs_records(project: tuple[Path, dict],
+                                                                    tiny_data: Path, tiny_cache: Path) -> None:
+    """No false positive: the journal only repairs the branch and the clone it came from."""
+    repo, env = project
+    crash_edit(repo)
+    assert "arun: CRASH" in run(repo, env, "-m", "on the first branch").stdout
+    first = [r["id"] for r in ledger_records(repo)]
+    git(repo, "checkout", "-q", "-f", "main")
+    assert run_arun(repo, env, "start", "second").returncode == 0             # from main: an empty ledger
+    crash_edit(repo)
+    assert "arun: CRASH" in run(repo, env, "-m", "on the second branch").stdout
+    assert [r["id"] for r in ledger_records(repo)] != first and len(ledger_records(repo)) == 1
+
+    shutil.rmtree(repo)                                                       # a fresh clone at the same path
+    make_project(repo)
+    assert run_arun(repo, env, "start", "second").returncode == 0
+    crash_edit(repo)
+    p = run(repo, env, "-m", "in a new clone")
+    assert "put back" not in p.stdout and len(ledger_records(repo)) == 1, p.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------- arun transfer --from TAG
+
+GOOD = ["MATRIX_LR=0.04", "EMBEDDING_LR=0.6", "UNEMBEDDING_LR=0.004", "SCALAR_LR=0.5"]
+
+
+def test_transfer_from_a_tag_takes_this_machines_own_winner_over_a_shipped_reference(
+        tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> None:
+    """A clone ships reference ledgers under bench/; on the same hardware they share the user's tag. The
+    reference (another machine's key) wins only while this machine has no record of that tag."""
+    repo = tmp_path / "repo"
+    make_project(repo, overrides={k: float(v) for k, v in (s.split("=") for s in SLOW)})
+    ref_env = arun_env(tiny_data, tiny_cache, ARUN_HOME=str(tmp_path / "reference-machine"))
+    assert run(repo, ref_env, "-m", "baseline").returncode == 0
+    assert run_arun(repo, ref_env, "set", "--backend", "cuda", *GOOD).returncode == 0
+    assert "arun: KEEP" in run(repo, ref_env, "-m", "learning rates restored").stdout
+    ref_branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
+    git(repo, "checkout", "-q", "-f", "main")
+    git(repo, "checkout", ref_branch, "--", "bench")
+    git(repo, "commit", "-qm", "ship the reference ledger")
+    tag = ledger_tag(repo)
+
+    from arun.search.transfer import find_winner
+    shipped = find_winner(repo, tag)
+    assert shipped.record["status"] == "keep" and "other machines' records" in shipped.source
+
+    env = arun_env(tiny_data, tiny_cache)
+    assert run_arun(repo, env, "start", "mine").returncode == 0
+    assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
+    before = ledger_records(repo)
+    p = run_arun(repo, env, "transfer", "--backend", "cuda", "--device", "cpu", "--from", tag, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"the winner comes from this machine's own records in bench/{tag}/ledger.jsonl (1 of its 3" in p.stdout
+    assert before[-1]["id"] in p.stdout and shipped.record["id"] not in p.stdout
+    assert "nothing to run here" in p.stdout and ledger_records(repo) == before
+
+
+def test_any_append_puts_back_what_a_reset_erased_first(tmp_path: Path) -> None:
+    """Records appended outside an experiment (the loop's invalid turns) repair the ledger too: the
+    erased line goes back verbatim before the new one, and the chain holds."""
+    from helpers_repo import empty_repo
+    repo = empty_repo(tmp_path / "repo")
+    head = git(repo, "rev-parse", "HEAD")
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    ledger = Ledger(path)
+    first = ledger.append({"branch": "autoresearch/x", "commit": head, "status": "crash"})
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "record 1")
+    erased = ledger.append({"branch": "autoresearch/x", "commit": head, "status": "discard"})
+    git(repo, "commit", "-qam", "record 2")
+    git(repo, "reset", "--hard", "HEAD~1")
+    assert [r["id"] for r in ledger.records()] == [first["id"]]
+    other = Ledger(path).append({"branch": "autoresearch/y", "commit": head, "status": "invalid"})
+    assert [r["id"] for r in ledger.records()] == [first["id"], other["id"]]   # another branch's: not its
+    git(repo, "checkout", "-q", "--", "bench")
+    last = Ledger(path).append({"branch": "autoresearch/x", "commit": head, "status": "invalid"})
+    recs = ledger.records()
+    assert [r["id"] for r in recs] == [first["id"], erased["id"], last["id"]]
+    assert all(r["_trust"] == "ok" for r in recs)
