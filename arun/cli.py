@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -668,6 +669,9 @@ def summary_cmd(tag: str | None, since: str | None) -> None:
 
 
 def main() -> None:
+    # Ctrl-C (or `kill -INT`) means "stop cleanly" even when arun was started with SIGINT ignored, as
+    # a script's background job is: Python installs its handler only where the signal was not ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli()
 
 

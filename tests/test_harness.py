@@ -589,7 +589,13 @@ def test_hard_timeout_kills_the_whole_process_group(data_env: Path, tmp_path: Pa
     assert ledger(repo, rec)[-1]["status"] == "timeout"
 
 
-def test_ctrl_c_kills_the_run_restores_the_train_file_and_records_crash(data_env: Path, tmp_path: Path) -> None:
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # how a script starts its background jobs (`arun ... &`)
+
+
+@pytest.mark.parametrize("started", ["plainly", "sigint_ignored"])
+def test_ctrl_c_kills_the_run_restores_the_train_file_and_records_crash(data_env: Path, tmp_path: Path,
+                                                                         started: str) -> None:
     repo = make_repo(tmp_path / "repo", {"train_mlx.py": MINI_MLX})
     set_constants(repo, "train_mlx.py", LEARNING_RATE=0.01)
     experiment = (repo / "train_mlx.py").read_text()
@@ -598,7 +604,8 @@ def test_ctrl_c_kills_the_run_restores_the_train_file_and_records_crash(data_env
     # (a confined run writes only its run folder and sees only allowed variables (ARUN_*): the test's pid folder is granted explicitly)
     env = dict(os.environ, ARUN_TEST_PID_FILE=str(pid_file), ARUN_SANDBOX_EXTRA_WRITE=str(pid_file.parent))
     proc = subprocess.Popen([sys.executable, "-m", "arun.cli", "--backend", "mlx", "-m", "long run", "--budget", "120"],
-                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if started == "sigint_ignored" else None)
     try:
         deadline = time.time() + 60
         while time.time() < deadline:
