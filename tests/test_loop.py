@@ -32,17 +32,9 @@ ZERO_LR = {k: 0.0 for k in GOOD_LR}
 pytestmark = pytest.mark.timeout(300)
 
 
-def _needs_engine() -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("optuna")
-    if not (REPO / TRAIN).exists():
-        pytest.skip(f"{TRAIN} has not landed")
-
-
 @pytest.fixture(scope="module")
 def base_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny_cache: Path) -> Path:
     """The project with zero learning rates and its baseline already recorded (one real run)."""
-    _needs_engine()
     from arun.core.experiment import run_experiment
     repo = tmp_path_factory.mktemp("loop") / "base"
     make_project(repo, TRAIN, overrides=ZERO_LR)

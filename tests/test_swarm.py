@@ -134,18 +134,10 @@ def test_cleanup_kills_leftovers_and_removes_the_worktree(tmp_path: Path) -> Non
 
 # --------------------------------------------------------------------------- one real swarm
 
-def _needs_harness() -> None:
-    for mod in ("arun.core.experiment", "arun.search.loop", "ray", "torch"):
-        pytest.importorskip(mod)
-    if not (REPO / "train_cuda.py").exists():
-        pytest.skip("train_cuda.py has not landed")
-
-
 @pytest.fixture(scope="module")
 def cluster(tiny_data: Path, tiny_cache: Path):
     """One local Ray instance for the module (2 CPUs, no dashboard, a small object store); the
     environment is set first because the workers Ray starts inherit it."""
-    _needs_harness()
     import ray
     env = {"ARUN_CACHE": str(tiny_cache), "ARUN_DATA_DIR": str(tiny_data), "ARUN_DEVICE": "cpu",
            "OMP_NUM_THREADS": "1"}
