@@ -22,7 +22,9 @@ from arun.report.site import build_site
 from arun.report.transfers import transfer_rows
 from helpers_repo import arun_env, git, make_project, tiny_train_text
 
-SLOW_LRS = {"MATRIX_LR": 0.0004, "EMBEDDING_LR": 0.006, "UNEMBEDDING_LR": 0.00004, "SCALAR_LR": 0.005}
+# The source machine's baseline does not learn at all (every LR 0), so any step with the restored LRs beats it:
+# the winner exists however few steps fit in the budget on a busy machine.
+SLOW_LRS = {"MATRIX_LR": 0.0, "EMBEDDING_LR": 0.0, "UNEMBEDDING_LR": 0.0, "SCALAR_LR": 0.0}
 GOOD_LRS = {"MATRIX_LR": 0.04, "EMBEDDING_LR": 0.6, "UNEMBEDDING_LR": 0.004, "SCALAR_LR": 0.5}
 XSS = "<script>window.__xss=1</script><img src=x onerror=\"window.__xss=2\"> restore the learning rates"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
