@@ -219,3 +219,43 @@ def test_a_symlinked_ledger_bench_or_trust_file_is_refused(key, tmp_path, what):
     if what == "trusted_keys":              # `arun trust list` and every trust read refuse it too
         with pytest.raises(ArunError, match="is a symlink"):
             trust.trusted(tmp_path / "repo")
+
+
+# --------------------------------------------------------------------------- transfer: whose record wins
+
+def _transfer_ledger(tmp_path, key) -> tuple:
+    """This machine's baseline and keep at commit C, then another machine's keep claiming C (later, other
+    constants), as a ledger merged from elsewhere would hold it."""
+    repo = tmp_path / "repo"
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    led = Ledger(path)
+    commit = "c0ffee" * 6 + "abcd"
+    common = {"tag": "t", "key_id": "k", "train_file": "train_cuda.py"}
+    led.append({**common, "id": "base", "status": "keep", "baseline": True, "val_bpb": 3.0, "commit": "b" * 40,
+                "config": {"LR": 1.0}})
+    led.append({**common, "id": "mine", "status": "keep", "val_bpb": 2.9, "commit": commit, "config": {"LR": 2.0}})
+    other = Ed25519PrivateKey.generate()
+    last = json.loads(path.read_text().splitlines()[-1])
+    forged = signed_by(other, [{**common, "id": "theirs", "status": "keep", "val_bpb": 0.5, "commit": commit,
+                                "time": "2999-01-01T00:00:00+0000", "config": {"LR": 0.0}}], prev=last["chain"])
+    with path.open("a") as f:
+        f.write(json.dumps(forged[0]) + "\n")
+    return repo, commit, other
+
+
+def test_transfer_from_a_commit_takes_this_machines_keep_over_another_machines_claim(key, tmp_path):
+    from arun.search.transfer import find_winner
+    repo, commit, _ = _transfer_ledger(tmp_path, key)
+    win = find_winner(repo, commit[:10])
+    assert win.record["id"] == "mine" and win.constants == {"LR": 2.0} and "this machine" in win.source
+
+
+def test_a_trusted_key_named_like_this_machine_is_not_this_machine(key, tmp_path):
+    from arun.search.transfer import find_winner, own
+    repo, commit, other = _transfer_ledger(tmp_path, key)
+    trust.add(repo, trust.public_text(other.public_key()), "this machine")  # a display name is anyone's to choose
+    recs = {r["id"]: r for r in all_records(repo)}
+    from arun.search.transfer import believable
+    mine, theirs = ({r["id"]: r for r in believable(list(recs.values()))}[i] for i in ("mine", "theirs"))
+    assert own(mine) and not own(theirs)
+    assert find_winner(repo, commit[:10]).record["id"] == "mine"

@@ -276,7 +276,8 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
     # Which worker ran on the second node: its log sits in the clone's .arun/swarm/.
     remote = {int(p.stem.rsplit("-w", 1)[1]) for p in (clone / ".arun" / "swarm").glob(f"{run}-w*.log")}
     assert len(remote) == 1, text[-2000:]
-    remote_recs = [r for r in records if r["swarm"]["worker"] in remote and r.get("val_bpb") is not None]
+    # (any record: on a busy box the loop's early stop may discard a remote run before it is scored)
+    remote_recs = [r for r in records if r["swarm"]["worker"] in remote]
     assert remote_recs, text[-2000:]
     # The ratchet, in ledger order: every keep strictly below the verified best written before it.
     best = None

@@ -34,6 +34,8 @@ from arun.core import trust
 SEAL_FIELDS = ("prev", "chain", "mac", "mac_key", "sig", "sig_key")
 
 
+OWN_LEGACY_SIGNER = "this machine (legacy HMAC seal)"  # a legacy HMAC seal verifies only where it was made
+
 def key_path() -> Path:
     """$ARUN_HOME/ledger.key, default ~/.config/arun/ledger.key: outside every repo."""
     return trust.home() / "ledger.key"
@@ -178,7 +180,7 @@ def check(records: list[dict], key: bytes | None, lines: list[int] | None = None
                 problems.append(Problem(n, rid, "forged: its seal was not made with this machine's ledger key"))
                 bad.add(i)
             else:
-                signer[i] = "this machine (legacy HMAC seal)"
+                signer[i] = OWN_LEGACY_SIGNER
         elif not rec.get("mac_key") or not rec.get("mac"):
             problems.append(Problem(n, rid, "forged: sealed without a key"))
             bad.add(i)

@@ -157,6 +157,14 @@ def repo_keys(repo_dir: Path | str) -> list[Known]:
     return out
 
 
+def own_key_id() -> str | None:
+    """This machine's key id, or None where it has no key yet (a reader never makes one)."""
+    try:
+        return key_id(_load_private(identity_path()).public_key())
+    except (FileNotFoundError, ArunError):
+        return None
+
+
 def trusted(repo_dir: Path | str | None) -> dict[str, Known]:
     """key id -> key, for every key whose signatures this machine believes in `repo_dir`: the repo's
     list, the session's (a swarm's head), and this machine's own key (when it has one: a reader

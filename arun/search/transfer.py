@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from arun.core import gitops
+from arun.core import gitops, trust
+from arun.core.chain import OWN_LEGACY_SIGNER
 from arun.core.context import experiment_context
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
@@ -59,8 +60,13 @@ def believable(records: list[dict]) -> list[dict]:
 
 
 def own(record: dict) -> bool:
-    """Whether this machine wrote a believable record (signed with its key, or its legacy HMAC seal)."""
-    return record.get("_source_trust") == "verified" and str(record.get(SIGNER, "")).startswith("this machine")
+    """Whether this machine wrote a believable record: signed with its key (by key id: a trusted key's
+    display name is anyone's to choose) or with its legacy HMAC seal."""
+    if record.get("_source_trust") != "verified":
+        return False
+    if record.get("sig_key"):
+        return record["sig_key"] == trust.own_key_id()
+    return record.get(SIGNER) == OWN_LEGACY_SIGNER
 
 
 def records_of_tag(records: list[dict], tag: str) -> tuple[list[dict], str]:
@@ -94,12 +100,14 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
     else:
         hits = [r for r in records if r.get("status") == "keep" and len(source) >= 7
                 and str(r.get("commit") or "").startswith(source)]
+        # A record of another machine may claim any commit: this machine's own keep there wins.
+        hits = [r for r in hits if own(r)] or hits
         if not hits:
             tags = ", ".join(sorted({str(r.get("tag")) for r in records})) or "none"
             raise ArunError(f"{source!r} is neither a hardware tag with records nor the commit of a keep "
                             f"(7+ hex digits); tags here: {tags}")
         best, kid = hits[-1], hits[-1].get("key_id")
-        whose = f"the keep at commit {source}"
+        whose = f"the keep at commit {source} ({'this machine' if own(best) else 'another machine'}'s record)"
     base = baseline_record(key_records(records, kid), kid)
     if base is None:
         raise ArunError(f"key {kid} of {best.get('tag')} has no baseline record; its changes cannot be told apart")
