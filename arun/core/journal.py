@@ -88,8 +88,10 @@ def of_branch(ledger: Path | str, branch: str, born: float | None) -> list[tuple
 
 
 def missing(ledger: Path | str, ids: set[str], branch: str, born: float | None) -> list[dict]:
-    """The records this machine wrote on this incarnation of `branch` that the ledger (its `ids`) lacks."""
-    return [rec for rec, _ in of_branch(ledger, branch, born) if str(rec.get("id")) not in ids]
+    """The records this machine wrote on this incarnation of `branch` that the ledger (its `ids`) lacks. A swarm's
+    records are left out: the driver writes them to the main ledger under each worker's branch name, and the
+    worker's own branch never carries that ledger, so their absence there is no loss."""
+    return [rec for rec, _ in of_branch(ledger, branch, born) if str(rec.get("id")) not in ids and "swarm" not in rec]
 
 
 def erased(ledger: Path | str, tail: str, ids: set[str], branch: str, born: float,
