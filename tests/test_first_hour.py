@@ -289,3 +289,24 @@ def test_a_reset_past_a_pruned_keep_refuses_the_run(project: tuple[Path, dict]) 
     p = run(repo, env, "-m", "after the prune")
     assert p.returncode != 0 and keep in p.stderr and "put back" not in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     assert "arun: BASELINE" not in p.stdout
+
+
+def test_without_a_reflog_nothing_is_put_back_and_a_swarms_records_are_never_lost(tmp_path: Path,
+                                                                                   capfd: pytest.CaptureFixture) -> None:
+    """No reflog (expired, or reflogs off): arun cannot tell a reset branch from a re-made one, so it puts
+    nothing back and says so. A swarm's records (the driver's, under a worker's branch name) are never
+    counted as lost on that branch, which never carries the main ledger."""
+    from helpers_repo import empty_repo
+    repo = empty_repo(tmp_path / "repo")
+    git(repo, "checkout", "-qb", "autoresearch/r-w0")
+    head = git(repo, "rev-parse", "HEAD")
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    ledger = Ledger(path)
+    mine = ledger.append({"branch": "autoresearch/r-w0", "commit": head, "status": "keep"})
+    ledger.append({"branch": "autoresearch/r-w0", "commit": head, "status": "keep", "swarm": {"run": "r"}})
+    path.unlink()
+    assert [r["id"] for r in ledger.missing("autoresearch/r-w0")] == [mine["id"]]
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    capfd.readouterr()
+    assert ledger.restore("autoresearch/r-w0") == [] and not path.exists()
+    assert "has no reflog here" in capfd.readouterr().err
