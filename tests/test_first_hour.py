@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,7 @@ def test_any_append_puts_back_what_a_reset_erased_first(tmp_path: Path) -> None:
     erased line goes back verbatim before the new one, and the chain holds."""
     from helpers_repo import empty_repo
     repo = empty_repo(tmp_path / "repo")
+    git(repo, "checkout", "-qb", "autoresearch/x")                           # the run branch (its birth: now)
     head = git(repo, "rev-parse", "HEAD")
     path = repo / "bench" / "t" / "ledger.jsonl"
     ledger = Ledger(path)
@@ -224,3 +226,87 @@ def test_any_append_puts_back_what_a_reset_erased_first(tmp_path: Path) -> None:
     recs = ledger.records()
     assert [r["id"] for r in recs] == [first["id"], erased["id"], last["id"]]
     assert all(r["_trust"] == "ok" for r in recs)
+
+
+# --------------------------------------------------------------------------- the journal: one branch incarnation
+
+def test_a_deleted_and_restarted_branch_starts_afresh(project: tuple[Path, dict]) -> None:
+    """Delete a run branch and `arun start` the same name (what arun advises to start afresh): the old
+    branch's records stay in the journal but are never put back onto the new one, nor missed by it."""
+    repo, env = project
+    assert run_arun(repo, env, "start", "again").returncode == 0
+    assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
+    old = [r["id"] for r in ledger_records(repo)]
+    git(repo, "checkout", "-q", "-f", "main")
+    git(repo, "branch", "-D", "autoresearch/again")
+    time.sleep(1.1)                                                           # (records carry whole seconds)
+    assert run_arun(repo, env, "start", "again").returncode == 0
+    p = run(repo, env, "-m", "afresh")
+    assert p.returncode == 0 and "put back" not in p.stdout and "lacks" not in p.stdout + p.stderr, p.stdout[-2000:]
+    assert "baseline run" in p.stdout and "arun: BASELINE" in p.stdout, p.stdout[-2000:]
+    assert [r["id"] for r in ledger_records(repo)] != old and len(ledger_records(repo)) == 1
+
+
+def _drop_first_line(ledger: Path) -> None:
+    ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[1:]))
+
+
+def _one_unsealed_line(ledger: Path) -> None:
+    ledger.write_text(json.dumps({"id": "legacy-1", "status": "crash", "description": "old"}) + "\n")
+
+
+@pytest.mark.parametrize("attack", [_drop_first_line, _one_unsealed_line], ids=["middle-line", "replaced"])
+def test_a_keep_edited_out_of_the_ledger_refuses_the_run_and_fails_the_audit(project: tuple[Path, dict],
+                                                                              attack) -> None:
+    """An actor who can write bench/ and .git cuts the best's line from the middle of the ledger (or replaces the
+    ledger with one unsealed line) and commits: nothing can be put back (it no longer chains), so the next run
+    refuses naming the lost keep, and `arun audit` fails it, instead of ratcheting against a worse best."""
+    repo, env = project
+    assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
+    crash_edit(repo)
+    assert "arun: CRASH" in run(repo, env, "-m", "a line after the keep").stdout
+    keep = ledger_records(repo)[0]["id"]
+    ledger = next((repo / "bench").glob("*/ledger.jsonl"))
+    attack(ledger)
+    git(repo, "commit", "-qam", "tidy the ledger")
+    git(repo, "checkout", "-q", "--", ".")
+    p = run(repo, env, "-m", "ratchet against a worse best")
+    assert p.returncode != 0 and keep in p.stderr and "arun start NAME" in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "arun: KEEP" not in p.stdout and "arun: BASELINE" not in p.stdout
+    a = run_arun(repo, env, "audit", timeout=300)
+    assert a.returncode == 1 and "missing from the ledger" in a.stdout and keep in a.stdout, a.stdout[-2000:]
+
+
+def test_a_reset_past_a_pruned_keep_refuses_the_run(project: tuple[Path, dict]) -> None:
+    """A reset past a keep, then reflog expire and gc --prune=now: its commit is gone, so the record cannot go
+    back; the run refuses naming it rather than fall back to an older best."""
+    repo, env = project
+    assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
+    keep = ledger_records(repo)[0]["id"]
+    git(repo, "reset", "-q", "--hard", "main")
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    git(repo, "gc", "-q", "--prune=now")
+    p = run(repo, env, "-m", "after the prune")
+    assert p.returncode != 0 and keep in p.stderr and "put back" not in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "arun: BASELINE" not in p.stdout
+
+
+def test_without_a_reflog_nothing_is_put_back_and_a_swarms_records_are_never_lost(tmp_path: Path,
+                                                                                   capfd: pytest.CaptureFixture) -> None:
+    """No reflog (expired, or reflogs off): arun cannot tell a reset branch from a re-made one, so it puts
+    nothing back and says so. A swarm's records (the driver's, under a worker's branch name) are never
+    counted as lost on that branch, which never carries the main ledger."""
+    from helpers_repo import empty_repo
+    repo = empty_repo(tmp_path / "repo")
+    git(repo, "checkout", "-qb", "autoresearch/r-w0")
+    head = git(repo, "rev-parse", "HEAD")
+    path = repo / "bench" / "t" / "ledger.jsonl"
+    ledger = Ledger(path)
+    mine = ledger.append({"branch": "autoresearch/r-w0", "commit": head, "status": "keep"})
+    ledger.append({"branch": "autoresearch/r-w0", "commit": head, "status": "keep", "swarm": {"run": "r"}})
+    path.unlink()
+    assert [r["id"] for r in ledger.missing("autoresearch/r-w0")] == [mine["id"]]
+    git(repo, "reflog", "expire", "--expire=now", "--all")
+    capfd.readouterr()
+    assert ledger.restore("autoresearch/r-w0") == [] and not path.exists()
+    assert "has no reflog here" in capfd.readouterr().err

@@ -7,7 +7,8 @@ number could not be reproduced is marked and never a best again.
 Verdicts: "ok", "failed: unverified" (its forward is no longer stored: a number nobody can check again
 is not believed, and is never a best),
 "skipped: <why>" (it cannot be re-scored here: other data, other hardware, other fixed code),
-"failed: <why>", and the seal's own "forged: ..." / "edited: ...".
+"failed: <why>", and the seal's own "forged: ..." / "edited: ...". A record this machine wrote on the
+checked-out branch (its journal, arun.core.journal) that the ledger lacks fails as "failed: missing from the ledger".
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) 
     data = None
     tags: dict = {}
     rows: list[Row] = []
-    for t, _source, records in ledgers:
+    # The records this machine wrote on the checked-out branch that its ledger lost for good (arun.core.journal).
+    branch = run_git(repo_dir, "symbolic-ref", "-q", "--short", "HEAD", check=False) if ref is None else ""
+    for t, source, records in ledgers:
         verdicts: dict[str, str] = {}
         for rec in records:
             rid, trust = str(rec.get("id", "?")), str(rec.get(TRUST, "ok"))
@@ -156,6 +159,10 @@ def audit(repo_dir: Path | str, tag: str | None = None, ref: str | None = None) 
                 verdicts[rid] = verdict
             if rec.get("status") == "keep" or verdict != "ok":
                 rows.append(Row(t, rid, str(rec.get("status")), recorded, rescored, verdict))
+        for rec in Ledger(Path(source)).missing(branch) if branch else []:
+            rows.append(Row(t, str(rec.get("id")), str(rec.get("status")), rec["val_bpb"] if scored(rec) else None,
+                            None, "failed: missing from the ledger (this machine's journal holds it: a line edited "
+                            "or cut out, or a reset past a pruned commit)"))
         if ref is None:  # a ref's verdicts are shown only: they must never replace the working tree's
             _write(repo_dir / "bench" / t / AUDIT_FILE, verdicts)
     return rows

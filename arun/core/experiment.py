@@ -277,6 +277,7 @@ def begin(ctx: ExperimentContext, description: str, seeds: int, proposer: str | 
     if created:
         log(f"arun: created run branch {branch} from {gitops.head_sha(repo_dir)[:10]} (experiments are committed there)")
     restore_erased(ctx, branch, log)
+    check_missing(ctx, branch, log)
     records = Ledger(ctx.ledger_path).records()
     best = best_record(records, ctx.key_id, stored=forward_store.stored_check(repo_dir))  # unverified keeps never are
     head = gitops.head_sha(repo_dir)
@@ -321,6 +322,23 @@ def restore_erased(ctx: ExperimentContext, branch: str, log: Callable[[str], Non
         gitops.commit_keep(ctx.repo_dir, [rel], f"arun: restore {len(restored)} record(s) erased by a git reset")
     except ArunError as e:
         log(f"arun: the restored records are written but not committed ({e}); commit {rel} with git when that is fixed")
+
+
+def check_missing(ctx: ExperimentContext, branch: str, log: Callable[[str], None]) -> None:
+    """Records of this branch that the journal holds and the ledger lost for good (a line edited or cut out,
+    a reset past a pruned commit) are said; a lost keep refuses the run, since the best would silently drop."""
+    lost = Ledger(ctx.ledger_path).missing(branch)
+    if not lost:
+        return
+    rel = ctx.ledger_path.relative_to(ctx.repo_dir)
+    keeps = [str(r.get("id")) for r in lost if r.get("status") == "keep"]
+    what = (f"{rel} lacks {len(lost)} record(s) of {branch} that this machine wrote and cannot put back "
+            f"({', '.join(str(r.get('id')) for r in lost)}; see arun audit)")
+    if keeps:
+        raise ArunError(f"{what}, keep(s) {', '.join(keeps)} among them, so the best would silently drop: put the "
+                        f"ledger back (git checkout <a commit that has them> -- {rel}) or start a new run branch "
+                        f"(arun start NAME)")
+    log(f"arun: warning: {what}")
 
 
 def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stopper | None = None,

@@ -163,7 +163,7 @@ def ensure_run_branch(repo_dir: Path | str, name: str | None = None) -> tuple[st
             n += 1
             branch = f"{stem}-{n}"
     # A new branch at HEAD: the working tree (the experiment's train file included) stays as it is.
-    repo.create_head(branch).checkout()
+    repo.create_head(branch, logmsg="branch: Created from HEAD by arun").checkout()  # (logged: its birth)
     pins.write_pin(repo_dir, branch, repo.head.commit.hexsha)
     return branch, True
 
@@ -257,6 +257,19 @@ def commit_record(repo_dir: Path | str, ledger: Path, rec: dict) -> str | None:
 
 
 # --------------------------------------------------------------------------- the git CLI: worktrees, bundles, branches
+
+def branch_birth(repo_dir: Path | str, branch: str) -> float | None:
+    """When this incarnation of the branch was made: the time of the oldest entry of its reflog (deleting a
+    branch deletes its reflog, a reset only adds to it). None when it has none (reflogs off or expired, or
+    no such branch here)."""
+    path = run_git(repo_dir, "rev-parse", "--git-path", f"logs/refs/heads/{branch}", check=False)
+    try:
+        with open(Path(repo_dir) / path, "rb") as f:
+            first = f.readline()
+        return float(first.split(b"\t")[0].split()[-2])
+    except (OSError, ValueError, IndexError):
+        return None
+
 
 def run_git(cwd: Path | str, *args: str, check: bool = True, env: dict | None = None) -> str:
     """The git CLI itself (worktrees and bundles are simpler and sturdier there than in gitpython);

@@ -253,10 +253,16 @@ class Ledger:
 
     def _restore(self, fd: int, branch: str) -> list[dict]:
         """Puts back, verbatim, the lines a git reset cut from this ledger (arun.core.journal)."""
-        from arun.core.gitops import commit_exists  # (late: gitops loads gitpython)
+        from arun.core.gitops import branch_birth, commit_exists  # (late: gitops loads gitpython)
         text = os.pread(fd, os.fstat(fd).st_size, 0).decode("utf-8", errors="replace")
         ids = {str(r.get("id")) for r in parse_lines(text, str(self.path))}
-        lines = journal.erased(self.path, self._prev(fd), ids, branch,
+        born = branch_birth(repo_of(self.path), branch)
+        if born is None:  # a deleted branch's records must never land on a new one of the same name
+            if journal.missing(self.path, ids, branch, None):
+                _warn(f"{branch} has no reflog here, so arun cannot tell its records from a deleted branch's of the "
+                      f"same name: the journal's records of it the ledger lacks are not put back")
+            return []
+        lines = journal.erased(self.path, self._prev(fd), ids, branch, born,
                                lambda sha: commit_exists(repo_of(self.path), sha))
         for line in lines:
             self._write(fd, line)
@@ -275,6 +281,16 @@ class Ledger:
         if not restored and not existed:
             self.path.unlink(missing_ok=True)  # (opening it made an empty one)
         return restored
+
+    def missing(self, branch: str) -> list[dict]:
+        """The records this machine wrote on this incarnation of `branch` (arun.core.journal) that the ledger
+        lacks and could not be put back: a line edited or cut out of it, or a reset past a pruned commit."""
+        from arun.core.gitops import branch_birth  # (late: gitops loads gitpython)
+        if not journal.path_for(self.path).exists():
+            return []
+        text = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+        ids = {str(r.get("id")) for r in parse_lines(text, str(self.path))}
+        return journal.missing(self.path, ids, branch, branch_birth(repo_of(self.path), branch))
 
     def append(self, record: dict) -> dict:
         """Seals the record against the file's last line and appends it; returns the sealed record.
