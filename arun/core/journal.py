@@ -22,6 +22,8 @@ when a keep is among them (the best would silently drop); `arun audit` fails eac
 Not defended: whoever can rewrite the reflog (so the birth) or $ARUN_HOME (the journal, the machine key)
 can hide records or forge anything; a branch deleted and made again within the same second as its last
 record may receive that record.
+Nor does it follow a branch renamed or copied (`git branch -m`, `git checkout -b`), a project folder moved,
+or a reflog birth in the future: SECURITY.md, "Plain git moves the journal does not follow".
 """
 
 from __future__ import annotations
