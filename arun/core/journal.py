@@ -105,7 +105,7 @@ def erased(ledger: Path | str, tail: str, ids: set[str], branch: str, born: floa
     out: list[bytes] = []
     while True:
         nxt = next((line for rec, line in lines if rec.get("prev") == tail and isinstance(rec.get("chain"), str)
-                    and rec.get("branch") == branch and str(rec.get("id")) not in ids
+                    and str(rec.get("id")) not in ids
                     and isinstance(rec.get("commit"), str) and commit_exists(rec["commit"])), None)
         if nxt is None:
             return out
