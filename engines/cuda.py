@@ -6,6 +6,7 @@ for CUDA on a machine without it is an error that says what was found.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import resource
@@ -105,12 +106,15 @@ class TorchEngine:
             kind = self.device_kind
         except ValueError as e:
             return False, str(e)
+        if kind == "cpu":
+            try:
+                return True, f"torch {torch_version()} on the CPU (ARUN_DEVICE=cpu)"
+            except ImportError as e:
+                return False, f"torch is not importable ({e}); {INSTALL_HINT}"
         try:
             import torch
         except ImportError as e:
             return False, f"torch is not importable ({e}); {INSTALL_HINT}"
-        if kind == "cpu":
-            return True, f"torch {torch.__version__} on the CPU (ARUN_DEVICE=cpu)"
         if torch.version.cuda is None:
             return False, (f"no CUDA device: torch {torch.__version__} is a CPU build; use --backend mlx, "
                            f"or --device cpu (ARUN_DEVICE=cpu) to run the torch engine on the CPU")
@@ -139,13 +143,13 @@ class TorchEngine:
         return self._hardware[kind]
 
     def _describe(self, kind: str) -> Hardware:
-        import torch
-        versions = {"torch": torch.__version__, "python": sys.version.split()[0], "numpy": np.__version__}
+        versions = {"torch": torch_version(), "python": sys.version.split()[0], "numpy": np.__version__}
         if kind == "cpu":
             name = cpu_model()
             return Hardware(backend=self.name, device=name, memory_gb=round(total_memory_gb(), 1), cores=cpu_count(),
                             kind="cpu", versions=versions, tag=slug("torch-cpu", name))
-        versions.update(cuda=torch.version.cuda or "", driver=_driver_version())
+        import torch
+        versions.update(torch=torch.__version__, cuda=torch.version.cuda or "", driver=_driver_version())
         if torch.backends.cudnn.is_available():
             versions["cudnn"] = str(torch.backends.cudnn.version())
         smi = None if torch.cuda.is_initialized() else nvidia_smi_gpu()
@@ -224,6 +228,21 @@ class TorchEngine:
             y = torch.from_numpy(np.ascontiguousarray(targets)).to(logits.device).long()
             nats = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
             return nats.reshape(y.shape).cpu().numpy().astype(np.float64)
+
+
+def torch_version() -> str:
+    """torch's version, without importing torch where it is not imported yet: the harness describes a
+    CPU device before every run, and importing torch there costs seconds the run does not need
+    (the train process and the evaluator import it themselves). ImportError when torch is missing."""
+    loaded = sys.modules.get("torch", False)
+    if loaded is None:  # blocked, as `import torch` would find it
+        raise ImportError("import of torch halted; None in sys.modules")
+    if loaded is not False:
+        return str(loaded.__version__)
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ImportError("No module named 'torch'") from e
 
 
 def _device_count(torch: Any) -> int:

@@ -77,7 +77,23 @@ TIER_OF_FILE = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+# The suite runs on several cores (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml). A test
+# file goes to one worker whole, so its module fixtures are built once; the Ray tests share one group
+# (one cluster at a time on the box); the slowest tiers are handed out first, so no worker is left
+# with a long file at the end while the other idles.
+MAX_WORKERS = 4          # beyond this, more workers only fight over memory and the disk
+FIRST = ("swarm", "faults", "e2e", "browser", "unit")
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most MAX_WORKERS (PYTEST_XDIST_AUTO_NUM_WORKERS overrides)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS", "").isdigit():
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      MAX_WORKERS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker, and before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tests_dir = Path(__file__).resolve().parent
     untiered, doubled = set(), set()
@@ -91,9 +107,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 untiered.add(key)
                 continue
             item.add_marker(TIER_OF_FILE[key])
+        tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
+        item.add_marker(pytest.mark.xdist_group("swarm" if tier == "swarm" else key))
     if untiered or doubled:
         raise pytest.UsageError(
             (f"tests without a tier: {', '.join(sorted(untiered))}; add the file to TIER_OF_FILE in "
              f"tests/conftest.py." if untiered else "")
             + (" " if untiered and doubled else "")
             + (f"tests with two tiers: {'; '.join(sorted(doubled))}; keep one." if doubled else ""))
+    # A file's place is its slowest tier's; within a file, the order the file gives.
+    rank = {}
+    for item in items:
+        key = item.path
+        tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
+        rank[key] = min(rank.get(key, len(FIRST)), FIRST.index(tier))
+    items.sort(key=lambda item: rank[item.path])
