@@ -9,6 +9,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# MLX's CPU backend compiles kernels into $TMPDIR/mlx/ and writes each library in place, so two
+# workers compiling the same kernel at once could load a half-written one: a cache per worker
+# (kept across sessions, like the shared one it replaces).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import tempfile
+    _own_tmp = Path(tempfile.gettempdir()) / f"arun-tests-{os.environ['PYTEST_XDIST_WORKER']}"
+    _own_tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(_own_tmp)
+    tempfile.tempdir = None
+
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
