@@ -1,0 +1,71 @@
+"""
+train_mlx.py and train_cuda.py share one skeleton, so a winner found on one engine ports to the
+other by name: the same top-level names (constants, functions, classes) in the same order, the
+same hyperparameter block and the same section headings. Parsed with ast; nothing is imported.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from arun.core.trainfile import changed_names, constants, top_level
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+FILES = ("train_mlx.py", "train_cuda.py")
+
+
+def first_difference(a: list[str], b: list[str]) -> str | None:
+    """Where two name lists part, in words naming both files' entries there; None when equal."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"position {i + 1}: {FILES[0]} has {x!r}, {FILES[1]} has {y!r}"
+    if len(a) != len(b):
+        longer, extra = (FILES[0], a[len(b):]) if len(a) > len(b) else (FILES[1], b[len(a):])
+        return f"only {longer} defines {extra[0]!r} (at position {min(len(a), len(b)) + 1})"
+    return None
+
+
+def sections(text: str) -> list[str]:
+    """The `# ----` banner headings (GPT model, Optimizer, Training)."""
+    return re.findall(r"^# -{10,}\n# (.+)\n# -{10,}$", text, flags=re.M)
+
+
+def texts() -> list[str]:
+    return [(REPO / f).read_text() for f in FILES]
+
+
+def test_same_top_level_names_in_the_same_order() -> None:
+    mlx, cuda = (list(top_level(t)) for t in texts())
+    where = first_difference(mlx, cuda)
+    assert where is None, f"the train files' skeletons differ at {where}; define the same names in the same order"
+
+
+def test_same_hyperparameter_block() -> None:
+    mlx, cuda = (list(constants(t, keep_source=True)) for t in texts())
+    where = first_difference(mlx, cuda)
+    assert where is None, f"the hyperparameter blocks differ at {where}; keep the same constants in the same order"
+    assert "EVAL_BATCH_SIZE" not in mlx  # the evaluator picks its own batch size
+
+
+def test_same_sections() -> None:
+    mlx, cuda = (sections(t) for t in texts())
+    assert mlx == cuda == ["GPT model", "Optimizer: Muon for the block matrices, AdamW for everything else",
+                           "Training"], f"sections differ: {FILES[0]} {mlx}, {FILES[1]} {cuda}"
+
+
+def test_first_difference_names_both_sides() -> None:
+    assert first_difference(["a", "b"], ["a", "b"]) is None
+    assert first_difference(["a", "rope"], ["a", "apply_rotary_emb"]) == \
+        "position 2: train_mlx.py has 'rope', train_cuda.py has 'apply_rotary_emb'"
+    assert first_difference(["a"], ["a", "autocast_for"]) == "only train_cuda.py defines 'autocast_for' (at position 2)"
+
+
+def test_changed_names_ignores_comments_and_imports() -> None:
+    before = "import os\nA = 1  # a\n\n\ndef f(x):\n    return x\n\n\nclass C:\n    pass\n"
+    after = "import sys\nA = 2  # a\n# a note\n\ndef f(x):\n    return x\n\n\ndef g():\n    pass\n"
+    assert changed_names(before, after) == ["A", "g", "C"]
