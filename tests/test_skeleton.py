@@ -69,3 +69,37 @@ def test_changed_names_ignores_comments_and_imports() -> None:
     before = "import os\nA = 1  # a\n\n\ndef f(x):\n    return x\n\n\nclass C:\n    pass\n"
     after = "import sys\nA = 2  # a\n# a note\n\ndef f(x):\n    return x\n\n\ndef g():\n    pass\n"
     assert changed_names(before, after) == ["A", "g", "C"]
+
+
+def test_transfer_names_what_a_code_change_touches_and_whether_it_ports_by_name(tmp_path: Path) -> None:
+    """A winner on train_cuda.py (two real commits) that edits rope and the step, adds a helper and
+    changes a constant: the code names are rope, make_train_step and the helper (the constant goes
+    the constants' way), and on train_mlx.py the first two port by name, the helper does not."""
+    from arun.core.trainfile import rewrite_constants
+    from arun.search.transfer import code_names, describe_port, port_map
+    from helpers_repo import empty_repo, git
+
+    repo = empty_repo(tmp_path / "repo")
+    text = (REPO / "train_cuda.py").read_text()
+    (repo / "train_cuda.py").write_text(text)
+    git(repo, "add", "train_cuda.py")
+    git(repo, "commit", "-qm", "baseline")
+    base = git(repo, "rev-parse", "HEAD").strip()
+    won = rewrite_constants(text, {"MATRIX_LR": 0.05})
+    won = won.replace("    d = x.shape[-1] // 2\n", "    d = x.shape[-1] // 2  # halves\n    x = x * 1.0\n", 1)
+    won = won.replace("def make_train_step(", "def swiglu(x):\n    return x\n\n\ndef make_train_step(", 1)
+    won = won.replace("        optimizer.step()\n", "        optimizer.step()\n        swiglu(None)\n", 1)
+    (repo / "train_cuda.py").write_text(won)
+    git(repo, "commit", "-qam", "the winner")
+    best = git(repo, "rev-parse", "HEAD").strip()
+
+    names = code_names(repo, {"commit": base, "train_file": "train_cuda.py"},
+                       {"commit": best, "train_file": "train_cuda.py"})
+    assert names == ["rope", "swiglu", "make_train_step"]
+    ports = port_map(names, (REPO / "train_mlx.py").read_text())
+    assert ports == {"rope": True, "swiglu": False, "make_train_step": True}
+    assert describe_port(ports, "train_mlx.py") == ("rope, make_train_step (in train_mlx.py too: ports by name); "
+                                                    "swiglu (not in train_mlx.py: new code to port)")
+    # a commit that is not in this repository: the names are unknown, not empty
+    assert code_names(repo, {"commit": "0" * 40, "train_file": "train_cuda.py"},
+                      {"commit": best, "train_file": "train_cuda.py"}) is None
