@@ -103,3 +103,30 @@ def test_transfer_names_what_a_code_change_touches_and_whether_it_ports_by_name(
     # a commit that is not in this repository: the names are unknown, not empty
     assert code_names(repo, {"commit": "0" * 40, "train_file": "train_cuda.py"},
                       {"commit": best, "train_file": "train_cuda.py"}) is None
+
+
+def test_arun_transfer_reports_which_names_port(tmp_path: Path, data_env: Path) -> None:
+    """Through transfer() itself: a winner whose only change is code (rope edited, a helper added) runs
+    nothing here without --agent, and says which names map onto train_mlx.py."""
+    from arun.core.ledger import Ledger
+    from arun.search.transfer import transfer
+    from helpers_repo import git, make_project
+
+    repo = tmp_path / "repo"
+    base = make_project(repo, "train_cuda.py")
+    text = (repo / "train_cuda.py").read_text()
+    text = text.replace("    d = x.shape[-1] // 2\n", "    d = x.shape[-1] // 2  # halves\n    x = x * 1.0\n", 1)
+    (repo / "train_cuda.py").write_text(text.replace("def make_train_step(", "def swiglu(x):\n    return x\n\n\n"
+                                                                               "def make_train_step(", 1))
+    git(repo, "commit", "-qam", "the winner")
+    best = git(repo, "rev-parse", "HEAD")
+    ledger = Ledger(repo / "bench" / "t" / "ledger.jsonl")
+    common = {"tag": "t", "key_id": "k", "train_file": "train_cuda.py", "config": {"DEPTH": 1}}
+    ledger.append({**common, "id": "base", "status": "keep", "baseline": True, "val_bpb": 3.0, "commit": base})
+    ledger.append({**common, "id": "win", "status": "keep", "val_bpb": 2.9, "commit": best})
+    said: list[str] = []
+    out = transfer(repo, "t", "mlx", log=said.append)
+    assert out.code_map == {"rope": True, "swiglu": False} and out.records == []
+    line = "rope (in train_mlx.py too: ports by name); swiglu (not in train_mlx.py: new code to port)"
+    assert f"arun transfer: its code change touches {line}" in said, said
+    assert out.not_transferred[0].startswith(f"code change outside the constants touching {line}")

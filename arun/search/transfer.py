@@ -40,8 +40,8 @@ class Winner:
     baseline: dict
     constants: dict                                   # NAME -> the winner's value, where it differs
     code_diff: str = ""                               # its train file's changes outside the constants
-    code_names: list[str] | None = None               # the top-level names that change touches (None: unknown)
     source: str = ""                                  # whose records it was chosen from, in words
+    code_names: list[str] | None = None               # the top-level names that change touches (None: unknown)
 
     @property
     def origin(self) -> dict:
@@ -118,7 +118,8 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
         raise ArunError(f"key {kid} of {best.get('tag')} has no baseline record; its changes cannot be told apart")
     before, after = base.get("config") or {}, best.get("config") or {}
     changed = {n: after[n] for n in after if before.get(n, object()) != after[n]}
-    return Winner(best, base, changed, code_diff(repo_dir, base, best), whose, code_names(repo_dir, base, best))
+    return Winner(best, base, changed, code_diff(repo_dir, base, best), whose,
+                  code_names=code_names(repo_dir, base, best))
 
 
 def _outside_block(text: str) -> list[str]:
