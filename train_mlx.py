@@ -317,9 +317,9 @@ def adamw_step(p: mx.array, grad: mx.array, exp_avg: mx.array, exp_avg_sq: mx.ar
     return p - (lr_t / (1 - beta1_t ** step_t)) * (exp_avg / denom), exp_avg, exp_avg_sq
 
 
-def polar_express(g: mx.array, steps: int = NS_STEPS) -> mx.array:
+def polar_express(X: mx.array, steps: int = NS_STEPS) -> mx.array:
     """Approximate orthogonalization of a stack of matrices (n, rows, cols), in float32."""
-    X = g.astype(mx.float32)
+    X = X.astype(mx.float32)
     X = X / (mx.sqrt(mx.sum(X * X, axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)
     tall = X.shape[-2] > X.shape[-1]
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
