@@ -6,6 +6,9 @@ The model family and optimizer follow karpathy/autoresearch's train.py (GPT with
 value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
 with upstream's parameter names, so weights move between engines.
 
+train_mlx.py has the same skeleton: the same sections, top-level names in the same order and the
+same constants (tests/test_skeleton.py), so a change to one ports to the other by name.
+
 Plumbing lives in engines/: attention kernels (engines.torch_attention), and the end of the
 run (engines.run.finish_run: exports the forward the evaluator scores; summary), called once
 after training.
@@ -41,10 +44,9 @@ ASPECT_RATIO = 64        # model_dim = DEPTH * ASPECT_RATIO, rounded up to a mul
 HEAD_DIM = 128           # target head dimension for attention
 WINDOW_PATTERN = "SSSL"  # sliding window pattern: L = full context, S = half context (last layer always L)
 
-# Batch (tokens per optimizer step, rows per forward/backward, rows per eval forward)
+# Batch (tokens per optimizer step, rows per forward/backward; the evaluator picks its own batch size)
 TOTAL_BATCH_SIZE = 2**19
 DEVICE_BATCH_SIZE = 128  # rows per micro-step (reduce if out of memory)
-EVAL_BATCH_SIZE = 128    # rows per eval forward (fp32 logits are rows x seq x vocab x 4 bytes)
 
 # Optimization
 EMBEDDING_LR = 0.6       # token and value embeddings (Adam)
@@ -61,6 +63,7 @@ FINAL_LR_FRAC = 0.0      # final LR as a fraction of the initial LR
 SEED = 42                # $ARUN_SEED overrides it
 WARMUP_STEPS = 10        # first steps (torch.compile) are not counted against the time budget
 COMPILE = True           # torch.compile the model and the optimizer steps (CUDA only; ignored on the CPU)
+COMPUTE_DTYPE = "bfloat16"  # activations and matmuls (autocast; weights and optimizer state stay float32), or "float32"; the CPU device runs float32
 # --- end hyperparameters ---
 
 RMS_EPS = 1e-6           # rms_norm epsilon, the same in every engine
@@ -100,19 +103,15 @@ def has_ve(layer_idx: int, n_layer: int) -> bool:
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Split-halves RoPE over (B, T, H, D) as upstream: y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """
+    Rotary embedding over (B, T, H, D), split-halves convention as upstream:
+    y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos with angle t / base^(2i/D) (tables: GPT.setup_runtime).
+    """
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-def rotary_tables(seq_len: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of angle t / base^(2i/D), shaped (1, T, 1, D/2) to broadcast over (B, T, H, D/2)."""
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
 def window_sizes(config: GPTConfig) -> list[int]:
@@ -125,6 +124,18 @@ def window_sizes(config: GPTConfig) -> list[int]:
     return sizes
 
 
+class Linear(nn.Linear):
+    """torch.nn.Linear(bias=False): weights (out, in) stay fp32; autocast runs the matmul in COMPUTE_DTYPE."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+
+class Embedding(nn.Embedding):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__(num_embeddings, dim)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -133,11 +144,11 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = config.n_embd // config.n_head
         assert config.n_embd % config.n_head == 0
         assert config.n_kv_head <= config.n_head and config.n_head % config.n_kv_head == 0
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(config.n_embd, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve(layer_idx, config.n_layer) else None
 
     def forward(self, x, ve, cos, sin, window: int):
         B, T, C = x.shape
@@ -148,7 +159,7 @@ class CausalSelfAttention(nn.Module):
             # Value residual (ResFormer): input-dependent gate per kv head, 2*sigmoid(0) = 1 at init
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k = norm(rope(q, cos, sin)), norm(rope(k, cos, sin))
         q, k = q.to(v.dtype), k.to(v.dtype)  # one dtype for the kernel (autocast may leave the norms in fp32)
         if self.n_kv_head != self.n_head:
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=2)
@@ -160,8 +171,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -178,20 +189,24 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+class Transformer(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
         self.windows = window_sizes(config)
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(config.vocab_size, config.n_embd),
-            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-        })
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer = Transformer(config)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(config.vocab_size, kv_dim)
                                            for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         self.attention: str | None = None  # the kernel's name, once setup_runtime() has built its masks
         if self.lm_head.weight.device.type != "meta":  # on the meta device this waits for init_weights
@@ -217,17 +232,20 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             if block.attn.ve_gate is not None:
                 nn.init.zeros_(block.attn.ve_gate.weight)
-        if self.lm_head.weight.device.type == "cuda":
+        if self.lm_head.weight.device.type == "cuda" and COMPUTE_DTYPE != "float32":
             # bf16 embedding tables on the GPU, as upstream (half the memory traffic of the lookups)
-            self.transformer.wte.to(dtype=torch.bfloat16)
+            self.transformer.wte.to(dtype=getattr(torch, COMPUTE_DTYPE))
             for ve in self.value_embeds.values():
-                ve.to(dtype=torch.bfloat16)
+                ve.to(dtype=getattr(torch, COMPUTE_DTYPE))
         self.setup_runtime()
 
     def setup_runtime(self, attention_kernel: str | None = None) -> None:
         """Rotary tables and attention masks for the device the weights live on (not parameters)."""
         device = self.lm_head.weight.device
-        self.cos, self.sin = rotary_tables(self.config.sequence_len, self.config.n_embd // self.config.n_head, device)
+        head_dim, t = self.config.n_embd // self.config.n_head, torch.arange(self.config.sequence_len, device=device)
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        freqs = torch.outer(t.float(), inv_freq)[None, :, None, :]  # (1, T, 1, D/2): broadcasts over (B, T, H, D/2)
+        self.cos, self.sin = freqs.cos(), freqs.sin()
         self.attention = prepare_attention(self.config.sequence_len, self.windows, device, attention_kernel)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -274,6 +292,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def training_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The loss training minimizes (the evaluator scores val_bpb from the exported forward instead)."""
     return cross_entropy(model(x), y)
 
 
@@ -452,20 +471,17 @@ def set_schedules(optimizer: MuonAdamW, progress: float, step: int) -> float:
     return lrm
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on the GPU (as upstream); plain float32 on the CPU."""
-    return torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int, compile_model: bool = False):
+def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int, compile: bool = False):
     """
     step(batches, progress, step) -> loss of the last micro-batch (a device scalar, not read here).
     One optimizer step over `grad_accum_steps` (x, y) device micro-batches: forward and backward
     under autocast (the compiled loss fuses the softcap with the cross-entropy), then the schedules
     and the Muon+AdamW update. Nothing here waits for the device.
     """
-    loss_fn = torch.compile(training_loss, dynamic=False) if compile_model else training_loss
-    autocast = autocast_for(model.lm_head.weight.device)
+    loss_fn = torch.compile(training_loss, dynamic=False) if compile else training_loss
+    device = model.lm_head.weight.device  # autocast on the GPU (as upstream); plain float32 on the CPU
+    autocast = torch.amp.autocast(device_type=device.type, dtype=getattr(torch, COMPUTE_DTYPE),
+                                  enabled=device.type == "cuda" and COMPUTE_DTYPE != "float32")
 
     def step(batches: list[tuple[torch.Tensor, torch.Tensor]], progress: float, step: int) -> torch.Tensor:
         assert len(batches) == grad_accum_steps, f"expected {grad_accum_steps} micro-batches, got {len(batches)}"
@@ -511,7 +527,7 @@ def train() -> None:
     model.to_empty(device=device)
     model.init_weights()
     print(f"Device: {ENGINE.hardware().device} ({device}), attention: {model.attention}, "
-          f"autocast bf16: {on_gpu}, compile: {compiled}")
+          f"compute dtype {COMPUTE_DTYPE if on_gpu else 'float32'}, compile: {compiled}")
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
     for key, value in param_counts.items():
@@ -526,7 +542,7 @@ def train() -> None:
                          f"MAX_SEQ_LEN = {DEVICE_BATCH_SIZE} x {seq_len}; change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
     optimizer = build_optimizer(model, compile_steps=compiled)
-    train_step = make_train_step(model, optimizer, grad_accum_steps, compile_model=compiled)
+    train_step = make_train_step(model, optimizer, grad_accum_steps, compile=compiled)
     forward = torch.compile(model, dynamic=False) if compiled else model
 
     loader = prepare.make_dataloader(DEVICE_BATCH_SIZE, seq_len, "train", seed=seed)
@@ -563,7 +579,7 @@ def train() -> None:
             gc.disable()
 
     finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
-               flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
+               flops_per_token=flops_per_token, seed=seed, constants=globals(),
                extra={"grad_accum_steps": grad_accum_steps, "export_check_seconds": export_check_seconds,
                       "startup_seconds": t_first_step - t_start,
                       "compile": compiled, "attention": model.attention, "device": str(device)})

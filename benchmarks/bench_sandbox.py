@@ -105,7 +105,7 @@ def run_worker(engine: str, seconds: float, confined: bool, scratch: Path) -> di
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"DEPTH": 1, "ASPECT_RATIO": 64, "HEAD_DIM": 32, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 512,
-        "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32, "WARMUP_STEPS": 1}
+        "DEVICE_BATCH_SIZE": 8, "WARMUP_STEPS": 1}
 TRAIN_FILES = {"torch": ("train_cuda.py", "cpu"), "mlx": ("train_mlx.py", None)}
 
 

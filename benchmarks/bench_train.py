@@ -85,16 +85,14 @@ def runner_mlx(args: argparse.Namespace) -> Runner:
     model = tm.GPT(tm.build_config(args.vocab, args.seq_len))
     model.init_weights()
     mx.eval(model.parameters())
-    opt = tm.MuonAdamW(model, unembedding_lr=tm.UNEMBEDDING_LR, embedding_lr=tm.EMBEDDING_LR, matrix_lr=tm.MATRIX_LR,
-                       scalar_lr=tm.SCALAR_LR, weight_decay=tm.WEIGHT_DECAY, adam_betas=tm.ADAM_BETAS,
-                       grad_scale=1.0 / accum)
+    opt = tm.build_optimizer(model)
     train_step = tm.make_train_step(model, opt, accum, compile=tm.COMPILE)
     batches = [(mx.array(x), mx.array(y)) for x, y in random_batches(accum, tm.DEVICE_BATCH_SIZE, args.seq_len, args.vocab)]
     config = {"depth": tm.DEPTH, "seq_len": args.seq_len, "batch": tm.DEVICE_BATCH_SIZE, "n_embd": model.config.n_embd,
               "vocab": args.vocab, "dtype": str(model.dtype), "compile": tm.COMPILE}
     return Runner(engine=ENGINE, num_params=model.num_scaling_params()["total"], flops_per_token=model.estimate_flops(),
                   tokens_per_step=tm.TOTAL_BATCH_SIZE, grad_accum_steps=accum,
-                  step=lambda i: train_step(batches, tm.schedule(0.0, i)), loss_value=lambda loss: loss.item(),
+                  step=lambda i: train_step(batches, 0.0, i), loss_value=lambda loss: loss.item(),
                   config=config)
 
 
@@ -122,7 +120,7 @@ def runner_cuda(args: argparse.Namespace) -> Runner:
     model.to_empty(device=device)
     model.init_weights()
     opt = tc.build_optimizer(model, compile_steps=compiled)
-    train_step = tc.make_train_step(model, opt, accum, compile_model=compiled)
+    train_step = tc.make_train_step(model, opt, accum, compile=compiled)
     batches = [(ENGINE.to_device(x), ENGINE.to_device(y))
                for x, y in random_batches(accum, tc.DEVICE_BATCH_SIZE, args.seq_len, args.vocab)]
     config = {"depth": tc.DEPTH, "seq_len": args.seq_len, "batch": tc.DEVICE_BATCH_SIZE, "n_embd": model.config.n_embd,

@@ -116,7 +116,7 @@ def ensure_data(seq_len: int, cache: Path) -> Path:
 def run_ours(work: Path, data_dir: Path, args: argparse.Namespace, train_file: Path) -> dict:
     text = train_file.read_text()
     text = set_constants(text, {"DEPTH": args.depth, "DEVICE_BATCH_SIZE": args.batch,
-                                "TOTAL_BATCH_SIZE": args.total_batch, "EVAL_BATCH_SIZE": 4,
+                                "TOTAL_BATCH_SIZE": args.total_batch,
                                 "WARMUP_STEPS": args.skip, "COMPUTE_DTYPE": args.ours_dtype})
     script = work / "ours" / "train_mlx.py"
     script.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from bench_overhead import split as overhead_split  # noqa: E402 - the record's 
 
 # Tiny constants block for --cpu (as the tests' tiny projects): a few dozen steps a second on one core.
 TINY = {"DEPTH": 1, "ASPECT_RATIO": 64, "HEAD_DIM": 32, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 512,
-        "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32, "WARMUP_STEPS": 1, "COMPILE": False}
+        "DEVICE_BATCH_SIZE": 8, "WARMUP_STEPS": 1, "COMPILE": False}
 CHARS_PER_TOKEN = 3.0   # code under an 8K BPE vocab, a low guess: the corpus errs on the big side
 VAL_SHARE = 8           # arun_data.sources.VAL_EVERY: 1 in 8 documents is val, another 1 in 8 test
 MATMUL_N = 8192         # bf16 matmul size for the measured peak

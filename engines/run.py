@@ -119,8 +119,8 @@ def exportable(backend: str, model: Any, forward: Callable[[Any], Any]) -> Calla
 
 
 def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget: TimeBudget, t_start: float,
-               tokens_per_step: int, flops_per_token: float, eval_batch_size: int, seed: int, constants: dict,
-               extra: dict | None = None) -> dict:
+               tokens_per_step: int, flops_per_token: float, seed: int, constants: dict,
+               extra: dict | None = None, eval_batch_size: int | None = None) -> dict:
     """
     The one call a train file makes after training. model: the trained model (it owns the
     weights); forward: token ids (B, T) -> logits (B, T, V), the model itself or a compiled
@@ -129,7 +129,7 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
     writes the result JSON ($ARUN_RESULT_JSON): training diagnostics only, no val_bpb. Run by
     hand, it exports to a temp file and scores it in this process with the evaluator's own code
     (engines.score), so upstream's summary block with val_bpb is printed as before.
-    eval_batch_size is recorded only: the evaluator chooses its own batch size.
+    eval_batch_size (optional, from older train files) is recorded only: the evaluator chooses its own.
     """
     data = prepare.PreparedData.open()
     seq_len = int(data.manifest["max_seq_len"])
@@ -139,7 +139,8 @@ def finish_run(engine: Any, model: Any, forward: Callable[[Any], Any], *, budget
         exported = export_or_exit(engine.name, exportable(engine.name, model, forward), model, path, seq_len)
         result = training_result(engine, model, budget, t_start, tokens_per_step, flops_per_token, seed, constants,
                                  data, exported)
-        result["eval_batch_size"] = eval_batch_size
+        if eval_batch_size is not None:
+            result["eval_batch_size"] = eval_batch_size
         result.update(extra or {})
         result = json.loads(json.dumps(result, default=float))
         checkpoint = os.environ.get("ARUN_CHECKPOINT")  # opt-in, for tests that inspect the weights' layout

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # A model that runs a few dozen steps per second on one CPU core (tiny profile: 64-token rows, vocab 512).
 TINY = {
     "DEPTH": 1, "ASPECT_RATIO": 64, "HEAD_DIM": 32, "WINDOW_PATTERN": "L", "TOTAL_BATCH_SIZE": 512,
-    "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32, "WARMUP_STEPS": 1, "COMPILE": False,
+    "DEVICE_BATCH_SIZE": 8, "WARMUP_STEPS": 1, "COMPILE": False,
 }
 
 

@@ -28,7 +28,7 @@ from helpers_repo import load_module
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "tests" / "baseline" / "train_cuda.py"
-TINY = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=16, DEVICE_BATCH_SIZE=8, TOTAL_BATCH_SIZE=8 * 64, EVAL_BATCH_SIZE=32)
+TINY = dict(DEPTH=2, ASPECT_RATIO=32, HEAD_DIM=16, DEVICE_BATCH_SIZE=8, TOTAL_BATCH_SIZE=8 * 64)
 BUDGET = 3.0
 
 

@@ -673,7 +673,7 @@ def test_cli_runs_an_experiment_and_prints_upstreams_summary(data_env: Path, tmp
 
 def _tiny_block(train_file: str) -> dict:
     common = dict(DEPTH=1, ASPECT_RATIO=32, HEAD_DIM=32, WINDOW_PATTERN="L", DEVICE_BATCH_SIZE=4,
-                  TOTAL_BATCH_SIZE=4 * 64, EVAL_BATCH_SIZE=32, WARMUP_STEPS=1)
+                  TOTAL_BATCH_SIZE=4 * 64, WARMUP_STEPS=1)
     text = (REPO / train_file).read_text()
     return {k: v for k, v in {**common, "COMPILE": False}.items() if f"\n{k} = " in text}
 

@@ -29,6 +29,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 
 from engines.mlx import ENGINE, apple_chip, apple_peak_flops  # noqa: E402
+from engines.mlx_attention import attention, window_mask  # noqa: E402
 from engines.weights import export_weights, import_weights, save_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ BASELINE = REPO / "tests" / "baseline" / "train_mlx.py"
 
 TINY = {
     "DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 16, "WINDOW_PATTERN": "SL",
-    "TOTAL_BATCH_SIZE": 8 * 64, "DEVICE_BATCH_SIZE": 8, "EVAL_BATCH_SIZE": 32,
+    "TOTAL_BATCH_SIZE": 8 * 64, "DEVICE_BATCH_SIZE": 8,
     "EMBEDDING_LR": 0.6, "UNEMBEDDING_LR": 0.004, "MATRIX_LR": 0.04, "SCALAR_LR": 0.5, "WEIGHT_DECAY": 0.2,
     "ADAM_BETAS": (0.8, 0.95), "WARMUP_RATIO": 0.0, "WARMDOWN_RATIO": 0.5, "FINAL_LR_FRAC": 0.0,
     "SEED": 42, "WARMUP_STEPS": 3, "COMPILE": False, "COMPUTE_DTYPE": "float32",
@@ -203,7 +204,7 @@ def test_config_and_window_sizes() -> None:
     c = tm.build_config(8192, 2048)
     assert (c.n_embd, c.n_head, c.n_kv_head, c.n_layer) == (384, 3, 3, 5)   # ceil(320 / 128) * 128
     assert tm.window_sizes(c) == [1024, 1024, 1024, 2048, 2048]                # the last layer is always full
-    m = np.array(tm.window_mask(8, 3))
+    m = np.array(window_mask(8, 3))
     i, j = np.indices((8, 8))
     np.testing.assert_array_equal(m, (j <= i) & (i - j <= 3))                  # FA3 window_size=(3, 0)
 
@@ -212,7 +213,6 @@ def test_config_and_window_sizes() -> None:
 @pytest.mark.parametrize("seq_len, window", [(64, 64), (64, 32), (37, 5)])
 def test_attention_matches_reference(seq_len: int, window: int) -> None:
     """Query i attends to keys i - window .. i; grouped-query heads share their kv head."""
-    tm = load_module(name="train_mlx_attn")
     rng = np.random.default_rng(seq_len + window)
     q, k, v = (rng.standard_normal((2, h, seq_len, 16)).astype(np.float32) for h in (4, 2, 2))
     kk, vv = np.repeat(k, 2, axis=1), np.repeat(v, 2, axis=1)
@@ -221,7 +221,7 @@ def test_attention_matches_reference(seq_len: int, window: int) -> None:
     scores = np.where((j <= i) & (i - j <= window), scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     want = np.einsum("bhij,bhjd->bhid", p / p.sum(-1, keepdims=True), vv)
-    got = np.array(tm.attention(mx.array(q), mx.array(k), mx.array(v), window))
+    got = np.array(attention(mx.array(q), mx.array(k), mx.array(v), window))
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -250,10 +250,8 @@ def test_compiled_step_matches_eager() -> None:
     for compiled in (False, True):
         model = tiny_model(tm, seed=3)
         for accum in (1, 2):
-            opt = tm.MuonAdamW(model, unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, scalar_lr=0.5,
-                               weight_decay=0.2, adam_betas=(0.8, 0.95), grad_scale=1 / accum)
-            step = tm.make_train_step(model, opt, accum, compile=compiled)
-            losses = [step(batches[:accum], tm.schedule(0.1 * i, i)).item() for i in range(2)]
+            step = tm.make_train_step(model, tm.build_optimizer(model), accum, compile=compiled)
+            losses = [step(batches[:accum], 0.1 * i, i).item() for i in range(2)]
         results[compiled] = (losses, export_weights(model))
     np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-4)
     for name, w in results[False][1].items():
@@ -264,12 +262,10 @@ def test_compiled_step_matches_eager() -> None:
 def test_training_reduces_loss_on_a_fixed_batch() -> None:
     tm = load_module(name="train_mlx_fit")
     model = tiny_model(tm, seed=4)
-    opt = tm.MuonAdamW(model, unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, scalar_lr=0.5,
-                       weight_decay=0.2, adam_betas=(0.8, 0.95))
-    step = tm.make_train_step(model, opt, 1, compile=False)
+    step = tm.make_train_step(model, tm.build_optimizer(model), 1, compile=False)
     rng = np.random.default_rng(1)
     batch = [(mx.array(rng.integers(0, 512, (4, 64), dtype=np.int32)), mx.array(rng.integers(0, 512, (4, 64), dtype=np.int32)))]
-    losses = [step(batch, tm.schedule(0.0, i)).item() for i in range(8)]
+    losses = [step(batch, 0.0, i).item() for i in range(8)]
     assert abs(losses[0] - math.log(512)) < 0.1      # lm_head starts near zero: uniform predictions
     assert losses[-1] < losses[0] - 0.5
 

@@ -137,3 +137,33 @@ def rewrite_constants(text: str, overrides: dict) -> str:
             tail = b + width
         body = body[:a] + new + body[tail:]
     return text[:start] + body + text[end:]
+
+
+def top_level(text: str) -> dict[str, str]:
+    """A train file's top-level definitions in file order: name -> its source (functions, classes,
+    assigned names; imports and the `if __name__` guard are not definitions). ValueError on a syntax error."""
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as e:
+        raise ValueError(f"train file does not parse (line {e.lineno}: {e.msg})") from e
+    out: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        else:
+            continue
+        source = "".join(ast.get_source_segment(text, d) or "" for d in getattr(node, "decorator_list", []))
+        for name in names:
+            out[name] = source + (ast.get_source_segment(text, node) or "")
+    return out
+
+
+def changed_names(before: str, after: str) -> list[str]:
+    """The top-level names whose definition differs between two versions of a train file (changed,
+    added or removed), in the order of `after` then the removed ones. Comments between definitions,
+    blank lines and imports do not count."""
+    a, b = top_level(before), top_level(after)
+    return [n for n in b if a.get(n) != b[n]] + [n for n in a if n not in b]

@@ -48,8 +48,9 @@ def transfer_rows(records: list[dict]) -> list[TransferRow]:
         there = _gain((base or {}).get("val_bpb"), src.get("val_bpb") if scored(src) else None)
         here = _gain(r.get("best_before"), r.get("val_bpb") if scored(r) else None)
         applied = r.get("transfer_applied") or {}
-        changes = ", ".join(f"{k}={v!r}" for k, v in applied.items()) or ("code (agent)" if r.get("transfer_code")
-                                                                          else "-")
+        names = r.get("transfer_code_map") or {}
+        code = f"code (agent): {', '.join(names)}" if names else "code (agent)"
+        changes = ", ".join(f"{k}={v!r}" for k, v in applied.items()) or (code if r.get("transfer_code") else "-")
         rows.append(TransferRow(str(origin.get("tag")), str(origin.get("id")), str(origin.get("commit") or "")[:10],
                                 *there, str(r.get("tag")), str(r.get("backend")), str(r.get("id")),
                                 str(r.get("status")), changes, *here, trust_mark(src) if src else "not found"))

@@ -7,7 +7,10 @@ baseline config, and, when both commits are in this repository, the lines of its
 outside the hyperparameter block. The constants that also exist in this backend's train file are
 written into it and run as an ordinary experiment (same path, same ratchet, this machine's key),
 with `transfer_from: {tag, commit, id}` in the record. Code changes go to `--agent`, which ports
-them as one more ordinary experiment, or are listed as not transferred.
+them as one more ordinary experiment, or are listed as not transferred. Both engines' train files
+share one skeleton (the same top-level names), so a code change is also named by what it touches:
+for each function, class or constant it changes, whether this backend's file has that name (the
+change ports by name) or not (new code to port).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import SIGNER, TRUST, Ledger, all_records, trust_mark
 from arun.core.ratchet import baseline_record, best_record, key_records
-from arun.core.trainfile import block_span, constants, rewrite_constants
+from arun.core.trainfile import block_span, changed_names, constants, rewrite_constants, top_level
 from arun.report.board import train_file_at
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context
 from engines.atomic import write_atomic
@@ -38,6 +41,7 @@ class Winner:
     constants: dict                                   # NAME -> the winner's value, where it differs
     code_diff: str = ""                               # its train file's changes outside the constants
     source: str = ""                                  # whose records it was chosen from, in words
+    code_names: list[str] | None = None               # the top-level names that change touches (None: unknown)
 
     @property
     def origin(self) -> dict:
@@ -49,6 +53,7 @@ class Transfer:
     winner: Winner
     applied: dict = field(default_factory=dict)       # NAME -> value written into this backend's train file
     not_transferred: list[str] = field(default_factory=list)
+    code_map: dict[str, bool] = field(default_factory=dict)  # name the code change touches -> in this file too
     records: list[dict] = field(default_factory=list)  # what ran here, in order
 
 
@@ -113,7 +118,8 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
         raise ArunError(f"key {kid} of {best.get('tag')} has no baseline record; its changes cannot be told apart")
     before, after = base.get("config") or {}, best.get("config") or {}
     changed = {n: after[n] for n in after if before.get(n, object()) != after[n]}
-    return Winner(best, base, changed, code_diff(repo_dir, base, best), whose)
+    return Winner(best, base, changed, code_diff(repo_dir, base, best), whose,
+                  code_names=code_names(repo_dir, base, best))
 
 
 def _outside_block(text: str) -> list[str]:
@@ -134,6 +140,38 @@ def code_diff(repo_dir: Path | str, base: dict, best: dict) -> str:
     lines = [line for line in str(best.get("diff") or "").splitlines()
              if line[:1] in "+-" and not line.startswith(("+++", "---")) and not _constant_line(line[1:])]
     return "\n".join(lines)
+
+
+def code_names(repo_dir: Path | str, base: dict, best: dict) -> list[str] | None:
+    """The top-level names (functions, classes, constants outside the hyperparameter block) whose
+    definition the winner changed, added or removed; None when either commit is not here or a file
+    does not parse (a record's diff alone cannot say)."""
+    path = best.get("train_file")
+    a, b = train_file_at(repo_dir, base.get("commit"), path), train_file_at(repo_dir, best.get("commit"), path)
+    if a is None or b is None:
+        return None
+    try:
+        return changed_names("".join(_outside_block(a)), "".join(_outside_block(b)))
+    except ValueError:
+        return None
+
+
+def port_map(names: list[str], train_text: str) -> dict[str, bool]:
+    """For each name a code change touches: whether the other engine's train file defines it too."""
+    try:
+        here = top_level(train_text)
+    except ValueError:
+        here = {}
+    return {n: n in here for n in names}
+
+
+def describe_port(code_map: dict[str, bool], train_file: str) -> str:
+    """One line: which touched names map onto `train_file` by name and which do not."""
+    same = [n for n, ok in code_map.items() if ok]
+    new = [n for n, ok in code_map.items() if not ok]
+    parts = ([f"{', '.join(same)} (in {train_file} too: ports by name)"] if same else []) + \
+            ([f"{', '.join(new)} (not in {train_file}: new code to port)"] if new else [])
+    return "; ".join(parts)
 
 
 def _constant_line(code: str) -> bool:
@@ -159,11 +197,17 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
             out.not_transferred.append(f"{name}={value!r} (no such constant in {ctx.train_file})")
         elif here[name] != _value(value):
             out.applied[name] = _value(value)
+    if winner.code_names:
+        out.code_map = port_map(winner.code_names, ctx.train_path.read_text())
     if winner.code_diff.strip() and agent is None:
-        out.not_transferred.append("code change outside the constants (pass --agent to port it):\n" + winner.code_diff)
+        touched = f" touching {describe_port(out.code_map, ctx.train_file)}" if out.code_map else ""
+        out.not_transferred.append(f"code change outside the constants{touched} (pass --agent to port it):\n"
+                                   + winner.code_diff)
     log(f"arun transfer: the winner comes from {winner.source}")
     log(f"arun transfer: {winner.origin['tag']} id {winner.origin['id']} at {str(winner.origin['commit'])[:10]} "
         f"changed {', '.join(f'{n}={v!r}' for n, v in winner.constants.items()) or 'no constants'}")
+    if out.code_map:
+        log(f"arun transfer: its code change touches {describe_port(out.code_map, ctx.train_file)}")
     signer = winner.record.get(SIGNER) or "an unsigned line"
     log(f"arun transfer: the winner's record is {winner.record.get('_source_trust', 'verified')} (signed by {signer})"
         + ("; arun trust add its machine's key to verify it here" if winner.record.get("_source_trust") == "foreign" else ""))
@@ -182,7 +226,9 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
         out.records.append(run_experiment(repo_dir, backend, f"transfer from {winner.origin['tag']}: {what}",
                                           extra={**origin, "transfer_applied": out.applied}, **run))
     if agent and winner.code_diff.strip():
-        out.records.append(_agent_port(repo_dir, ctx, winner, agent, agent_timeout, origin, run))
+        out.records.append(_agent_port(repo_dir, ctx, winner, agent, agent_timeout,
+                                       {**origin, **({"transfer_code_map": out.code_map} if out.code_map else {})},
+                                       run))
     return out
 
 
@@ -194,7 +240,10 @@ def _agent_port(repo_dir: Path, ctx, winner: Winner, agent: str, timeout: float,
     brief.write_text((program.read_text() if program.exists() else "") +
                      f"\n\n## This iteration: port a change found on {winner.origin['tag']}\n"
                      f"Apply the idea of this change to {ctx.train_file} (it was made to "
-                     f"{winner.record.get('train_file')}); change nothing else.\n\n```diff\n{winner.code_diff}\n```\n")
+                     f"{winner.record.get('train_file')}); change nothing else."
+                     + (f" It touches {describe_port(origin['transfer_code_map'], ctx.train_file)}: both train "
+                        "files share one skeleton, so change the same names." if origin.get("transfer_code_map") else "")
+                     + f"\n\n```diff\n{winner.code_diff}\n```\n")
     proposer = AgentProposer(agent, timeout=timeout, program_file=str(brief))
     records = Ledger(ctx.ledger_path).records()
     mine = key_records(records, ctx.key_id)

@@ -4,8 +4,13 @@ Single device, single file: the file the research agent edits.
 
 The model family and optimizer follow karpathy/autoresearch's train.py (GPT with
 value embeddings, sliding windows, ReLU^2 MLP, softcapped logits; Muon + AdamW),
-with upstream's PyTorch parameter names so weights move between engines. The run ends
-with engines.run.finish_run (exports the forward the evaluator scores; summary), called once
+with upstream's PyTorch parameter names so weights move between engines.
+
+train_cuda.py has the same skeleton: the same sections, top-level names in the same order and the
+same constants (tests/test_skeleton.py), so a change to one ports to the other by name.
+
+Plumbing lives in engines/: attention (engines.mlx_attention), and the end of the run
+(engines.run.finish_run: exports the forward the evaluator scores; summary), called once
 after training.
 
 Usage: python train_mlx.py        (the harness: arun --backend mlx)
@@ -17,9 +22,9 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -27,6 +32,7 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 import prepare
 from engines.mlx import ENGINE
+from engines.mlx_attention import attention, prepare_attention
 from engines.run import StepLog, check_export, env_seed, fail_fast, finish_run, mfu_percent
 from engines.timer import TimeBudget
 
@@ -37,10 +43,9 @@ ASPECT_RATIO = 64        # model_dim = DEPTH * ASPECT_RATIO, rounded up to a mul
 HEAD_DIM = 128           # target head dimension for attention
 WINDOW_PATTERN = "SSSL"  # sliding window pattern: L = full context, S = half context
 
-# Batch (tokens per optimizer step, rows per forward/backward, rows per eval forward)
+# Batch (tokens per optimizer step, rows per forward/backward; the evaluator picks its own batch size)
 TOTAL_BATCH_SIZE = 2**16
 DEVICE_BATCH_SIZE = 16   # rows per micro-step; 16 x 2048 tokens fits a 16 GB Mac Mini at depth 4
-EVAL_BATCH_SIZE = 16     # rows per eval forward (fp32 logits are rows x seq x vocab x 4 bytes)
 
 # Optimization
 EMBEDDING_LR = 0.6       # token and value embeddings (Adam)
@@ -57,7 +62,7 @@ FINAL_LR_FRAC = 0.0      # final LR as a fraction of the initial LR
 SEED = 42                # $ARUN_SEED overrides it
 WARMUP_STEPS = 3         # first steps (compilation) are not counted against the time budget
 COMPILE = True           # mx.compile the forward/backward and the optimizer update
-COMPUTE_DTYPE = "bfloat16"  # activations and matmuls (weights and optimizer state stay float32), or "float32"
+COMPUTE_DTYPE = "bfloat16"  # activations and matmuls (weights and optimizer state stay float32), or "float32"; on every device
 # --- end hyperparameters ---
 
 RMS_EPS = 1e-6           # rms_norm epsilon, the same in every engine
@@ -101,7 +106,8 @@ def rope(x: mx.array) -> mx.array:
     """
     Rotary embedding over (B, H, T, D), split-halves convention as upstream:
     y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos with angle t / base^(2i/D).
-    Upstream rotates by -angle where MLX's kernel rotates by +angle, hence scale=-1.
+    Upstream rotates by -angle where MLX's kernel rotates by +angle, hence scale=-1. MLX's fused
+    kernel builds the angles itself, so there are no cos/sin tables to pass (torch: GPT.setup_runtime).
     """
     return mx.fast.rope(x, x.shape[-1], traditional=False, base=ROPE_BASE, scale=-1.0, offset=0)
 
@@ -114,20 +120,6 @@ def window_sizes(config: GPTConfig) -> list[int]:
     sizes = [long_w if pattern[i % len(pattern)] == "L" else short_w for i in range(config.n_layer)]
     sizes[-1] = long_w
     return sizes
-
-
-def window_mask(seq_len: int, window: int) -> mx.array:
-    """Boolean (T, T) mask, True = may attend: causal, at most `window` keys back (FA3's window_size=(window, 0))."""
-    i = mx.arange(seq_len)[:, None]
-    j = mx.arange(seq_len)[None, :]
-    return (j <= i) & (i - j <= window)
-
-
-def attention(q: mx.array, k: mx.array, v: mx.array, window: int) -> mx.array:
-    """Causal (sliding-window) attention over (B, H, T, D) queries and (B, H_kv, T, D) keys/values."""
-    T = q.shape[2]
-    mask = "causal" if window >= T else window_mask(T, window)
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)
 
 
 class Linear(nn.Module):
@@ -147,9 +139,8 @@ class Embedding(nn.Module):
         super().__init__()
         self.weight = mx.zeros((num_embeddings, dim))
 
-    def __call__(self, idx: mx.array, dtype: mx.Dtype) -> mx.array:
-        e = self.weight[idx]
-        return e if e.dtype == dtype else e.astype(dtype)
+    def __call__(self, idx: mx.array) -> mx.array:
+        return self.weight[idx]
 
 
 class CausalSelfAttention(nn.Module):
@@ -216,6 +207,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = getattr(mx, COMPUTE_DTYPE)
+        self.windows = window_sizes(config)
         self.transformer = Transformer(config)
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         self.resid_lambdas = mx.ones((config.n_layer,))
@@ -223,6 +215,7 @@ class GPT(nn.Module):
         kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
         self.value_embeds = {str(i): Embedding(config.vocab_size, kv_dim)
                              for i in range(config.n_layer) if has_ve(i, config.n_layer)}
+        self.attention = prepare_attention(config.sequence_len, self.windows)  # the kernel's name
 
     def init_weights(self) -> None:
         """As upstream: N(0,1) embeddings, N(0,0.001) head, U(+-sqrt(3/d)) inputs, zero output projections."""
@@ -252,14 +245,14 @@ class GPT(nn.Module):
     def __call__(self, idx: mx.array) -> mx.array:
         """Token ids (B, T) -> float32 softcapped logits (B, T, V). The model never sees targets."""
         dt = self.dtype
-        x = norm(self.transformer.wte(idx, dt))
+        x = norm(self.transformer.wte(idx).astype(dt))
         x0 = x
         resid = self.resid_lambdas.astype(dt)  # scalars cast so the residual stream stays in dt
         x0_l = self.x0_lambdas.astype(dt)
-        for i, (block, w) in enumerate(zip(self.transformer.h, window_sizes(self.config))):
+        for i, block in enumerate(self.transformer.h):
             x = resid[i] * x + x0_l[i] * x0
-            ve = self.value_embeds[str(i)](idx, dt) if str(i) in self.value_embeds else None
-            x = block(x, ve, w)
+            ve = self.value_embeds[str(i)](idx).astype(dt) if str(i) in self.value_embeds else None
+            x = block(x, ve, self.windows[i])
         logits = self.lm_head(norm(x)).astype(mx.float32)
         return SOFTCAP * mx.tanh(logits / SOFTCAP)
 
@@ -282,7 +275,7 @@ class GPT(nn.Module):
         counts = self.num_scaling_params()
         matmul_params = counts["transformer_matrices"] + counts["lm_head"]
         q = c.n_embd // c.n_head
-        attn = sum(12 * c.n_head * q * min(w, c.sequence_len) for w in window_sizes(c))
+        attn = sum(12 * c.n_head * q * min(w, c.sequence_len) for w in self.windows)
         return 6 * matmul_params + attn
 
 
@@ -290,6 +283,11 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     """Mean next-token cross-entropy in nats, from fp32 logits."""
     target_logit = mx.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return mx.mean(mx.logsumexp(logits, axis=-1) - target_logit)
+
+
+def training_loss(model: GPT, x: mx.array, y: mx.array) -> mx.array:
+    """The loss training minimizes (the evaluator scores val_bpb from the exported forward instead)."""
+    return cross_entropy(model(x), y)
 
 
 # ---------------------------------------------------------------------------
@@ -308,9 +306,20 @@ MUON_BETA2 = 0.95
 ADAM_EPS = 1e-10
 
 
-def polar_express(g: mx.array, steps: int = NS_STEPS) -> mx.array:
+def adamw_step(p: mx.array, grad: mx.array, exp_avg: mx.array, exp_avg_sq: mx.array, step_t: mx.array,
+               lr_t: mx.array, beta1_t: float, beta2_t: float, eps_t: float,
+               wd_t: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """AdamW on one parameter: returns the new weight and both moments."""
+    p = p * (1 - lr_t * wd_t)
+    exp_avg = exp_avg + (1 - beta1_t) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq + (1 - beta2_t) * (grad * grad - exp_avg_sq)
+    denom = mx.sqrt(exp_avg_sq / (1 - beta2_t ** step_t)) + eps_t
+    return p - (lr_t / (1 - beta1_t ** step_t)) * (exp_avg / denom), exp_avg, exp_avg_sq
+
+
+def polar_express(X: mx.array, steps: int = NS_STEPS) -> mx.array:
     """Approximate orthogonalization of a stack of matrices (n, rows, cols), in float32."""
-    X = g.astype(mx.float32)
+    X = X.astype(mx.float32)
     X = X / (mx.sqrt(mx.sum(X * X, axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)
     tall = X.shape[-2] > X.shape[-1]
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
@@ -323,94 +332,105 @@ def polar_express(g: mx.array, steps: int = NS_STEPS) -> mx.array:
     return X
 
 
-def muon_update(G: mx.array, P: mx.array, momentum_buf: mx.array, second_buf: mx.array, lr: mx.array,
-                momentum: mx.array, wd: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+def muon_step(stacked_grads: mx.array, stacked_params: mx.array, momentum_buffer: mx.array,
+              second_momentum_buffer: mx.array, momentum_t: mx.array, lr_t: mx.array, wd_t: mx.array,
+              beta2_t: float, red_dim: int) -> tuple[mx.array, mx.array, mx.array]:
     """Muon on a stack of same-shape matrices (n, rows, cols): returns new weights and both buffers."""
-    rows, cols = G.shape[-2:]
     # Nesterov momentum
-    buf = momentum_buf + (1 - momentum) * (G - momentum_buf)
-    g = polar_express(G + momentum * (buf - G))
+    buf = momentum_buffer + (1 - momentum_t) * (stacked_grads - momentum_buffer)
+    g = polar_express(stacked_grads + momentum_t * (buf - stacked_grads))
     # NorMuon: per-row (or per-column) second moment, renormalized to keep the update's norm
-    red_axis = -1 if rows >= cols else -2
-    red_size = G.shape[red_axis]
-    v_mean = mx.mean(g * g, axis=red_axis, keepdims=True)
+    v_mean = mx.mean(g * g, axis=red_dim, keepdims=True)
+    red_size = g.shape[red_dim]
     v_norm = mx.sqrt(mx.sum(v_mean, axis=(-2, -1), keepdims=True) * red_size)
-    second = second_buf + (1 - MUON_BETA2) * (v_mean - second_buf)
+    second = second_momentum_buffer + (1 - beta2_t) * (v_mean - second_momentum_buffer)
     step_size = mx.rsqrt(mx.maximum(second, 1e-10))
     v_norm_new = mx.sqrt(mx.sum(v_mean * red_size * step_size * step_size, axis=(-2, -1), keepdims=True))
     g = g * (step_size * (v_norm / mx.maximum(v_norm_new, 1e-10)))
     # Cautious weight decay: decay only where the update and the weight agree in sign
-    P = P - lr * g - (lr * wd) * P * ((g * P) >= 0)
+    P = stacked_params
+    P = P - lr_t * g - (lr_t * wd_t) * P * ((g * P) >= 0)
     return P, buf, second
 
 
 class MuonAdamW:
     """
-    Upstream's combined optimizer as pure array math, so the update compiles into one graph.
-    `state` holds every array that changes (moments and the step count); hyperparameters
-    that change per step come in as the array `sched` = [lr multiplier, muon momentum, muon weight decay].
+    Upstream's combined optimizer: Muon for 2-D block matrices (stacked per shape), AdamW for the rest,
+    as pure array math so the update compiles into the step's graph. Param groups as torch.optim's
+    (parameters named by path); `state` holds every array that changes (moments and the step count).
+    The group values set_schedules changes per step reach the compiled update as one array,
+    hyperparameters(), so changing them never recompiles the step.
     """
 
-    def __init__(self, model: GPT, *, unembedding_lr: float, embedding_lr: float, matrix_lr: float,
-                 scalar_lr: float, weight_decay: float, adam_betas: tuple[float, float], grad_scale: float = 1.0):
-        params = dict(tree_flatten(model.trainable_parameters()))
-        dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5
-        print(f"Scaling AdamW LRs by 1/sqrt({model.config.n_embd}/768) = {dmodel_lr_scale:.6f}")
-        self.grad_scale = grad_scale  # 1 / grad-accumulation steps: the mean of the micro-batch gradients
-        self.adam: list[tuple[str, float, tuple[float, float]]] = []   # (path, base lr, betas)
-        matrices: list[str] = []
-        for path, p in params.items():
-            if path.startswith("transformer.h."):
-                assert p.ndim == 2, path
-                matrices.append(path)
-            elif path in ("lm_head.weight",):
-                self.adam.append((path, unembedding_lr * dmodel_lr_scale, adam_betas))
-            elif path == "transformer.wte.weight" or path.startswith("value_embeds."):
-                self.adam.append((path, embedding_lr * dmodel_lr_scale, adam_betas))
-            elif path == "resid_lambdas":
-                self.adam.append((path, scalar_lr * 0.01, adam_betas))
-            elif path == "x0_lambdas":
-                self.adam.append((path, scalar_lr, (0.96, 0.95)))
-            else:
-                raise ValueError(f"parameter {path} has no optimizer group; add it to MuonAdamW")
-        self.muon: list[tuple[tuple[int, ...], list[str], float]] = []  # (shape, paths, base lr)
-        for shape in sorted({tuple(params[p].shape) for p in matrices}):
-            paths = [p for p in matrices if tuple(params[p].shape) == shape]
-            self.muon.append((shape, paths, matrix_lr * max(1.0, shape[0] / shape[1]) ** 0.5))
-        self.state: dict = {
-            "step": mx.array(0.0),
-            "adam": [{"m": mx.zeros(params[p].shape), "v": mx.zeros(params[p].shape)} for p, _, _ in self.adam],
-            "muon": [{"momentum": mx.zeros((len(paths), *shape)),
-                      "second": mx.zeros((len(paths), shape[0], 1) if shape[0] >= shape[1] else (len(paths), 1, shape[1]))}
-                     for shape, paths, _ in self.muon],
-        }
+    def __init__(self, param_groups: list[dict], shapes: dict[str, tuple[int, ...]]):
+        self.param_groups = param_groups
+        self.state: dict = {"step": mx.array(0.0), "groups": [self._zeros(g, shapes) for g in param_groups]}
         mx.eval(self.state)
 
-    def apply(self, model: GPT, grads: dict, sched: mx.array) -> None:
-        """One update of every parameter from its gradient."""
-        lrm, momentum, wd = sched[0], sched[1], sched[2]
+    @staticmethod
+    def _zeros(group: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
+        if group["kind"] == "muon":
+            n, (rows, cols) = len(group["params"]), shapes[group["params"][0]]
+            return {"momentum_buffer": mx.zeros((n, rows, cols)),
+                    "second_momentum_buffer": mx.zeros((n, rows, 1) if rows >= cols else (n, 1, cols))}
+        return {"exp_avg": [mx.zeros(shapes[p]) for p in group["params"]],
+                "exp_avg_sq": [mx.zeros(shapes[p]) for p in group["params"]]}
+
+    def hyperparameters(self) -> mx.array:
+        """(groups, 3): each group's lr, Muon momentum and weight decay now."""
+        return mx.array([[g["lr"], g.get("momentum", 0.0), g["weight_decay"]] for g in self.param_groups],
+                        dtype=mx.float32)
+
+    def apply(self, model: GPT, grads: dict, hyper: mx.array) -> None:
+        """One update of every parameter from its gradient; hyper: hyperparameters() for this step."""
         params = dict(tree_flatten(model.trainable_parameters()))
         flat_g = dict(tree_flatten(grads))
         new: dict[str, mx.array] = {}
         step = self.state["step"] + 1
         self.state["step"] = step
-
-        for (path, lr, (b1, b2)), st in zip(self.adam, self.state["adam"]):
-            g = flat_g[path].astype(mx.float32) * self.grad_scale
-            m = st["m"] + (1 - b1) * (g - st["m"])
-            v = st["v"] + (1 - b2) * (g * g - st["v"])
-            denom = mx.sqrt(v / (1 - b2 ** step)) + ADAM_EPS
-            new[path] = params[path] - (lr * lrm / (1 - b1 ** step)) * (m / denom)  # AdamW groups have wd 0
-            st["m"], st["v"] = m, v
-
-        for (_, paths, lr), st in zip(self.muon, self.state["muon"]):
-            G = mx.stack([flat_g[p] for p in paths]).astype(mx.float32) * self.grad_scale
-            P, st["momentum"], st["second"] = muon_update(G, mx.stack([params[p] for p in paths]), st["momentum"],
-                                                          st["second"], lr * lrm, momentum, wd)
-            for i, path in enumerate(paths):
-                new[path] = P[i]
-
+        for i, (group, st) in enumerate(zip(self.param_groups, self.state["groups"])):
+            lr, momentum, wd = hyper[i, 0], hyper[i, 1], hyper[i, 2]
+            paths = group["params"]
+            if group["kind"] == "muon":
+                rows, cols = params[paths[0]].shape
+                P, st["momentum_buffer"], st["second_momentum_buffer"] = muon_step(
+                    mx.stack([flat_g[p] for p in paths]).astype(mx.float32), mx.stack([params[p] for p in paths]),
+                    st["momentum_buffer"], st["second_momentum_buffer"], momentum,
+                    lr * max(1.0, rows / cols) ** 0.5, wd, group["beta2"], -1 if rows >= cols else -2)
+                new.update((path, P[j]) for j, path in enumerate(paths))
+                continue
+            for j, path in enumerate(paths):
+                new[path], st["exp_avg"][j], st["exp_avg_sq"][j] = adamw_step(
+                    params[path], flat_g[path].astype(mx.float32), st["exp_avg"][j], st["exp_avg_sq"][j], step,
+                    lr, group["betas"][0], group["betas"][1], group["eps"], wd)
         model.update(tree_map_with_path(lambda path, p: new[path].astype(p.dtype), model.trainable_parameters()))
+
+
+def build_optimizer(model: GPT) -> MuonAdamW:
+    """The optimizer from this file's constants: AdamW groups as upstream, one Muon group per matrix shape."""
+    dmodel_lr_scale = (model.config.n_embd / 768) ** -0.5  # AdamW LRs were tuned at width 768
+    print(f"Scaling AdamW LRs by 1/sqrt({model.config.n_embd}/768) = {dmodel_lr_scale:.6f}")
+
+    def adamw(params: list, lr: float, betas: tuple[float, float] = ADAM_BETAS) -> dict:
+        return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=ADAM_EPS, weight_decay=0.0)
+
+    shapes = {path: tuple(p.shape) for path, p in tree_flatten(model.trainable_parameters())}
+    matrices = [path for path in shapes if path.startswith("transformer.h.")]
+    groups = [
+        adamw(["lm_head.weight"], UNEMBEDDING_LR * dmodel_lr_scale),
+        adamw(["transformer.wte.weight"], EMBEDDING_LR * dmodel_lr_scale),
+        adamw([path for path in shapes if path.startswith("value_embeds.")], EMBEDDING_LR * dmodel_lr_scale),
+        adamw(["resid_lambdas"], SCALAR_LR * 0.01),
+        adamw(["x0_lambdas"], SCALAR_LR, betas=(0.96, 0.95)),
+    ]
+    for shape in sorted({shapes[p] for p in matrices}):
+        groups.append(dict(kind="muon", params=[p for p in matrices if shapes[p] == shape], lr=MATRIX_LR,
+                           momentum=0.95, beta2=MUON_BETA2, weight_decay=WEIGHT_DECAY))
+    groups = [g for g in groups if g["params"]]
+    assert sum(len(g["params"]) for g in groups) == len(shapes), "a parameter has no optimizer group"
+    for group in groups:
+        group["initial_lr"] = group["lr"]
+    return MuonAdamW(groups, shapes)
 
 
 def get_lr_multiplier(progress: float) -> float:
@@ -431,21 +451,27 @@ def get_weight_decay(progress: float) -> float:
     return WEIGHT_DECAY * (1 - progress)
 
 
-def schedule(progress: float, step: int) -> mx.array:
-    """Per-step hyperparameters as one array, so changing them never recompiles the step."""
-    return mx.array([get_lr_multiplier(progress), get_muon_momentum(step), get_weight_decay(progress)],
-                    dtype=mx.float32)
+def set_schedules(optimizer: MuonAdamW, progress: float, step: int) -> float:
+    """LR multiplier from the budget's progress, Muon momentum warm-up by step, weight decay annealed to 0."""
+    lrm = get_lr_multiplier(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = get_muon_momentum(step)
+            group["weight_decay"] = get_weight_decay(progress)
+    return lrm
 
 
 def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
-                    compile: bool = True) -> Callable[[list[tuple[mx.array, mx.array]], mx.array], mx.array]:
+                    compile: bool = False) -> Callable[[list[tuple[mx.array, mx.array]], float, int], mx.array]:
     """
-    step(batches, sched) -> mean micro-batch loss (lazy). One optimizer step over
-    `grad_accum_steps` (x, y) micro-batches. With one micro-batch, forward, backward
-    and update are a single compiled graph; with several, the forward/backward graph
-    runs per micro-batch and the summed gradients feed a compiled update.
+    step(batches, progress, step) -> mean micro-batch loss (lazy). One optimizer step over
+    `grad_accum_steps` (x, y) micro-batches, then the schedules and the Muon+AdamW update.
+    With one micro-batch, forward, backward and update are a single compiled graph; with
+    several, the forward/backward graph runs per micro-batch and the mean gradient feeds a
+    compiled update.
     """
-    loss_and_grad = nn.value_and_grad(model, lambda x, y: cross_entropy(model(x), y))
+    loss_and_grad = nn.value_and_grad(model, lambda x, y: training_loss(model, x, y))
     maybe_compile = (lambda fn, state: partial(mx.compile, inputs=state, outputs=state)(fn)) if compile \
         else (lambda fn, state: fn)
     state = [model.state, optimizer.state]
@@ -456,22 +482,24 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
         model.update(params)  # value_and_grad leaves its own (traced) copies of the parameters in the model
         return out
 
-    def fused(x: mx.array, y: mx.array, sched: mx.array) -> mx.array:
+    def fused(x: mx.array, y: mx.array, hyper: mx.array) -> mx.array:
         loss, grads = grad_only(x, y)
-        optimizer.apply(model, grads, sched)
+        optimizer.apply(model, grads, hyper)
         return loss
 
-    def update(grads: dict, sched: mx.array) -> None:
-        optimizer.apply(model, grads, sched)
+    def update(grads: dict, hyper: mx.array) -> None:
+        optimizer.apply(model, tree_map(lambda g: g * (1.0 / grad_accum_steps), grads), hyper)
 
     fused_c = maybe_compile(fused, state)
     grad_c = mx.compile(grad_only, inputs=[model.state]) if compile else grad_only
     update_c = maybe_compile(update, state)
 
-    def step(batches: list[tuple[mx.array, mx.array]], sched: mx.array) -> mx.array:
+    def step(batches: list[tuple[mx.array, mx.array]], progress: float, step: int) -> mx.array:
         assert len(batches) == grad_accum_steps, f"expected {grad_accum_steps} micro-batches, got {len(batches)}"
+        set_schedules(optimizer, progress, step)
+        hyper = optimizer.hyperparameters()  # an input, not a constant: new values never recompile the graph
         if grad_accum_steps == 1:
-            loss = fused_c(*batches[0], sched)
+            loss = fused_c(*batches[0], hyper)
             mx.async_eval(loss, model.parameters(), optimizer.state)
             return loss
         total, acc = None, None
@@ -480,7 +508,7 @@ def make_train_step(model: GPT, optimizer: MuonAdamW, grad_accum_steps: int,
             acc = grads if acc is None else tree_map(mx.add, acc, grads)
             total = loss if total is None else total + loss
             mx.async_eval(total, acc)  # keep the device busy while the host queues the next micro-batch
-        update_c(acc, sched)
+        update_c(acc, hyper)
         total = total / grad_accum_steps
         mx.async_eval(total, model.parameters(), optimizer.state)
         return total
@@ -506,11 +534,12 @@ def train() -> None:
     print(f"Vocab size: {vocab_size:,}")
     config = build_config(vocab_size, seq_len)
     print(f"Model config: {asdict(config)}")
-    print(f"Device: {ENGINE.hardware().device} ({mx.default_device()}), compute dtype {COMPUTE_DTYPE}")
 
     model = GPT(config)
     model.init_weights()
     mx.eval(model.parameters())
+    print(f"Device: {ENGINE.hardware().device} ({mx.default_device()}), attention: {model.attention}, "
+          f"compute dtype {COMPUTE_DTYPE}, compile: {COMPILE}")
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
     for key, value in param_counts.items():
@@ -524,9 +553,7 @@ def train() -> None:
         raise SystemExit(f"FAIL: TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE x "
                          f"MAX_SEQ_LEN = {DEVICE_BATCH_SIZE} x {seq_len}; change one of them")
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
-    optimizer = MuonAdamW(model, unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
-                          scalar_lr=SCALAR_LR, weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS,
-                          grad_scale=1.0 / grad_accum_steps)
+    optimizer = build_optimizer(model)
     train_step = make_train_step(model, optimizer, grad_accum_steps, compile=COMPILE)
 
     loader = prepare.make_dataloader(DEVICE_BATCH_SIZE, seq_len, "train", seed=seed)
@@ -543,7 +570,7 @@ def train() -> None:
         for _ in range(grad_accum_steps):
             x, y, epoch = next(loader)
             batches.append((mx.array(x), mx.array(y)))
-        loss = train_step(batches, schedule(budget.progress, budget.step))
+        loss = train_step(batches, budget.progress, budget.step)
         dt = budget.end_step()
         loss_f = loss.item()  # the device is idle here (end_step synced), so this read costs nothing
         fail_fast(loss_f, budget.step)
@@ -557,7 +584,7 @@ def train() -> None:
     mx.clear_cache()
     forward = partial(mx.compile, inputs=model.state)(model.__call__) if COMPILE else model
     finish_run(ENGINE, model, forward, budget=budget, t_start=t_start, tokens_per_step=TOTAL_BATCH_SIZE,
-               flops_per_token=flops_per_token, eval_batch_size=EVAL_BATCH_SIZE, seed=seed, constants=globals(),
+               flops_per_token=flops_per_token, seed=seed, constants=globals(),
                extra={"grad_accum_steps": grad_accum_steps, "export_check_seconds": export_check_seconds,
                       "compute_dtype": str(model.dtype)})
 
