@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from arun.core.steplines import parse_step_line
@@ -219,7 +220,7 @@ class Stopper:
 
 
 def make_stopper(best: dict | None, baseline: dict | None, candidate_config: dict, noise: dict | None = None,
-                 log=None) -> Stopper | None:
+                 log: Callable[[str], None] | None = None) -> Stopper | None:
     """The stopper for a candidate against the best, or None (with the reason logged) when the rule
     leaves it alone: no best, no believable trajectory, or a change a mid-run look misjudges."""
     def say(msg: str) -> None:
