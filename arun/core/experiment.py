@@ -51,6 +51,7 @@ from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
+from arun.core.steplines import StepLine
 from arun.core.timing import (
     audit_timing,
     charged_seconds,
@@ -354,8 +355,8 @@ def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stoppe
             watch = Watch()
             att.watches.append(watch)
 
-            def should_stop(line: str, watch: Watch = watch) -> str | None:
-                return early_stop.check(watch) if watch.line(line) and early_stop is not None else None
+            def should_stop(step: StepLine, watch: Watch = watch) -> str | None:
+                return early_stop.check(watch) if watch.add(step) and early_stop is not None else None
             env = child_env(ctx.data.dir, ctx.device, seed, ARUN_TIME_BUDGET=repr(ctx.budget),
                             ARUN_RESULT_JSON=str(att.run_dir / f"result{i}.json"),
                             ARUN_ARTIFACT=str(att.artifact(i)))
