@@ -6,13 +6,15 @@ import ast
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -46,7 +48,7 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """One line naming the problem and the fix, then a non-zero exit."""
     # escape: a hint such as pip install -e '.[sweep]' must keep its [extra] (rich reads [..] as markup)
     err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -67,7 +69,7 @@ def require_project(cwd: Path) -> None:
 class ArunGroup(click.Group):
     """The one place an ArunError becomes the one-line message and exit code 1, for every command."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ArunError as e:
@@ -81,45 +83,47 @@ def say(line: str) -> None:
 
 # --------------------------------------------------------------------------- options shared by several commands
 
-def backend_choice(help: str):
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]  # what click.option returns: it adds one option
+
+def backend_choice(help: str) -> Decorator:
     return click.option("--backend", required=True, type=click.Choice(BACKENDS), help=help)
 
 
-def budget_option():
+def budget_option() -> Decorator:
     return click.option("--budget", type=float, default=None, help="training seconds (default: prepare.TIME_BUDGET = 300)")
 
 
-def device_option(help: str = "torch engine device"):
+def device_option(help: str = "torch engine device") -> Decorator:
     return click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help=help)
 
 
-def timeout_option(help: str = "hard kill of a training run (seconds)"):
+def timeout_option(help: str = "hard kill of a training run (seconds)") -> Decorator:
     return click.option("--timeout", "hard_timeout", type=float, default=None, help=help)
 
 
-def allowance_option():
+def allowance_option() -> Decorator:
     return click.option("--allowance", type=float, default=None,
                         help="seconds a run may spend besides training: start-up, compilation, export "
                              "(default: max(60, budget/5)); the rest of its wall time is charged as training")
 
 
-def seeds_option(help: str = "score every change over N seeds", default: int = 1):
+def seeds_option(help: str = "score every change over N seeds", default: int = 1) -> Decorator:
     return click.option("--seeds", type=int, default=default, show_default=True, help=help)
 
 
-def confidence_option(help: str):
+def confidence_option(help: str) -> Decorator:
     return click.option("--confidence", type=float, default=None, help=help)
 
 
-def hours_option():
+def hours_option() -> Decorator:
     return click.option("--hours", type=float, default=None, help="start no experiment after this many hours")
 
 
-def near_miss_option():
+def near_miss_option() -> Decorator:
     return click.option("--near-miss", type=float, default=None, help="flag discards this close to the best (default 0.002)")
 
 
-def require_confinement_option():
+def require_confinement_option() -> Decorator:
     """--require-confinement (or ARUN_REQUIRE_CONFINEMENT=1): refuse to run where the OS cannot confine
     the train process. Set in the environment, so the harness checks it again wherever it launches one
     (every loop iteration, every swarm worker)."""
@@ -135,9 +139,9 @@ def require_confinement_option():
                         callback=apply, help="refuse to run unless the OS confines the train process (Landlock, Seatbelt)")
 
 
-def options(*opts):
+def options(*opts: Decorator) -> Decorator:
     """Applies options in the order listed (as stacked decorators would read)."""
-    def apply(f):
+    def apply(f: Callable[..., Any]) -> Callable[..., Any]:
         for option in reversed(opts):
             f = option(f)
         return f
@@ -189,7 +193,7 @@ def run_one(backend: str | None, description: str, budget: float | None, device:
 @click.group(cls=ArunGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @experiment_options
 @click.pass_context
-def cli(ctx: click.Context, backend: str | None, **opts) -> None:
+def cli(ctx: click.Context, backend: str | None, **opts: Any) -> None:
     """arun: autonomous ML research on a fixed time budget, on MLX or PyTorch/CUDA.
 
     `arun --backend mlx -m "what I tried"` runs one experiment (same as `arun run`)."""
@@ -210,7 +214,7 @@ def cli(ctx: click.Context, backend: str | None, **opts) -> None:
 
 @cli.command("run")
 @experiment_options
-def run_cmd(backend: str | None, **opts) -> None:
+def run_cmd(backend: str | None, **opts: Any) -> None:
     """Run one experiment on the current train file: record it, keep it or revert it."""
     record = run_one(backend, **opts)
     sys.exit(0 if record["status"] in ("keep", "discard") else 2)
@@ -442,7 +446,7 @@ def prepare_cmd(dataset: str, profile: str, num_shards: int, download_workers: i
     """Download data, train the tokenizer, pack the fixed validation rows."""
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}"),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def progress(stage: str, done: int, total: int | None) -> None:
             if stage not in tasks:

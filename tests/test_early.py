@@ -27,6 +27,7 @@ from arun.core.early import (
     protected_changes,
     resample,
 )
+from arun.core.steplines import parse_step_line
 from arun.search.policy import ConfirmingDecider
 from helpers_repo import ledger_records, make_project
 
@@ -55,6 +56,12 @@ def step_lines(losses_at: list[tuple[float, float]]) -> list[str]:
     return out.getvalue().splitlines(keepends=True)
 
 
+def feed(w: Watch, line: str) -> bool:
+    """As the reader does (arun.core.process): parse the line once, hand a step line to the watch."""
+    step = parse_step_line(line)
+    return step is not None and w.add(step)
+
+
 # --------------------------------------------------------------------------- trajectories
 
 @pytest.mark.unit
@@ -62,8 +69,8 @@ def test_step_lines_become_a_trajectory_at_every_5_percent() -> None:
     w = Watch()
     lines = step_lines([(1, 9.0), (3, 7.0), (12, 5.0), (14, 4.0), (40, 3.0)])
     lines.insert(2, "some other output | loss 0.0\n")
-    assert [w.line(s) for s in lines] == [True, True, False, True, True, True]
-    assert not w.line(step_lines([(41, float("nan"))])[0])  # a nan loss is no point
+    assert [feed(w, s) for s in lines] == [True, True, False, True, True, True]
+    assert not feed(w, step_lines([(41, float("nan"))])[0])  # a nan loss is no point
     traj = w.trajectory()
     assert len(traj) == len(GRID) == 20
     assert traj[0] == pytest.approx(8.0)          # mean of the losses in (0, 5]
@@ -79,7 +86,7 @@ def test_resample_leaves_unreached_bins_empty_and_progress_never_goes_back() -> 
     assert resample([(50.0, 2.0)], upto=50.0)[:10] == [None] * 9 + [2.0]
     w = Watch()
     for s in step_lines([(30, 3.0), (20, 0.1), (31, 3.0)]):  # a line claiming to go back is ignored
-        w.line(s)
+        feed(w, s)
     assert w.points == [(30.0, 3.0), (31.0, 3.0)]
 
 

@@ -27,7 +27,7 @@ from arun.core.errors import ArunError
 from arun.core.experiment import repo_lock, run_experiment
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.process import last_error_line
-from arun.core.progress import parse_step_line
+from arun.core.steplines import parse_step_line
 from arun.core.trainfile import rewrite_constants
 from engines.forward_file import SUFFIX
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from arun.core.deadline import Limits
+from arun.core import steplines
+from arun.core.deadline import Clock, Limits
+from arun.core.early import Watch
 from arun.core.process import child_env, output_lines, run_train_file
+from arun.core.progress import Progress
 from arun.core.steplines import FORMAT_DOC, StepLine, parse_step_line, split_lines
 from helpers_repo import arun_env, ledger_records, make_project, replace_once, run_arun
 
@@ -81,6 +85,70 @@ def test_the_reader_cuts_an_over_long_line_and_counts_what_went() -> None:
 
 
 # --------------------------------------------------------------------------- through the launch path
+
+PRINTER = '''import sys
+w = sys.stdout.write  # one write per line: the reader never sees half of one unless the line is unfinished
+w("compiling\\n")
+for i in range(1, 4):
+    w(f"step {i:05d} | progress {10 * i}.0% | loss {4 - i}.5 | remaining 9s\\n")
+w("\\rstep 00004 (40.0%) | loss: 0.4 | remaining: 8s    ")   # upstream's: a \\r before, nothing after
+w("\\rstep 00005 (50.0%) | loss: 0.3 | remaining: 7s    ")
+w("\\ndone\\n")
+'''
+
+
+def count_parses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the step-line parser is called with, from now on: every module that holds the parser gets a
+    counting wrapper around the real one, so whoever parses, it is counted."""
+    original, calls = steplines.parse_step_line, []
+
+    def counted(line: str) -> StepLine | None:
+        calls.append(line)
+        return original(line)
+    for module in list(sys.modules.values()):
+        if getattr(module, "parse_step_line", None) is original:
+            monkeypatch.setattr(module, "parse_step_line", counted)
+    return calls
+
+
+def test_an_unfinished_line_is_parsed_for_the_kill_clock_only_until_the_first_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_parses(monkeypatch)
+    clock = Clock(Limits())
+    chunks = [b"compiling", b" done\n", UPSTREAM.encode(), UPSTREAM.replace("00012", "00013").encode(), b"\n"]
+    assert len(list(output_lines(Chunks(chunks), on_partial=clock.partial))) == 3
+    assert clock.first_step is not None  # started by upstream's step line while it was still unfinished
+    assert calls == ["compiling", UPSTREAM.lstrip("\r")]  # the later unfinished step line is not parsed again
+
+
+def test_each_output_line_is_parsed_once_for_the_clock_the_count_the_bar_and_the_watch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_parses(monkeypatch)
+    repo = tmp_path / "proj"
+    (repo / "run").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    (repo / "train.py").write_text(PRINTER)
+    env = child_env(tmp_path / "data", None, None, ARUN_RESULT_JSON=str(repo / "run" / "result.json"))
+    lines: list[str] = []
+    watch = Watch()
+
+    def on_line(line: str, step: StepLine | None) -> None:
+        lines.append(line)
+        bar.line(line, step)
+
+    with Progress(True, "counted") as bar:  # the harness's consumers, wired as arun.core.experiment wires them
+        out = run_train_file(repo, "train.py", env, tmp_path / "run.log", Limits(first_step=60, after_step=60),
+                             on_line, should_stop=lambda step: None if watch.add(step) else None)
+    assert lines == ["compiling\n"] + [f"step {i:05d} | progress {10 * i}.0% | loss {4 - i}.5 | remaining 9s\n"
+                                       for i in range(1, 4)] + [
+        "step 00004 (40.0%) | loss: 0.4 | remaining: 8s    \n", "step 00005 (50.0%) | loss: 0.3 | remaining: 7s    \n",
+        "done\n"]
+    assert out.step_lines == 5 and [p for p, _ in watch.points] == [10.0, 20.0, 30.0, 40.0, 50.0]
+    # Each complete line once; an unfinished line only for the kill clock, and only until its first step
+    # (here the first step line came whole, so none).
+    assert [c for c in calls if c.endswith("\n")] == lines
+    assert [c for c in calls if not c.endswith("\n")] == []
+
 
 UPSTREAM_STEPPER = '''import time
 print("compiling\\rval_bpb:          0.100000", flush=True)   # a summary line hidden behind a \\r

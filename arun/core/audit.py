@@ -28,7 +28,7 @@ from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
 from engines.atomic import write_json
 from engines.fingerprint import fixed_code_sha256
-from prepare import sha256_file
+from prepare import PreparedData, sha256_file
 
 # The re-score runs the same fixed code on the same artifact, rows and device as the score of record,
 # and sums in float64: an honest keep reproduces to the last few bits (1e-9 and below in practice).
@@ -73,7 +73,7 @@ def _ledgers(repo_dir: Path, tag: str | None, ref: str | None) -> list[tuple[str
     return out
 
 
-def _rescore(repo_dir: Path, rec: dict, data, tags: dict) -> tuple[float | None, str]:
+def _rescore(repo_dir: Path, rec: dict, data: PreparedData, tags: dict) -> tuple[float | None, str]:
     """(re-scored val_bpb, verdict) of one keep."""
     backend, sha = str(rec.get("backend")), str(rec["artifact_sha256"])
     if backend not in forward_store.SUFFIX:

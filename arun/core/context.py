@@ -70,7 +70,7 @@ def default_device(backend: str, device: str | None) -> str | None:
     return device or (os.environ.get("ARUN_DEVICE") if backend in DEVICE_BACKENDS else None)
 
 
-def open_data(verify: bool = False) -> Any:
+def open_data(verify: bool = False) -> prepare.PreparedData:
     """The prepared data (checked against its manifest when `verify`); ArunError naming the fix."""
     try:
         data = prepare.PreparedData.open()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from arun.core.steplines import FORMAT_DOC, parse_step_line
+from arun.core.steplines import FORMAT_DOC, StepLine, parse_step_line
 
 FIRST_STEP_CAP = 1800.0  # a run that never reaches its first step is hung (30 minutes)
 
@@ -40,16 +40,24 @@ class Limits:
 
 
 class Clock:
-    """Fed every output line of one run; says which limit it is past, if any."""
+    """Fed every output line of one run (parsed once by the reader, arun.core.process); says which limit
+    it is past, if any."""
 
     def __init__(self, limits: Limits, hint: str = ""):
         self.limits, self.hint = limits, hint
         self.start = time.monotonic()
         self.first_step: float | None = None   # monotonic time of the first step line
 
-    def line(self, text: str) -> None:
-        if self.first_step is None and parse_step_line(text) is not None:
+    def step(self, step: StepLine | None) -> None:
+        """One complete output line, as parsed: the first step line starts the second clock."""
+        if self.first_step is None and step is not None:
             self.first_step = time.monotonic()
+
+    def partial(self, text: str) -> None:
+        """What has arrived of an unfinished line: upstream's step line (a \\r before it, nothing after) ends
+        only when the next one begins, so the first is read as it arrives. Parsed only until the first step."""
+        if self.first_step is None:
+            self.step(parse_step_line(text))
 
     def expired(self) -> str | None:
         """None while the run may go on; else the timeout's one-line reason (which limit, what to do)."""

@@ -32,9 +32,10 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from arun.core.steplines import parse_step_line
+from arun.core.steplines import StepLine
 
 EVERY = 5.0                      # percent of the budget between trajectory points
 GRID = tuple(EVERY * (i + 1) for i in range(int(100 / EVERY)))   # 5, 10, ..., 100
@@ -177,14 +178,13 @@ def believable(best: dict, baseline: dict | None) -> bool:
 
 @dataclass
 class Watch:
-    """Fed every output line of one run; `trajectory()` is its loss trajectory so far."""
+    """Fed every step line of one run (as the reader parsed it); `trajectory()` is its loss trajectory so far."""
     points: list[tuple[float, float]] = field(default_factory=list)
     reached: float = 0.0
 
-    def line(self, text: str) -> bool:
-        """True when the line was a step line with a finite loss."""
-        info = parse_step_line(text)
-        if info is None or info.progress is None or info.loss is None:
+    def add(self, info: StepLine) -> bool:
+        """True when the step line carried progress and a finite loss (a new point)."""
+        if info.progress is None or info.loss is None:
             return False
         loss = info.loss
         if not math.isfinite(loss) or info.progress < self.reached:  # progress never goes back
@@ -219,7 +219,7 @@ class Stopper:
 
 
 def make_stopper(best: dict | None, baseline: dict | None, candidate_config: dict, noise: dict | None = None,
-                 log=None) -> Stopper | None:
+                 log: Callable[[str], None] | None = None) -> Stopper | None:
     """The stopper for a candidate against the best, or None (with the reason logged) when the rule
     leaves it alone: no best, no believable trajectory, or a change a mid-run look misjudges."""
     def say(msg: str) -> None:

@@ -51,6 +51,7 @@ from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
+from arun.core.steplines import StepLine
 from arun.core.timing import (
     audit_timing,
     charged_seconds,
@@ -354,8 +355,8 @@ def launch(att: Attempt, limits: Limits, show_progress: bool, early_stop: Stoppe
             watch = Watch()
             att.watches.append(watch)
 
-            def should_stop(line: str, watch: Watch = watch) -> str | None:
-                return early_stop.check(watch) if watch.line(line) and early_stop is not None else None
+            def should_stop(step: StepLine, watch: Watch = watch) -> str | None:
+                return early_stop.check(watch) if watch.add(step) and early_stop is not None else None
             env = child_env(ctx.data.dir, ctx.device, seed, ARUN_TIME_BUDGET=repr(ctx.budget),
                             ARUN_RESULT_JSON=str(att.run_dir / f"result{i}.json"),
                             ARUN_ARTIFACT=str(att.artifact(i)))
@@ -478,7 +479,7 @@ def trajectory_fields(watches: list[Watch]) -> dict:
     return {"loss_trajectory": mean_trajectory(runs), **({"loss_trajectory_seeds": runs} if len(runs) > 1 else {})}
 
 
-def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: DecideFn, near_miss: float | None,
+def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: DecideFn | None, near_miss: float | None,
             log: Callable[[str], None]) -> tuple[str, bool, float | None]:
     """A near win (the decider said "confirm"): fresh seeds until the experiment has `confirm_seeds` runs,
     then the decider again on the mean over all of them; still undecided counts as not confirmed."""
@@ -489,7 +490,7 @@ def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: Decide
     used = {base_seed if s is None else s for s in att.seed_list}
     fresh = [s for s in range(base_seed + 1, base_seed + 1000) if s not in used][:total - start]
     log(f"arun: a near win: confirming with {len(fresh)} fresh seed(s) ({', '.join(map(str, fresh))}) before it is kept")
-    att.seed_list = att.seed_list + fresh
+    att.seed_list = [*att.seed_list, *fresh]
     launch(att, limits, show_progress, start=start)
     score_runs(att, log, start=start)
     status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
@@ -500,15 +501,15 @@ def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: Decide
 
 def score_fields(att: Attempt) -> dict:
     """What the evaluator measured, the charged time, and the run's own claims (diagnostics only)."""
-    ran = [o for o in att.outcomes if o.result]
+    ran = [(o.result, o.wall_seconds) for o in att.outcomes if o.result]
     fields: dict = {"allowance_seconds": att.allowance,
                     # per run: what the baseline needed (the reference), what this run may use, what it used
                     "non_training_reference": att.reference, "non_training_limit": att.limit,
-                    "non_training_seconds": max(non_training_seconds(o.result, o.wall_seconds) for o in ran)
+                    "non_training_seconds": max(non_training_seconds(r, wall) for r, wall in ran)
                     if ran else None,
-                    "charged_seconds": sum(charged_seconds(o.result, o.wall_seconds, att.limit)
-                                           for o in ran) if att.results else None,
-                    "last_step_seconds": max((finite(o.result.get("last_step_seconds")) or 0.0 for o in ran),
+                    "charged_seconds": sum(charged_seconds(r, wall, att.limit)
+                                           for r, wall in ran) if att.results else None,
+                    "last_step_seconds": max((finite(r.get("last_step_seconds")) or 0.0 for r, _ in ran),
                                              default=None)}
     scored = [v for v in att.verdicts if "val_bpb" in v]
     if scored:
@@ -674,14 +675,14 @@ def verdict_line(rec: dict, other: dict | None = None) -> str:
     (other: the best of the key used before, named so a changed --budget does not read as a win)."""
     val, best, status = rec.get("val_bpb"), rec.get("best_before"), rec["status"]
     where = f"[{rec['tag']}] id {rec['id']}"
-    if status == "keep" and rec.get("baseline"):
+    if status == "keep" and (rec.get("baseline") or best is None):  # (a baseline has no best before it)
         why = f"first run of key {rec.get('key_id')}"
         if other:
             why += (f": {key_difference(other.get('key') or {}, rec.get('key') or {})}; key {other['key_id']}'s best "
                     f"is {other['val_bpb']:.6f}, not compared")
         return f"arun: BASELINE {val:.6f} ({why}) -> commit {rec['commit'][:10]} {where}"
     how = confirmation_words(rec.get("confirmation"))
-    if status == "keep":
+    if status == "keep" and val is not None:
         what = f"improved on {best:.6f} by {best - val:.6f}"
         return f"arun: KEEP {val:.6f} ({what}{f'; {how}' if how else ''}) -> commit {rec['commit'][:10]} {where}"
     if status == "discard" and val is None:  # stopped early: never scored (arun.core.early)

@@ -28,7 +28,7 @@ from typing import TextIO, cast
 from arun.core import confine as confinement
 from arun.core.deadline import Clock, Limits
 from arun.core.runfolder import read_regular
-from arun.core.steplines import parse_step_line, split_lines
+from arun.core.steplines import StepLine, parse_step_line, split_lines
 
 
 class Interrupted(KeyboardInterrupt):
@@ -216,15 +216,17 @@ def child_env(data_dir: Path, device: str | None, seed: int | None = None, **val
 
 
 def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, limits: Limits | float,
-                   on_line: Callable[[str], None] | None = None, prefix: str = "",
+                   on_line: Callable[[str, StepLine | None], None] | None = None, prefix: str = "",
                    seed: int | None = None, log_is_stdout: bool = False, confine: bool = True,
-                   timeout_hint: str = "", should_stop: Callable[[str], str | None] | None = None) -> RunOutcome:
+                   timeout_hint: str = "", should_stop: Callable[[StepLine], str | None] | None = None) -> RunOutcome:
     """Runs the train file as its own process group (so a kill reaches compile workers and
-    dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line. Where the OS
+    dataloader processes too), streaming stdout+stderr into run.log (neutralised) and to on_line(line, step):
+    each line is parsed as a step line once, here (arun.core.steplines; step is None for other lines). Where the OS
     can, the process is confined: it writes only its run folder (the folder of $ARUN_RESULT_JSON,
     with a private TMPDIR inside) and never reads the val/test rows, ledgers or other runs.
     limits: when it is killed (arun.core.deadline; a number is one limit from the start).
-    should_stop(line) -> reason: the harness ends the run early (status "stopped", arun.core.early)."""
+    should_stop(step) -> reason, for each step line: the harness ends the run early (status "stopped",
+    arun.core.early)."""
     out = RunOutcome(seed)
     lines: list[str] = []
     claims: list[str] = []
@@ -260,10 +262,11 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         try:
             assert proc.stdout is not None
             logged = 0
-            for line in output_lines(cast(io.BufferedIOBase, proc.stdout), on_partial=clock.line):
-                clock.line(line)
-                if parse_step_line(line) is not None:
-                    out.step_lines += 1
+            # cast: with the default bufsize Popen's stdout is a BufferedReader; typeshed says IO[bytes] (no read1)
+            for line in output_lines(cast(io.BufferedIOBase, proc.stdout), on_partial=clock.partial):
+                step = parse_step_line(line)  # the one parse of this line: the clock, the count and the callbacks share it
+                clock.step(step)
+                out.step_lines += step is not None
                 if logged < MAX_LOG_BYTES:
                     text = prefix + neutralise(line)
                     logged += len(text.encode("utf-8", "replace"))
@@ -278,8 +281,8 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
                 if len(lines) > 400:
                     del lines[:200]
                 if on_line:
-                    on_line(line)
-                if should_stop and (reason := should_stop(line)):  # early discard (arun.core.early)
+                    on_line(line, step)
+                if should_stop and step is not None and (reason := should_stop(step)):  # early discard (arun.core.early)
                     why.append(reason)
                     stopped.set()
                     with contextlib.suppress(ProcessLookupError, PermissionError):

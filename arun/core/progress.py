@@ -5,11 +5,12 @@ from __future__ import annotations
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 
-from arun.core.steplines import parse_step_line
+from arun.core.steplines import StepLine
 
 
 class Progress:
-    """A rich progress bar (only on a terminal). `line()` takes every output line of the run."""
+    """A rich progress bar (only on a terminal). `line()` takes every output line of the run, with its step
+    line as the reader parsed it (None: not one)."""
 
     def __init__(self, enabled: bool, label: str):
         self.enabled = enabled
@@ -33,10 +34,9 @@ class Progress:
         if self.enabled:
             self.bar.update(self.task, description=label, completed=0.0, info="starting (imports, data, compile)")
 
-    def line(self, line: str) -> None:
+    def line(self, line: str, info: StepLine | None) -> None:
         if not self.enabled:
             return
-        info = parse_step_line(line)
         if info is not None and info.progress is not None:
             tail = "evaluating" if info.progress >= 100.0 else f"{info.remaining}s left" if info.remaining is not None else ""
             parts = [f"step {info.step}", f"loss {info.loss:.6f}" if info.loss is not None else "",

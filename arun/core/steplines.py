@@ -2,7 +2,8 @@
 The step line: what a train file prints once per logged training step, and the one parser the
 harness reads it with. It starts the kill clock's second phase (arun.core.deadline), feeds the
 progress bar (arun.core.progress), the loss trajectory and early stop (arun.core.early), and the
-start-up measure of `arun calibrate` (arun.search.calibration_probe).
+start-up measure of `arun calibrate` (arun.search.calibration_probe). Each output line is parsed
+once, by the reader (arun.core.process.run_train_file), which hands the StepLine (or None) to each.
 
 The format. A step line starts with `step N` and carries `|`-separated fields, each `name value` or
 `name: value`; both train files print it through engines.run.StepLog:

@@ -54,7 +54,7 @@ def winning_diff(repo_dir: Path | str, base: dict | None, best: dict | None) -> 
     if not base or not best or base.get("id") == best.get("id"):
         return ""
     path = best.get("train_file")
-    if train_file_at(repo_dir, base.get("commit"), path) is not None and \
+    if path and train_file_at(repo_dir, base.get("commit"), path) is not None and \
             train_file_at(repo_dir, best.get("commit"), path) is not None:
         return subprocess.run(["git", "diff", str(base["commit"]), str(best["commit"]), "--", path], cwd=repo_dir,
                               capture_output=True, text=True, env=sealed_env()).stdout

@@ -11,8 +11,12 @@ and plotly renders a subset of HTML in hover text and embeds the data in a <scri
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
 from arun.core.ratchet import running_best, scored
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 COLORS = {"keep": "#2ca02c", "discard": "#9a9a9a", "failed": "#d62728", "best": "#2ca02c"}
 
@@ -25,13 +29,13 @@ def _hover(n: int, r: dict) -> str:
             f"<br>{text}" + (f"<br>{why}" if why else ""))
 
 
-def figure(records: list[dict], title: str, noise_std: float | None = None):
+def figure(records: list[dict], title: str, noise_std: float | None = None) -> go.Figure:
     """The plotly Figure of one key's records (ledger order)."""
     import plotly.graph_objects as go  # heavy: imported when a chart is drawn
 
     groups: dict[str, tuple[list, list, list]] = {"keep": ([], [], []), "discard": ([], [], []), "failed": ([], [], [])}
     for n, r in enumerate(records, start=1):
-        group = r.get("status") if scored(r) and r.get("status") in ("keep", "discard") else "failed"
+        group = r["status"] if scored(r) and r.get("status") in ("keep", "discard") else "failed"
         xs, ys, texts = groups[group]
         xs.append(n)
         ys.append(r["val_bpb"] if group != "failed" else None)
@@ -41,17 +45,16 @@ def figure(records: list[dict], title: str, noise_std: float | None = None):
     fig = go.Figure()
     best = running_best(records)
     steps = [(n, b) for n, b in enumerate(best, start=1) if b is not None]
+    step_xs, step_ys = zip(*steps) if steps else ((), ())
     if steps and noise_std:
-        xs, ys = zip(*steps)
-        fig.add_trace(go.Scatter(x=xs, y=[y + noise_std for y in ys], mode="lines", line=dict(width=0, shape="hv"),
-                                 hoverinfo="skip", showlegend=False))
-        fig.add_trace(go.Scatter(x=xs, y=[y - noise_std for y in ys], mode="lines", line=dict(width=0, shape="hv"),
-                                 fill="tonexty", fillcolor="rgba(44,160,44,0.15)", hoverinfo="skip",
-                                 name=f"noise ±{noise_std:.4f}"))
+        fig.add_trace(go.Scatter(x=step_xs, y=[y + noise_std for y in step_ys], mode="lines",
+                                 line=dict(width=0, shape="hv"), hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(x=step_xs, y=[y - noise_std for y in step_ys], mode="lines",
+                                 line=dict(width=0, shape="hv"), fill="tonexty", fillcolor="rgba(44,160,44,0.15)",
+                                 hoverinfo="skip", name=f"noise ±{noise_std:.4f}"))
     if steps:
-        xs, ys = zip(*steps)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", line=dict(color=COLORS["best"], shape="hv", width=2),
-                                 name=f"running best ({ys[-1]:.6f})", hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=step_xs, y=step_ys, mode="lines", line=dict(color=COLORS["best"], shape="hv", width=2),
+                                 name=f"running best ({step_ys[-1]:.6f})", hoverinfo="skip"))
     for group, (xs, ys, texts) in groups.items():
         if not xs:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.console import JustifyMethod
 from rich.table import Table
 
 from arun.core.ledger import all_records, trust_mark, trusted
@@ -30,7 +31,7 @@ NOT_HELD_OUT_NOTE = (f"{NOT_HELD_OUT_STAR} not held out: the train process can r
 def unconfined(r: dict | None) -> bool:
     """A scored result whose train process ran without OS confinement (records older than
     confinement carry no `confined` field: they ran unconfined too)."""
-    return bool(r) and scored(r) and r.get("confined") is not True
+    return r is not None and scored(r) and r.get("confined") is not True
 STATUS_STYLE = {"keep": "bold green", "discard": "dim", "crash": "red", "timeout": "red", "invalid": "magenta"}
 
 
@@ -123,11 +124,12 @@ def compare_tables(summaries: list[KeySummary]) -> list[Table]:
     for (dataset, profile), rows in groups.items():
         mark = NOT_HELD_OUT_MARK if not held_out(dataset) else ""
         table = Table(title=f"{dataset} / {profile}{mark}", title_style="bold", expand=False)
-        for col, just in [("hardware tag", "left"), ("backend", "left"), ("budget", "right"),
+        columns: list[tuple[str, JustifyMethod]] = [("hardware tag", "left"), ("backend", "left"), ("budget", "right"),
                           ("baseline", "right"), ("best", "right"), ("improvement", "right"),
                           ("run", "right"), ("kept", "right"), ("crashed", "right"), ("unconfined", "right"),
                           ("hours", "right"),
-                          ("winning change", "left")]:
+                          ("winning change", "left")]
+        for col, just in columns:
             table.add_column(col, justify=just, overflow="fold")
         for s in rows:
             best = fmt_number(s.best) + (UNCONFINED if s.best_unconfined else "")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Group, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
@@ -76,20 +76,23 @@ def log_table(rows: list[LogRow], show_tag: bool, show_key: bool | None = None) 
     if show_key is None:
         show_key = len({r.key for r in rows}) > 1
     table = Table(expand=False)
-    for col, just in [("#", "right"), ("id", "left")] + ([("tag", "left")] if show_tag else []) + (
-            [("key", "left")] if show_key else []) + [
-            ("status", "left"), ("val_bpb", "right"), ("Δ vs best", "right"), ("commit", "left"),
-            ("description", "left")]:
-        # Ids and numbers are copied into `arun show`: never broken across lines; text folds.
-        table.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("tag", "description", "key"))
+    columns: list[tuple[str, JustifyMethod]] = [
+        ("#", "right"), ("id", "left"), ("tag", "left"), ("key", "left"), ("status", "left"), ("val_bpb", "right"),
+        ("Δ vs best", "right"), ("commit", "left"), ("description", "left")]
+    shown = [show_tag if col == "tag" else show_key if col == "key" else True for col, _ in columns]
+    for (col, just), show in zip(columns, shown):
+        if show:  # Ids and numbers are copied into `arun show`: never broken across lines; text folds.
+            table.add_column(col, justify=just, overflow="fold", no_wrap=col not in ("tag", "description", "key"))
     for row in rows:
         delta = "baseline" if row.baseline else ("-" if row.delta is None else f"{row.delta:+.6f}")
         status = Text(row.status + (UNCONFINED if row.unconfined else ""), style=STATUS_STYLE.get(row.status, ""))
         if row.mark:
             status.append(f" [{row.mark}]", style="bold red" if row.mark != "foreign" else "yellow")
-        cells = [str(row.n), row.id] + ([row.tag] if show_tag else []) + ([row.key] if show_key else []) + [
-            status, fmt_number(row.val_bpb) + (NOT_HELD_OUT_STAR if row.not_held_out and row.val_bpb is not None else ""), delta, (row.commit or "")[:7], row.description]
-        table.add_row(*cells)
+        cells: list[RenderableType] = [
+            str(row.n), row.id, row.tag, row.key, status,
+            fmt_number(row.val_bpb) + (NOT_HELD_OUT_STAR if row.not_held_out and row.val_bpb is not None else ""),
+            delta, (row.commit or "")[:7], row.description]
+        table.add_row(*(cell for cell, show in zip(cells, shown) if show))
     return table
 
 

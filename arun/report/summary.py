@@ -102,7 +102,7 @@ def summarize(period: list[dict], history: list[dict] | None = None) -> list[dic
             "best_before_period": before["val_bpb"] if before else None,
             "top": improvements[:5],
             "experiment_hours": sum(_seconds(r) for r in recs) / 3600.0,
-            "wall_hours": (end - start) / 3600.0 if start is not None else 0.0,
+            "wall_hours": (end - start) / 3600.0 if start is not None and end is not None else 0.0,
             "start": datetime.fromtimestamp(start, timezone.utc).astimezone().isoformat(timespec="minutes") if start else None,
             "end": datetime.fromtimestamp(end, timezone.utc).astimezone().isoformat(timespec="minutes") if end else None,
         })

@@ -112,7 +112,7 @@ def heldout_lines(h: HeldOut, indent: str = "  ") -> list[str]:
 def heldout_report(records: list[dict], period_ids: set | None = None, history: list[dict] | None = None) -> list[str]:
     """The held-out block of every key in `records` (ledger order), a header line per key."""
     history = history if history is not None else records
-    keys = list(dict.fromkeys(r.get("key_id") for r in records if r.get("key_id")))
+    keys = list(dict.fromkeys(r["key_id"] for r in records if r.get("key_id")))
     lines: list[str] = []
     for kid in keys:
         key = next((r.get("key") or {} for r in records if r.get("key_id") == kid), {})

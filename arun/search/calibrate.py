@@ -192,7 +192,10 @@ def calibrate(repo_dir: Path | str, backend: str, opts: Options, device: str | N
             cal.reasons.append(f"COMPILE=False: compiling took {first.compile_seconds:.0f}s, more than half the "
                                f"{allowance:g}s a run may spend besides training (--allowance)")
         best, last, probed = (rungs[0], first), first, {rungs[0]}
-        cost = lambda r: step_cost(c, *r, seq_len, vocab)  # noqa: E731
+
+        def cost(rung: tuple[int, int]) -> float:
+            return step_cost(c, *rung, seq_len, vocab)
+
         while len(cal.measures) < opts.max_probes and time.monotonic() - t0 < opts.time_limit:
             guess = predict(c, rungs, last, seq_len, vocab, target)
             if guess in probed:

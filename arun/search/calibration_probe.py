@@ -13,7 +13,7 @@ from pathlib import Path
 
 from arun.core.deadline import Limits
 from arun.core.process import child_env, finite, run_train_file
-from arun.core.steplines import parse_step_line
+from arun.core.steplines import StepLine
 from arun.core.trainfile import rewrite_constants
 from engines.forward_file import SUFFIX
 
@@ -49,8 +49,8 @@ def probe(repo_dir: Path, train_file: str, text: str, overrides: dict, *, backen
         first: list[float] = []
         t0 = time.perf_counter()
 
-        def on_line(line: str) -> None:
-            if not first and parse_step_line(line) is not None:
+        def on_line(line: str, step: StepLine | None) -> None:
+            if not first and step is not None:
                 first.append(time.perf_counter() - t0)
 
         out = run_train_file(repo_dir, str(script), env, work_dir / "run.log",

@@ -31,12 +31,12 @@ from typing import Any
 from arun.core import confine as confinement
 from arun.core import gitops
 from arun.core.context import ExperimentContext, cached_context, open_data
-from arun.core.early import make_stopper
+from arun.core.early import Stopper, make_stopper
 from arun.core.errors import ArunError
-from arun.core.experiment import check_scope, repo_lock, run_experiment, train_constants
+from arun.core.experiment import DecideFn, check_scope, repo_lock, run_experiment, train_constants
 from arun.core.ledger import Ledger, new_id, read_records
 from arun.core.process import sigterm_as_interrupt
-from arun.core.ratchet import SCORED, baseline_record, best_record, key_records
+from arun.core.ratchet import NEAR_MISS, SCORED, baseline_record, best_record, key_records
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
@@ -143,23 +143,25 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     train_file, kid = info.train_file, info.key_id
     recs = key_records(read_records(repo_dir, info.tag, ledger), kid)
     best = best_record(recs, kid)
-    decide_fn = None
+    decide_fn: DecideFn | None = None
+    near = NEAR_MISS if near_miss is None else near_miss
     if confirm:
-        decide_fn = ConfirmingDecider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
-                                      **({"near_miss": near_miss} if near_miss is not None else {}))
+        decide_fn = ConfirmingDecider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log, near_miss=near)
     elif confidence:
-        decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log,
-                                         **({"near_miss": near_miss} if near_miss is not None else {}))
-    run_kwargs = dict(budget=budget, seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
-                      allowance=allowance,
-                      near_miss=near_miss, confidence=confidence, decide_fn=decide_fn, log=log,
-                      record_sink=ledger.append if ledger is not None else None)
+        decide_fn = significance_decider(confidence, repo_dir=repo_dir, noise_std=noise_std, log=log, near_miss=near)
     name = getattr(proposer, "name", "proposer")
+
+    def run(description: str, early_stop: Stopper | None = None) -> dict:
+        return run_experiment(repo_dir, backend, description, proposer=name, early_stop=early_stop, budget=budget,
+                              seeds=seeds, device=device, hard_timeout=hard_timeout, show_progress=show_progress,
+                              allowance=allowance, near_miss=near_miss, confidence=confidence, decide_fn=decide_fn,
+                              log=log, record_sink=ledger.append if ledger is not None else None)
+
     if best is None:
         log(f"arun loop: no baseline yet for {info.tag} (key {kid}); running {train_file} as it is")
         if on_proposal:
             on_proposal("baseline", "")
-        return run_experiment(repo_dir, backend, "baseline", proposer=name, **run_kwargs)
+        return run("baseline")
 
     ctx = Context(repo_dir=repo_dir, backend=backend, train_file=train_file, key_id=kid, tag=info.tag,
                   records=recs, best=best, baseline=baseline_record(recs, kid), seq_len=info.seq_len,
@@ -227,7 +229,7 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     if on_proposal:
         on_proposal(proposal.description, diff)
     stopper = stopper_for(repo_dir, backend, budget, device, log, ledger) if early_stop else None
-    return run_experiment(repo_dir, backend, proposal.description, proposer=name, early_stop=stopper, **run_kwargs)
+    return run(proposal.description, early_stop=stopper)
 
 
 def stopper_for(repo_dir: Path | str, backend: str, budget: float | None, device: str | None,

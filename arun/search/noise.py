@@ -123,7 +123,7 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
     return entry
 
 
-def significance_decider(confidence: float, *, repo_dir=None, noise_std: float | None = None,
+def significance_decider(confidence: float, *, repo_dir: Path | str | None = None, noise_std: float | None = None,
                          near_miss: float = NEAR_MISS,
                          log: Callable[[str], None] | None = print) -> Callable[[list[float], dict | None, list[dict]], tuple[str, bool]]:
     """A `decide_fn` for arun.core.experiment.run_experiment: the significance gate, with the noise

@@ -148,10 +148,10 @@ def build_prompt(ctx: Context, program_text: str = "", *, history: int = HISTORY
         for r in discards:
             out += [f"### {r.get('id')}: {r.get('description') or '-'} (val_bpb {_fmt(r.get('val_bpb'))})",
                     "```diff", _clip_diff(r.get("diff", "")), "```"]
-    crashes = [r for r in recs if r.get("status") in ("crash", "timeout")][-3:]
-    if crashes:
+    recent_crashes = [r for r in recs if r.get("status") in ("crash", "timeout")][-3:]
+    if recent_crashes:
         out += ["", "## Recent crashes", ""]
-        out += [f"- {r.get('id')}: {r.get('description') or '-'} -> {r.get('error')}" for r in crashes]
+        out += [f"- {r.get('id')}: {r.get('description') or '-'} -> {r.get('error')}" for r in recent_crashes]
     out += ["", f"Now edit `{ctx.train_file}` and exit."]
     return "\n".join(out) + "\n"
 
@@ -222,7 +222,8 @@ class AgentProposer:
         env = dict(os.environ, ARUN_PROMPT_FILE=str(prompt_file), ARUN_DESCRIPTION_FILE=str(desc_file),
                    ARUN_TRAIN_FILE=ctx.train_file, ARUN_BACKEND=ctx.backend, ARUN_ITERATION=str(ctx.iteration))
         cmd = self.command(prompt_file, prompt)
-        policy = confinement.agent_policy(ctx.repo_dir, ctx.train_file, state, os.environ.get("ARUN_DATA_DIR"), cmd)
+        data_dir = os.environ.get("ARUN_DATA_DIR")
+        policy = confinement.agent_policy(ctx.repo_dir, ctx.train_file, state, Path(data_dir) if data_dir else None, cmd)
         run = confinement.wrap(policy, cmd, env, self.confine)
         t0 = time.monotonic()
         with os.fdopen(os.open(prompt_file, os.O_RDONLY | os.O_NOFOLLOW), "rb") as stdin, \

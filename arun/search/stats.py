@@ -104,12 +104,12 @@ def welch(candidate: list[float], best: list[float], noise_std: float | None = N
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}")
     vc, dfc = _spread(candidate, noise_std)
     vb, dfb = _spread(best, noise_std)
-    if vc is None and vb is None:
-        raise ValueError("no spread to test against: give one side at least two values, or a noise_std "
-                         "(arun noise measures one)")
-    if vc is None:
+    if vc is None:  # one side without a spread borrows the other's
+        if vb is None:
+            raise ValueError("no spread to test against: give one side at least two values, or a noise_std "
+                             "(arun noise measures one)")
         vc, dfc = vb, dfb
-    if vb is None:
+    elif vb is None:
         vb, dfb = vc, dfc
     nc, nb = len(candidate), len(best)
     diff = statistics.fmean(candidate) - statistics.fmean(best)

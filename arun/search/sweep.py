@@ -32,11 +32,15 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arun.core.trainfile import BEGIN, END, block_span, safe_eval
 from arun.search.proposers import Context, Proposal
 from engines.atomic import write_atomic
+
+if TYPE_CHECKING:  # optuna is an optional dependency (the [sweep] extra): imported only when the sweep runs
+    import optuna
+    from optuna.distributions import BaseDistribution
 
 SKIP = frozenset({"SEED", "WARMUP_STEPS", "EVAL_BATCH_SIZE", "COMPILE"})
 WINDOW_CHOICES = ("L", "SL", "SSL", "SSSL")
@@ -72,7 +76,9 @@ def parse_block(text: str) -> dict[str, Constant]:
     for line in body.splitlines(keepends=True):
         offsets.append(offsets[-1] + len(line))
 
-    def span(node: ast.AST) -> tuple[int, int]:
+    def span(node: ast.expr) -> tuple[int, int]:
+        if node.end_lineno is None or node.end_col_offset is None:  # (parsed nodes always carry their end)
+            raise ValueError(f"no source span for {ast.dump(node)[:80]}")
         a = start + offsets[node.lineno - 1] + node.col_offset
         b = start + offsets[node.end_lineno - 1] + node.end_col_offset
         return a, b
@@ -125,7 +131,7 @@ class Dim:
     step: int = 1                 # int kind
     grid: tuple = field(default_factory=tuple)
 
-    def distribution(self):
+    def distribution(self) -> BaseDistribution:
         # optuna is an optional dependency (the [sweep] extra): imported only when the sweep runs
         from optuna.distributions import CategoricalDistribution, IntDistribution
         if self.kind == "choice":
@@ -312,7 +318,7 @@ class Sweep:
     def __init__(self, seed: int = 0, max_tries: int = 50, n_startup_trials: int = 8, skip: frozenset = SKIP):
         self.seed, self.max_tries, self.n_startup_trials, self.skip = seed, max_tries, n_startup_trials, skip
 
-    def _study(self, dims: list[Dim], records: list[dict], seed: int):
+    def _study(self, dims: list[Dim], records: list[dict], seed: int) -> optuna.Study:
         import optuna  # optional dependency, kept lazy (see Dim.distribution)
         from optuna.trial import create_trial
         optuna.logging.set_verbosity(optuna.logging.WARNING)

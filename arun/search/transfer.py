@@ -16,13 +16,15 @@ change ports by name) or not (new code to port).
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from arun.core import gitops, trust
 from arun.core.chain import OWN_LEGACY_SIGNER
-from arun.core.context import experiment_context
+from arun.core.context import ExperimentContext, experiment_context
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import SIGNER, TRUST, Ledger, all_records, trust_mark
@@ -95,10 +97,8 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
     of_tag, whose = records_of_tag(records, source)
     if of_tag:
         records = of_tag  # (its baseline too: the changes are measured within the same machine's records)
-        counts: dict[str, int] = {}
-        for r in of_tag:
-            counts[r.get("key_id")] = counts.get(r.get("key_id"), 0) + 1
-        kid = max(counts, key=counts.get)
+        counts = Counter(str(r.get("key_id")) for r in of_tag)
+        kid = max(counts, key=lambda k: counts[k])
         best = best_record(of_tag, kid)
         if best is None:
             raise ArunError(f"tag {source!r} has no scored keep yet in {whose}; nothing to transfer")
@@ -111,7 +111,7 @@ def find_winner(repo_dir: Path | str, source: str, refs: tuple[str, ...] | list[
             tags = ", ".join(sorted({str(r.get("tag")) for r in records})) or "none"
             raise ArunError(f"{source!r} is neither a hardware tag with records nor the commit of a keep "
                             f"(7+ hex digits); tags here: {tags}")
-        best, kid = hits[-1], hits[-1].get("key_id")
+        best, kid = hits[-1], str(hits[-1].get("key_id"))
         whose = f"the keep at commit {source} ({'this machine' if own(best) else 'another machine'}'s record)"
     base = baseline_record(key_records(records, kid), kid)
     if base is None:
@@ -214,17 +214,17 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
     if not out.applied and not (agent and winner.code_diff.strip()):
         log("arun transfer: nothing to run here (every change is already so, or not transferable)")
         return out
-    run = dict(budget=budget, device=device, log=log)
+    run = partial(run_experiment, repo_dir, backend, budget=budget, device=device, log=log)
     if best_record(Ledger(ctx.ledger_path).records(), ctx.key_id) is None:
         # A gain here needs something to beat: the unchanged train file runs first, as this key's baseline.
-        out.records.append(run_experiment(repo_dir, backend, "baseline", **run))
+        out.records.append(run("baseline"))
     origin = {"transfer_from": winner.origin}
     if out.applied:
         text = rewrite_constants(ctx.train_path.read_text(), out.applied)
         write_atomic(ctx.train_path, text.encode())
         what = ", ".join(f"{n}={v!r}" for n, v in out.applied.items())
-        out.records.append(run_experiment(repo_dir, backend, f"transfer from {winner.origin['tag']}: {what}",
-                                          extra={**origin, "transfer_applied": out.applied}, **run))
+        out.records.append(run(f"transfer from {winner.origin['tag']}: {what}",
+                               extra={**origin, "transfer_applied": out.applied}))
     if agent and winner.code_diff.strip():
         out.records.append(_agent_port(repo_dir, ctx, winner, agent, agent_timeout,
                                        {**origin, **({"transfer_code_map": out.code_map} if out.code_map else {})},
@@ -232,7 +232,8 @@ def transfer(repo_dir: Path | str, source: str, backend: str, *, agent: str | No
     return out
 
 
-def _agent_port(repo_dir: Path, ctx, winner: Winner, agent: str, timeout: float, origin: dict, run: dict) -> dict:
+def _agent_port(repo_dir: Path, ctx: ExperimentContext, winner: Winner, agent: str, timeout: float, origin: dict,
+                run: Callable[..., dict]) -> dict:
     """The agent ports the code change (a prompt of program.md plus the change), then it runs as usual."""
     brief = repo_dir / ".arun" / "agent" / "transfer.md"
     brief.parent.mkdir(parents=True, exist_ok=True)
@@ -254,5 +255,5 @@ def _agent_port(repo_dir: Path, ctx, winner: Winner, agent: str, timeout: float,
     if proposal.error:
         gitops.restore_train_file(repo_dir, ctx.train_file, "HEAD")
         raise ArunError(f"the agent could not port the change ({proposal.error}); nothing was run")
-    return run_experiment(repo_dir, ctx.backend, f"transfer from {winner.origin['tag']} (agent): {proposal.description}",
-                          proposer=proposer.name, extra={**origin, "transfer_code": True, **proposal.extra}, **run)
+    return run(f"transfer from {winner.origin['tag']} (agent): {proposal.description}",
+               proposer=proposer.name, extra={**origin, "transfer_code": True, **proposal.extra})

@@ -57,7 +57,7 @@ class Coordinator:
         self.repo, self.run, self.base, self.ledger = Path(repo_dir), run, base, ledger
         self.keeps: dict[str, list[dict]] = {}       # key_id -> keep records (the ratchet's input)
         self.best: dict[str, dict] = {}              # key_id -> best keep record
-        self.bundles: dict[str, bytes] = {}          # commit -> bundle on top of base
+        self.bundles: dict[str, bytes | None] = {}   # commit -> bundle on top of base (None: it is base)
         self.in_flight: dict[int, dict] = {}         # worker -> what it is running
         self.workers: dict[int, dict] = {}           # worker -> pid, node, worktree, starts
         self.baseline_owner: dict[str, int] = {}     # key_id -> worker running its baseline

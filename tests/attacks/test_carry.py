@@ -15,7 +15,7 @@ import pytest
 from arun.core.errors import ArunError
 from arun.core.experiment import MAX_TRAIN_FILE_BYTES
 from arun.core.process import MAX_LINE_CHARS, MAX_LOG_BYTES
-from arun.core.progress import parse_step_line
+from arun.core.steplines import parse_step_line
 from helpers_repo import inject
 from test_harness import MINI_MLX, _snapshot, make_repo, run
 
