@@ -234,10 +234,10 @@ def torch_version() -> str:
     """torch's version, without importing torch where it is not imported yet: the harness describes a
     CPU device before every run, and importing torch there costs seconds the run does not need
     (the train process and the evaluator import it themselves). ImportError when torch is missing."""
-    loaded = sys.modules.get("torch", False)
-    if loaded is None:  # blocked, as `import torch` would find it
-        raise ImportError("import of torch halted; None in sys.modules")
-    if loaded is not False:
+    if "torch" in sys.modules:
+        loaded = sys.modules["torch"]
+        if loaded is None:  # blocked, as `import torch` would find it
+            raise ImportError("import of torch halted; None in sys.modules")
         return str(loaded.__version__)
     try:
         return importlib.metadata.version("torch")
