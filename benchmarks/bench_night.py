@@ -16,11 +16,13 @@ the final val_bpb (over every run that went to the end), overall and by kind of 
 
     python benchmarks/bench_night.py --iterations 6 --budget 8          # tiny, a few minutes on a CPU
     python benchmarks/bench_night.py --backend mlx --iterations 40 --budget 30
+    python benchmarks/bench_night.py --backend mlx --iterations 30 --budget 20 --set MATRIX_LR=0.01   # room to improve
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import os
 import shutil
@@ -137,7 +139,17 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=8.0, help="training seconds per run")
     ap.add_argument("--seed", type=int, default=0, help="the sweep's seed (the sequence of proposals)")
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny in a tmp cache)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a constant of the starting train file (repeatable), e.g. MATRIX_LR=0.01: a start with "
+                         "room to improve, as a real night's baseline has (the tiny constants are tuned)")
     args = ap.parse_args()
+    start = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            start[name.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            sys.exit(f"--set {item!r}: the value is not a Python literal; write e.g. --set MATRIX_LR=0.01")
 
     from arun.core.context import cached_context
     from arun.core.early import change_kinds, kind_of
@@ -157,7 +169,7 @@ def main() -> None:
             os.environ["ARUN_DATA_DIR"] = str(build.prepare("pystdlib", "tiny", log=lambda s: None))
         train_file = TRAIN_FILES[args.backend]
         repos = {"plain": tmp / "plain", "night": tmp / "night"}
-        make_project(repos["plain"], train_file)
+        make_project(repos["plain"], train_file, overrides=start)
         quiet = dict(budget=args.budget, device=device, show_progress=False, log=lambda s: None)
         t0 = time.perf_counter()
         base = run_experiment(repos["plain"], args.backend, "baseline", **quiet)
@@ -168,7 +180,8 @@ def main() -> None:
         seq = proposals((repos["plain"] / train_file).read_text(), args.iterations, args.seed)
         base_cfg = base.get("config") or {}
         kinds = {d: "+".join(sorted(change_kinds({**base_cfg, **c}, base_cfg))) or "none" for c, d in seq}
-        print(f"backend {args.backend}{f' ({device})' if device else ''}, tiny model, budget {args.budget:g}s, "
+        print(f"backend {args.backend}{f' ({device})' if device else ''}, tiny model"
+              f"{''.join(f', {k}={v!r}' for k, v in start.items())}, budget {args.budget:g}s, "
               f"{len(seq)} sweep proposals (seed {args.seed}); baseline val_bpb {base['val_bpb']:.6f} "
               f"({base_wall:.0f}s)")
         walls = {"plain": 0.0, "night": 0.0}

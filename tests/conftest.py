@@ -93,6 +93,10 @@ TIER_OF_FILE = {
 # with a long file at the end while the other idles.
 MAX_WORKERS = 4          # beyond this, more workers only fight over memory and the disk
 FIRST = ("swarm", "faults", "e2e", "browser", "unit")
+# pyproject's 600 s timeout is a hang guard. A whole swarm scenario (a module fixture, timed with the
+# first test that uses it) takes about 3 minutes on an idle 2-core box and three times that beside
+# busy loops; a slow box is not a hang.
+SLOW_TIERS = {"swarm": 1800, "faults": 1200}
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
@@ -119,6 +123,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(TIER_OF_FILE[key])
         tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
         item.add_marker(pytest.mark.xdist_group("swarm" if tier == "swarm" else key))
+        if tier in SLOW_TIERS:
+            item.add_marker(pytest.mark.timeout(SLOW_TIERS[tier]))  # (a test's own timeout marker comes first)
     if untiered or doubled:
         raise pytest.UsageError(
             (f"tests without a tier: {', '.join(sorted(untiered))}; add the file to TIER_OF_FILE in "

@@ -244,3 +244,20 @@ def load_module(path: Path, name: str):
     sys.modules[name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+def misjudged_runs(worker_log: str) -> list[str]:
+    """The harness lines of a swarm worker's log (.arun/swarm/<run>-w<k>.log) whose run was judged against
+    something other than the best the worker adopted for it ("starts from C (best V ...)" then "best so far
+    V"): a best this clone cannot verify is dropped, and the harness then judges against an older best or,
+    with none left, calls the run a baseline."""
+    wrong, adopted = [], None
+    for line in worker_log.splitlines():
+        start = re.search(r"swarm: w\d+ starts from \w+ \((?:best ([0-9.]+)|no result yet)", line)
+        if start:
+            adopted = start.group(1)
+        elif re.search(r"arun: \S+ on .*budget \(key \w+\), (?:best so far|baseline run)", line):
+            seen = re.search(r"best so far ([0-9.]+)", line)
+            if (seen.group(1) if seen else None) != adopted:
+                wrong.append(line)
+    return wrong

@@ -146,3 +146,26 @@ def test_a_future_dated_trusted_keep_never_takes_the_recent_slots(two_branches: 
     assert forward_store.path_for(repo, "cuda", best["artifact_sha256"]).is_file()
     assert forward_store.path_for(repo, "cuda", newest["artifact_sha256"]).is_file()
     assert not forward_store.path_for(repo, "cuda", sha).exists()
+
+
+@pytest.mark.unit
+def test_forwards_travel_between_clones_only_under_their_own_names(tmp_path: Path) -> None:
+    """A swarm keep made in one clone brings its forwards to another (arun.swarm): every seed's forward
+    is read, and bytes that do not hash to the name they arrive under are never stored."""
+    here, there = empty_repo(tmp_path / "here"), empty_repo(tmp_path / "there")
+    seeds = [f"forward seed {i}".encode() for i in range(2)]
+    shas = [hashlib.sha256(d).hexdigest() for d in seeds]
+    for sha, data in zip(shas, seeds):
+        forward_store.path_for(here, "cuda", sha).parent.mkdir(parents=True, exist_ok=True)
+        forward_store.path_for(here, "cuda", sha).write_bytes(data)
+    keep = {"status": "keep", "backend": "cuda", "artifact_sha256": shas[0], "artifact_sha256_seeds": shas}
+    assert forward_store.shas_of(keep) == shas
+    sent = forward_store.read_forwards(here, keep)
+    assert sent == dict(zip(shas, seeds))
+    assert forward_store.read_forwards(here, {**keep, "status": "discard"}) == {}
+    forged = {"0" * 64: b"not these bytes", shas[1]: b"tampered on the way"}
+    assert forward_store.put_forwards(there, "cuda", {shas[0]: seeds[0], **forged}) == [shas[0]]
+    assert sorted(p.name for p in forward_store.store_dir(there).iterdir()) == [f"{shas[0]}.pt2"]
+    assert forward_store.put_forwards(there, "cuda", sent) == shas  # (again: already there, stored once)
+    assert all(forward_store.path_for(there, "cuda", s).read_bytes() == d for s, d in zip(shas, seeds))
+    assert forward_store.stored_check(there)(keep)

@@ -24,7 +24,7 @@ from arun.swarm.driver import Swarm, SwarmOptions, drive
 from arun.swarm.procs import _processes_with_cwd_under
 from arun.swarm.worker import probe_key
 from arun.swarm.worktrees import cleanup_worker, commit_ref, ensure_worktree
-from helpers_repo import make_project  # the project copied into a tmp git repo, with a tiny train_cuda.py
+from helpers_repo import make_project, misjudged_runs  # the project copied into a tmp git repo, with a tiny train_cuda.py
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -293,6 +293,16 @@ def test_a_win_is_adopted_by_the_other_worker(swarm_run: dict) -> None:
 
 
 @pytest.mark.swarm
+def test_each_worker_judges_against_the_best_it_adopted(swarm_run: dict) -> None:
+    """w1 works in another clone: the best w0 kept (its forward in the main repo's store) must verify
+    there too, or w1's harness would judge against the older best (and w0's, against w1's keeps, alike)."""
+    logs = {k: (wt.parent / f"{wt.name}.log").read_text() for k, wt in swarm_run["worktrees"].items()}
+    assert set(logs) == {0, 1} and all(log.count("starts from") >= 2 for log in logs.values())
+    assert {k: misjudged_runs(log) for k, log in logs.items()} == {0: [], 1: []}
+    assert not [r["rejudged"] for r in _ledger(swarm_run) if (r.get("rejudged") or {}).get("baseline")]
+
+
+@pytest.mark.swarm
 def test_a_killed_worker_is_restarted_and_its_experiment_recorded_as_crash(swarm_run: dict) -> None:
     killed = swarm_run["killed"]
     assert killed, "w1 was never seen running an experiment"
@@ -360,6 +370,52 @@ def test_one_baseline_per_key_the_other_workers_wait(tmp_path: Path, cluster) ->
     assert crash["status"] == "crash" and crash["description"] == "try" and crash["commit"] == base
     assert cluster.get(coord.crash.remote(1, "again"))["id"] == crash["id"]  # recorded once
     assert len(cluster.get(ledger.records.remote("tag-a"))) == 2
+
+
+@pytest.mark.swarm
+def test_a_keep_brings_its_forwards_home_and_to_the_clones_that_adopt_it(tmp_path: Path, cluster) -> None:
+    """A keep made in another clone is verified where it is adopted only if its forward is in that clone's
+    store (a keep whose forward is gone is never a best): the worker that kept it sends its forwards with
+    the record, the coordinator stores them in the main repo, and a worker of a third clone that adopts
+    the keep fetches them. Worker methods run alone (a whole Worker needs a worktree and a proposer)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from arun.core import forward_store
+    from arun.swarm.worker import Worker
+    repo, made, adopts = tmp_path / "repo", tmp_path / "made", tmp_path / "adopts"
+    base = init_repo(repo, {"train.py": "X = 1\n"})
+    for clone in (made, adopts):
+        init_repo(clone, {"train.py": "X = 1\n"})
+    ledger = cluster.remote(LedgerWriter).remote(str(repo))
+    coord = cluster.remote(Coordinator).remote(str(repo), "f", base, ledger)
+    data = [b"the forward of seed 42", b"the forward of seed 43"]
+    shas = [hashlib.sha256(d).hexdigest() for d in data]
+    for sha, d in zip(shas, data):
+        forward_store.path_for(made, "cuda", sha).parent.mkdir(parents=True, exist_ok=True)
+        forward_store.path_for(made, "cuda", sha).write_bytes(d)
+    rec = {"key_id": "key-a", "tag": "tag-a", "status": "keep", "baseline": True, "val_bpb": 2.5,
+           "backend": "cuda", "artifact_sha256": shas[0], "artifact_sha256_seeds": shas}
+
+    def worker(clone: Path, k: int) -> SimpleNamespace:
+        return SimpleNamespace(repo=clone, shares_main_repo=False, coord=coord, k=k, run="f", base=base, host="h",
+                               key_id="key-a", _start_commit=base, restarted=False)
+
+    kept = Worker.send(worker(made, 0), rec)
+    assert kept["status"] == "keep" and forward_store.stored_check(repo)(kept)
+    assert sorted(p.name for p in forward_store.store_dir(repo).iterdir()) == sorted(f"{s}.pt2" for s in shas)
+    # The worker of another clone that adopts the keep fetches its forwards before it runs.
+    assert not forward_store.stored_check(adopts)(kept)
+    Worker.fetch_forwards(worker(adopts, 1), kept)
+    assert forward_store.stored_check(adopts)(kept)
+    assert [forward_store.path_for(adopts, "cuda", s).read_bytes() for s in shas] == data
+    # Only the forwards a keep names come home; a discard (here: judged one) brings none.
+    stray, lost = b"a forward no record names", b"a discard's forward"
+    cluster.get(coord.record.remote(0, {**rec, "val_bpb": 2.4, "baseline": False}, None,
+                                    {hashlib.sha256(stray).hexdigest(): stray}))
+    cluster.get(coord.record.remote(0, {**rec, "val_bpb": 9.0, "artifact_sha256": hashlib.sha256(lost).hexdigest(),
+                                        "artifact_sha256_seeds": None}, None, {hashlib.sha256(lost).hexdigest(): lost}))
+    assert len(list(forward_store.store_dir(repo).iterdir())) == 2
 
 
 @pytest.mark.swarm

@@ -12,6 +12,7 @@ unverified, never a best (arun.core.ratchet) and fails `arun audit`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -63,6 +64,40 @@ def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
         shutil.move(str(artifact), tmp)
         os.replace(tmp, dest)
     return sha, dest
+
+
+def shas_of(record: dict) -> list[str]:
+    """Every forward a keep names: its first seed's, then each further seed's (multi-seed keeps)."""
+    shas = [str(record["artifact_sha256"])] if record.get("artifact_sha256") else []
+    return list(dict.fromkeys(shas + [str(s) for s in record.get("artifact_sha256_seeds") or []]))
+
+
+def read_forwards(repo_dir: Path, record: dict) -> dict[str, bytes]:
+    """The stored forwards of a keep, by sha256 (those this store lacks are left out): what a swarm
+    worker ships with a keep made in its own clone, so the clones that adopt it can verify it too."""
+    backend = str(record.get("backend"))
+    if backend not in SUFFIX or record.get("status") != "keep":
+        return {}
+    paths = {sha: path_for(repo_dir, backend, sha) for sha in shas_of(record)}
+    return {sha: path.read_bytes() for sha, path in paths.items() if path.is_file()}
+
+
+def put_forwards(repo_dir: Path, backend: str, forwards: dict[str, bytes]) -> list[str]:
+    """Stores forwards that arrived from another clone; bytes that do not hash to their name are
+    dropped (never stored under a name they do not match). Returns the sha256 stored."""
+    if backend not in SUFFIX:
+        return []
+    done = []
+    for sha, data in forwards.items():
+        if hashlib.sha256(data).hexdigest() != sha:
+            continue
+        if not path_for(repo_dir, backend, sha).is_file():
+            incoming = store_dir(repo_dir) / f".incoming-{sha}-{os.getpid()}{SUFFIX[backend]}"
+            incoming.parent.mkdir(parents=True, exist_ok=True)
+            incoming.write_bytes(data)
+            store(repo_dir, backend, incoming)
+        done.append(sha)
+    return done
 
 
 def needs_forward(record: dict) -> bool:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arun.core import gitops
+from arun.core import forward_store, gitops
 from arun.core.errors import ArunError
 from arun.core.ledger import Ledger, ledger_path
 from arun.core.ratchet import NEAR_MISS, best_record
@@ -137,9 +137,16 @@ class Coordinator:
             judged["rejudged"] = mine  # what the worker had decided, for the record
         return judged
 
-    def record(self, k: int, record: dict, bundle: bytes | None = None) -> dict:
-        """Appends worker k's record (through the one writer, judged by judge()) and moves the best if it won."""
+    def record(self, k: int, record: dict, bundle: bytes | None = None,
+               forwards: dict[str, bytes] | None = None) -> dict:
+        """Appends worker k's record (through the one writer, judged by judge()) and moves the best if it won.
+        A keep made in another clone brings its commit (bundle) and its forwards home: the main repo's
+        store then holds every keep's forward, for `arun audit` and for the workers that adopt it."""
         record = self.judge(record)
+        if forwards and record.get("status") == "keep":
+            wanted = set(forward_store.shas_of(record))
+            forward_store.put_forwards(self.repo, str(record.get("backend")),
+                                       {sha: data for sha, data in forwards.items() if sha in wanted})
         if bundle is not None:
             # A commit made on another machine (or clone) comes home, so the main repo holds every
             # kept commit the ledger names, and can hand it to any other worker.
@@ -182,6 +189,10 @@ class Coordinator:
         if commit not in self.bundles and gitops.commit_exists(self.repo, commit):
             self.bundles[commit] = gitops.make_bundle(self.repo, commit, self.base, commit_ref(self.run, commit))
         return self.bundles.get(commit)
+
+    def forwards(self, record: dict) -> dict[str, bytes]:
+        """The stored forwards of a keep, for a worker in another clone that adopts it (and must verify it)."""
+        return forward_store.read_forwards(self.repo, record)
 
     def base_bundle(self) -> bytes:
         return gitops.full_bundle(self.repo, base_ref(self.run))

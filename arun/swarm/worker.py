@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from arun.core import gitops, trust
+from arun.core import forward_store, gitops, trust
 from arun.core.context import cached_context
 from arun.core.errors import ArunError
 from arun.core.ledger import ledger_path, written
@@ -23,6 +23,7 @@ from arun.swarm.actors import ray_get
 from arun.swarm.procs import kill_processes_in
 from arun.swarm.worktrees import base_ref, branch_name, commit_ref, ensure_worktree, temp_path, worktree_path
 from engines.atomic import write_atomic
+from engines.forward_file import SUFFIX
 
 
 def _who(record: dict, run: str) -> str:
@@ -156,10 +157,24 @@ class Worker:
         if record.get("key_id") and record["key_id"] != self.key_id:
             # The harness is the authority on the key; follow it from now on.
             self.key, self.key_id, self.tag = record.get("key"), record["key_id"], record.get("tag", self.tag)
-        bundle = None
-        if record.get("status") == "keep" and record.get("commit") and not self.shares_main_repo:
-            bundle = gitops.make_bundle(self.repo, record["commit"], self.base, commit_ref(self.run, record["commit"]))
-        return ray_get(self.coord.record.remote(self.k, record, bundle))
+        bundle, forwards = None, None
+        if record.get("status") == "keep" and not self.shares_main_repo:
+            if record.get("commit"):
+                bundle = gitops.make_bundle(self.repo, record["commit"], self.base, commit_ref(self.run, record["commit"]))
+            forwards = forward_store.read_forwards(self.repo, record)
+        return ray_get(self.coord.record.remote(self.k, record, bundle, forwards))
+
+    def fetch_forwards(self, best: dict | None) -> None:
+        """The best's forwards into this clone's store when it was kept in another clone: a keep whose
+        forward this clone lacks is unverified here, and the harness would see no best at all (a false
+        baseline, judged against nothing: no early stop, no confirmation of a near win)."""
+        if best is None or self.shares_main_repo:
+            return
+        backend = str(best.get("backend"))
+        missing = [sha for sha in forward_store.shas_of(best)
+                   if backend in SUFFIX and not forward_store.path_for(self.repo, backend, sha).is_file()]
+        if missing and forward_store.needs_forward(best):
+            forward_store.put_forwards(self.repo, backend, ray_get(self.coord.forwards.remote(best)))
 
     def step(self) -> dict:
         """One experiment: adopt the best, propose, run, record. Returns a short summary."""
@@ -177,6 +192,7 @@ class Worker:
         ledger = SwarmLedger(self, plan["records"], ledger_path(Path(self.cfg["main_repo"]), self.tag))
         try:
             self.adopt(commit)
+            self.fetch_forwards(best)
             ledger.mirror(self.wt, self.tag)
             ray_get(self.coord.running.remote(self.k, {
                 "parent_commit": commit, "key": self.key, "key_id": self.key_id, "tag": self.tag,
