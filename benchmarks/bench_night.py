@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -131,6 +132,37 @@ def correlations(records: list[dict], kinds: dict[str, str]) -> dict[str, dict[i
     return out
 
 
+def counterfactual(records: list[dict], kinds: dict[str, str], std: list | None, z: float | None = None) -> dict[str, dict]:
+    """The early-stop rule (arun.core.early.behind), protection aside, replayed on the plain policy's runs
+    that went to the end, against the best of their time: by kind of change, how many it would have
+    stopped, how many of those ended as keeps (a wrong stop), and the share of training it would have
+    saved. What decides whether a kind may be stopped early. z: the rule's Z (standard deviations of a
+    two-run difference) in place of arun.core.early.Z, to see what a looser or stricter rule would do."""
+    from arun.core import early
+    from arun.core.early import GRID, behind, margins
+    out: dict[str, dict] = {}
+    best = None
+    for r in records:
+        traj = r.get("loss_trajectory") or []
+        if best is not None and isinstance(r.get("val_bpb"), (int, float)) and len(traj) == len(GRID):
+            margin, _ = margins(best["loss_trajectory"], std)
+            if z is not None and std is not None:
+                margin = [m if m is None else max(m * z / early.Z, early.FLOOR_REL * abs(b))
+                          for m, b in zip(margin, best["loss_trajectory"])]
+            at = next((GRID[j - 1] for j in range(1, len(GRID) + 1)
+                       if behind(traj[:j] + [None] * (len(GRID) - j), best["loss_trajectory"], margin)), None)
+            row = out.setdefault(kinds.get(r.get("description") or "", "other"),
+                                 {"runs": 0, "stopped": 0, "wrong": 0, "saved": 0.0})
+            row["runs"] += 1
+            if at is not None:
+                row["stopped"] += 1
+                row["wrong"] += r.get("status") == "keep"
+                row["saved"] += (100.0 - at) / 100.0
+        if r.get("status") == "keep" and len(traj) == len(GRID):
+            best = r
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backend", default="cuda")
@@ -139,10 +171,19 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=8.0, help="training seconds per run")
     ap.add_argument("--seed", type=int, default=0, help="the sweep's seed (the sequence of proposals)")
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny in a tmp cache)")
+    ap.add_argument("--noise-seeds", type=int, default=3,
+                    help="`arun noise --seeds N` on the night policy's baseline first, as a user sets a key up: "
+                         "the measured spread sets the early-stop margins and the confirmation's gate; its "
+                         "wall time counts against the night policy (0: none, the rules' defaults)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a constant of the starting train file (repeatable), e.g. MATRIX_LR=0.01: a start with "
                          "room to improve, as a real night's baseline has (the tiny constants are tuned)")
+    ap.add_argument("--keep", default=None, metavar="FILE", help="also write the records, walls and noise to FILE")
+    ap.add_argument("--report", default=None, metavar="FILE", help="print the tables of a night --keep wrote; run nothing")
     args = ap.parse_args()
+    if args.report:
+        report(json.loads(Path(args.report).read_text()))
+        return
     start = {}
     for item in args.set:
         name, _, value = item.partition("=")
@@ -156,6 +197,7 @@ def main() -> None:
     from arun.core.experiment import run_experiment
     from arun.core.ledger import read_records
     from arun.search.loop import iteration
+    from arun.search.noise import load_noise, measure_noise
     from arun_data import build
     from engines import TRAIN_FILES
 
@@ -185,6 +227,13 @@ def main() -> None:
               f"{len(seq)} sweep proposals (seed {args.seed}); baseline val_bpb {base['val_bpb']:.6f} "
               f"({base_wall:.0f}s)")
         walls = {"plain": 0.0, "night": 0.0}
+        if args.noise_seeds >= 2:
+            t = time.perf_counter()
+            noise = measure_noise(repos["night"], args.backend, args.noise_seeds, budget=args.budget, device=device,
+                                  show_progress=False, log=lambda s: None)
+            walls["night"] += time.perf_counter() - t
+            print(f"night: arun noise over {noise['n']} seeds: val_bpb std {noise['std']:.6f} "
+                  f"({walls['night']:.0f}s, counted in the night's wall time)")
         for i, (changes, description) in enumerate(seq):
             for policy in ("plain", "night"):
                 on = policy == "night"
@@ -198,27 +247,48 @@ def main() -> None:
                 print(f"  {i + 1:>2} {policy:5} {rec['status']:8} {f'{val:.6f}' if val is not None else '-':>9}"
                       f"{how}  [{kind_of(next(iter(changes), '')) if changes else '-'}] {description[:60]}", flush=True)
         ctx = cached_context(repos["plain"], args.backend, args.budget, device)
-        recs = {p: [r for r in read_records(repos[p], ctx.tag) if r.get("key_id") == ctx.key_id] for p in repos}
-        res = {p: outcome(recs[p], walls[p]) for p in repos}
+        data = {"args": {k: v for k, v in vars(args).items() if k not in ("keep", "report")}, "walls": walls,
+                "kinds": kinds, "noise": load_noise(repos["night"], ctx.tag, ctx.key_id),
+                "records": {p: [r for r in read_records(repos[p], ctx.tag) if r.get("key_id") == ctx.key_id]
+                            for p in repos}}
+    if args.keep:
+        Path(args.keep).write_text(json.dumps(data, default=str))
+        print(f"(records kept in {args.keep}: python benchmarks/bench_night.py --report {args.keep})")
+    report(data)
 
-        def fmt(v, spec="{:.4f}"):
-            return "-" if v is None else spec.format(v)
+
+def report(data: dict) -> None:
+    """The tables, from what a night left (main's `data`, or a file --keep wrote)."""
+    recs, walls, kinds, noise = data["records"], data["walls"], data["kinds"], data.get("noise")
+    res = {p: outcome(recs[p], walls[p]) for p in recs}
+
+    def fmt(v, spec="{:.4f}"):
+        return "-" if v is None else spec.format(v)
+    print()
+    print("| policy | experiments | wall (s) | experiments/hour | keeps | stopped early | confirm runs "
+          "| val gain | test gain | keeps confirmed by test |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for p, r in res.items():
+        print(f"| {p} | {r['experiments']} | {r['wall']:.0f} | {r['per_hour']:.0f} | {r['keeps']} | {r['stopped']} "
+              f"| {r['confirm_runs']} | {fmt(r['val_gain'], '{:.6f}')} | {fmt(r['test_gain'], '{:.6f}')} "
+              f"| {fmt(r['confirmed_share'], '{:.0%}')} |")
+    print()
+    print("Spearman(train loss at p % of the budget, final val_bpb), runs that went to the end (plain policy):")
+    print("| change kind | n | 30 % | 50 % | 70 % |")
+    print("|---|---:|---:|---:|---:|")
+    for name, row in correlations(recs["plain"], kinds).items():
+        n = max(k for _, k in row.values())
+        print(f"| {name} | {n} | " + " | ".join(fmt(row[p][0], '{:+.2f}') for p in POINTS) + " |")
+    std = noise.get("loss_trajectory_std") if noise else None
+    from arun.core.early import Z
+    for z in ([Z, 2.0, 1.5] if std else [None]):
         print()
-        print("| policy | experiments | wall (s) | experiments/hour | keeps | stopped early | confirm runs "
-              "| val gain | test gain | keeps confirmed by test |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for p, r in res.items():
-            print(f"| {p} | {r['experiments']} | {r['wall']:.0f} | {r['per_hour']:.0f} | {r['keeps']} | {r['stopped']} "
-                  f"| {r['confirm_runs']} | {fmt(r['val_gain'], '{:.6f}')} | {fmt(r['test_gain'], '{:.6f}')} "
-                  f"| {fmt(r['confirmed_share'], '{:.0%}')} |")
-        print()
-        print("Spearman(train loss at p % of the budget, final val_bpb), runs that went to the end (plain policy):")
-        print("| change kind | n | 30 % | 50 % | 70 % |")
+        print(f"The early-stop rule replayed on the plain policy's runs, protection aside "
+              f"({f'measured spread, Z = {z:g}' if std else 'default margin'}):")
+        print("| change kind | runs | would stop | of them kept (wrong) | training saved |")
         print("|---|---:|---:|---:|---:|")
-        for name, row in correlations(recs["plain"], kinds).items():
-            n = max(k for _, k in row.values())
-            print(f"| {name} | {n} | " + " | ".join(fmt(row[p][0], '{:+.2f}') for p in POINTS) + " |")
-
+        for name, row in sorted(counterfactual(recs["plain"], kinds, std, z).items()):
+            print(f"| {name} | {row['runs']} | {row['stopped']} | {row['wrong']} | {row['saved'] / row['runs']:.0%} |")
 
 if __name__ == "__main__":
     main()

@@ -185,10 +185,18 @@ def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_pat
     assert d([0.99], BEST_REC, []) == ("keep", False, {"confirmation": {"verdict": "clear win", "seeds": 1,
                                                                         "p_value": pytest.approx(0.0, abs=1e-9),
                                                                         "confidence": 0.9}})
-    assert d([0.9995], BEST_REC, []) == ("confirm", False, {})         # 0.5 std better: within the noise
+    assert d([0.9985], BEST_REC, []) == ("confirm", False, {})         # 1.5 std better: 3 runs could confirm it
     assert "to be confirmed over 3 seeds" in said[-1]
-    status, near, fields = d([0.9995, 1.0004, 1.0001], BEST_REC, [])   # the fresh seeds say otherwise
+    # 0.5 std better: even 3 runs at this mean would not pass the gate, so no fresh seeds are spent on it
+    status, near, fields = d([0.9995], BEST_REC, [])
+    assert (status, near, fields["confirmation"]["verdict"], fields["confirmation"]["seeds"]) == \
+        ("discard", True, "within the noise", 1)
+    assert "within the noise" in said[-1] and "no fresh seeds" in said[-1]
+    status, near, fields = d([0.9985, 1.0004, 1.0001], BEST_REC, [])   # the fresh seeds say otherwise
     assert (status, near, fields["confirmation"]["verdict"]) == ("discard", True, "not confirmed")
+    status, near, fields = d([0.9985, 1.0025], BEST_REC, [])           # the mean is no longer below: ends early
+    assert (status, fields["confirmation"]) == ("discard", {"verdict": "not confirmed", "seeds": 2})
+    assert d([0.9985, 0.9983], BEST_REC, [])[0] == "confirm"            # only the full count may keep it
     status, _, fields = d([0.996, 0.9962, 0.9958], BEST_REC, [])
     assert (status, fields["confirmation"]["verdict"], fields["confirmation"]["seeds"]) == ("keep", "confirmed", 3)
     assert d([1.01], BEST_REC, [])[0] == "discard"                      # not lower: no confirmation spent
@@ -199,6 +207,7 @@ def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_pat
 def test_with_no_spread_known_every_win_is_confirmed_by_fresh_seeds(tmp_path: Path) -> None:
     d = ConfirmingDecider(repo_dir=tmp_path, log=None)
     assert d([0.5], BEST_REC, [])[0] == "confirm"
+    assert d([0.99999], BEST_REC, [])[0] == "confirm"   # (no spread known: nothing says it is too small)
 
 
 @pytest.mark.unit
@@ -210,6 +219,9 @@ def test_the_verdict_line_says_how_a_keep_was_decided() -> None:
     line = verdict_line({**rec, "status": "discard", "near_miss": True,
                          "confirmation": {"verdict": "not confirmed", "seeds": 3}})
     assert "DISCARD 0.990000" in line and "not confirmed over 3 seeds" in line
+    line = verdict_line({**rec, "status": "discard", "near_miss": True,
+                         "confirmation": {"verdict": "within the noise", "seeds": 1}})
+    assert "DISCARD 0.990000" in line and "within the noise" in line and "not re-run" in line
     stopped = verdict_line({**rec, "status": "discard", "val_bpb": None, "error": "stopped early at 30% of the budget"})
     assert stopped.startswith("arun: DISCARD (stopped early at 30% of the budget)")
 
@@ -223,10 +235,13 @@ def test_the_summary_shows_stopped_early_runs_and_confirmations() -> None:
             {"id": "4", "key_id": "k", "tag": "t", "status": "keep", "val_bpb": 0.9, "best_before": 1.0,
              "confirmation": {"verdict": "confirmed", "seeds": 3}},
             {"id": "5", "key_id": "k", "tag": "t", "status": "discard", "val_bpb": 0.95, "best_before": 0.9,
-             "confirmation": {"verdict": "not confirmed", "seeds": 3}}]
+             "confirmation": {"verdict": "not confirmed", "seeds": 3}},
+            {"id": "6", "key_id": "k", "tag": "t", "status": "discard", "val_bpb": 0.8999, "best_before": 0.9,
+             "confirmation": {"verdict": "within the noise", "seeds": 1}}]
     text = report(recs)
     assert "stopped early: 2 discards (at 40% of the budget on average)" in text
-    assert "0 kept as a clear win, 1 confirmed over fresh seeds, 1 not confirmed" in text
+    assert "0 kept as a clear win, 1 confirmed over fresh seeds, 1 not confirmed, 1 within the noise (not re-run)" in text
+    assert "within the noise" not in report(recs[:-1])
 
 
 # --------------------------------------------------------------------------- real runs
@@ -279,13 +294,36 @@ def test_a_near_win_is_rerun_with_fresh_seeds_before_it_is_decided(project: Path
     lines: list[str] = []
     rec = run_experiment(project, "cuda", "same file, near win", decide_fn=Forced(repo_dir=project, log=lines.append),
                          **{**quiet, "log": lines.append})
-    assert len(rec["val_bpb_seeds"]) == 3 and rec["seeds"][1:] == [43, 44]   # the first run, then two fresh seeds
-    assert len(rec["loss_trajectory_seeds"]) == 3
+    # The first run, then fresh seeds one at a time: a second run whose mean is no longer below ends it.
+    n = len(rec["val_bpb_seeds"])
+    assert n in (2, 3) and rec["seeds"][1:] == [43, 44][:n - 1] and len(rec["loss_trajectory_seeds"]) == n
     verdict = rec["confirmation"]["verdict"]
-    assert verdict in ("confirmed", "not confirmed") and rec["confirmation"]["seeds"] == 3
+    assert verdict in ("confirmed", "not confirmed") and rec["confirmation"]["seeds"] == n
+    if n == 2:
+        assert verdict == "not confirmed" and sum(rec["val_bpb_seeds"]) / 2 >= rec["val_bpb_seeds"][0] + 1e-4
     assert rec["status"] == ("keep" if verdict == "confirmed" else "discard")
-    assert any("confirming with 2 fresh seed(s) (43, 44)" in s for s in lines)
-    assert any(f"{verdict} over 3 seeds" in s for s in lines if s.startswith(("arun: KEEP", "arun: DISCARD")))
+    assert any("confirming with up to 2 fresh seed(s) (43, 44)" in s for s in lines)
+    assert any(f"{verdict} over {n} seeds" in s for s in lines if s.startswith(("arun: KEEP", "arun: DISCARD")))
+
+
+@pytest.mark.timeout(300)
+def test_a_confirmation_asks_again_after_each_fresh_seed_and_stops_once_decided(project: Path) -> None:
+    """Fresh seeds run one at a time; a decider that has decided after the second run ends the
+    confirmation there (no third run)."""
+    from arun.core.experiment import run_experiment
+    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
+    run_experiment(project, "cuda", "baseline", **quiet)
+    asked: list[int] = []
+
+    def decider(vals, best, records):
+        asked.append(len(vals))
+        if len(vals) == 1:
+            return "confirm", False, {}
+        return "discard", True, {"confirmation": {"verdict": "not confirmed", "seeds": len(vals)}}
+
+    rec = run_experiment(project, "cuda", "same file, decided after two runs", decide_fn=decider, **quiet)
+    assert asked == [1, 2] and rec["seeds"][1:] == [43] and len(rec["val_bpb_seeds"]) == 2
+    assert rec["status"] == "discard" and rec["confirmation"] == {"verdict": "not confirmed", "seeds": 2}
 
 
 def test_the_cli_has_the_switches() -> None:

@@ -24,7 +24,9 @@ from arun.swarm.driver import Swarm, SwarmOptions, drive
 from arun.swarm.procs import _processes_with_cwd_under
 from arun.swarm.worker import probe_key
 from arun.swarm.worktrees import cleanup_worker, commit_ref, ensure_worktree
-from helpers_repo import make_project, misjudged_runs  # the project copied into a tmp git repo, with a tiny train_cuda.py
+
+# the project copied into a tmp git repo (with a tiny train_cuda.py); a worker log's misjudged runs
+from helpers_repo import make_project, misjudged_runs
 
 REPO = Path(__file__).resolve().parents[1]
 

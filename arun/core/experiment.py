@@ -47,7 +47,7 @@ from arun.core.process import (
     sigterm_as_interrupt,
 )
 from arun.core.progress import Progress
-from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
+from arun.core.ratchet import NEAR_MISS, WITHIN_NOISE, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
@@ -481,19 +481,26 @@ def trajectory_fields(watches: list[Watch]) -> dict:
 
 def confirm(att: Attempt, limits: Limits, show_progress: bool, decide_fn: DecideFn | None, near_miss: float | None,
             log: Callable[[str], None]) -> tuple[str, bool, float | None]:
-    """A near win (the decider said "confirm"): fresh seeds until the experiment has `confirm_seeds` runs,
-    then the decider again on the mean over all of them; still undecided counts as not confirmed."""
+    """A near win (the decider said "confirm"): fresh seeds, one at a time, until the experiment has
+    `confirm_seeds` runs, the decider asked again after each; one that decides (the mean is no longer
+    below the best) ends it early. Still undecided at the end counts as not confirmed."""
     start = len(att.outcomes)
     total = max(start + 1, int(getattr(decide_fn, "confirm_seeds", 3)))
     config = att.record.config or {}
     base_seed = config["SEED"] if isinstance(config.get("SEED"), int) else 42
     used = {base_seed if s is None else s for s in att.seed_list}
     fresh = [s for s in range(base_seed + 1, base_seed + 1000) if s not in used][:total - start]
-    log(f"arun: a near win: confirming with {len(fresh)} fresh seed(s) ({', '.join(map(str, fresh))}) before it is kept")
-    att.seed_list = [*att.seed_list, *fresh]
-    launch(att, limits, show_progress, start=start)
-    score_runs(att, log, start=start)
-    status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
+    log(f"arun: a near win: confirming with up to {len(fresh)} fresh seed(s) ({', '.join(map(str, fresh))}) "
+        "before it is kept")
+    status, near, val = "confirm", True, None
+    for seed in fresh:
+        at = len(att.outcomes)
+        att.seed_list = [*att.seed_list, seed]
+        launch(att, limits, show_progress, start=at)
+        score_runs(att, log, start=at)
+        status, near, val = decide(att, decide_fn, NEAR_MISS if near_miss is None else near_miss)
+        if status != "confirm":
+            break
     if status == "confirm":
         status, near = "discard", True
     return status, near, val
@@ -703,4 +710,7 @@ def confirmation_words(conf: dict | None) -> str:
         return ""
     if conf["verdict"] == "clear win":
         return "kept (clear win)"
-    return f"{conf['verdict']} over {conf.get('seeds')} seeds"
+    if conf["verdict"] == WITHIN_NOISE:
+        return "within the noise: too small a win for fresh seeds to confirm, not re-run"
+    seeds = conf.get("seeds")
+    return f"{conf['verdict']} over {seeds} seed{'s' if seeds != 1 else ''}"

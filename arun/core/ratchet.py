@@ -10,6 +10,8 @@ from collections.abc import Callable
 from arun.core.ledger import trusted
 
 NEAR_MISS = 0.002  # n-autoresearch's threshold: a discard this close to the best is worth a second look
+# A near win too small for fresh seeds to confirm (arun.search.policy): discarded without re-running it.
+WITHIN_NOISE = "within the noise"
 SCORED = ("keep", "discard")  # the statuses that carry a val_bpb
 
 

@@ -13,7 +13,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from arun.core.ledger import trust_mark, trusted
-from arun.core.ratchet import baseline_record, best_record, scored
+from arun.core.ratchet import WITHIN_NOISE, baseline_record, best_record, scored
 from arun.report.val_vs_test import held_out, heldout_lines
 from arun_data import held_out as dataset_held_out
 
@@ -168,7 +168,7 @@ def policy_counts(recs: list[dict]) -> dict:
     verdicts = Counter((r.get("confirmation") or {}).get("verdict") for r in recs if isinstance(r.get("confirmation"), dict))
     return {"stopped_early": len(stopped),
             "stopped_at_mean": sum(r["stopped_at"] for r in stopped) / len(stopped) if stopped else None,
-            "confirmations": {v: verdicts.get(v, 0) for v in ("clear win", "confirmed", "not confirmed")}}
+            "confirmations": {v: verdicts.get(v, 0) for v in ("clear win", "confirmed", "not confirmed", WITHIN_NOISE)}}
 
 
 def policy_line(s: dict) -> str:
@@ -180,5 +180,6 @@ def policy_line(s: dict) -> str:
     c = s["confirmations"]
     if any(c.values()):
         parts.append(f"near the best: {c['clear win']} kept as a clear win, {c['confirmed']} confirmed over fresh "
-                     f"seeds, {c['not confirmed']} not confirmed")
+                     f"seeds, {c['not confirmed']} not confirmed"
+                     + (f", {c[WITHIN_NOISE]} within the noise (not re-run)" if c[WITHIN_NOISE] else ""))
     return "; ".join(parts)

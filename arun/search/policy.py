@@ -7,10 +7,13 @@ beats the best is tested with the Welch gate (arun.search.stats) against the bes
 spread `arun noise` measured:
 
 - significantly better already -> kept (clear win);
-- better, but within the noise, or no spread known yet -> run again with fresh seeds until the
-  experiment has `confirm_seeds` runs (run_experiment does this when told "confirm"), then the
-  gate on the mean over all of them: "confirmed over N seeds" (keep) or "not confirmed" (discard,
-  a near miss). The fresh runs measure the candidate's own spread, so no prior `arun noise` is needed.
+- better, but so little that even `confirm_seeds` runs at this mean would not pass the gate (the
+  spread measured) -> discarded at once, "within the noise": fresh seeds could confirm it only by luck;
+- better, but within the noise, or no spread known yet -> run again with fresh seeds, one at a
+  time, until the experiment has `confirm_seeds` runs (run_experiment does this when told "confirm"),
+  then the gate on the mean over all of them: "confirmed over N seeds" (keep) or "not confirmed"
+  (discard, a near miss). A mean that is no longer below the best ends the confirmation early. The
+  fresh runs measure the candidate's own spread, so no prior `arun noise` is needed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from arun.core.ratchet import NEAR_MISS
+from arun.core.ratchet import NEAR_MISS, WITHIN_NOISE
 from arun.search.noise import load_noise
 from arun.search.stats import best_sample, significantly_better
 
@@ -62,8 +65,18 @@ class ConfirmingDecider:
         except ValueError:  # one run on each side and no spread measured: only fresh seeds can tell
             ok, p = False, None
         said = f"p = {p:.4g}" if p is not None else "no spread known"
+        if ok and 1 < n < self.confirm_seeds:
+            # Part way through a confirmation: only the full count may keep it (one look at the gate, not
+            # one per fresh seed, which would keep more noise than the confidence says).
+            self.say(f"{said} over {n} runs: {self.confirm_seeds - n} more to go")
+            return "confirm", False, {}
         if ok:
             verdict = "confirmed" if n > 1 else "clear win"
+        elif not final and noise and not self.could_pass(mean, best, noise):
+            self.say(f"{said}: within the noise: {self.confirm_seeds} runs at this mean would not pass the gate, "
+                     "so no fresh seeds are spent on it")
+            return "discard", True, {"confirmation": {"verdict": WITHIN_NOISE, "seeds": n, "p_value": p,
+                                                      "confidence": self.confidence}}
         elif not final:
             self.say(f"{said}: a near win, to be confirmed over {self.confirm_seeds} seeds")
             return "confirm", False, {}
@@ -73,6 +86,17 @@ class ConfirmingDecider:
         status = "keep" if ok else "discard"
         return status, not ok, {"confirmation": {"verdict": verdict, "seeds": n, "p_value": p,
                                                  "confidence": self.confidence}}
+
+    def could_pass(self, mean: float, best: dict, noise: dict) -> bool:
+        """Would `confirm_seeds` runs at this mean pass the gate? With the spread measured, a win smaller
+        than that is one the fresh seeds could confirm only by luck (and the first run of a near win is
+        already the lucky one of the proposals tried): it is discarded without them."""
+        try:
+            ok, _ = significantly_better([mean] * self.confirm_seeds, best_sample(best, noise), self.confidence,
+                                         noise.get("std"))
+        except ValueError:
+            return True
+        return ok
 
     def say(self, text: str) -> None:
         if self.log:
