@@ -194,6 +194,10 @@ def test_a_clear_win_is_kept_at_once_and_a_near_win_asks_for_fresh_seeds(tmp_pat
     assert "within the noise" in said[-1] and "no fresh seeds" in said[-1]
     status, near, fields = d([0.9985, 1.0004, 1.0001], BEST_REC, [])   # the fresh seeds say otherwise
     assert (status, near, fields["confirmation"]["verdict"]) == ("discard", True, "not confirmed")
+    status, near, fields = d([0.9985, 0.9998], BEST_REC, [])           # a fresh seed pulls the mean into the noise
+    assert (status, fields["confirmation"]["verdict"], fields["confirmation"]["seeds"]) == \
+        ("discard", "within the noise", 2)
+    assert "no more seeds" in said[-1]
     status, near, fields = d([0.9985, 1.0025], BEST_REC, [])           # the mean is no longer below: ends early
     assert (status, fields["confirmation"]) == ("discard", {"verdict": "not confirmed", "seeds": 2})
     assert d([0.9985, 0.9983], BEST_REC, [])[0] == "confirm"            # only the full count may keep it
@@ -222,6 +226,9 @@ def test_the_verdict_line_says_how_a_keep_was_decided() -> None:
     line = verdict_line({**rec, "status": "discard", "near_miss": True,
                          "confirmation": {"verdict": "within the noise", "seeds": 1}})
     assert "DISCARD 0.990000" in line and "within the noise" in line and "not re-run" in line
+    line = verdict_line({**rec, "status": "discard", "near_miss": True,       # after one fresh seed
+                         "confirmation": {"verdict": "within the noise", "seeds": 2}})
+    assert "within the noise after 2 seeds" in line and "not re-run" not in line
     stopped = verdict_line({**rec, "status": "discard", "val_bpb": None, "error": "stopped early at 30% of the budget"})
     assert stopped.startswith("arun: DISCARD (stopped early at 30% of the budget)")
 
@@ -240,7 +247,7 @@ def test_the_summary_shows_stopped_early_runs_and_confirmations() -> None:
              "confirmation": {"verdict": "within the noise", "seeds": 1}}]
     text = report(recs)
     assert "stopped early: 2 discards (at 40% of the budget on average)" in text
-    assert "0 kept as a clear win, 1 confirmed over fresh seeds, 1 not confirmed, 1 within the noise (not re-run)" in text
+    assert "0 kept as a clear win, 1 confirmed over fresh seeds, 1 not confirmed, 1 within the noise (too small to confirm)" in text
     assert "within the noise" not in report(recs[:-1])
 
 

@@ -710,7 +710,9 @@ def confirmation_words(conf: dict | None) -> str:
         return ""
     if conf["verdict"] == "clear win":
         return "kept (clear win)"
-    if conf["verdict"] == WITHIN_NOISE:
-        return "within the noise: too small a win for fresh seeds to confirm, not re-run"
     seeds = conf.get("seeds")
+    if conf["verdict"] == WITHIN_NOISE:
+        if isinstance(seeds, int) and seeds > 1:
+            return f"within the noise after {seeds} seeds: too small a win for more seeds to confirm, stopped there"
+        return "within the noise: too small a win for fresh seeds to confirm, not re-run"
     return f"{conf['verdict']} over {seeds} seed{'s' if seeds != 1 else ''}"

@@ -181,5 +181,5 @@ def policy_line(s: dict) -> str:
     if any(c.values()):
         parts.append(f"near the best: {c['clear win']} kept as a clear win, {c['confirmed']} confirmed over fresh "
                      f"seeds, {c['not confirmed']} not confirmed"
-                     + (f", {c[WITHIN_NOISE]} within the noise (not re-run)" if c[WITHIN_NOISE] else ""))
+                     + (f", {c[WITHIN_NOISE]} within the noise (too small to confirm)" if c[WITHIN_NOISE] else ""))
     return "; ".join(parts)

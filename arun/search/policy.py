@@ -12,7 +12,8 @@ spread `arun noise` measured:
 - better, but within the noise, or no spread known yet -> run again with fresh seeds, one at a
   time, until the experiment has `confirm_seeds` runs (run_experiment does this when told "confirm"),
   then the gate on the mean over all of them: "confirmed over N seeds" (keep) or "not confirmed"
-  (discard, a near miss). A mean that is no longer below the best ends the confirmation early. The
+  (discard, a near miss). A mean that is no longer below the best, or that has become too small a
+  win for the remaining seeds to confirm ("within the noise"), ends the confirmation early. The
   fresh runs measure the candidate's own spread, so no prior `arun noise` is needed.
 """
 
@@ -74,7 +75,7 @@ class ConfirmingDecider:
             verdict = "confirmed" if n > 1 else "clear win"
         elif not final and noise and not self.could_pass(mean, best, noise):
             self.say(f"{said}: within the noise: {self.confirm_seeds} runs at this mean would not pass the gate, "
-                     "so no fresh seeds are spent on it")
+                     f"so no {'fresh' if n == 1 else 'more'} seeds are spent on it")
             return "discard", True, {"confirmation": {"verdict": WITHIN_NOISE, "seeds": n, "p_value": p,
                                                       "confidence": self.confidence}}
         elif not final:
