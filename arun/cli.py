@@ -627,16 +627,19 @@ def swarm_down_cmd(temp_dir: str) -> None:
               help="run every experiment to the end (default: stop one clearly behind the best mid-run)")
 @click.option("--no-confirm", "confirm", is_flag=True, flag_value=False, default=True,
               help="keep any result below the best at once (default: a near win is re-run with fresh seeds first)")
+@click.option("--no-measure-noise", "measure", is_flag=True, flag_value=False, default=True,
+              help="do not measure the key's spread first (default: arun noise over 3 runs of the best, once per "
+                   "key, when none is stored; without it near wins are kept by the plain rule)")
 @require_confinement_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,
              confidence: float | None, budget: float | None, device: str | None, hard_timeout: float | None,
              agent_timeout: float, max_crashes: int, near_miss: float | None, allowance: float | None,
-             early_stop: bool, confirm: bool) -> None:
+             early_stop: bool, confirm: bool, measure: bool) -> None:
     """Run experiments unattended: propose a change, run it, keep or revert, repeat."""
     result = run_loop(Path.cwd(), backend, agent, iterations=iterations, hours=hours, seeds=seeds,
                       confidence=confidence, budget=budget, device=device, hard_timeout=hard_timeout,
                       agent_timeout=agent_timeout, max_crashes=max_crashes, near_miss=near_miss,
-                      allowance=allowance, early_stop=early_stop, confirm=confirm, log=say)
+                      allowance=allowance, early_stop=early_stop, confirm=confirm, measure=measure, log=say)
     sys.exit({"interrupted": 130, "crashes": 3, "baseline": 3}.get(result.reason, 0))
 
 

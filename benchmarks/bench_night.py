@@ -172,9 +172,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the sweep's seed (the sequence of proposals)")
     ap.add_argument("--data", default=None, help="a prepared data folder (default: pystdlib/tiny in a tmp cache)")
     ap.add_argument("--noise-seeds", type=int, default=3,
-                    help="`arun noise --seeds N` on the night policy's baseline first, as a user sets a key up: "
+                    help="`arun noise --seeds N` on the night policy's baseline first, as `arun loop` does: "
                          "the measured spread sets the early-stop margins and the confirmation's gate; its "
-                         "wall time counts against the night policy (0: none, the rules' defaults)")
+                         "wall time counts against the night policy (0: none: default margins, and near wins "
+                         "kept by the plain rule)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a constant of the starting train file (repeatable), e.g. MATRIX_LR=0.01: a start with "
                          "room to improve, as a real night's baseline has (the tiny constants are tuned)")

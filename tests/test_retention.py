@@ -6,6 +6,8 @@ depends on the branch checked out, a keep whose forward is gone is unverified an
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def test_retention_keeps_another_branchs_keeps(two_branches: tuple[Path, dict, d
     repo, a, b = two_branches
     # b keeps twice more; only the newest keep is retained besides each key's best
     later = [stored_keep(repo, "kb", v, f"b-{i}") for i, v in ((2, 1.9), (3, 1.95))]
-    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1)
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1, grace=0)
     assert forward_store.path_for(repo, "cuda", a["artifact_sha256"]).is_file()      # branch a's best, not checked out
     assert forward_store.path_for(repo, "cuda", later[0]["artifact_sha256"]).is_file()  # kb's best
     assert forward_store.path_for(repo, "cuda", later[1]["artifact_sha256"]).is_file()  # the newest keep
@@ -103,7 +105,7 @@ def test_retention_in_a_worktree_keeps_the_main_checkouts_unsaved_keeps(two_bran
     main_keep = stored_keep(repo, "kb", 1.7, "b-uncommitted")
     wt = tmp_path / "wt"
     git(repo, "worktree", "add", "-q", str(wt), "-b", "autoresearch/w1", "main")
-    forward_store.retain(wt, forward_store.every_record(wt), keep_recent=0)
+    forward_store.retain(wt, forward_store.every_record(wt), keep_recent=0, grace=0)
     assert forward_store.path_for(repo, "cuda", main_keep["artifact_sha256"]).is_file()
 
 
@@ -124,7 +126,7 @@ def test_unsigned_keeps_on_another_branch_never_steer_retention(two_branches: tu
     commit_ledger(repo, "contrib ledger")
     git(repo, "checkout", "-q", "autoresearch/b")
     newest = stored_keep(repo, "kb", 2.1, "b-newest")
-    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=2)
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=2, grace=0)
     for rec in (a, b, newest):   # each key's best and the newest real keeps
         assert forward_store.path_for(repo, "cuda", rec["artifact_sha256"]).is_file(), rec["description"]
     records = Ledger(ledger_path(repo, TAG)).records()
@@ -142,7 +144,7 @@ def test_a_future_dated_trusted_keep_never_takes_the_recent_slots(two_branches: 
     Ledger(ledger_path(repo, TAG)).append({"status": "keep", "val_bpb": 2.5, "key_id": "kb", "tag": TAG,
                                            "backend": "cuda", "artifact_sha256": sha,
                                            "time": "2099-12-31T00:00:00+0000"})
-    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1)
+    forward_store.retain(repo, forward_store.every_record(repo), keep_recent=1, grace=0)
     assert forward_store.path_for(repo, "cuda", best["artifact_sha256"]).is_file()
     assert forward_store.path_for(repo, "cuda", newest["artifact_sha256"]).is_file()
     assert not forward_store.path_for(repo, "cuda", sha).exists()
@@ -169,3 +171,32 @@ def test_forwards_travel_between_clones_only_under_their_own_names(tmp_path: Pat
     assert forward_store.put_forwards(there, "cuda", sent) == shas  # (again: already there, stored once)
     assert all(forward_store.path_for(there, "cuda", s).read_bytes() == d for s, d in zip(shas, seeds))
     assert forward_store.stored_check(there)(keep)
+
+
+@pytest.mark.unit
+def test_a_forward_stored_before_its_record_lands_is_not_pruned(two_branches: tuple[Path, dict, dict],
+                                                                 tmp_path: Path) -> None:
+    """A swarm's coordinator stores a keep's forwards, then appends its record: a worker pruning the shared
+    store in between must not delete them (the keep would be unverified). Old strays still go."""
+    repo, _, _ = two_branches
+    src = tmp_path / "fresh.pt2"
+    src.write_bytes(b"a keep whose record is on its way")
+    os.utime(src, (1e9, 1e9))                      # written long ago: the grace counts from when it was stored
+    sha, fresh = forward_store.store(repo, "cuda", src)
+    stray = forward_store.path_for(repo, "cuda", hashlib.sha256(b"old stray").hexdigest())
+    stray.write_bytes(b"old stray")
+    os.utime(stray, (time.time() - 2 * forward_store.RETAIN_GRACE,) * 2)
+    removed = forward_store.retain(repo, forward_store.every_record(repo), keep_recent=0)
+    assert fresh.is_file() and not stray.exists() and removed == [stray]
+
+
+@pytest.mark.unit
+def test_a_record_names_forwards_only_by_sha256(tmp_path: Path) -> None:
+    """What a record names becomes a file name in the store: anything but a sha256 is no forward."""
+    outside = tmp_path / "victim.pt2"
+    outside.write_bytes(b"not the store's")
+    good = hashlib.sha256(b"x").hexdigest()
+    rec = {"status": "keep", "backend": "cuda", "artifact_sha256": "../../../victim",
+           "artifact_sha256_seeds": [good, good.upper(), None, str(outside.with_suffix(""))]}
+    assert forward_store.shas_of(rec) == [good]
+    assert forward_store.read_forwards(tmp_path / "repo", rec) == {}

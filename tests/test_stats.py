@@ -113,3 +113,19 @@ def test_decider_reads_the_noise_file_of_the_bests_key(tmp_path: Path) -> None:
     assert significance_decider(0.95, repo_dir=tmp_path, noise_std=0.001, log=None)([1.08], BEST, []) == ("keep", False)
     with pytest.raises(ValueError):
         significance_decider(1.5)
+
+
+def test_a_key_s_spread_measured_again_may_rise_but_never_fall(tmp_path: Path) -> None:
+    """Measured again on a later best that ignores its seed, the spread would be about 0 and the
+    confirmation gate would keep anything: the key keeps the largest spread it has measured."""
+    from arun.search.noise import load_noise, save_noise
+    entry = {"key_id": "k", "tag": "t", "values": [1.0, 1.02, 0.98], "n": 3}
+    save_noise(tmp_path, "t", {**entry, "std": 0.02})
+    save_noise(tmp_path, "t", {**entry, "std": 0.0})
+    stored = load_noise(tmp_path, "t", "k")
+    assert stored is not None and (stored["std"], stored["measured_std"]) == (0.02, 0.0)
+    save_noise(tmp_path, "t", {**entry, "std": 0.03})
+    assert load_noise(tmp_path, "t", "k")["std"] == 0.03
+    for bad in (math.inf, -1.0, 1e300, "0.1"):   # not a spread: none stored, rather than a gate turned off or a crash
+        (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps({"k": {**entry, "std": bad}}))
+        assert load_noise(tmp_path, "t", "k") is None

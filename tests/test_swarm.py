@@ -63,6 +63,23 @@ def test_a_world_readable_ray_token_is_made_private(tmp_path: Path, monkeypatch:
 
 
 @pytest.mark.unit
+def test_workers_confirm_with_the_spread_measured_in_the_main_repo_not_only_under_confidence(tmp_path: Path) -> None:
+    """The worktrees have no noise.json: without the main repo's spread, every worker's confirmation would
+    fall back to the plain rule (and a floored spread must not be read back below its floor)."""
+    from arun.search.noise import save_noise
+    from arun.swarm.driver import measured_noise
+    from arun.swarm.worker import loop_options
+    entry = {"key_id": "k1", "tag": "t", "values": [1.0, 1.1], "n": 2}
+    save_noise(tmp_path, "t", {**entry, "std": 0.05})
+    save_noise(tmp_path, "t", {**entry, "std": 0.0})         # measured again on a seed-blind best: the floor stays
+    cfg = {"noise": measured_noise(tmp_path), "loop_options": {"seeds": 1}}
+    assert cfg["noise"] == {"k1": 0.05}
+    assert loop_options(cfg, "k1") == {"seeds": 1, "noise_std": 0.05}
+    assert loop_options(cfg, "other") == {"seeds": 1}
+    assert loop_options({**cfg, "loop_options": {"noise_std": 0.2}}, "k1") == {"noise_std": 0.2}
+
+
+@pytest.mark.unit
 def test_swarm_records_are_committed_here_and_on_the_run_branch(tmp_path: Path) -> None:
     from arun.swarm.records import commit_records
     repo = tmp_path / "r"

@@ -47,7 +47,7 @@ from arun.core.process import (
     sigterm_as_interrupt,
 )
 from arun.core.progress import Progress
-from arun.core.ratchet import NEAR_MISS, WITHIN_NOISE, baseline_record, best_record
+from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE, baseline_record, best_record
 from arun.core.ratchet import decide as ratchet_decide
 from arun.core.record import Record, experiment_record
 from arun.core.scoring import score_artifact
@@ -711,6 +711,8 @@ def confirmation_words(conf: dict | None) -> str:
     if conf["verdict"] == "clear win":
         return "kept (clear win)"
     seeds = conf.get("seeds")
+    if conf["verdict"] == NO_SPREAD:
+        return "kept by the plain rule: no spread measured for this key (arun noise)"
     if conf["verdict"] == WITHIN_NOISE:
         if isinstance(seeds, int) and seeds > 1:
             return f"within the noise after {seeds} seeds: too small a win for more seeds to confirm, stopped there"

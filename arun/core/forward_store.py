@@ -28,6 +28,9 @@ from engines.forward_file import SUFFIX
 from prepare import sha256_file
 
 KEEP_RECENT = 20  # besides each key's best, the newest kept forwards stay on disk
+# A forward stored this recently is never pruned: a swarm's coordinator stores a keep's forwards before its
+# record reaches the ledger, and a worker sharing the store may prune in between.
+RETAIN_GRACE = 3600.0
 
 
 @functools.lru_cache(maxsize=32)
@@ -62,14 +65,20 @@ def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
     else:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
         shutil.move(str(artifact), tmp)
+        os.utime(tmp)  # stored now: retain()'s grace counts from here
         os.replace(tmp, dest)
     return sha, dest
 
 
+def is_sha256(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def shas_of(record: dict) -> list[str]:
-    """Every forward a keep names: its first seed's, then each further seed's (multi-seed keeps)."""
-    shas = [str(record["artifact_sha256"])] if record.get("artifact_sha256") else []
-    return list(dict.fromkeys(shas + [str(s) for s in record.get("artifact_sha256_seeds") or []]))
+    """Every forward a keep names: its first seed's, then each further seed's (multi-seed keeps); only
+    names that are a sha256 (they become file names in the store)."""
+    shas = [record.get("artifact_sha256"), *(record.get("artifact_sha256_seeds") or [])]
+    return list(dict.fromkeys(s for s in shas if is_sha256(s)))
 
 
 def read_forwards(repo_dir: Path, record: dict) -> dict[str, bytes]:
@@ -89,7 +98,7 @@ def put_forwards(repo_dir: Path, backend: str, forwards: dict[str, bytes]) -> li
         return []
     done = []
     for sha, data in forwards.items():
-        if hashlib.sha256(data).hexdigest() != sha:
+        if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != sha:
             continue
         if not path_for(repo_dir, backend, sha).is_file():
             incoming = store_dir(repo_dir) / f".incoming-{sha}-{os.getpid()}{SUFFIX[backend]}"
@@ -171,13 +180,17 @@ def plan(records: list[dict], keep_recent: int = KEEP_RECENT) -> Retention:
     return out
 
 
-def retain(repo_dir: Path, records: list[dict], keep_recent: int = KEEP_RECENT) -> list[Path]:
+def retain(repo_dir: Path, records: list[dict], keep_recent: int = KEEP_RECENT,
+           grace: float = RETAIN_GRACE) -> list[Path]:
     """Deletes stored forwards no longer needed by `records` (pass every_record(): all branches):
-    kept are each key's best and the newest kept records' forwards. Returns what was deleted."""
+    kept are each key's best, the newest kept records' forwards, and any stored in the last `grace`
+    seconds (its record may not be in a ledger yet). Returns what was deleted."""
     wanted = plan(records, keep_recent).wanted
     removed = []
+    now = time.time()
     for path in store_dir(repo_dir).glob("*"):
-        if path.name.split(".")[0] not in wanted and not path.name.startswith("."):
+        if path.name.split(".")[0] not in wanted and not path.name.startswith(".") \
+                and now - path.stat().st_mtime >= grace:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -12,6 +12,8 @@ from arun.core.ledger import trusted
 NEAR_MISS = 0.002  # n-autoresearch's threshold: a discard this close to the best is worth a second look
 # A near win too small for fresh seeds to confirm (arun.search.policy): discarded without re-running it.
 WITHIN_NOISE = "within the noise"
+# No spread measured for the key: the fresh seeds' own spread is the train file's to choose, so the plain rule decides.
+NO_SPREAD = "no spread measured"
 SCORED = ("keep", "discard")  # the statuses that carry a val_bpb
 
 

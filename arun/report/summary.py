@@ -13,7 +13,7 @@ from collections import Counter
 from datetime import datetime, timezone
 
 from arun.core.ledger import trust_mark, trusted
-from arun.core.ratchet import WITHIN_NOISE, baseline_record, best_record, scored
+from arun.core.ratchet import NO_SPREAD, WITHIN_NOISE, baseline_record, best_record, scored
 from arun.report.val_vs_test import held_out, heldout_lines
 from arun_data import held_out as dataset_held_out
 
@@ -168,7 +168,7 @@ def policy_counts(recs: list[dict]) -> dict:
     verdicts = Counter((r.get("confirmation") or {}).get("verdict") for r in recs if isinstance(r.get("confirmation"), dict))
     return {"stopped_early": len(stopped),
             "stopped_at_mean": sum(r["stopped_at"] for r in stopped) / len(stopped) if stopped else None,
-            "confirmations": {v: verdicts.get(v, 0) for v in ("clear win", "confirmed", "not confirmed", WITHIN_NOISE)}}
+            "confirmations": {v: verdicts.get(v, 0) for v in ("clear win", "confirmed", "not confirmed", WITHIN_NOISE, NO_SPREAD)}}
 
 
 def policy_line(s: dict) -> str:
@@ -181,5 +181,6 @@ def policy_line(s: dict) -> str:
     if any(c.values()):
         parts.append(f"near the best: {c['clear win']} kept as a clear win, {c['confirmed']} confirmed over fresh "
                      f"seeds, {c['not confirmed']} not confirmed"
-                     + (f", {c[WITHIN_NOISE]} within the noise (too small to confirm)" if c[WITHIN_NOISE] else ""))
+                     + (f", {c[WITHIN_NOISE]} within the noise (too small to confirm)" if c[WITHIN_NOISE] else "")
+                     + (f", {c[NO_SPREAD]} kept by the plain rule (no spread measured)" if c[NO_SPREAD] else ""))
     return "; ".join(parts)

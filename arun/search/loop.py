@@ -40,8 +40,8 @@ from arun.core.ratchet import NEAR_MISS, SCORED, baseline_record, best_record, k
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
-from arun.search.noise import load_noise, significance_decider
-from arun.search.policy import ConfirmingDecider
+from arun.search.noise import load_noise, measure_noise, significance_decider
+from arun.search.policy import CONFIRM_SEEDS, ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
 from arun.search.sweep import Sweep
 from engines.atomic import write_atomic
@@ -285,9 +285,11 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
              agent_timeout: float = DEFAULT_AGENT_TIMEOUT, max_crashes: int = DEFAULT_MAX_CRASHES,
              near_miss: float | None = None, show_progress: bool = True, seed: int = 0,
              allowance: float | None = None, early_stop: bool = True, confirm: bool = True,
-             log: Callable[[str], None] = print) -> LoopResult:
+             measure: bool = True, log: Callable[[str], None] = print) -> LoopResult:
     """Iterates until `iterations` experiments, `hours` of wall clock, `max_crashes` consecutive
-    unscored iterations, or Ctrl-C. With neither limit it runs until stopped, like upstream's agent."""
+    unscored iterations, or Ctrl-C. With neither limit it runs until stopped, like upstream's agent.
+    measure: with confirmation or early stop on, measure the key's spread (arun noise) before the
+    first proposal that has a best to beat, when none is stored."""
     repo_dir = Path(repo_dir).resolve()
     if iterations is not None and iterations < 1:
         raise ArunError(f"--iterations must be at least 1, got {iterations}")
@@ -307,6 +309,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
     result = LoopResult(reason="done")
     streak = 0
     n = 0
+    tried_noise = False
     with sigterm_as_interrupt():
         try:
             while True:
@@ -316,6 +319,10 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                 if deadline is not None and time.monotonic() >= deadline:
                     result.reason = "hours"
                     break
+                if measure and (confirm or early_stop) and not tried_noise:
+                    tried_noise = spread_measured(repo_dir, backend, budget=budget, device=device,
+                                                  hard_timeout=hard_timeout, allowance=allowance,
+                                                  show_progress=show_progress, log=log)
                 n += 1
                 rec = iteration(repo_dir, backend, proposer, budget=budget, device=device, seeds=seeds,
                                 confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,
@@ -350,6 +357,29 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
             raise ArunError(f"arun loop stopped: {e}") from None
     _finish(repo_dir, info, result, start, log)
     return result
+
+
+def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, device: str | None,
+                    hard_timeout: float | None, allowance: float | None, show_progress: bool,
+                    log: Callable[[str], None]) -> bool:
+    """Measures the key's run-to-run spread on its best (arun noise, CONFIRM_SEEDS runs) unless one is
+    stored; False while the key has no best yet (ask again after the baseline). The confirmation gate
+    needs a spread that the agent's files do not set (arun.search.policy), and the early stop's margins
+    come from it. A measurement that fails is reported and not retried: the loop goes on with the
+    plain rule and the default margins."""
+    info = cached_context(repo_dir, backend, budget, device)
+    if load_noise(repo_dir, info.tag, info.key_id) is not None:
+        return True
+    if best_record(read_records(repo_dir, info.tag), info.key_id) is None:
+        return False
+    log(f"arun loop: measuring the run-to-run spread of the best first ({CONFIRM_SEEDS} runs, once per key; "
+        "--no-measure-noise skips it): the confirmation gate and the early-stop margins use it")
+    try:
+        measure_noise(repo_dir, backend, CONFIRM_SEEDS, budget=budget, device=device, hard_timeout=hard_timeout,
+                      show_progress=show_progress, allowance=allowance, log=log)
+    except ArunError as e:
+        log(f"arun loop: the spread could not be measured ({e}); near wins are kept by the plain rule")
+    return True
 
 
 def baseline_hint(rec: dict, backend: str) -> str:

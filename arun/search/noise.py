@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -45,20 +46,38 @@ def _read(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def _std(entry: object, field: str = "std") -> float | None:
+    value = entry.get(field) if isinstance(entry, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value) if 0 <= value < 1e6 else None
+
+
 def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
-    """The stored noise measurement of this key, or None."""
+    """The stored noise measurement of this key, or None. Its std is never below the largest this key
+    has measured before (std_floor)."""
     if not tag or not key_id:
         return None
     entry = _read(noise_path(repo_dir, tag)).get(key_id)
-    if not isinstance(entry, dict) or not isinstance(entry.get("std"), (int, float)):
+    std = _std(entry)
+    if not isinstance(entry, dict) or std is None:
         return None
+    floor = _std(entry, "std_floor")
+    if floor is not None and floor > std:
+        return {**entry, "std": floor, "measured_std": std}
     return entry
 
 
 def save_noise(repo_dir: Path | str, tag: str, entry: dict) -> Path:
-    """Adds or replaces this key's entry, atomically (one rename)."""
+    """Adds or replaces this key's entry, atomically (one rename). A new measurement may raise the key's
+    spread but never lower it (std_floor): measured again on a later best that ignores its seed, the
+    spread would be about 0 and the confirmation gate would keep anything."""
     path = noise_path(repo_dir, tag)
     data = _read(path)
+    old = data.get(entry["key_id"])
+    floors = [s for s in (_std(old, "std_floor"), _std(old), _std(entry)) if s is not None]
+    if floors:
+        entry = {**entry, "std_floor": max(floors)}
     data[entry["key_id"]] = entry
     write_json(path, data, indent=1, sort_keys=True)
     return path
@@ -118,8 +137,11 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
              # the train-loss spread at each 5 % of the budget: the early-stop margin (arun.core.early)
              "loss_trajectory_std": trajectory_std(rec.get("loss_trajectory_seeds") or [])}
     path = save_noise(repo_dir, rec["tag"], entry)
+    stored = load_noise(repo_dir, rec["tag"], rec["key_id"]) or entry
+    floor = (f"; the key's gate keeps the larger spread measured before, {stored['std']:.6f}"
+             if stored["std"] > entry["std"] else "")
     log(f"arun: noise over {entry['n']} seeds: mean {entry['mean']:.6f}, std {entry['std']:.6f} "
-        f"(min {min(entry['values']):.6f}, max {max(entry['values']):.6f}) -> {path.relative_to(repo_dir)}")
+        f"(min {min(entry['values']):.6f}, max {max(entry['values']):.6f}) -> {path.relative_to(repo_dir)}{floor}")
     return entry
 
 

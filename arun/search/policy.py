@@ -19,11 +19,12 @@ spread `arun noise` measured:
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from arun.core.ratchet import NEAR_MISS, WITHIN_NOISE
+from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE
 from arun.search.noise import load_noise
 from arun.search.stats import best_sample, significantly_better
 
@@ -47,9 +48,14 @@ class ConfirmingDecider:
         self.repo_dir = Path(repo_dir) if repo_dir else Path.cwd()
 
     def noise(self, best: dict) -> dict | None:
-        if self.noise_std is not None:
-            return {"std": self.noise_std}
-        return load_noise(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
+        """The key's measured spread, or None: a std that is not a positive finite number measures nothing
+        (0 is what a train file that ignores its seed gives, and it would switch the gate off)."""
+        noise = {"std": self.noise_std} if self.noise_std is not None else \
+            load_noise(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
+        std = noise.get("std") if noise else None
+        if not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
+            return None
+        return noise
 
     def __call__(self, vals: list[float], best: dict | None, records: list[dict]) -> tuple[str, bool, dict]:
         if best is None:
@@ -60,12 +66,20 @@ class ConfirmingDecider:
             conf = {"confirmation": {"verdict": "not confirmed", "seeds": n}} if n > 1 else {}
             return "discard", mean - best["val_bpb"] <= self.near_miss, conf
         noise = self.noise(best)
+        if noise is None:
+            # Without a spread measured on a file the agent did not write, the fresh runs' own spread is
+            # all the gate would have, and the train file controls it (one that ignores its seed repeats
+            # its lucky first run exactly: zero variance, p = 0, any win "confirmed"). So the plain rule
+            # decides, and says so; `arun loop` measures the spread before its first proposal.
+            self.say("no spread measured for this key: kept by the plain rule (arun noise --seeds 3 measures one; "
+                     "arun loop does it for you)")
+            return "keep", False, {"confirmation": {"verdict": NO_SPREAD, "seeds": n}}
         try:
             ok, p = significantly_better(vals, best_sample(best, noise), self.confidence,
                                          noise.get("std") if noise else None)
-        except ValueError:  # one run on each side and no spread measured: only fresh seeds can tell
+        except ValueError:  # a spread that is not a finite number: nothing to test with
             ok, p = False, None
-        said = f"p = {p:.4g}" if p is not None else "no spread known"
+        said = f"p = {p:.4g}" if p is not None else "no usable spread"
         if ok and 1 < n < self.confirm_seeds:
             # Part way through a confirmation: only the full count may keep it (one look at the gate, not
             # one per fresh seed, which would keep more noise than the confidence says).
@@ -73,7 +87,7 @@ class ConfirmingDecider:
             return "confirm", False, {}
         if ok:
             verdict = "confirmed" if n > 1 else "clear win"
-        elif not final and noise and not self.could_pass(mean, best, noise):
+        elif not final and not self.could_pass(mean, best, noise):
             self.say(f"{said}: within the noise: {self.confirm_seeds} runs at this mean would not pass the gate, "
                      f"so no {'fresh' if n == 1 else 'more'} seeds are spent on it")
             return "discard", True, {"confirmation": {"verdict": WITHIN_NOISE, "seeds": n, "p_value": p,

@@ -48,6 +48,7 @@ from typing import Any
 from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.ratchet import SCORED
+from arun.search.noise import load_noise
 from arun.swarm import cluster
 from arun.swarm.actors import DIED, RESTARTED, Coordinator, LedgerWriter
 from arun.swarm.records import commit_records
@@ -422,16 +423,18 @@ def _left(reg: dict, repo: str, k: int, run: str, why: str) -> str:
 
 
 def measured_noise(repo: Path) -> dict[str, float]:
-    """key_id -> run-to-run std measured by `arun noise` in the main repo (for --confidence with one seed)."""
+    """key_id -> run-to-run std measured by `arun noise` in the main repo (the confirmation gate's and
+    --confidence's spread; as load_noise reads it, never below the key's floor)."""
     out: dict[str, float] = {}
     for path in sorted(Path(repo).glob("bench/*/noise.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        for kid, entry in (data.items() if isinstance(data, dict) else []):
-            if isinstance(entry, dict) and isinstance(entry.get("std"), (int, float)):
-                out[kid] = float(entry["std"])
+        for kid in (data if isinstance(data, dict) else {}):
+            entry = load_noise(repo, path.parent.name, str(kid))
+            if entry is not None:
+                out[str(kid)] = float(entry["std"])
     return out
 
 

@@ -232,14 +232,22 @@ def make_proposer(cfg: dict, k: int, wt: Path) -> Any:
     return loop_proposer(cfg["agent"], repo_dir=wt, backend=cfg["backend"], seed=k, **extra)
 
 
+def loop_options(cfg: dict, key_id: str | None) -> dict:
+    """The swarm's `arun loop` options for one iteration, with the key's spread measured in the main repo
+    (arun noise): the worktree has no copy, and the confirmation gate needs it as much as --confidence
+    does (without it, near wins are kept by the plain rule)."""
+    options = dict(cfg.get("loop_options") or {})
+    noise = (cfg.get("noise") or {}).get(key_id) if key_id else None
+    if "noise_std" not in options and noise is not None:
+        options["noise_std"] = noise
+    return options
+
+
 def iterate(worker: Worker, plan: dict, ledger: SwarmLedger) -> dict:
     """One iteration of `arun loop` (arun.search.loop.iteration) in the worker's worktree, its record going
     through `ledger` to the one writer."""
     cfg = worker.cfg
-    options = dict(cfg.get("loop_options") or {})
-    noise = (cfg.get("noise") or {}).get(worker.key_id)
-    if options.get("confidence") and "noise_std" not in options and noise is not None:
-        options["noise_std"] = noise  # measured in the main repo (arun noise); the worktree has no copy
+    options = loop_options(cfg, worker.key_id)
 
     def on_proposal(description: str, diff: str) -> None:
         # Reported before training starts, so that a crash record of this experiment (its worker killed

@@ -190,7 +190,7 @@ def test_a_confined_agent_in_the_loop_records_as_before(project: Path) -> None:
     lines: list[str] = []
     before = len(ledger_records(project))
     result = run_loop(project, "cuda", f"{FAKE} set SEED=7", iterations=1, budget=BUDGET, device="cpu",
-                      show_progress=False, log=lines.append)
+                      show_progress=False, log=lines.append, measure=False)
     (rec,) = result.records
     assert rec["status"] in ("keep", "discard"), rec.get("error")
     assert rec["description"] == "set SEED=7" and rec["confined"] is True

@@ -244,7 +244,7 @@ def test_a_planted_git_config_and_hooks_never_run_in_the_loop(project: Path, tmp
     before = len(ledger_records(project))
     try:
         result = run_loop(project, "cuda", f"{FAKE} set SEED=11", iterations=1, budget=BUDGET, device="cpu",
-                          show_progress=False, log=lambda s: None)
+                          show_progress=False, log=lambda s: None, measure=False)
     finally:
         for name in os.listdir(project / ".git" / "hooks"):
             if not name.endswith(".sample"):
