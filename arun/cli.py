@@ -650,13 +650,16 @@ def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | No
 @device_option()
 @timeout_option()
 @allowance_option()
+@click.option("--baseline", "of_baseline", is_flag=True, default=False,
+              help="measure the key's baseline train file (a file no agent wrote; what arun loop measures) "
+                   "instead of the best")
 @require_confinement_option()
 def noise_cmd(backend: str, seeds: int, budget: float | None, device: str | None, hard_timeout: float | None,
-              allowance: float | None) -> None:
+              allowance: float | None, of_baseline: bool) -> None:
     """Measure run-to-run noise: the best train file over N seeds -> bench/<tag>/noise.json."""
     try:
         measure_noise(Path.cwd(), backend, seeds, budget=budget, device=device, hard_timeout=hard_timeout,
-                      allowance=allowance, log=say)
+                      allowance=allowance, of_baseline=of_baseline, log=say)
     except KeyboardInterrupt:
         fail("interrupted: nothing was stored", code=130)
 

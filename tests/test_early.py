@@ -363,8 +363,9 @@ def test_the_cli_has_the_switches() -> None:
 
     from arun.cli import cli
     loop_help = CliRunner().invoke(cli, ["loop", "--help"]).output
-    assert "--no-early-stop" in loop_help and "--no-confirm" in loop_help
+    assert "--no-early-stop" in loop_help and "--no-confirm" in loop_help and "--no-measure-noise" in loop_help
     assert "--early-stop" in CliRunner().invoke(cli, ["run", "--help"]).output
+    assert "--baseline" in CliRunner().invoke(cli, ["noise", "--help"]).output
 
 
 @pytest.mark.unit

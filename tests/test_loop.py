@@ -346,13 +346,20 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
 
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:
     """Confirmation needs a spread the agent's files do not set: with none stored, the loop measures it
-    on the best (3 runs, not experiments) before the first proposal, and never again for that key."""
+    (3 runs, not experiments) before the first proposal, on the key's baseline even when an agent's file
+    is the best by then (kept without it: the plain rule), and never again for that key."""
+    first = loop(project, f"{FAKE} set " + " ".join(f"{k}={v}" for k, v in GOOD_LR.items()))
+    assert first.records[0]["status"] == "keep", first.lines
+    assert first.records[0]["confirmation"]["verdict"] == "no spread measured"
+    best_text = (project / TRAIN).read_text()
     result = loop(project, f"{FAKE} set SEED=43", measure=True)
     (entry,) = json.loads(next((project / "bench").glob("*/noise.json")).read_text()).values()
+    baseline = ledger_records(project)[0]
     assert entry["n"] == 3 and entry["seeds"] == [42, 43, 44] and entry["std"] > 0
-    assert entry["commit"] == ledger_records(project)[0]["commit"]        # measured on the best (the baseline)
-    assert any("measuring the run-to-run spread of the best first" in s for s in result.lines)
-    assert [r["status"] for r in ledger_records(project)][1:] == [result.records[0]["status"]]  # noise runs: no records
+    assert (entry["commit"], entry["train_sha256"]) == (baseline["commit"], baseline["train_sha256"])
+    assert any("measuring the run-to-run spread of the key's baseline first" in s for s in result.lines)
+    assert len(ledger_records(project)) == 3                                 # noise runs are not experiments
+    assert (project / TRAIN).read_text() == best_text                        # the best is back
     again = loop(project, f"{FAKE} set SEED=44", measure=True)
     assert not any("measuring the run-to-run spread" in s for s in again.lines)
     assert_clean_at_best(project)

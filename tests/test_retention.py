@@ -186,8 +186,16 @@ def test_a_forward_stored_before_its_record_lands_is_not_pruned(two_branches: tu
     stray = forward_store.path_for(repo, "cuda", hashlib.sha256(b"old stray").hexdigest())
     stray.write_bytes(b"old stray")
     os.utime(stray, (time.time() - 2 * forward_store.RETAIN_GRACE,) * 2)
+    again = forward_store.path_for(repo, "cuda", hashlib.sha256(b"stored long ago, again now").hexdigest())
+    again.write_bytes(b"stored long ago, again now")
+    os.utime(again, (1e9, 1e9))
+    forward_store.put_forwards(repo, "cuda", {again.name.split(".")[0]: again.read_bytes()})  # arrives again
     removed = forward_store.retain(repo, forward_store.every_record(repo), keep_recent=0)
-    assert fresh.is_file() and not stray.exists() and removed == [stray]
+    assert fresh.is_file() and again.is_file() and not stray.exists() and removed == [stray]
+    os.utime(fresh, (1e9, 1e9))
+    src.write_bytes(b"a keep whose record is on its way")
+    forward_store.store(repo, "cuda", src)                                   # the same forward stored again
+    assert forward_store.retain(repo, forward_store.every_record(repo), keep_recent=0) == []
 
 
 @pytest.mark.unit

@@ -76,9 +76,20 @@ def test_refuses_what_cannot_be_tested() -> None:
         significantly_better([], [1.0], 0.9)
 
 
-def test_identical_runs_decide_on_the_sign_alone() -> None:
-    assert significantly_better([1.0, 1.0], [1.1, 1.1], 0.99) == (True, 0.0)
+def test_a_spread_too_small_to_be_seed_noise_is_not_believed() -> None:
+    """A train file that ignores its seed repeats its runs exactly (or a hair apart): a spread of 0 would
+    make any difference certain (p = 0). Each side's own spread, and a stored one, is floored at 0.05 %
+    of val_bpb; a real difference stays certain."""
+    ok, p = significantly_better([1.0, 1.0], [1.1, 1.1], 0.99)
+    assert ok and 0 < p < 1e-4
     assert significantly_better([1.1, 1.1], [1.1, 1.1], 0.99)[0] is False
+    assert not significantly_better([0.99999, 0.99999], [1.0, 1.0], 0.95)[0]
+    assert not significantly_better([0.99999, 0.9999901], [1.0, 1.0000001], 0.95)[0]
+    assert not significantly_better([0.999], [1.0], 0.95, noise_std=1e-9)[0]   # a stored spread of a hair
+    assert not significantly_better([0.999], [1.0], 0.95, noise_std=0.0)[0]
+    assert significantly_better([0.99, 0.99], [1.0, 1.0], 0.95)[0]
+    decide = significance_decider(0.95, repo_dir=Path("/nonexistent"), log=None)   # --confidence, no noise stored
+    assert decide([0.99999, 0.99999], {**BEST, "val_bpb": 1.0, "val_bpb_seeds": [1.0, 1.0]}, []) == ("discard", True)
 
 
 BEST = {"val_bpb": 1.100, "val_bpb_seeds": [1.100], "train_sha256": "aaa", "tag": "t", "key_id": "k"}
@@ -129,3 +140,5 @@ def test_a_key_s_spread_measured_again_may_rise_but_never_fall(tmp_path: Path) -
     for bad in (math.inf, -1.0, 1e300, "0.1"):   # not a spread: none stored, rather than a gate turned off or a crash
         (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps({"k": {**entry, "std": bad}}))
         assert load_noise(tmp_path, "t", "k") is None
+        (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps({"k": {**entry, "std": bad, "std_floor": 0.02}}))
+        assert load_noise(tmp_path, "t", "k")["std"] == 0.02    # ... but the floor measured before still holds

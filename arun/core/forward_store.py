@@ -62,6 +62,7 @@ def store(repo_dir: Path, backend: str, artifact: Path) -> tuple[str, Path]:
         ignore.write_text("*\n")
     if dest.exists():
         artifact.unlink(missing_ok=True)
+        os.utime(dest)  # stored (again) now: retain()'s grace counts from here
     else:
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
         shutil.move(str(artifact), tmp)
@@ -100,7 +101,9 @@ def put_forwards(repo_dir: Path, backend: str, forwards: dict[str, bytes]) -> li
     for sha, data in forwards.items():
         if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != sha:
             continue
-        if not path_for(repo_dir, backend, sha).is_file():
+        if path_for(repo_dir, backend, sha).is_file():
+            os.utime(path_for(repo_dir, backend, sha))  # arrived now: retain()'s grace counts from here
+        else:
             incoming = store_dir(repo_dir) / f".incoming-{sha}-{os.getpid()}{SUFFIX[backend]}"
             incoming.parent.mkdir(parents=True, exist_ok=True)
             incoming.write_bytes(data)

@@ -362,23 +362,25 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
 def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, device: str | None,
                     hard_timeout: float | None, allowance: float | None, show_progress: bool,
                     log: Callable[[str], None]) -> bool:
-    """Measures the key's run-to-run spread on its best (arun noise, CONFIRM_SEEDS runs) unless one is
-    stored; False while the key has no best yet (ask again after the baseline). The confirmation gate
-    needs a spread that the agent's files do not set (arun.search.policy), and the early stop's margins
-    come from it. A measurement that fails is reported and not retried: the loop goes on with the
+    """Measures the key's run-to-run spread on its baseline (arun noise --baseline, CONFIRM_SEEDS runs)
+    unless one is stored; False while the key has no best yet (ask again after the baseline). The
+    confirmation gate needs a spread that the agent's files do not set (arun.search.policy): a best
+    kept from an agent's file might ignore its seed (a spread of 0) or crash on fresh seeds (none at
+    all). The early stop's margins come from it too. A measurement that fails is reported and not retried: the loop goes on with the
     plain rule and the default margins."""
     info = cached_context(repo_dir, backend, budget, device)
     if load_noise(repo_dir, info.tag, info.key_id) is not None:
         return True
     if best_record(read_records(repo_dir, info.tag), info.key_id) is None:
         return False
-    log(f"arun loop: measuring the run-to-run spread of the best first ({CONFIRM_SEEDS} runs, once per key; "
-        "--no-measure-noise skips it): the confirmation gate and the early-stop margins use it")
+    log(f"arun loop: measuring the run-to-run spread of the key's baseline first ({CONFIRM_SEEDS} runs, once per "
+        "key; --no-measure-noise skips it): the confirmation gate and the early-stop margins use it")
     try:
         measure_noise(repo_dir, backend, CONFIRM_SEEDS, budget=budget, device=device, hard_timeout=hard_timeout,
-                      show_progress=show_progress, allowance=allowance, log=log)
+                      show_progress=show_progress, allowance=allowance, of_baseline=True, log=log)
     except ArunError as e:
-        log(f"arun loop: the spread could not be measured ({e}); near wins are kept by the plain rule")
+        log(f"arun loop: the spread could not be measured ({e}); near wins are kept by the plain rule until "
+            f"`arun noise --backend {backend} --seeds 3` measures it")
     return True
 
 

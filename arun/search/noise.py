@@ -29,7 +29,7 @@ from arun.core.early import trajectory_std
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import read_records
-from arun.core.ratchet import NEAR_MISS, best_record
+from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.search.stats import gate
 from engines.atomic import write_json
 
@@ -59,13 +59,12 @@ def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
     if not tag or not key_id:
         return None
     entry = _read(noise_path(repo_dir, tag)).get(key_id)
-    std = _std(entry)
-    if not isinstance(entry, dict) or std is None:
+    if not isinstance(entry, dict):
         return None
-    floor = _std(entry, "std_floor")
-    if floor is not None and floor > std:
+    std, floor = _std(entry), _std(entry, "std_floor")
+    if floor is not None and (std is None or floor > std):
         return {**entry, "std": floor, "measured_std": std}
-    return entry
+    return entry if std is not None else None
 
 
 def save_noise(repo_dir: Path | str, tag: str, entry: dict) -> Path:
@@ -90,9 +89,11 @@ def spread(values: list[float]) -> dict:
 
 def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: float | None = None,
                   device: str | None = None, hard_timeout: float | None = None, show_progress: bool = True,
-                  allowance: float | None = None, log: Callable[[str], None] = print) -> dict:
-    """Runs the best train file `seeds` times and saves the spread; returns the stored entry.
-    Refuses (ArunError) when the train file differs from the best commit: the runs restore it."""
+                  allowance: float | None = None, of_baseline: bool = False,
+                  log: Callable[[str], None] = print) -> dict:
+    """Runs the best train file (of_baseline: the key's baseline's, a file no agent wrote) `seeds` times
+    and saves the spread; returns the stored entry. Refuses (ArunError) when the train file differs from
+    the best commit: the runs restore it."""
     if seeds < 2:
         raise ArunError(f"arun noise needs at least 2 seeds to measure a spread, got {seeds}; try --seeds 5")
     repo_dir = Path(repo_dir).resolve()
@@ -110,6 +111,14 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
         raise ArunError(f"arun noise measures the best train file (commit {base[:10]}), but {train_file} has "
                         f"uncommitted edits that the runs would revert; run them (arun --backend {backend}) "
                         f"or revert them first")
+    measured, of = current, base
+    first = baseline_record(records, ctx.key_id) if of_baseline else None
+    if first and first.get("commit") and first["commit"] != base:
+        try:
+            measured, of = gitops.file_at(repo_dir, first["commit"], train_file), first["commit"]
+        except Exception:
+            raise ArunError(f"the baseline's commit {first['commit'][:10]} is not in this repository; git fetch "
+                            f"the branch that has it, or measure the best (arun noise without --baseline)") from None
     captured: list[dict] = []
 
     def sink(record: dict) -> dict:
@@ -121,16 +130,22 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
             log(line)
 
     t0 = time.time()
-    run_experiment(repo_dir, backend, f"noise: best over {seeds} seeds", budget=budget, seeds=seeds,
-                   device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
-                   allowance=allowance,
-                   record_sink=sink, decide_fn=lambda vals, best, recs: ("discard", False), log=quiet)
+    what = "best" if of == base else "baseline"
+    (repo_dir / train_file).write_bytes(measured)  # (the best's own bytes, or the baseline's: the discard restores the best)
+    try:
+        run_experiment(repo_dir, backend, f"noise: {what} over {seeds} seeds", budget=budget, seeds=seeds,
+                       device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
+                       allowance=allowance,
+                       record_sink=sink, decide_fn=lambda vals, best, recs: ("discard", False), log=quiet)
+    finally:
+        if (repo_dir / train_file).read_bytes() != current:
+            (repo_dir / train_file).write_bytes(current)
     rec = captured[-1]
     if rec.get("status") != "discard" or not rec.get("val_bpb_seeds"):
         raise ArunError(f"a noise run failed ({rec.get('status')}: {rec.get('error')}); see run.log, "
                         f"fix the train file and measure again")
     entry = {"key_id": rec["key_id"], "key": rec["key"], "tag": rec["tag"], "backend": backend,
-             "commit": rec.get("commit"), "train_sha256": hashlib.sha256(current).hexdigest(),
+             "commit": of, "train_sha256": hashlib.sha256(measured).hexdigest(),
              "seeds": rec.get("seeds"), **spread([float(v) for v in rec["val_bpb_seeds"]]),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_seconds": round(time.time() - t0, 3),
              "time_budget": rec.get("time_budget"), "device": rec.get("device"),

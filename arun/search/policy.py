@@ -71,8 +71,8 @@ class ConfirmingDecider:
             # all the gate would have, and the train file controls it (one that ignores its seed repeats
             # its lucky first run exactly: zero variance, p = 0, any win "confirmed"). So the plain rule
             # decides, and says so; `arun loop` measures the spread before its first proposal.
-            self.say("no spread measured for this key: kept by the plain rule (arun noise --seeds 3 measures one; "
-                     "arun loop does it for you)")
+            self.say("no spread measured for this key (none stored, or one of 0): kept by the plain rule "
+                     "(arun noise --seeds 3 measures one; arun loop does it when none is stored)")
             return "keep", False, {"confirmation": {"verdict": NO_SPREAD, "seeds": n}}
         try:
             ok, p = significantly_better(vals, best_sample(best, noise), self.confidence,
