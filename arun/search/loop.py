@@ -366,8 +366,8 @@ def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, devic
     unless one is stored; False while the key has no best yet (ask again after the baseline). The
     confirmation gate needs a spread that the agent's files do not set (arun.search.policy): a best
     kept from an agent's file might ignore its seed (a spread of 0) or crash on fresh seeds (none at
-    all). The early stop's margins come from it too. A measurement that fails is reported and not retried: the loop goes on with the
-    plain rule and the default margins."""
+    all). The early stop's margins come from it too. A measurement that fails is reported and not
+    retried: the loop goes on with the plain rule and the default margins."""
     info = cached_context(repo_dir, backend, budget, device)
     if load_noise(repo_dir, info.tag, info.key_id) is not None:
         return True
