@@ -628,7 +628,7 @@ def swarm_down_cmd(temp_dir: str) -> None:
 @click.option("--no-confirm", "confirm", is_flag=True, flag_value=False, default=True,
               help="keep any result below the best at once (default: a near win is re-run with fresh seeds first)")
 @click.option("--no-measure-noise", "measure", is_flag=True, flag_value=False, default=True,
-              help="do not measure the key's spread first (default: arun noise over 3 runs of the best, once per "
+              help="do not measure the key's spread first (default: arun noise --baseline over 3 runs, once per "
                    "key, when none is stored; without it near wins are kept by the plain rule)")
 @require_confinement_option()
 def loop_cmd(backend: str, agent: str, iterations: int | None, hours: float | None, seeds: int,

@@ -101,8 +101,9 @@ def put_forwards(repo_dir: Path, backend: str, forwards: dict[str, bytes]) -> li
     for sha, data in forwards.items():
         if not isinstance(data, bytes) or hashlib.sha256(data).hexdigest() != sha:
             continue
-        if path_for(repo_dir, backend, sha).is_file():
-            os.utime(path_for(repo_dir, backend, sha))  # arrived now: retain()'s grace counts from here
+        dest = path_for(repo_dir, backend, sha)
+        if dest.is_file():
+            os.utime(dest)  # arrived now: retain()'s grace counts from here
         else:
             incoming = store_dir(repo_dir) / f".incoming-{sha}-{os.getpid()}{SUFFIX[backend]}"
             incoming.parent.mkdir(parents=True, exist_ok=True)

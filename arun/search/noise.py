@@ -131,7 +131,8 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
 
     t0 = time.time()
     what = "best" if of == base else "baseline"
-    (repo_dir / train_file).write_bytes(measured)  # (the best's own bytes, or the baseline's: the discard restores the best)
+    if measured != current:
+        (repo_dir / train_file).write_bytes(measured)  # the baseline's bytes: the discard (or the finally) restores the best
     try:
         run_experiment(repo_dir, backend, f"noise: {what} over {seeds} seeds", budget=budget, seeds=seeds,
                        device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
