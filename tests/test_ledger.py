@@ -166,6 +166,23 @@ def test_ratchet_rules() -> None:
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("written", [True, False, float("nan"), float("inf"), "0.5", None, [0.5]])
+def test_a_figure_that_is_not_a_finite_number_never_scores(written: object) -> None:
+    """JSON's true is Python's 1 and NaN compares false with everything: neither may become a best, a
+    baseline, a held-out score or a measured spread."""
+    from arun.core.numbers import finite
+    from arun.core.timing import reference_of
+    from arun.report.val_vs_test import heldout_bpb
+    from arun.search.noise import _std
+    assert finite(written) is None and finite(0.5) == 0.5 and finite(2) == 2.0
+    recs = [{"key_id": "a", "status": "keep", "baseline": True, "val_bpb": written, "id": "w",
+             "test_bpb": written, "non_training_seconds": written},
+            {"key_id": "a", "status": "keep", "baseline": True, "val_bpb": 1.4, "id": "a1"}]
+    assert best_record(recs, "a")["id"] == "a1" and baseline_record(recs, "a")["id"] == "a1"
+    assert heldout_bpb(recs[0]) is None and reference_of(recs[0]) is None and _std({"std": written}) is None
+
+
+@pytest.mark.unit
 def test_record_round_trips_and_keeps_fields_it_does_not_know(tmp_path: Path) -> None:
     line = {"id": "x", "time": "t", "key_id": "k", "status": "keep", "val_bpb": 1.5, "from_the_future": {"a": 1}}
     rec = Record.from_json(line)

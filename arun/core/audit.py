@@ -24,6 +24,7 @@ from arun.core.context import open_data, resolve_engine
 from arun.core.errors import ArunError
 from arun.core.gitops import run_git
 from arun.core.ledger import AUDIT_FILE, TRUST, Ledger, annotate, ledger_path, ledgers_in, parse_lines
+from arun.core.numbers import finite
 from arun.core.ratchet import scored
 from arun.core.scoring import score_artifact
 from engines.atomic import write_json
@@ -101,7 +102,7 @@ def _rescore(repo_dir: Path, rec: dict, data: PreparedData, tags: dict) -> tuple
     pairs: list[tuple[str, float]] = [(sha, float(rec["val_bpb"]))]
     if len(seeds) > 1:
         shas = rec.get("artifact_sha256_seeds") or []
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in seeds) or len(shas) != len(seeds) \
+        if not all(finite(v) is not None for v in seeds) or len(shas) != len(seeds) \
                 or shas[0] != sha:
             return None, "failed: unverified (a multi-seed keep without one stored forward per seed score)"
         mean = statistics.fmean(float(v) for v in seeds)

@@ -37,10 +37,10 @@ from arun.core.errors import ArunError
 from arun.core.heldout import score_test, test_fields
 from arun.core.keys import key_difference
 from arun.core.ledger import Ledger, new_id
+from arun.core.numbers import finite
 from arun.core.process import (
     RunOutcome,
     child_env,
-    finite,
     overhead_split,
     run_train_file,
     same_file,

@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -27,6 +26,7 @@ from typing import TextIO, cast
 
 from arun.core import confine as confinement
 from arun.core.deadline import Clock, Limits
+from arun.core.numbers import finite
 from arun.core.runfolder import read_regular
 from arun.core.steplines import StepLine, parse_step_line, split_lines
 
@@ -341,11 +341,6 @@ def run_train_file(repo_dir: Path, train_file: str, env: dict, log_path: Path, l
         out.status = "crash"
         out.error = "the train file exited without exporting its forward (engines.run.finish_run was not reached)"
     return out
-
-
-def finite(v: object) -> float | None:
-    """v as a float when it is a finite number, else None."""
-    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def overhead_split(o: RunOutcome) -> dict:

@@ -4,10 +4,10 @@ line is shown by the reports but never becomes a best or a baseline."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from arun.core.ledger import trusted
+from arun.core.numbers import finite
 
 NEAR_MISS = 0.002  # n-autoresearch's threshold: a discard this close to the best is worth a second look
 # A near win too small for fresh seeds to confirm (arun.search.policy): discarded without re-running it.
@@ -18,8 +18,7 @@ SCORED = ("keep", "discard")  # the statuses that carry a val_bpb
 
 
 def scored(record: dict) -> bool:
-    v = record.get("val_bpb")
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return finite(record.get("val_bpb")) is not None
 
 
 def key_records(records: list[dict], key_id: str) -> list[dict]:

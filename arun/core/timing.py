@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from arun.core.numbers import finite
+
 MAX_WARMUP_STEPS = 20  # uncounted steps a train file may take (upstream uses 10)
 CLAIMED = ("time_budget", "warmup_steps", "warmup_seconds", "startup_seconds", "export_seconds", "training_seconds",
            "total_seconds", "last_step_seconds")
@@ -53,10 +55,8 @@ def non_training_limit(allowance: float, reference: float | None) -> float:
 def reference_of(baseline: dict | None) -> float | None:
     """The key's reference: its baseline's measured non-training seconds per run (None before the
     baseline, or for a baseline recorded before the figure existed)."""
-    value = (baseline or {}).get("non_training_seconds")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        return None
-    return float(value)
+    value = finite((baseline or {}).get("non_training_seconds"))
+    return value if value is not None and value >= 0 else None
 
 
 def slack(budget: float) -> float:

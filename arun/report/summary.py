@@ -8,11 +8,11 @@ began), the changes that helped most, and the hours spent.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from datetime import datetime, timezone
 
 from arun.core.ledger import trust_mark, trusted
+from arun.core.numbers import finite
 from arun.core.ratchet import NO_SPREAD, WITHIN_NOISE, baseline_record, best_record, scored
 from arun.report.val_vs_test import held_out, heldout_lines
 from arun_data import held_out as dataset_held_out
@@ -53,9 +53,9 @@ def select(records: list[dict], tag: str | None = None, since: datetime | None =
 
 def _seconds(r: dict) -> float:
     for name in ("wall_seconds", "total_seconds"):
-        v = r.get(name)
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            return float(v)
+        v = finite(r.get(name))
+        if v is not None:
+            return v
     return 0.0
 
 

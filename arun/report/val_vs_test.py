@@ -9,9 +9,9 @@ was made on; a gain that is real shows up on both, a gain that is noise shrinks 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from arun.core.numbers import finite
 from arun.core.ratchet import baseline_record, best_record, key_records, scored
 
 CONFIRMED_FRACTION = 0.5  # a night whose test gain is less than this share of its val gain is flagged
@@ -21,8 +21,7 @@ NOT_REAL = "most of the val gain is not real: consider --seeds/--confidence or a
 
 def heldout_bpb(record: dict | None) -> float | None:
     """A record's test_bpb, or None (a discard, a failed test scoring, a record older than the test split)."""
-    v = (record or {}).get("test_bpb")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+    return finite((record or {}).get("test_bpb"))
 
 
 @dataclass

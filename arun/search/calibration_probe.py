@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from arun.core.deadline import Limits
-from arun.core.process import child_env, finite, run_train_file
+from arun.core.numbers import finite
+from arun.core.process import child_env, run_train_file
 from arun.core.steplines import StepLine
 from arun.core.trainfile import rewrite_constants
 from engines.forward_file import SUFFIX

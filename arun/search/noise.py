@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from arun.core.early import trajectory_std
 from arun.core.errors import ArunError
 from arun.core.experiment import run_experiment
 from arun.core.ledger import read_records
+from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.search.stats import gate
 from engines.atomic import write_json
@@ -47,10 +47,8 @@ def _read(path: Path) -> dict:
 
 
 def _std(entry: object, field: str = "std") -> float | None:
-    value = entry.get(field) if isinstance(entry, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value) if 0 <= value < 1e6 else None
+    value = finite(entry.get(field) if isinstance(entry, dict) else None)
+    return value if value is not None and 0 <= value < 1e6 else None
 
 
 def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:

@@ -19,11 +19,11 @@ spread `arun noise` measured:
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
 
+from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE
 from arun.search.noise import load_noise
 from arun.search.stats import best_sample, significantly_better
@@ -52,8 +52,8 @@ class ConfirmingDecider:
         (0 is what a train file that ignores its seed gives, and it would switch the gate off)."""
         noise = {"std": self.noise_std} if self.noise_std is not None else \
             load_noise(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
-        std = noise.get("std") if noise else None
-        if not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
+        std = finite(noise.get("std")) if noise else None
+        if std is None or std <= 0:
             return None
         return noise
 

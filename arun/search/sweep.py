@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arun.core.numbers import finite
 from arun.core.trainfile import BEGIN, END, block_span, safe_eval
 from arun.search.proposers import Context, Proposal
 from engines.atomic import write_atomic
@@ -324,12 +325,11 @@ class Sweep:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup_trials)
         study = optuna.create_study(direction="minimize", sampler=sampler)
-        vals = [r["val_bpb"] for r in records if isinstance(r.get("val_bpb"), (int, float))
-                and not isinstance(r.get("val_bpb"), bool) and math.isfinite(r["val_bpb"])]
+        vals = [v for v in (finite(r.get("val_bpb")) for r in records) if v is not None]
         worst = max(vals) if vals else None
         for r in records:
-            v = r.get("val_bpb")
-            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            v = finite(r.get("val_bpb"))
+            if v is None:
                 if r.get("status") not in ("crash", "timeout") or worst is None:
                     continue
                 v = worst  # a crashed configuration: as bad as the worst score seen
