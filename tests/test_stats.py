@@ -112,6 +112,17 @@ def test_best_sample_includes_noise_runs_of_the_same_train_file_only() -> None:
     assert best_sample(BEST, {"std": 0.01, "values": [1.09, 1.11], "train_sha256": "bbb"}) == [1.1]
 
 
+@pytest.mark.unit
+def test_a_noise_run_that_repeats_one_of_the_bests_seeds_counts_once() -> None:
+    """The baseline ran at seed 42 and `arun noise` starts at 42 too: the same run twice would halve
+    nothing but the spread."""
+    best = {**BEST, "seeds": [42], "val_bpb_seeds": [1.1]}
+    noise = {"std": 0.01, "values": [1.1, 1.09, 1.11], "seeds": [42, 43, 44], "train_sha256": "aaa"}
+    assert best_sample(best, noise) == [1.1, 1.09, 1.11]
+    assert best_sample({**best, "seeds": [7]}, noise) == [1.1, 1.1, 1.09, 1.11]          # no seed in common
+    assert best_sample(best, {**noise, "seeds": [[42], 43, 44]}) == [1.1, 1.1, 1.09, 1.11]  # not a seed: kept
+
+
 def test_decider_reads_the_noise_file_of_the_bests_key(tmp_path: Path) -> None:
     (tmp_path / "bench" / "t").mkdir(parents=True)
     (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps(

@@ -148,10 +148,16 @@ def significantly_better(candidate: list[float], best: list[float], confidence: 
 
 def best_sample(best: dict, noise: dict | None = None) -> list[float]:
     """Every val_bpb measured for the best train file: its own seeds, plus the runs of `arun noise`
-    when those were of the same file (same train_sha256)."""
+    when those were of the same file (same train_sha256). A noise run with a seed the best already ran
+    (both start at the train file's SEED) repeats that run, so it is counted once: twice would shrink
+    the measured spread and pass a gate the data do not."""
     values = [float(v) for v in (best.get("val_bpb_seeds") or [best["val_bpb"]])]
     if noise and noise.get("train_sha256") and noise.get("train_sha256") == best.get("train_sha256"):
-        values += [float(v) for v in noise.get("values", [])]
+        extra, seeds = list(noise.get("values", [])), noise.get("seeds")
+        if isinstance(seeds, list) and len(seeds) == len(extra):
+            own = {s for s in best.get("seeds") or [] if isinstance(s, int)}
+            extra = [v for seed, v in zip(seeds, extra) if not (isinstance(seed, int) and seed in own)]
+        values += [float(v) for v in extra]
     return values
 
 
