@@ -315,6 +315,8 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
     from arun.core.errors import ArunError
     with pytest.raises(ArunError, match="arun noise"):
         loop(project, f"{FAKE} set SEED=43", confidence=0.99)  # one seed and no noise measured yet
+    from arun.search.loop import preflight  # (a loop that measures the spread first is not refused)
+    assert preflight(project, "cuda", BUDGET, "cpu", 1, 0.99, print, measures=True).key_id
     out = cli(project, "noise", "--backend", "cuda", "--device", "cpu", "--budget", str(BUDGET), "--seeds", "3")
     (entry,) = json.loads(next((project / "bench").glob("*/noise.json")).read_text()).values()
     assert entry["n"] == 3 and entry["std"] > 0 and entry["seeds"] == [42, 43, 44]
@@ -328,7 +330,7 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
     monkeypatch.setenv("FAKE_AGENT_DESCRIBE", "another seed\nsecond line is ignored")
     result = loop(project, f"{FAKE} set SEED={seed}", confidence=0.99)
     (rec,) = result.records
-    assert rec["val_bpb"] == pytest.approx(value, abs=1e-9)
+    assert rec["val_bpb"] == pytest.approx(value, abs=1e-9), (rec.get("status"), rec.get("error"), result.lines)
     assert (rec["status"], rec["near_miss"]) == ("discard", True), rec.get("error")
     assert rec["description"] == "another seed"  # from $ARUN_DESCRIPTION_FILE, first line
     if rec["val_bpb"] < rec["best_before"]:

@@ -252,9 +252,10 @@ class LoopResult:
 
 
 def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | None, seeds: int,
-              confidence: float | None, log: Callable[[str], None]) -> ExperimentContext:
+              confidence: float | None, log: Callable[[str], None], *, measures: bool = False) -> ExperimentContext:
     """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
-    and whether --confidence has a spread to test against."""
+    and whether --confidence has a spread to test against (`measures`: the loop will measure one
+    before its first proposal, see spread_measured)."""
     confinement.require()  # (ARUN_REQUIRE_CONFINEMENT, set by --require-confinement)
     info = cached_context(repo_dir, backend, budget, device)
     open_data(verify=True)
@@ -273,7 +274,7 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
     if confidence is not None:
         if not 0 < confidence < 1:
             raise ArunError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
-        if seeds < 2 and load_noise(repo_dir, info.tag, info.key_id) is None:
+        if seeds < 2 and not measures and load_noise(repo_dir, info.tag, info.key_id) is None:
             raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key: measure it with "
                             f"arun noise --backend {backend} --seeds 5 (or pass --seeds 2 or more)")
     return info
@@ -297,7 +298,8 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
         raise ArunError(f"--hours must be positive, got {hours}")
     if seeds < 1:
         raise ArunError(f"--seeds must be at least 1, got {seeds}")
-    info = preflight(repo_dir, backend, budget, device, seeds, confidence, log)
+    measures = measure and (confirm or early_stop)
+    info = preflight(repo_dir, backend, budget, device, seeds, confidence, log, measures=measures)
     proposer = agent if not isinstance(agent, str) else make_proposer(agent, repo_dir=repo_dir, backend=backend,
                                                                       seed=seed, agent_timeout=agent_timeout)
     if isinstance(proposer, AgentProposer):
@@ -319,7 +321,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                 if deadline is not None and time.monotonic() >= deadline:
                     result.reason = "hours"
                     break
-                if measure and (confirm or early_stop) and not tried_noise:
+                if measures and not tried_noise:
                     tried_noise = spread_measured(repo_dir, backend, budget=budget, device=device,
                                                   hard_timeout=hard_timeout, allowance=allowance,
                                                   show_progress=show_progress, log=log)
