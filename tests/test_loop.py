@@ -346,6 +346,17 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
     assert_clean_at_best(project)
 
 
+def test_a_failed_measurement_stops_a_one_seed_confidence_loop_before_any_proposal(project: Path) -> None:
+    """--confidence with one seed tests against the measured spread alone: when the loop cannot measure
+    it (here every noise run outlives a 0.5 s hard limit), a keep would be the plain rule under a
+    --confidence label, so the loop stops before the first proposal, with the tree at the best."""
+    from arun.core.errors import ArunError
+    with pytest.raises(ArunError, match="measuring it failed"):
+        loop(project, f"{FAKE} set SEED=43", confidence=0.99, measure=True, hard_timeout=0.5)
+    assert len(ledger_records(project)) == 1 and not list((project / "bench").glob("*/noise.json"))
+    assert_clean_at_best(project)
+
+
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:
     """Confirmation needs a spread the agent's files do not set: with none stored, the loop measures it
     (3 runs, not experiments) before the first proposal, on the key's baseline even when an agent's file

@@ -121,6 +121,8 @@ def test_a_noise_run_that_repeats_one_of_the_bests_seeds_counts_once() -> None:
     assert best_sample(best, noise) == [1.1, 1.09, 1.11]
     assert best_sample({**best, "seeds": [7]}, noise) == [1.1, 1.1, 1.09, 1.11]          # no seed in common
     assert best_sample(best, {**noise, "seeds": [[42], 43, 44]}) == [1.1, 1.1, 1.09, 1.11]  # not a seed: kept
+    assert best_sample({**best, "seeds": [1]}, {**noise, "seeds": [True, 43, 44]}) == [1.1, 1.1, 1.09, 1.11]
+    assert best_sample({**best, "seeds": 42}, noise) == [1.1, 1.1, 1.09, 1.11]             # a crafted record
 
 
 def test_decider_reads_the_noise_file_of_the_bests_key(tmp_path: Path) -> None:

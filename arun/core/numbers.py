@@ -11,7 +11,11 @@ import math
 
 
 def finite(v: object) -> float | None:
-    """v as a float when it is a finite int or float (not a bool), else None."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    """v as a float when it is a finite int or float (not a bool), else None. (An int too large for a
+    float, which JSON allows, is not a usable figure either.)"""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        return float(v) if math.isfinite(v) else None
+    except OverflowError:
+        return None

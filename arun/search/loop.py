@@ -325,6 +325,12 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                     tried_noise = spread_measured(repo_dir, backend, budget=budget, device=device,
                                                   hard_timeout=hard_timeout, allowance=allowance,
                                                   show_progress=show_progress, log=log)
+                    if tried_noise and confidence is not None and seeds < 2 \
+                            and load_noise(repo_dir, info.tag, info.key_id) is None:
+                        # One seed against nothing measured would be the plain rule under a --confidence label.
+                        raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key and "
+                                        f"measuring it failed (see above); fix that and run arun noise --backend "
+                                        f"{backend} --seeds 5, or pass --seeds 2 or more")
                 n += 1
                 rec = iteration(repo_dir, backend, proposer, budget=budget, device=device, seeds=seeds,
                                 confidence=confidence, near_miss=near_miss, hard_timeout=hard_timeout,

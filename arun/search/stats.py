@@ -146,6 +146,11 @@ def significantly_better(candidate: list[float], best: list[float], confidence: 
 
 # --------------------------------------------------------------------------- the decision hook
 
+def is_seed(s: object) -> bool:
+    """A seed as the harness hands them out: an int (JSON's true is not seed 1)."""
+    return isinstance(s, int) and not isinstance(s, bool)
+
+
 def best_sample(best: dict, noise: dict | None = None) -> list[float]:
     """Every val_bpb measured for the best train file: its own seeds, plus the runs of `arun noise`
     when those were of the same file (same train_sha256). A noise run with a seed the best already ran
@@ -155,8 +160,8 @@ def best_sample(best: dict, noise: dict | None = None) -> list[float]:
     if noise and noise.get("train_sha256") and noise.get("train_sha256") == best.get("train_sha256"):
         extra, seeds = list(noise.get("values", [])), noise.get("seeds")
         if isinstance(seeds, list) and len(seeds) == len(extra):
-            own = {s for s in best.get("seeds") or [] if isinstance(s, int)}
-            extra = [v for seed, v in zip(seeds, extra) if not (isinstance(seed, int) and seed in own)]
+            own = {s for s in best.get("seeds") or [] if is_seed(s)} if isinstance(best.get("seeds"), list) else set()
+            extra = [v for seed, v in zip(seeds, extra) if not (is_seed(seed) and seed in own)]
         values += [float(v) for v in extra]
     return values
 
