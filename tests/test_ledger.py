@@ -166,7 +166,8 @@ def test_ratchet_rules() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("written", [True, False, float("nan"), float("inf"), 10**400, "0.5", None, [0.5]])
+@pytest.mark.parametrize("written", [True, False, float("nan"), float("inf"), pytest.param(10**400, id="int-past-float"),
+                                     "0.5", None, [0.5]])
 def test_a_figure_that_is_not_a_finite_number_never_scores(written: object) -> None:
     """JSON's true is Python's 1 and NaN compares false with everything: neither may become a best, a
     baseline, a held-out score or a measured spread."""
