@@ -251,6 +251,11 @@ class LoopResult:
     summary: str = ""
 
 
+def spread_missing(repo_dir: Path, info: ExperimentContext, seeds: int, confidence: float | None) -> bool:
+    """--confidence with one seed tests against the key's measured spread alone: is none stored?"""
+    return confidence is not None and seeds < 2 and load_noise(repo_dir, info.tag, info.key_id) is None
+
+
 def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | None, seeds: int,
               confidence: float | None, log: Callable[[str], None], *, measures: bool = False) -> ExperimentContext:
     """Everything that can refuse before the first iteration: engine, data, scope, a clean train file,
@@ -274,7 +279,7 @@ def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | 
     if confidence is not None:
         if not 0 < confidence < 1:
             raise ArunError(f"--confidence must be between 0 and 1 (e.g. 0.95), got {confidence}")
-        if seeds < 2 and not measures and load_noise(repo_dir, info.tag, info.key_id) is None:
+        if not measures and spread_missing(repo_dir, info, seeds, confidence):
             raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key: measure it with "
                             f"arun noise --backend {backend} --seeds 5 (or pass --seeds 2 or more)")
     return info
@@ -325,8 +330,7 @@ def run_loop(repo_dir: Path | str, backend: str, agent: str | Any = "sweep", *, 
                     tried_noise = spread_measured(repo_dir, backend, budget=budget, device=device,
                                                   hard_timeout=hard_timeout, allowance=allowance,
                                                   show_progress=show_progress, log=log)
-                    if tried_noise and confidence is not None and seeds < 2 \
-                            and load_noise(repo_dir, info.tag, info.key_id) is None:
+                    if tried_noise and spread_missing(repo_dir, info, seeds, confidence):
                         # One seed against nothing measured would be the plain rule under a --confidence label.
                         raise ArunError(f"--confidence with one seed needs the run-to-run noise of this key and "
                                         f"measuring it failed (see above); fix that and run arun noise --backend "
