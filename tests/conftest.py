@@ -73,7 +73,7 @@ TIERS = ("unit", "e2e", "faults", "swarm", "browser")
 TIER_OF_FILE = {
     "test_stats.py": "unit", "test_download.py": "unit", "test_sweep.py": "unit", "test_prepare_hub.py": "unit",
     "test_conformance.py": "unit", "test_probe.py": "unit", "test_forward_rules.py": "unit",
-    "test_imports.py": "unit", "test_chain.py": "unit", "test_atomic.py": "unit", "test_steplines.py": "unit",
+    "test_imports.py": "unit", "test_suite.py": "unit", "test_chain.py": "unit", "test_atomic.py": "unit", "test_steplines.py": "unit",
     "test_faults.py": "faults",
     "test_swarm.py": "swarm", "test_swarm_cluster.py": "swarm",
     "test_artifact.py": "e2e", "test_calibrate.py": "e2e", "test_compare.py": "e2e", "test_cuda.py": "e2e",
@@ -87,10 +87,12 @@ TIER_OF_FILE = {
 }
 
 
-# The suite runs on several cores (pytest-xdist, `-n auto --dist loadgroup` in pyproject.toml). A test
-# file goes to one worker whole, so its module fixtures are built once; the Ray tests share one group
-# (one cluster at a time on the box); the slowest tiers are handed out first, so no worker is left
-# with a long file at the end while the other idles.
+# The suite runs on several cores (pytest-xdist, `-n auto --dist loadfile` in pyproject.toml). A test
+# file goes to one worker whole, so its module fixtures are built once; the Ray files share one unit
+# of work (one cluster at a time on the box); the slowest tiers are handed out first, so no worker is
+# left with a long file at the end while the other idles. The grouping is this file's own scheduler
+# (pytest_xdist_make_scheduler below), not xdist_group markers: xdist's loadgroup renames node ids
+# through a pytest internal that pytest 9.2 no longer reads, and then silently spreads every test alone.
 MAX_WORKERS = 4          # beyond this, more workers only fight over memory and the disk
 FIRST = ("swarm", "faults", "e2e", "browser", "unit")
 # pyproject's 600 s timeout is a hang guard. A whole swarm scenario (a module fixture, timed with the
@@ -107,7 +109,28 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
                       MAX_WORKERS))
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker, and before xdist reads the groups
+def unit_of_work(nodeid: str) -> str:
+    """The part of the suite one worker runs whole: a test file, or "swarm" for all the Ray files."""
+    path = nodeid.split("::", 1)[0]
+    rel = path.split("tests/", 1)[-1]
+    return "swarm" if TIER_OF_FILE.get(rel) == "swarm" else path
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """`--dist loadfile`, with the Ray files as one unit (other --dist modes are xdist's own)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByUnit(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of_work(nodeid)
+
+    return ByUnit(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     tests_dir = Path(__file__).resolve().parent
     untiered, doubled = set(), set()
@@ -122,7 +145,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 continue
             item.add_marker(TIER_OF_FILE[key])
         tier = next(m.name for m in item.iter_markers() if m.name in TIERS)
-        item.add_marker(pytest.mark.xdist_group("swarm" if tier == "swarm" else key))
         if tier in SLOW_TIERS:
             item.add_marker(pytest.mark.timeout(SLOW_TIERS[tier]))  # (a test's own timeout marker comes first)
     if untiered or doubled:
