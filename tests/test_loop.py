@@ -357,6 +357,20 @@ def test_a_failed_measurement_stops_a_one_seed_confidence_loop_before_any_propos
     assert_clean_at_best(project)
 
 
+def test_a_measurement_that_fails_on_the_file_system_stops_the_same_way(project: Path) -> None:
+    """An OSError while measuring (here the run folders' parent is a file, so no run folder can be
+    made) is a failed measurement like any other: one line, not a traceback, and the tree at the best."""
+    from arun.core.errors import ArunError
+    runs = project / ".arun" / "runs"
+    shutil.rmtree(runs, ignore_errors=True)
+    runs.parent.mkdir(parents=True, exist_ok=True)
+    runs.write_text("not a folder\n")
+    with pytest.raises(ArunError, match="measuring it failed"):
+        loop(project, f"{FAKE} set SEED=43", confidence=0.99, measure=True)
+    assert len(ledger_records(project)) == 1 and not list((project / "bench").glob("*/noise.json"))
+    assert_clean_at_best(project)
+
+
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:
     """Confirmation needs a spread the agent's files do not set: with none stored, the loop measures it
     (3 runs, not experiments) before the first proposal, on the key's baseline even when an agent's file

@@ -123,6 +123,11 @@ def test_a_noise_run_that_repeats_one_of_the_bests_seeds_counts_once() -> None:
     assert best_sample(best, {**noise, "seeds": [[42], 43, 44]}) == [1.1, 1.1, 1.09, 1.11]  # not a seed: kept
     assert best_sample({**best, "seeds": [1]}, {**noise, "seeds": [True, 43, 44]}) == [1.1, 1.1, 1.09, 1.11]
     assert best_sample({**best, "seeds": 42}, noise) == [1.1, 1.1, 1.09, 1.11]             # a crafted record
+    # A hand-edited noise file: what is not a finite number is not a measurement (and stops nothing).
+    odd = {**noise, "values": ["1.0", float("nan"), True], "seeds": [5, 6, 7]}
+    assert best_sample(best, odd) == [1.1]
+    assert best_sample(best, {**noise, "values": "1.09"}) == [1.1]
+    assert gate([1.0], {**best, "val_bpb": 1.1}, 0.95, odd)[0] == "keep"  # (and the gate decides, no ValueError)
 
 
 def test_decider_reads_the_noise_file_of_the_bests_key(tmp_path: Path) -> None:

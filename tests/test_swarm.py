@@ -80,6 +80,15 @@ def test_workers_confirm_with_the_spread_measured_in_the_main_repo_not_only_unde
 
 
 @pytest.mark.unit
+def test_a_key_without_a_measured_spread_is_named_before_the_night() -> None:
+    from arun.swarm.driver import spread_warnings
+    infos = {0: {"tag": "t", "key_id": "aaa"}, 1: {"tag": "t", "key_id": "aaa"}, 2: {"tag": "u", "key_id": "bbb"}}
+    (line,) = spread_warnings(infos, {"bbb": 0.01}, "cuda")
+    assert "key aaa (t)" in line and "arun noise --backend cuda" in line
+    assert spread_warnings(infos, {"aaa": 0.01, "bbb": 0.02}, "cuda") == []  # measured: nothing to say
+
+
+@pytest.mark.unit
 def test_swarm_records_are_committed_here_and_on_the_run_branch(tmp_path: Path) -> None:
     from arun.swarm.records import commit_records
     repo = tmp_path / "r"
@@ -289,6 +298,9 @@ def test_both_workers_run_and_one_ledger_holds_every_record(swarm_run: dict) -> 
     by_worker = {k: [r for r in records if r["swarm"]["worker"] == k and r["status"] != "crash"] for k in (0, 1)}
     assert all(len(v) >= 2 for v in by_worker.values()), {k: len(v) for k, v in by_worker.items()}
     assert all(r["key_id"] == swarm_run["probe"]["key_id"] for r in records)
+    # No spread was measured in this repo: the driver said so once, before the first experiment.
+    warned = [i for i, line in enumerate(swarm_run["lines"]) if "no run-to-run spread measured" in line]
+    assert len(warned) == 1 and swarm_run["probe"]["key_id"] in swarm_run["lines"][warned[0]], swarm_run["lines"][:5]
     assert not any(r.get("baseline") for r in records)  # the ledger's earlier best was the start
     # The one writer: no worker wrote a ledger of its own (w1's clone has none).
     assert not list((swarm_run["clone"] / "bench").glob("*/ledger.jsonl"))

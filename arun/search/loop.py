@@ -390,7 +390,7 @@ def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, devic
     try:
         measure_noise(repo_dir, backend, CONFIRM_SEEDS, budget=budget, device=device, hard_timeout=hard_timeout,
                       show_progress=show_progress, allowance=allowance, of_baseline=True, log=log)
-    except ArunError as e:
+    except (ArunError, OSError) as e:  # (a full disk or an unwritable folder is a failed measurement too)
         log(f"arun loop: the spread could not be measured ({e}); near wins are kept by the plain rule until "
             f"`arun noise --backend {backend} --seeds 3` measures it")
     return True

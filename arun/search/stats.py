@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 
+from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS
 
 # --------------------------------------------------------------------------- distributions
@@ -156,14 +157,21 @@ def best_sample(best: dict, noise: dict | None = None) -> list[float]:
     when those were of the same file (same train_sha256). A noise run with a seed the best already ran
     (both start at the train file's SEED) repeats that run, so it is counted once: twice would shrink
     the measured spread and pass a gate the data do not."""
-    values = [float(v) for v in (best.get("val_bpb_seeds") or [best["val_bpb"]])]
+    own_values = best.get("val_bpb_seeds")
+    values = numbers(own_values if isinstance(own_values, list) else []) or numbers([best["val_bpb"]])
     if noise and noise.get("train_sha256") and noise.get("train_sha256") == best.get("train_sha256"):
-        extra, seeds = list(noise.get("values", [])), noise.get("seeds")
+        extra, seeds = noise.get("values"), noise.get("seeds")
+        extra = list(extra) if isinstance(extra, list) else []
         if isinstance(seeds, list) and len(seeds) == len(extra):
             own = {s for s in best.get("seeds") or [] if is_seed(s)} if isinstance(best.get("seeds"), list) else set()
             extra = [v for seed, v in zip(seeds, extra) if not (is_seed(seed) and seed in own)]
-        values += [float(v) for v in extra]
+        values += numbers(extra)
     return values
+
+
+def numbers(values: list) -> list[float]:
+    """The finite numbers among `values` (a hand-edited noise file may hold anything)."""
+    return [v for v in map(finite, values) if v is not None]
 
 
 def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | None = None,

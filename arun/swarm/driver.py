@@ -192,6 +192,8 @@ class Swarm:
         tags = sorted({i["tag"] for i in infos.values()})
         self.log(f"swarm {self.run_name}: {n} {o.backend} worker(s) on {len(nodes)} machine(s), base {self.base[:12]}, "
                  f"tag(s) {', '.join(tags)}")
+        for line in spread_warnings(infos, cfg["noise"], o.backend):
+            self.log(f"swarm {self.run_name}: {line}")
 
     # -- run
     def run(self, iterations: int | None = None, deadline: float | None = None,
@@ -420,6 +422,17 @@ def _left(reg: dict, repo: str, k: int, run: str, why: str) -> str:
     wt = reg.get("worktree") or f"{repo}/.arun/swarm/{run}-w{k}"
     return (f"{reg.get('host') or 'its machine'}:{wt} ({why}); remove it there with: "
             f"git -C {reg.get('repo') or repo or '<its clone>'} worktree remove --force {wt}")
+
+
+def spread_warnings(infos: dict[int, dict], noise: dict[str, float], backend: str) -> list[str]:
+    """One line per key the workers run without a measured spread: their confirmation gate then keeps
+    near wins by the plain rule and the early stop uses its default margins, and the user should know
+    before the night, not from the records after it."""
+    keys = sorted({(i.get("tag"), i.get("key_id")) for i in infos.values() if i.get("key_id") not in noise},
+                  key=str)
+    return [f"no run-to-run spread measured for key {kid} ({tag}): near wins are kept by the plain rule and early "
+            f"stops use default margins; measure it first on that hardware with arun noise --backend {backend} "
+            f"--seeds 3" for tag, kid in keys]
 
 
 def measured_noise(repo: Path) -> dict[str, float]:
