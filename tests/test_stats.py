@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from arun.search.noise import significance_decider
-from arun.search.stats import best_sample, betainc, gate, significantly_better, t_cdf, welch
+from arun.search.stats import best_sample, betainc, chi2_cdf, gate, independent, significantly_better, t_cdf, welch
 
 
 @pytest.mark.parametrize("x", [0.0, 0.1, 0.37, 0.5, 0.9, 1.0])
@@ -160,3 +160,23 @@ def test_a_key_s_spread_measured_again_may_rise_but_never_fall(tmp_path: Path) -
         assert load_noise(tmp_path, "t", "k") is None
         (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps({"k": {**entry, "std": bad, "std_floor": 0.02}}))
         assert load_noise(tmp_path, "t", "k")["std"] == 0.02    # ... but the floor measured before still holds
+
+
+@pytest.mark.parametrize("x", [0.0, 0.01, 0.3, 1.0, 4.0, 12.0])
+def test_chi2_cdf_matches_closed_forms(x: float) -> None:
+    assert chi2_cdf(x, 1) == pytest.approx(math.erf(math.sqrt(x / 2)), abs=1e-12)
+    assert chi2_cdf(x, 2) == pytest.approx(1 - math.exp(-x / 2), abs=1e-12)
+    assert chi2_cdf(x, 4) == pytest.approx(1 - math.exp(-x / 2) * (1 + x / 2), abs=1e-12)
+
+
+def test_runs_that_agree_too_closely_to_be_seed_noise_count_as_one() -> None:
+    assert independent([1.0, 1.0, 1.0], 0.01) == [1.0]
+    assert independent([1.0, 1.00001, 0.99999], 0.01) == [pytest.approx(1.0)]   # a hair of noise added
+    assert independent([1.0, 1.01, 0.99], 0.01) == [1.0, 1.01, 0.99]            # seed noise of that size
+    assert independent([1.0, 1.0], None) == [1.0, 1.0]                          # nothing to compare with
+    # The significance gate of a multi-seed run: identical seeds are one run, real ones three.
+    best = {**BEST, "val_bpb": 1.0, "val_bpb_seeds": [1.0]}
+    status, _, details = gate([0.9985] * 3, best, 0.9, {"std": 0.001})
+    assert (status, details["candidate_n"], details["counted_as_one"]) == ("discard", 1, 3)
+    status, _, details = gate([0.9983, 0.9987, 0.9985], best, 0.9, {"std": 0.001})
+    assert (status, details["candidate_n"]) == ("keep", 3) and "counted_as_one" not in details

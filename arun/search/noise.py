@@ -180,7 +180,9 @@ def significance_decider(confidence: float, *, repo_dir: Path | str | None = Non
             std = details.get("noise_std")
             log(f"arun: significance at {confidence:g}: {details['reason']} "
                 f"({details.get('candidate_n')} run(s) vs {details.get('best_n')} of the best"
-                f"{f', noise std {std:.4g}' if std is not None else ''}) -> {status}{' (near miss)' if near else ''}")
+                f"{f', noise std {std:.4g}' if std is not None else ''}) -> {status}{' (near miss)' if near else ''}"
+                + (f"; its {details['counted_as_one']} runs agree too closely to be seed noise and count as one "
+                   "(does the train file use ARUN_SEED?)" if details.get("counted_as_one") else ""))
         return status, near
 
     return decide

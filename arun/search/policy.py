@@ -26,7 +26,7 @@ from pathlib import Path
 from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE
 from arun.search.noise import load_noise
-from arun.search.stats import best_sample, significantly_better
+from arun.search.stats import best_sample, independent, significantly_better
 
 CONFIRM_SEEDS = 3          # runs of a near win before it may be kept
 CONFIRM_CONFIDENCE = 0.9   # the gate's confidence unless --confidence says otherwise
@@ -74,12 +74,18 @@ class ConfirmingDecider:
             self.say("no spread measured for this key (none stored, or one of 0): kept by the plain rule "
                      "(arun noise --seeds 3 measures one; arun loop does it when none is stored)")
             return "keep", False, {"confirmation": {"verdict": NO_SPREAD, "seeds": n}}
+        std = finite(noise.get("std"))
+        # Fresh runs that agree too closely to be seed noise are one run (a file that ignores ARUN_SEED
+        # repeats its lucky first draw), and so is a best's sample that does.
+        sample = independent(vals, std)
         try:
-            ok, p = significantly_better(vals, best_sample(best, noise), self.confidence,
-                                         noise.get("std") if noise else None)
+            ok, p = significantly_better(sample, independent(best_sample(best, noise), std), self.confidence, std)
         except ValueError:  # a spread that is not a finite number: nothing to test with
             ok, p = False, None
         said = f"p = {p:.4g}" if p is not None else "no usable spread"
+        if len(sample) < n:
+            said += (f" (its {n} runs agree too closely to be seed noise and count as one: does the train file "
+                     "use ARUN_SEED?)")
         if ok and 1 < n < self.confirm_seeds:
             # Part way through a confirmation: only the full count may keep it (one look at the gate, not
             # one per fresh seed, which would keep more noise than the confidence says).
@@ -99,16 +105,18 @@ class ConfirmingDecider:
             verdict = "not confirmed"
         self.say(f"{said} over {n} run(s) -> {verdict}")
         status = "keep" if ok else "discard"
+        agree = {"counted_as_one": n} if len(sample) < n else {}
         return status, not ok, {"confirmation": {"verdict": verdict, "seeds": n, "p_value": p,
-                                                 "confidence": self.confidence}}
+                                                 "confidence": self.confidence, **agree}}
 
     def could_pass(self, mean: float, best: dict, noise: dict) -> bool:
         """Would `confirm_seeds` runs at this mean pass the gate? With the spread measured, a win smaller
         than that is one the fresh seeds could confirm only by luck (and the first run of a near win is
         already the lucky one of the proposals tried): it is discarded without them."""
         try:
-            ok, _ = significantly_better([mean] * self.confirm_seeds, best_sample(best, noise), self.confidence,
-                                         noise.get("std"))
+            std = finite(noise.get("std"))
+            ok, _ = significantly_better([mean] * self.confirm_seeds, independent(best_sample(best, noise), std),
+                                         self.confidence, std)
         except ValueError:
             return True
         return ok

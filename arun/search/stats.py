@@ -65,6 +65,23 @@ def betainc(a: float, b: float, x: float) -> float:
     return 1.0 - front * _betacf(b, a, 1.0 - x) / b
 
 
+def chi2_cdf(x: float, k: float) -> float:
+    """P(X <= x) for a chi-square variable with k degrees of freedom: the regularized lower incomplete
+    gamma P(k/2, x/2), by its power series (used here for small x, where it converges at once)."""
+    if k <= 0 or math.isnan(x):
+        raise ValueError(f"chi2_cdf needs a number x and k > 0, got x={x}, k={k}")
+    if x <= 0:
+        return 0.0
+    a, y = k / 2.0, x / 2.0
+    term = total = 1.0 / a
+    for n in range(1, int(y) + 500):
+        term *= y / (a + n)
+        total += term
+        if term < 1e-16 * total:
+            break
+    return min(1.0, math.exp(a * math.log(y) - y - math.lgamma(a)) * total)
+
+
 def normal_cdf(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
@@ -87,6 +104,23 @@ def t_cdf(t: float, df: float) -> float:
 # on an H100 at 5 minutes and 0.8 % for the tiny CPU model; a train file that ignores its seed (or adds a
 # hair of it) shows 0, and a spread of 0 would make any difference certain (p = 0).
 MIN_REL_SPREAD = 5e-4
+
+
+# Runs that agree far more closely than the measured spread allows did not draw fresh randomness: a train
+# file that ignores ARUN_SEED repeats its first run, and three copies of one lucky draw are not three
+# runs. Below this chi-square lower tail ((n-1) s^2 / noise^2 on n-1 degrees of freedom) a side's runs
+# count as one. An honest side lands there 1 % of the time, and then only loses the extra runs' weight.
+TOO_TIGHT = 0.01
+
+
+def independent(values: list[float], noise_std: float | None) -> list[float]:
+    """`values` as the runs they are: unchanged, or their mean alone when they agree too closely to be
+    seed noise of the measured spread (TOO_TIGHT)."""
+    n = len(values)
+    if n < 2 or noise_std is None or not math.isfinite(noise_std) or noise_std <= 0:
+        return list(values)
+    x = (n - 1) * statistics.variance(values) / noise_std ** 2
+    return [statistics.fmean(values)] if chi2_cdf(x, n - 1) < TOO_TIGHT else list(values)
 
 
 def _spread(values: list[float], noise_std: float | None, min_std: float = 0.0) -> tuple[float | None, float]:
@@ -185,9 +219,11 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
     if best is None:
         return "keep", False, {"reason": "baseline"}
     mean = statistics.fmean(vals)
-    noise_std = noise.get("std") if noise else None
-    sample = best_sample(best, noise)
+    noise_std = finite(noise.get("std")) if noise else None
+    runs, (vals, sample) = len(vals), (independent(vals, noise_std), independent(best_sample(best, noise), noise_std))
     details: dict = {"candidate_n": len(vals), "best_n": len(sample), "noise_std": noise_std}
+    if len(vals) < runs:
+        details["counted_as_one"] = runs
     if mean >= best["val_bpb"]:
         details["reason"] = "not lower than the best"
         return "discard", mean - best["val_bpb"] <= near_miss, details
