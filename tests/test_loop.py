@@ -371,6 +371,40 @@ def test_a_measurement_that_fails_on_the_file_system_stops_the_same_way(project:
     assert_clean_at_best(project)
 
 
+def test_a_measurement_cut_short_by_a_full_disk_leaves_the_best_file_whole(project: Path) -> None:
+    """Measuring the baseline swaps its file in for the best's. When the disk fills on that write (here a
+    real file-size limit: EFBIG, as ENOSPC), the loop may go on only from the best's file, whole: an agent
+    must never edit a torn one."""
+    import resource
+
+    from arun.core.context import cached_context
+    from arun.core.ledger import Ledger, ledger_path
+    from arun.search.loop import spread_measured
+    baseline = ledger_records(project)[0]
+    from arun.core.trainfile import rewrite_constants
+    # A best that is not the baseline: a later keep, recorded as the harness records one.
+    (project / TRAIN).write_text(rewrite_constants((project / TRAIN).read_text(), GOOD_LR))
+    git(project, "commit", "-qam", "a later keep")
+    info = cached_context(project, "cuda", BUDGET, "cpu")
+    Ledger(ledger_path(project, info.tag)).append({
+        **{k: baseline[k] for k in ("key", "key_id", "tag", "backend", "confined")}, "status": "keep", "baseline": False,
+        "commit": git(project, "rev-parse", "HEAD"), "parent_commit": baseline["commit"],
+        "val_bpb": baseline["val_bpb"] - 0.5, "diff": "", "description": "a later keep"})
+    best_bytes = (project / TRAIN).read_bytes()
+    lines: list[str] = []
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))  # the ~20 KB train file cannot be written
+    try:
+        assert spread_measured(project, "cuda", budget=BUDGET, device="cpu", hard_timeout=None, allowance=None,
+                               show_progress=False, log=lines.append)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert any("the spread could not be measured" in line for line in lines), lines
+    assert (project / TRAIN).read_bytes() == best_bytes                       # whole, and the best's
+    assert_clean_at_best(project)                                              # no temp file left beside it
+
+
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:
     """Confirmation needs a spread the agent's files do not set: with none stored, the loop measures it
     (3 runs, not experiments) before the first proposal, on the key's baseline even when an agent's file

@@ -162,7 +162,8 @@ def test_a_key_s_spread_measured_again_may_rise_but_never_fall(tmp_path: Path) -
         assert load_noise(tmp_path, "t", "k")["std"] == 0.02    # ... but the floor measured before still holds
 
 
-@pytest.mark.parametrize("x", [0.0, 0.01, 0.3, 1.0, 4.0, 12.0])
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("x", [0.0, 0.01, 0.3, 1.0, 4.0, 12.0, 1e12])
 def test_chi2_cdf_matches_closed_forms(x: float) -> None:
     assert chi2_cdf(x, 1) == pytest.approx(math.erf(math.sqrt(x / 2)), abs=1e-12)
     assert chi2_cdf(x, 2) == pytest.approx(1 - math.exp(-x / 2), abs=1e-12)
@@ -175,9 +176,43 @@ def test_runs_that_agree_too_closely_to_be_seed_noise_count_as_one() -> None:
     assert independent([1.0, 1.002, 0.998], 0.01) == [pytest.approx(1.0)]       # a fifth of it: still a copy
     assert independent([1.0, 1.01, 0.99], 0.01) == [1.0, 1.01, 0.99]            # seed noise of that size
     assert independent([1.0, 1.0], None) == [1.0, 1.0]                          # nothing to compare with
+    assert independent([1.0, 1.00005, 0.99995], 1e-9) == [pytest.approx(1.0)]    # below the believed 0.05 %
+    assert independent([1e308, -1e308], 0.01) == [1e308, -1e308]                # beyond floats: not a copy
     # The significance gate of a multi-seed run: identical seeds are one run, real ones three.
     best = {**BEST, "val_bpb": 1.0, "val_bpb_seeds": [1.0]}
     status, _, details = gate([0.99835] * 3, best, 0.9, {"std": 0.001})
     assert (status, details["candidate_n"], details["counted_as_one"]) == ("discard", 1, 3)
     status, _, details = gate([0.99735, 0.99935, 0.99835], best, 0.9, {"std": 0.001})
     assert (status, details["candidate_n"]) == ("keep", 3) and "counted_as_one" not in details
+
+
+def test_a_measured_spread_of_zero_is_no_spread_anywhere(tmp_path: Path) -> None:
+    """A baseline that ignores its seed measures a std of 0; every reader treats it as nothing measured
+    (the loop's --confidence refusal, the gates, the swarm's warning), not as certainty."""
+    from types import SimpleNamespace
+
+    from arun.search.loop import spread_missing
+    from arun.search.noise import load_noise, measured_spread
+    from arun.swarm.driver import measured_noise, spread_warnings
+    (tmp_path / "bench" / "t").mkdir(parents=True)
+    (tmp_path / "bench" / "t" / "noise.json").write_text(json.dumps({"k": {
+        "key_id": "k", "std": 0.0, "std_floor": 0.0, "values": [1.1] * 3, "seeds": [42, 43, 44], "train_sha256": "aaa"}}))
+    assert load_noise(tmp_path, "t", "k")["std"] == 0.0 and measured_spread(tmp_path, "t", "k") is None
+    assert spread_missing(tmp_path, SimpleNamespace(tag="t", key_id="k"), 1, 0.95)
+    assert measured_noise(tmp_path) == {} and spread_warnings({0: {"tag": "t", "key_id": "k"}}, {}, "cuda")
+    lines: list[str] = []
+    assert significance_decider(0.95, repo_dir=tmp_path, log=lines.append)([1.0999], BEST, []) == ("keep", False)
+    assert "no spread known: plain comparison" in lines[-1]  # the plain rule, and it says so
+
+
+@pytest.mark.parametrize("std", [1e-9, 1e-160, 1e-200])
+def test_no_stored_spread_or_noise_value_crashes_or_stalls_a_gate(std: float) -> None:
+    """A tiny stored std (load_noise accepts any number in [0, 1e6)) or huge noise values reach the
+    gates as numbers: they decide, at once, without an exception that would cost the run its record."""
+    from arun.search.policy import ConfirmingDecider
+    best = {**BEST, "val_bpb": 1.0, "val_bpb_seeds": [1.0]}
+    status, _, _ = ConfirmingDecider(0.9, noise_std=std, log=None)([0.99, 0.994, 0.988], best, [])
+    assert status in ("keep", "discard")
+    status, _, details = gate([0.99], best, 0.95, {"train_sha256": "aaa", "std": std, "values": [1e308, -1e308, 1e6],
+                                                    "seeds": [43, 44, 45]})
+    assert status in ("keep", "discard") and details["best_n"] == 1  # none of those is a val_bpb

@@ -14,12 +14,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = '''
-import json, os, pathlib, pytest
+import os, pathlib, time, pytest
 
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range({count}))
 def test_probe(i):
     out = pathlib.Path(os.environ["PROBE_OUT"])
-    out.joinpath(f"{__name__}-{i}").write_text(os.environ.get("PYTEST_XDIST_WORKER", "none"))
+    out.joinpath(f"{{__name__}}-{{i}}").write_text(os.environ.get("PYTEST_XDIST_WORKER", "none") + f" {{time.monotonic_ns()}}")
 '''
 
 
@@ -28,11 +28,13 @@ def test_each_file_runs_on_one_worker_and_the_ray_files_on_one_worker_together(t
     (proj / "tests").mkdir(parents=True)
     out.mkdir()
     shutil.copy(REPO / "tests" / "conftest.py", proj / "tests" / "conftest.py")
-    # Real file names from the suite's tier table: two Ray files and four others.
-    names = ["test_swarm.py", "test_swarm_cluster.py", "test_stats.py", "test_sweep.py", "test_chain.py",
-             "test_atomic.py"]
-    for name in names:
-        (proj / "tests" / name).write_text(PROBE)
+    # Real file names from the suite's tier table: two Ray files and four others, three of them with more
+    # tests than the Ray unit (xdist's own order, by test count, would hand those out first).
+    counts = {"test_swarm.py": 4, "test_swarm_cluster.py": 4, "test_stats.py": 12, "test_sweep.py": 12,
+              "test_chain.py": 12, "test_atomic.py": 4}
+    names = list(counts)
+    for name, count in counts.items():
+        (proj / "tests" / name).write_text(PROBE.format(count=count))
     pyproject = (REPO / "pyproject.toml").read_text()
     (proj / "pyproject.toml").write_text(pyproject[pyproject.index("[tool.pytest.ini_options]"):]
                                          .split("\n[tool.", 1)[0].replace("-n auto", "-n 2"))
@@ -43,9 +45,16 @@ def test_each_file_runs_on_one_worker_and_the_ray_files_on_one_worker_together(t
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     seen: dict[str, set[str]] = {}
+    started: list[tuple[int, str, str]] = []  # (when, worker, file)
     for f in out.iterdir():
-        seen.setdefault(f.name.rsplit("-", 1)[0], set()).add(f.read_text())
+        worker, when = f.read_text().split()
+        seen.setdefault(f.name.rsplit("-", 1)[0], set()).add(worker)
+        started.append((int(when), worker, f.name.rsplit("-", 1)[0]))
     assert sorted(seen) == sorted(n[:-3] for n in names), json.dumps(sorted(seen))
     assert all(len(w) == 1 and "none" not in w for w in seen.values()), seen
     assert seen["test_swarm"] == seen["test_swarm_cluster"], seen
     assert len(set().union(*seen.values())) == 2, seen  # both workers had work
+    # The slowest tier first: on its worker, the Ray unit ran before anything else.
+    (ray_worker,) = seen["test_swarm"]
+    first = min(t for t in started if t[1] == ray_worker)
+    assert first[2] in ("test_swarm", "test_swarm_cluster"), sorted(started)

@@ -40,7 +40,7 @@ from arun.core.ratchet import NEAR_MISS, SCORED, baseline_record, best_record, k
 from arun.core.record import invalid_record
 from arun.core.trainfile import constants
 from arun.report.summary import report
-from arun.search.noise import load_noise, measure_noise, significance_decider
+from arun.search.noise import load_noise, measure_noise, measured_spread, significance_decider
 from arun.search.policy import CONFIRM_SEEDS, ConfirmingDecider
 from arun.search.proposers import DEFAULT_AGENT_TIMEOUT, AgentProposer, Context, Proposal
 from arun.search.sweep import Sweep
@@ -253,7 +253,7 @@ class LoopResult:
 
 def spread_missing(repo_dir: Path, info: ExperimentContext, seeds: int, confidence: float | None) -> bool:
     """--confidence with one seed tests against the key's measured spread alone: is none stored?"""
-    return confidence is not None and seeds < 2 and load_noise(repo_dir, info.tag, info.key_id) is None
+    return confidence is not None and seeds < 2 and measured_spread(repo_dir, info.tag, info.key_id) is None
 
 
 def preflight(repo_dir: Path, backend: str, budget: float | None, device: str | None, seeds: int,
@@ -381,7 +381,7 @@ def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, devic
     all). The early stop's margins come from it too. A measurement that fails is reported and not
     retried: the loop goes on with the plain rule and the default margins."""
     info = cached_context(repo_dir, backend, budget, device)
-    if load_noise(repo_dir, info.tag, info.key_id) is not None:
+    if measured_spread(repo_dir, info.tag, info.key_id) is not None:
         return True
     if best_record(read_records(repo_dir, info.tag), info.key_id) is None:
         return False
@@ -393,6 +393,14 @@ def spread_measured(repo_dir: Path, backend: str, *, budget: float | None, devic
     except (ArunError, OSError) as e:  # (a full disk or an unwritable folder is a failed measurement too)
         log(f"arun loop: the spread could not be measured ({e}); near wins are kept by the plain rule until "
             f"`arun noise --backend {backend} --seeds 3` measures it")
+        # The measurement swaps the baseline's file in and the best's back (atomically): whatever failed,
+        # the loop goes on only from the best's file, whole (an agent must never edit a torn one).
+        best = best_record(read_records(repo_dir, info.tag), info.key_id)
+        if best is not None and (repo_dir / info.train_file).read_bytes() != gitops.file_at(
+                repo_dir, best["commit"], info.train_file):
+            raise ArunError(f"{info.train_file} could not be put back to the best commit {best['commit'][:10]} after "
+                            f"the failed measurement ({e}); free the disk and run git checkout "
+                            f"{best['commit'][:10]} -- {info.train_file}") from e
     return True
 
 

@@ -31,7 +31,7 @@ from arun.core.ledger import read_records
 from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, baseline_record, best_record
 from arun.search.stats import gate
-from engines.atomic import write_json
+from engines.atomic import write_atomic, write_json
 
 
 def noise_path(repo_dir: Path | str, tag: str) -> Path:
@@ -63,6 +63,14 @@ def load_noise(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
     if floor is not None and (std is None or floor > std):
         return {**entry, "std": floor, "measured_std": std}
     return entry if std is not None else None
+
+
+def measured_spread(repo_dir: Path | str, tag: str, key_id: str) -> dict | None:
+    """load_noise's entry when it measures something, else None: a std of 0 is what a baseline that
+    ignores its seed gives, and every gate would read it as certainty. The one test of "is a spread
+    measured" for the loop's refusal, the gates and the swarm."""
+    entry = load_noise(repo_dir, tag, key_id)
+    return entry if entry is not None and entry["std"] > 0 else None
 
 
 def save_noise(repo_dir: Path | str, tag: str, entry: dict) -> Path:
@@ -129,16 +137,16 @@ def measure_noise(repo_dir: Path | str, backend: str, seeds: int, *, budget: flo
 
     t0 = time.time()
     what = "best" if of == base else "baseline"
-    if measured != current:
-        (repo_dir / train_file).write_bytes(measured)  # the baseline's bytes: the discard (or the finally) restores the best
     try:
+        if measured != current:  # the baseline's bytes: the discard (or the finally) restores the best
+            write_atomic(repo_dir / train_file, measured)  # (whole or not at all, on a full disk too)
         run_experiment(repo_dir, backend, f"noise: {what} over {seeds} seeds", budget=budget, seeds=seeds,
                        device=device, hard_timeout=hard_timeout, show_progress=show_progress, proposer="noise",
                        allowance=allowance,
                        record_sink=sink, decide_fn=lambda vals, best, recs: ("discard", False), log=quiet)
     finally:
         if (repo_dir / train_file).read_bytes() != current:
-            (repo_dir / train_file).write_bytes(current)
+            write_atomic(repo_dir / train_file, current)
     rec = captured[-1]
     if rec.get("status") != "discard" or not rec.get("val_bpb_seeds"):
         raise ArunError(f"a noise run failed ({rec.get('status')}: {rec.get('error')}); see run.log, "
@@ -174,7 +182,8 @@ def significance_decider(confidence: float, *, repo_dir: Path | str | None = Non
             if noise_std is not None:
                 noise = {"std": noise_std}
             else:
-                noise = load_noise(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""), best.get("key_id", ""))
+                noise = measured_spread(Path(repo_dir) if repo_dir else Path.cwd(), best.get("tag", ""),
+                                        best.get("key_id", ""))
         status, near, details = gate(vals, best, confidence, noise, near_miss)
         if log and best is not None:
             std = details.get("noise_std")

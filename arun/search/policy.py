@@ -25,7 +25,7 @@ from pathlib import Path
 
 from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE
-from arun.search.noise import load_noise
+from arun.search.noise import measured_spread
 from arun.search.stats import best_sample, independent, significantly_better
 
 CONFIRM_SEEDS = 3          # runs of a near win before it may be kept
@@ -51,7 +51,7 @@ class ConfirmingDecider:
         """The key's measured spread, or None: a std that is not a positive finite number measures nothing
         (0 is what a train file that ignores its seed gives, and it would switch the gate off)."""
         noise = {"std": self.noise_std} if self.noise_std is not None else \
-            load_noise(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
+            measured_spread(self.repo_dir, best.get("tag", ""), best.get("key_id", ""))
         std = finite(noise.get("std")) if noise else None
         if std is None or std <= 0:
             return None

@@ -73,6 +73,8 @@ def chi2_cdf(x: float, k: float) -> float:
     if x <= 0:
         return 0.0
     a, y = k / 2.0, x / 2.0
+    if y > a + 40.0 + 10.0 * math.sqrt(a):  # past the mode by far more than the tail holds: 1 to double precision
+        return 1.0
     term = total = 1.0 / a
     for n in range(1, int(y) + 500):
         term *= y / (a + n)
@@ -121,8 +123,14 @@ def independent(values: list[float], noise_std: float | None) -> list[float]:
     n = len(values)
     if n < 2 or noise_std is None or not math.isfinite(noise_std) or noise_std <= 0:
         return list(values)
-    x = (n - 1) * statistics.variance(values) / noise_std ** 2
-    return [statistics.fmean(values)] if chi2_cdf(x, n - 1) < TOO_TIGHT else list(values)
+    # (the spread compared against is the one the gate believes: never below MIN_REL_SPREAD of the value)
+    std = max(noise_std, MIN_REL_SPREAD * abs(statistics.fmean(values)))
+    try:
+        x = (n - 1) * statistics.variance(values) / std ** 2
+        tight = chi2_cdf(x, n - 1) < TOO_TIGHT
+    except (ArithmeticError, ValueError):  # values too far apart for floats: certainly not too tight
+        return list(values)
+    return [statistics.fmean(values)] if tight else list(values)
 
 
 def _spread(values: list[float], noise_std: float | None, min_std: float = 0.0) -> tuple[float | None, float]:
@@ -206,8 +214,9 @@ def best_sample(best: dict, noise: dict | None = None) -> list[float]:
 
 
 def numbers(values: list) -> list[float]:
-    """The finite numbers among `values` (a hand-edited noise file may hold anything)."""
-    return [v for v in map(finite, values) if v is not None]
+    """The numbers among `values` that can be a val_bpb (finite, above 0, below 1e6): a hand-edited
+    noise file may hold anything."""
+    return [v for v in map(finite, values) if v is not None and 0 < v < 1e6]
 
 
 def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | None = None,

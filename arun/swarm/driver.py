@@ -48,7 +48,7 @@ from typing import Any
 from arun.core import gitops
 from arun.core.errors import ArunError
 from arun.core.ratchet import SCORED
-from arun.search.noise import load_noise
+from arun.search.noise import measured_spread
 from arun.swarm import cluster
 from arun.swarm.actors import DIED, RESTARTED, Coordinator, LedgerWriter
 from arun.swarm.records import commit_records
@@ -426,18 +426,16 @@ def _left(reg: dict, repo: str, k: int, run: str, why: str) -> str:
 
 def spread_warnings(infos: dict[int, dict], noise: dict[str, float], backend: str) -> list[str]:
     """One line per key the workers run without a measured spread: their confirmation gate then keeps
-    near wins by the plain rule and the early stop uses its default margins, and the user should know
-    before the night, not from the records after it."""
+    near wins by the plain rule, and the user should know before the night, not from the records after it."""
     keys = sorted({(i.get("tag"), i.get("key_id")) for i in infos.values() if i.get("key_id") not in noise},
                   key=str)
-    return [f"no run-to-run spread measured for key {kid} ({tag}): near wins are kept by the plain rule and early "
-            f"stops use default margins; measure it first on that hardware with arun noise --backend {backend} "
-            f"--seeds 3" for tag, kid in keys]
+    return [f"no run-to-run spread measured for key {kid} ({tag}): near wins are kept by the plain rule; measure "
+            f"it first on that hardware with arun noise --backend {backend} --seeds 3" for tag, kid in keys]
 
 
 def measured_noise(repo: Path) -> dict[str, float]:
     """key_id -> run-to-run std measured by `arun noise` in the main repo (the confirmation gate's and
-    --confidence's spread; as load_noise reads it, never below the key's floor)."""
+    --confidence's spread; as measured_spread reads it: never below the key's floor, never 0)."""
     out: dict[str, float] = {}
     for path in sorted(Path(repo).glob("bench/*/noise.json")):
         try:
@@ -445,7 +443,7 @@ def measured_noise(repo: Path) -> dict[str, float]:
         except (OSError, ValueError):
             continue
         for kid in (data if isinstance(data, dict) else {}):
-            entry = load_noise(repo, path.parent.name, str(kid))
+            entry = measured_spread(repo, path.parent.name, str(kid))
             if entry is not None:
                 out[str(kid)] = float(entry["std"])
     return out
