@@ -405,6 +405,15 @@ def test_a_measurement_cut_short_by_a_full_disk_leaves_the_best_file_whole(proje
     assert_clean_at_best(project)                                              # no temp file left beside it
 
 
+def test_the_early_stop_takes_its_margins_from_a_noise_entry_it_is_handed(project: Path) -> None:
+    """A swarm worktree has no noise.json: the margins measured in the main repo are handed over."""
+    from arun.search.loop import stopper_for
+    assert not list((project / "bench").glob("*/noise.json"))
+    here = stopper_for(project, "cuda", BUDGET, "cpu", log=lambda s: None)
+    handed = stopper_for(project, "cuda", BUDGET, "cpu", log=lambda s: None, noise={"loss_trajectory_std": [0.5] * 20})
+    assert (here.source, handed.source) == ("default margin", "measured spread")
+
+
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:
     """Confirmation needs a spread the agent's files do not set: with none stored, the loop measures it
     (3 runs, not experiments) before the first proposal, on the key's baseline even when an agent's file

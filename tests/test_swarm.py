@@ -69,23 +69,25 @@ def test_workers_confirm_with_the_spread_measured_in_the_main_repo_not_only_unde
     from arun.search.noise import save_noise
     from arun.swarm.driver import measured_noise
     from arun.swarm.worker import loop_options
-    entry = {"key_id": "k1", "tag": "t", "values": [1.0, 1.1], "n": 2}
+    entry = {"key_id": "k1", "tag": "t", "values": [1.0, 1.1], "n": 2, "loss_trajectory_std": [0.1] * 20}
     save_noise(tmp_path, "t", {**entry, "std": 0.05})
     save_noise(tmp_path, "t", {**entry, "std": 0.0})         # measured again on a seed-blind best: the floor stays
     cfg = {"noise": measured_noise(tmp_path), "loop_options": {"seeds": 1}}
-    assert cfg["noise"] == {"k1": 0.05}
-    assert loop_options(cfg, "k1") == {"seeds": 1, "noise_std": 0.05}
+    assert cfg["noise"]["k1"]["std"] == 0.05
+    options = loop_options(cfg, "k1")
+    assert (options["seeds"], options["noise_std"]) == (1, 0.05)
+    assert options["noise"]["loss_trajectory_std"] == [0.1] * 20   # the early stop's margins travel too
     assert loop_options(cfg, "other") == {"seeds": 1}
-    assert loop_options({**cfg, "loop_options": {"noise_std": 0.2}}, "k1") == {"noise_std": 0.2}
+    assert loop_options({**cfg, "loop_options": {"noise_std": 0.2}}, "k1")["noise_std"] == 0.2
 
 
 @pytest.mark.unit
 def test_a_key_without_a_measured_spread_is_named_before_the_night() -> None:
     from arun.swarm.driver import spread_warnings
     infos = {0: {"tag": "t", "key_id": "aaa"}, 1: {"tag": "t", "key_id": "aaa"}, 2: {"tag": "u", "key_id": "bbb"}}
-    (line,) = spread_warnings(infos, {"bbb": 0.01}, "cuda")
+    (line,) = spread_warnings(infos, {"bbb": {"std": 0.01}}, "cuda")
     assert "key aaa (t)" in line and "arun noise --backend cuda" in line
-    assert spread_warnings(infos, {"aaa": 0.01, "bbb": 0.02}, "cuda") == []  # measured: nothing to say
+    assert spread_warnings(infos, {"aaa": {"std": 0.01}, "bbb": {"std": 0.02}}, "cuda") == []  # measured: nothing to say
 
 
 @pytest.mark.unit

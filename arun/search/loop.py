@@ -133,11 +133,13 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
               device: str | None = None, seeds: int = 1, confidence: float | None = None,
               near_miss: float | None = None, hard_timeout: float | None = None, show_progress: bool = True,
               allowance: float | None = None, on_proposal: Callable[[str, str], Any] | None = None, log: Callable[[str], None] = print,
-              number: int = 1, noise_std: float | None = None, early_stop: bool = True, confirm: bool = True) -> dict:
+              number: int = 1, noise_std: float | None = None, noise: dict | None = None, early_stop: bool = True,
+              confirm: bool = True) -> dict:
     """One experiment of the loop; returns its ledger record. `ledger`: an object with records() and
     append(record) (the swarm's), else the repo's own ledger. Raises KeyboardInterrupt after cleaning up.
     early_stop: stop a run clearly behind the best (arun.core.early); confirm: a near win is re-run
-    with fresh seeds before it is kept (arun.search.policy)."""
+    with fresh seeds before it is kept (arun.search.policy). noise_std, noise: the key's measured spread
+    and its whole noise.json entry (the early stop's margins) where repo_dir has none (a swarm worktree)."""
     repo_dir = Path(repo_dir).resolve()
     info = cached_context(repo_dir, backend, budget, device)
     train_file, kid = info.train_file, info.key_id
@@ -228,18 +230,19 @@ def iteration(repo_dir: Path | str, backend: str, proposer: Any, *, ledger: Any 
     log(f"arun loop: proposal: {proposal.description}")
     if on_proposal:
         on_proposal(proposal.description, diff)
-    stopper = stopper_for(repo_dir, backend, budget, device, log, ledger) if early_stop else None
+    stopper = stopper_for(repo_dir, backend, budget, device, log, ledger, noise) if early_stop else None
     return run(proposal.description, early_stop=stopper)
 
 
 def stopper_for(repo_dir: Path | str, backend: str, budget: float | None, device: str | None,
-                log: Callable[[str], None] = print, ledger: Any = None) -> Any:
-    """The early-stop rule for the current train file against the best of its key (None: no stop)."""
+                log: Callable[[str], None] = print, ledger: Any = None, noise: dict | None = None) -> Any:
+    """The early-stop rule for the current train file against the best of its key (None: no stop), with
+    the margins of `noise` (a noise.json entry) or else of the key's entry under repo_dir."""
     info = cached_context(Path(repo_dir).resolve(), backend, budget, device)
     recs = key_records(read_records(Path(repo_dir), info.tag, ledger), info.key_id)
     text = (Path(repo_dir) / info.train_file).read_text(encoding="utf-8", errors="replace")
     return make_stopper(best_record(recs, info.key_id), baseline_record(recs, info.key_id), train_constants(text),
-                        load_noise(repo_dir, info.tag, info.key_id), log=log)
+                        noise if noise is not None else load_noise(repo_dir, info.tag, info.key_id), log=log)
 
 
 # --------------------------------------------------------------------------- the loop

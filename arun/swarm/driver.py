@@ -424,7 +424,7 @@ def _left(reg: dict, repo: str, k: int, run: str, why: str) -> str:
             f"git -C {reg.get('repo') or repo or '<its clone>'} worktree remove --force {wt}")
 
 
-def spread_warnings(infos: dict[int, dict], noise: dict[str, float], backend: str) -> list[str]:
+def spread_warnings(infos: dict[int, dict], noise: dict[str, dict], backend: str) -> list[str]:
     """One line per key the workers run without a measured spread: their confirmation gate then keeps
     near wins by the plain rule, and the user should know before the night, not from the records after it."""
     keys = sorted({(i.get("tag"), i.get("key_id")) for i in infos.values() if i.get("key_id") not in noise},
@@ -433,10 +433,11 @@ def spread_warnings(infos: dict[int, dict], noise: dict[str, float], backend: st
             f"it first on that hardware with arun noise --backend {backend} --seeds 3" for tag, kid in keys]
 
 
-def measured_noise(repo: Path) -> dict[str, float]:
-    """key_id -> run-to-run std measured by `arun noise` in the main repo (the confirmation gate's and
-    --confidence's spread; as measured_spread reads it: never below the key's floor, never 0)."""
-    out: dict[str, float] = {}
+def measured_noise(repo: Path) -> dict[str, dict]:
+    """key_id -> the noise.json entry `arun noise` measured in the main repo: its std is the confirmation
+    gate's and --confidence's spread (as measured_spread reads it: never below the key's floor, never 0),
+    its loss_trajectory_std the early stop's margins. The workers' worktrees have no noise.json."""
+    out: dict[str, dict] = {}
     for path in sorted(Path(repo).glob("bench/*/noise.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -445,7 +446,7 @@ def measured_noise(repo: Path) -> dict[str, float]:
         for kid in (data if isinstance(data, dict) else {}):
             entry = measured_spread(repo, path.parent.name, str(kid))
             if entry is not None:
-                out[str(kid)] = float(entry["std"])
+                out[str(kid)] = entry
     return out
 
 

@@ -238,8 +238,10 @@ def loop_options(cfg: dict, key_id: str | None) -> dict:
     does (without it, near wins are kept by the plain rule)."""
     options = dict(cfg.get("loop_options") or {})
     noise = (cfg.get("noise") or {}).get(key_id) if key_id else None
-    if "noise_std" not in options and noise is not None:
-        options["noise_std"] = noise
+    if noise is not None:
+        options["noise"] = noise  # (the early stop's margins: its loss_trajectory_std)
+        if "noise_std" not in options:
+            options["noise_std"] = noise["std"]
     return options
 
 
