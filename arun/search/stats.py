@@ -123,10 +123,10 @@ def independent(values: list[float], noise_std: float | None) -> list[float]:
     n = len(values)
     if n < 2 or noise_std is None or not math.isfinite(noise_std) or noise_std <= 0:
         return list(values)
-    # (the spread compared against is the one the gate believes: never below MIN_REL_SPREAD of the value)
-    std = max(noise_std, MIN_REL_SPREAD * abs(statistics.fmean(values)))
+    # (against the measured spread itself, not the gate's 0.05 % floor: a key whose seeds move val_bpb
+    # less than that has honest runs that close together)
     try:
-        x = (n - 1) * statistics.variance(values) / std ** 2
+        x = (n - 1) * statistics.variance(values) / noise_std ** 2
         tight = chi2_cdf(x, n - 1) < TOO_TIGHT
     except (ArithmeticError, ValueError):  # values too far apart for floats: certainly not too tight
         return list(values)
@@ -231,13 +231,14 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
         return "keep", False, {"reason": "baseline"}
     mean = statistics.fmean(vals)
     noise_std = finite(noise.get("std")) if noise else None
+    if mean >= best["val_bpb"]:
+        details: dict = {"candidate_n": len(vals), "best_n": len(best_sample(best, noise)), "noise_std": noise_std,
+                         "reason": "not lower than the best"}
+        return "discard", mean - best["val_bpb"] <= near_miss, details
     runs, (vals, sample) = len(vals), (independent(vals, noise_std), independent(best_sample(best, noise), noise_std))
-    details: dict = {"candidate_n": len(vals), "best_n": len(sample), "noise_std": noise_std}
+    details = {"candidate_n": len(vals), "best_n": len(sample), "noise_std": noise_std}
     if len(vals) < runs:
         details["counted_as_one"] = runs
-    if mean >= best["val_bpb"]:
-        details["reason"] = "not lower than the best"
-        return "discard", mean - best["val_bpb"] <= near_miss, details
     try:
         ok, p = significantly_better(vals, sample, confidence, noise_std)
     except ValueError:
