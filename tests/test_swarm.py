@@ -247,14 +247,18 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
         # Ctrl-C (a real SIGINT to this process) once both workers are training: drive() stops the swarm.
         # Far more iterations than it takes both to train at once, so on a loaded box the signal never
         # comes after drive() has already finished on its own.
+        # As `arun swarm` does (arun.cli): Ctrl-C is KeyboardInterrupt even where this process was started
+        # with SIGINT ignored (a background job of a script, as a busy-box run of the suite may be).
         drove = threading.Event()
         interrupter = threading.Thread(target=_interrupt_when_both_train, args=(swarm, drove, out))
+        old_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         interrupter.start()
         try:
             out["summary"] = drive(swarm, iterations=40)
         finally:
             drove.set()
             interrupter.join()
+            signal.signal(signal.SIGINT, old_sigint)
     finally:
         done.set()
         if th.is_alive():
