@@ -26,7 +26,7 @@ from pathlib import Path
 from arun.core.numbers import finite
 from arun.core.ratchet import NEAR_MISS, NO_SPREAD, WITHIN_NOISE
 from arun.search.noise import measured_spread
-from arun.search.stats import best_sample, independent, significantly_better
+from arun.search.stats import best_runs, independent, significantly_better
 
 CONFIRM_SEEDS = 3          # runs of a near win before it may be kept
 CONFIRM_CONFIDENCE = 0.9   # the gate's confidence unless --confidence says otherwise
@@ -79,7 +79,7 @@ class ConfirmingDecider:
         # repeats its lucky first draw), and so is a best's sample that does.
         sample = independent(vals, std)
         try:
-            ok, p = significantly_better(sample, independent(best_sample(best, noise), std), self.confidence, std)
+            ok, p = significantly_better(sample, best_runs(best, noise, std), self.confidence, std)
         except ValueError:  # a spread that is not a finite number: nothing to test with
             ok, p = False, None
         said = f"p = {p:.4g}" if p is not None else "no usable spread"
@@ -115,8 +115,7 @@ class ConfirmingDecider:
         already the lucky one of the proposals tried): it is discarded without them."""
         try:
             std = finite(noise.get("std"))
-            ok, _ = significantly_better([mean] * self.confirm_seeds, independent(best_sample(best, noise), std),
-                                         self.confidence, std)
+            ok, _ = significantly_better([mean] * self.confirm_seeds, best_runs(best, noise, std), self.confidence, std)
         except ValueError:
             return True
         return ok

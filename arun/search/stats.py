@@ -213,6 +213,11 @@ def best_sample(best: dict, noise: dict | None = None) -> list[float]:
     return values
 
 
+def best_runs(best: dict, noise: dict | None, noise_std: float | None) -> list[float]:
+    """The best's side of every gate: its runs (best_sample), copies counted once (independent)."""
+    return independent(best_sample(best, noise), noise_std)
+
+
 def numbers(values: list) -> list[float]:
     """The numbers among `values` that can be a val_bpb (finite, above 0, below 1e6): a hand-edited
     noise file may hold anything."""
@@ -235,7 +240,7 @@ def gate(vals: list[float], best: dict | None, confidence: float, noise: dict | 
         details: dict = {"candidate_n": len(vals), "best_n": len(best_sample(best, noise)), "noise_std": noise_std,
                          "reason": "not lower than the best"}
         return "discard", mean - best["val_bpb"] <= near_miss, details
-    runs, (vals, sample) = len(vals), (independent(vals, noise_std), independent(best_sample(best, noise), noise_std))
+    runs, (vals, sample) = len(vals), (independent(vals, noise_std), best_runs(best, noise, noise_std))
     details = {"candidate_n": len(vals), "best_n": len(sample), "noise_std": noise_std}
     if len(vals) < runs:
         details["counted_as_one"] = runs
