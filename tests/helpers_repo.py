@@ -104,14 +104,20 @@ def arun_env(data_dir: Path, cache: Path, **extra: str) -> dict:
     return env
 
 
-def arun_cmd(*args: str) -> list[str]:
+# The options that pick an engine on this CPU box. An MLX run costs about a third of a torch one here (no
+# torch import in the train process or the evaluator): tests of the harness itself can use either.
+ENGINE_ARGS = {"cuda": ["--backend", "cuda", "--device", "cpu"], "mlx": ["--backend", "mlx"]}
+
+
+def arun_cmd(*args: str, backend: str = "cuda") -> list[str]:
     """The real CLI, this tree's code (cwd is the tmp repo, which holds a copy of arun/)."""
     return [sys.executable, "-c", "import sys; from arun.cli import main; sys.argv[0] = 'arun'; main()",
-            "--backend", "cuda", "--device", "cpu", *args]
+            *ENGINE_ARGS[backend], *args]
 
 
-def run_arun(repo: Path, env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(arun_cmd(*args), cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+def run_arun(repo: Path, env: dict, *args: str, timeout: float = 120, backend: str = "cuda") -> subprocess.CompletedProcess:
+    return subprocess.run(arun_cmd(*args, backend=backend), cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def changed_paths(repo: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """
 Loss trajectories, early discard and confirmation of near wins (arun.core.early, arun.search.policy).
 
-The rules are pure functions tested on hand-made numbers; two real tiny runs (torch on the CPU, 1.5 s
+The rules are pure functions tested on hand-made numbers; two real tiny runs (MLX on the CPU, 1.5 s
 budget) show the mechanics end to end: a run stopped by a best whose trajectory is far below it ends
 `discard` with `stopped_at`, and a forced near win is re-run with fresh seeds before it is decided.
 Neither depends on how many steps fit: a run prints a step line at its first and its last step.
@@ -31,7 +31,7 @@ from arun.core.steplines import parse_step_line
 from arun.search.policy import ConfirmingDecider
 from helpers_repo import ledger_records, make_project
 
-TRAIN = "train_cuda.py"
+BACKEND, DEVICE, TRAIN = "mlx", None, "train_mlx.py"   # (an MLX run is the cheaper here: no torch import)
 BUDGET = 1.5
 
 
@@ -317,7 +317,7 @@ def test_the_summary_shows_stopped_early_runs_and_confirmations() -> None:
 
 @pytest.fixture
 def project(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    pytest.importorskip("torch")
+    pytest.importorskip("mlx.core")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("ARUN_SEED", raising=False)
     repo = tmp_path / "repo"
@@ -328,14 +328,14 @@ def project(tmp_path: Path, data_env: Path, monkeypatch: pytest.MonkeyPatch) -> 
 @pytest.mark.timeout(300)
 def test_a_real_run_behind_a_far_better_trajectory_is_stopped_and_discarded(project: Path) -> None:
     from arun.core.experiment import run_experiment
-    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
-    base = run_experiment(project, "cuda", "baseline", **quiet)
+    quiet = dict(budget=BUDGET, device=DEVICE, show_progress=False, log=lambda s: None)
+    base = run_experiment(project, BACKEND, "baseline", **quiet)
     assert base["status"] == "keep" and len(base["loss_trajectory"]) == 20 and base["loss_trajectory"][-1] > 0
     (project / TRAIN).write_text((project / TRAIN).read_text().replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.05"))
     # A best whose loss is 0.01 everywhere: any real run is behind it by more than the margin.
     fake = Stopper([0.01] * 20, [0.001] * 20, "test spread", "fake")
     lines: list[str] = []
-    rec = run_experiment(project, "cuda", "more matrix lr", early_stop=fake, **{**quiet, "log": lines.append})
+    rec = run_experiment(project, BACKEND, "more matrix lr", early_stop=fake, **{**quiet, "log": lines.append})
     assert rec["status"] == "discard" and rec["val_bpb"] is None
     assert rec["stopped_at"] >= early.MIN_PROGRESS + early.EVERY and rec["early_stop"]["best_id"] == "fake"
     assert rec["early_stop"]["spread"] == "test spread" and rec["error"].startswith("stopped early at")
@@ -349,8 +349,8 @@ def test_a_real_run_behind_a_far_better_trajectory_is_stopped_and_discarded(proj
 @pytest.mark.timeout(300)
 def test_a_near_win_is_rerun_with_fresh_seeds_before_it_is_decided(project: Path) -> None:
     from arun.core.experiment import run_experiment
-    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
-    run_experiment(project, "cuda", "baseline", **quiet)
+    quiet = dict(budget=BUDGET, device=DEVICE, show_progress=False, log=lambda s: None)
+    run_experiment(project, BACKEND, "baseline", **quiet)
 
     class Forced(ConfirmingDecider):
         """The best made to look worse than the first run by 1.67 spreads (a spread of 0.1 %, above the
@@ -363,7 +363,7 @@ def test_a_near_win_is_rerun_with_fresh_seeds_before_it_is_decided(project: Path
             return super().__call__(vals, dict(best, val_bpb=self.fake, val_bpb_seeds=[self.fake]), records)
 
     lines: list[str] = []
-    rec = run_experiment(project, "cuda", "same file, near win",
+    rec = run_experiment(project, BACKEND, "same file, near win",
                          decide_fn=Forced(repo_dir=project, log=lines.append),
                          **{**quiet, "log": lines.append})
     # The first run, then fresh seeds one at a time: a second run whose mean is no longer below the best,
@@ -385,8 +385,8 @@ def test_a_confirmation_asks_again_after_each_fresh_seed_and_stops_once_decided(
     """Fresh seeds run one at a time; a decider that has decided after the second run ends the
     confirmation there (no third run)."""
     from arun.core.experiment import run_experiment
-    quiet = dict(budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
-    run_experiment(project, "cuda", "baseline", **quiet)
+    quiet = dict(budget=BUDGET, device=DEVICE, show_progress=False, log=lambda s: None)
+    run_experiment(project, BACKEND, "baseline", **quiet)
     asked: list[int] = []
 
     def decider(vals, best, records):
@@ -395,7 +395,7 @@ def test_a_confirmation_asks_again_after_each_fresh_seed_and_stops_once_decided(
             return "confirm", False, {}
         return "discard", True, {"confirmation": {"verdict": "not confirmed", "seeds": len(vals)}}
 
-    rec = run_experiment(project, "cuda", "same file, decided after two runs", decide_fn=decider, **quiet)
+    rec = run_experiment(project, BACKEND, "same file, decided after two runs", decide_fn=decider, **quiet)
     assert asked == [1, 2] and rec["seeds"][1:] == [43] and len(rec["val_bpb_seeds"]) == 2
     assert rec["status"] == "discard" and rec["confirmation"] == {"verdict": "not confirmed", "seeds": 2}
 

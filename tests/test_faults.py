@@ -48,7 +48,9 @@ from helpers_repo import (
     tiny_train_text,
 )
 
-TRAIN = "train_cuda.py"
+# The harness's fault handling is the same for both engines; MLX runs cost a third of torch ones here.
+# (The SIGTERM-while-scored test stays on torch: its evaluator runs long enough to be caught mid-score.)
+BACKEND, TRAIN = "mlx", "train_mlx.py"
 STATUSES = {"keep", "discard", "crash", "timeout", "invalid"}
 
 
@@ -264,10 +266,10 @@ def project(tiny_data: Path, tiny_cache: Path, tmp_path_factory: pytest.TempPath
     """A project repo with a baseline keep, shared by the CLI tests below (in file order)."""
     root = tmp_path_factory.mktemp("faults")
     repo = root / "repo"
-    make_project(repo)
+    make_project(repo, TRAIN)
     env = arun_env(tiny_data, tiny_cache)
     t0 = time.perf_counter()
-    p = run_arun(repo, env, "--budget", "1", "-m", "baseline", timeout=300)
+    p = run_arun(repo, env, "--budget", "1", "-m", "baseline", timeout=300, backend=BACKEND)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     rec = ledger_records(repo)[-1]
     assert rec["status"] == "keep"
@@ -308,7 +310,7 @@ def test_sigkill_of_arun_at_random_moments_loses_nothing(project: dict) -> None:
         best = best_commit(repo, before, project["key_id"])
         best_text = subprocess.run(["git", "show", f"{best}:{TRAIN}"], cwd=repo, capture_output=True).stdout
         delay = span * (k + rng.random()) / kills  # stratified: every part of a run gets hit
-        proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", f"kill {k}"), cwd=repo, env=env,
+        proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", f"kill {k}", backend=BACKEND), cwd=repo, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finished = False
         try:
@@ -345,7 +347,7 @@ def test_sigkill_of_arun_at_random_moments_loses_nothing(project: dict) -> None:
     # Nothing left behind blocks the next run: it runs, records, and leaves a clean worktree.
     before = ledger_records(repo)
     _edit(project)
-    p = run_arun(repo, env, "--budget", "1", "-m", "after the kills", timeout=300)
+    p = run_arun(repo, env, "--budget", "1", "-m", "after the kills", timeout=300, backend=BACKEND)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     after = ledger_records(repo)
     assert after[:len(before)] == before and len(after) == len(before) + 1
@@ -355,11 +357,11 @@ def test_sigkill_of_arun_at_random_moments_loses_nothing(project: dict) -> None:
 
 @pytest.mark.parametrize("fault, overrides, anchor, code, cause", [
     ("nan loss", None, "def train(",
-     "_ce = F.cross_entropy\nF.cross_entropy = lambda *a, **k: _ce(*a, **k) * float('nan')  # the loss turns NaN",
+     "global cross_entropy\n_ce = cross_entropy\ncross_entropy = lambda *a, **k: _ce(*a, **k) * float('nan')  # the loss turns NaN",
      r"FAIL: training loss is nan"),
     ("out of memory", None, "def train(",
-     "def _oom(*args, **kwargs):\n    raise MemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n"
-     "F.cross_entropy = _oom  # the first forward runs out of memory", r"MemoryError: CUDA out of memory"),
+     "global cross_entropy\n\ndef _oom(*args, **kwargs):\n    raise MemoryError('out of memory. Tried to allocate 20.00 GiB')\n"
+     "cross_entropy = _oom  # the first forward runs out of memory", r"MemoryError: out of memory"),
     # (a syntax error: test_a_garbage_line_in_the_ledger_is_skipped_with_a_warning)
 ])
 def test_a_crashing_train_file_is_recorded_crash(project: dict, fault: str, overrides: dict | None, anchor: str,
@@ -367,7 +369,7 @@ def test_a_crashing_train_file_is_recorded_crash(project: dict, fault: str, over
     repo = project["repo"]
     before = ledger_records(repo)
     _edit(project, overrides, anchor, code)
-    p = run_arun(repo, project["env"], "--budget", "1", "-m", fault, timeout=300)
+    p = run_arun(repo, project["env"], "--budget", "1", "-m", fault, timeout=300, backend=BACKEND)
     assert p.returncode == 2
     assert_failure_recorded(repo, p, before, "crash", cause)
     report_faults(f"train file: {fault}", 1, 0)
@@ -380,7 +382,7 @@ def test_a_hang_is_killed_at_the_timeout_while_a_second_arun_is_refused_and_a_th
     repo, env = project["repo"], project["env"]
     before = ledger_records(repo)
     _edit(project, None, "def train(", "time.sleep(10**6)  # hangs")
-    hang = subprocess.Popen(arun_cmd("--budget", "1", "--timeout", "20", "-m", "hangs"), cwd=repo, env=env,
+    hang = subprocess.Popen(arun_cmd("--budget", "1", "--timeout", "20", "-m", "hangs", backend=BACKEND), cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid_file = repo / ".arun" / "lock.pid"
@@ -388,10 +390,10 @@ def test_a_hang_is_killed_at_the_timeout_while_a_second_arun_is_refused_and_a_th
         while not (pid_file.exists() and pid_file.read_text().strip() == str(hang.pid)):
             assert hang.poll() is None and time.time() < deadline, "the first arun never took the lock"
             time.sleep(0.1)
-        second = run_arun(repo, env, "--budget", "1", "-m", "second", timeout=120)
+        second = run_arun(repo, env, "--budget", "1", "-m", "second", timeout=120, backend=BACKEND)
         line = assert_refused(second, rf"another arun \(pid {hang.pid}\) is running an experiment")
         assert "--wait" in line
-        third = subprocess.Popen(arun_cmd("--budget", "1", "--wait", "300", "-m", "third"), cwd=repo, env=env,
+        third = subprocess.Popen(arun_cmd("--budget", "1", "--wait", "300", "-m", "third", backend=BACKEND), cwd=repo, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = hang.communicate(timeout=200)
         third_out, third_err = third.communicate(timeout=300)
@@ -439,7 +441,7 @@ def test_corrupt_data_refuses_the_run_and_touches_nothing(project: dict, tiny_da
     pre_run = _edit(project)
     head = git(repo, "rev-parse", "HEAD")
     env = dict(project["env"], ARUN_DATA_DIR=str(data))
-    p = run_arun(repo, env, "--budget", "1", "-m", corruption, timeout=120)
+    p = run_arun(repo, env, "--budget", "1", "-m", corruption, timeout=120, backend=BACKEND)
     assert_refused(p, cause)
     assert ledger_records(repo) == before
     assert (repo / TRAIN).read_bytes() == pre_run and git(repo, "rev-parse", "HEAD") == head  # untouched
@@ -474,7 +476,7 @@ def _garbage_is_skipped(project: dict, path: Path, good: list[dict]) -> None:
     # A run still reads the best correctly and appends after the garbage; this run's train file
     # has a syntax error: recorded crash, naming SyntaxError.
     _edit(project, None, "def train(", "x = (1,  # never closed")
-    p = run_arun(repo, env, "--budget", "1", "-m", "a syntax error", timeout=300)
+    p = run_arun(repo, env, "--budget", "1", "-m", "a syntax error", timeout=300, backend=BACKEND)
     recs = Ledger(path).records()
     assert [written(r) for r in recs[:-1]] == good and recs[-1]["status"] == "crash" and recs[-1]["best_before"] is not None
     assert recs[-1]["error"].startswith("SyntaxError") and "\n" not in recs[-1]["error"], recs[-1]["error"]
@@ -517,7 +519,7 @@ def test_a_full_disk_under_the_ledger_is_a_one_line_error_and_changes_nothing(pr
         before = ledger_records(repo)
         # A record bigger than the slack in the ledger's last page: its diff carries 12 KB of comments.
         _edit(project, None, "def train(", "x = (1,  # never closed\n" + "# padding padding padding\n" * 480)
-        p = run_arun(repo, env, "--budget", "1", "-m", "disk full", timeout=300)
+        p = run_arun(repo, env, "--budget", "1", "-m", "disk full", timeout=300, backend=BACKEND)
         assert_refused(p, r"could not write .*ledger\.jsonl \(disk full\); free space and rerun, the ledger is unchanged")
         assert path.read_bytes() == saved and ledger_records(repo) == before
         assert_worktree_at(repo, best_commit(repo, before, project["key_id"]))
@@ -532,7 +534,7 @@ def test_a_full_disk_under_the_ledger_is_a_one_line_error_and_changes_nothing(pr
 def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Path, tiny_data: Path,
                                                                     tiny_cache: Path) -> None:
     repo = tmp_path / "repo"
-    make_project(repo)
+    make_project(repo, TRAIN)
     # A project with many tracked files: gitpython holds index.lock for ~0.1 s while it rewrites the
     # index, so a kill aimed at it lands even on a loaded machine.
     many = repo / "assets"
@@ -547,8 +549,8 @@ def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Pa
     for attempt in range(3):
         # Each attempt is the first run of its own key (budget), so it is a keep that commits a change.
         budget = f"{1 + attempt / 100:g}"
-        (repo / TRAIN).write_text(rewrite_constants(tiny_train_text(), {"SEED": 7 + attempt}))
-        proc = subprocess.Popen(arun_cmd("--budget", budget, "-m", "killed while committing"), cwd=repo, env=env,
+        (repo / TRAIN).write_text(rewrite_constants(tiny_train_text(TRAIN), {"SEED": 7 + attempt}))
+        proc = subprocess.Popen(arun_cmd("--budget", budget, "-m", "killed while committing", backend=BACKEND), cwd=repo, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # After the result is written, the next index.lock is the keep commit's (gitpython, in process).
         while proc.poll() is None and not list((repo / ".arun" / "runs").glob("*/result0.json")):
@@ -568,7 +570,7 @@ def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Pa
     else:
         pytest.skip("the kill never landed inside the keep commit (3 tries)")
     assert [r for r in ledger_records(repo) if r["key"]["time_budget"] == float(budget)] == []  # killed before the record
-    p = run_arun(repo, env, "--budget", budget, "-m", "the next keep", timeout=300)
+    p = run_arun(repo, env, "--budget", budget, "-m", "the next keep", timeout=300, backend=BACKEND)
     kill_under(repo, grace=5)
     report_faults("SIGKILL inside the keep commit", 1, int(p.returncode != 0))  # the next run's record is lost
     assert p.returncode == 0, p.stdout[-1500:] + p.stderr[-1500:]
@@ -585,7 +587,7 @@ def test_sigterm_during_the_scoring_records_an_interrupted_crash(tmp_path: Path,
     committed, the train file exactly as before the run, exit 130."""
     repo = tmp_path / "repo"
     head = make_project(repo)
-    pre_run = (repo / TRAIN).read_bytes()
+    pre_run = (repo / "train_cuda.py").read_bytes()
     proc = subprocess.Popen(arun_cmd("--budget", "1", "-m", "interrupted while scored"), cwd=repo,
                             env=arun_env(tiny_data, tiny_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -601,7 +603,7 @@ def test_sigterm_during_the_scoring_records_an_interrupted_crash(tmp_path: Path,
     assert proc.returncode == 130, "".join(seen) + out + err
     [rec] = ledger_records(repo)
     assert rec["status"] == "crash" and "while the harness scored" in rec["error"], rec["error"]
-    assert (repo / TRAIN).read_bytes() == pre_run and rec["commit"] == head == git(repo, "rev-parse", "HEAD^")
+    assert (repo / "train_cuda.py").read_bytes() == pre_run and rec["commit"] == head == git(repo, "rev-parse", "HEAD^")
     assert git(repo, "log", "-1", "--format=%s") == f"arun: record {rec['id']} (crash)"
     assert git(repo, "diff", "--cached", "--name-only") == ""
     report_faults("SIGTERM during the scoring of a run", 1, 0)

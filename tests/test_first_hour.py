@@ -18,23 +18,25 @@ from engines import sandbox
 from helpers_repo import arun_env, git, inject, ledger_records, make_project, run_arun
 
 HEADER = "commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+# The journal and the tolerances are the harness's, the same for both engines: MLX runs, a third of the cost.
+BACKEND, TRAIN = "mlx", "train_mlx.py"
 SLOW = ["MATRIX_LR=0.0004", "EMBEDDING_LR=0.006", "UNEMBEDDING_LR=0.00004", "SCALAR_LR=0.005"]
 
 
 @pytest.fixture
 def project(tmp_path: Path, tiny_data: Path, tiny_cache: Path) -> tuple[Path, dict]:
     repo = tmp_path / "repo"
-    make_project(repo)
+    make_project(repo, TRAIN)
     return repo, arun_env(tiny_data, tiny_cache)
 
 
 def run(repo: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return run_arun(repo, env, "--budget", "1.5", *args, timeout=300)
+    return run_arun(repo, env, "--budget", "1.5", *args, timeout=300, backend=BACKEND)
 
 
 def crash_edit(repo: Path) -> None:
     """An edit that fails at once: a cheap experiment, recorded and committed like any other."""
-    path = repo / "train_cuda.py"
+    path = repo / TRAIN
     path.write_text(inject(path.read_text(), "# --- hyperparameters ---", "raise SystemExit('first-hour probe')\n",
                            before=True))
 
@@ -66,7 +68,7 @@ def test_an_untracked_results_tsv_does_not_block_a_run(project: tuple[Path, dict
 def test_results_tsv_hides_no_other_change(project: tuple[Path, dict], attack: str) -> None:
     """An agent paid to fake a win, using the tolerated name as cover: every variant is still refused."""
     repo, env = project
-    assert run_arun(repo, env, "start", "cover").returncode == 0             # a pinned run branch
+    assert run_arun(repo, env, "start", "cover", backend=BACKEND).returncode == 0             # a pinned run branch
     (repo / "results.tsv").write_text(HEADER)
     named = "results.tsv"
     if attack == "fixed file edited":
@@ -95,7 +97,7 @@ def test_results_tsv_hides_no_other_change(project: tuple[Path, dict], attack: s
         named = "train_helper.py"
     p = run(repo, env, "-m", "cover")
     assert p.returncode != 0
-    assert "only train_cuda.py may differ" in p.stderr and named in p.stderr, p.stderr[-2000:]
+    assert f"only {TRAIN} may differ" in p.stderr and named in p.stderr, p.stderr[-2000:]
     assert not list((repo / "bench").glob("*/ledger.jsonl"))                  # nothing ran, nothing recorded
 
 
@@ -105,7 +107,7 @@ def test_a_confined_train_file_cannot_read_results_tsv(project: tuple[Path, dict
     say) is stopped by the OS, and the attempt is recorded as a crash with nothing kept."""
     repo, env = project
     (repo / "results.tsv").write_text(HEADER + "weights\t0.1 0.2 0.3\n")
-    path = repo / "train_cuda.py"
+    path = repo / TRAIN
     path.write_text(inject(path.read_text(), "# --- hyperparameters ---",
                            "STORED = open(__import__('pathlib').Path(__file__).resolve().parent / 'results.tsv').read()\n",
                            before=True))
@@ -122,7 +124,7 @@ def test_a_git_reset_after_a_discard_never_erases_its_record(project: tuple[Path
     commits it again at the next run, however far back the branch was reset."""
     repo, env = project
     assert run(repo, env, "-m", "baseline").returncode == 0
-    assert run_arun(repo, env, "set", "--backend", "cuda", *SLOW).returncode == 0
+    assert run_arun(repo, env, "set", "--backend", BACKEND, *SLOW, backend=BACKEND).returncode == 0
     p = run(repo, env, "-m", "learning rates 100x smaller")
     assert "arun: DISCARD" in p.stdout, p.stdout[-2000:]
     base, discard = [r["id"] for r in ledger_records(repo)]
@@ -154,7 +156,7 @@ def test_another_branch_or_clone_never_receives_a_branchs_records(project: tuple
     assert "arun: CRASH" in run(repo, env, "-m", "on the first branch").stdout
     first = [r["id"] for r in ledger_records(repo)]
     git(repo, "checkout", "-q", "-f", "main")
-    assert run_arun(repo, env, "start", "second").returncode == 0             # from main: an empty ledger
+    assert run_arun(repo, env, "start", "second", backend=BACKEND).returncode == 0             # from main: an empty ledger
     crash_edit(repo)
     assert "arun: CRASH" in run(repo, env, "-m", "on the second branch").stdout
     assert [r["id"] for r in ledger_records(repo)] != first and len(ledger_records(repo)) == 1
@@ -163,8 +165,8 @@ def test_another_branch_or_clone_never_receives_a_branchs_records(project: tuple
     # are whole seconds: SECURITY.md, Not defended); on a quick box this clone comes that fast.
     time.sleep(1.1)
     shutil.rmtree(repo)                                                       # a fresh clone at the same path
-    make_project(repo)
-    assert run_arun(repo, env, "start", "second").returncode == 0
+    make_project(repo, TRAIN)
+    assert run_arun(repo, env, "start", "second", backend=BACKEND).returncode == 0
     crash_edit(repo)
     p = run(repo, env, "-m", "in a new clone")
     assert "put back" not in p.stdout and len(ledger_records(repo)) == 1, p.stdout[-2000:]
@@ -180,10 +182,10 @@ def test_transfer_from_a_tag_takes_this_machines_own_winner_over_a_shipped_refer
     """A clone ships reference ledgers under bench/; on the same hardware they share the user's tag. The
     reference (another machine's key) wins only while this machine has no record of that tag."""
     repo = tmp_path / "repo"
-    make_project(repo, overrides={k: float(v) for k, v in (s.split("=") for s in SLOW)})
+    make_project(repo, TRAIN, overrides={k: float(v) for k, v in (s.split("=") for s in SLOW)})
     ref_env = arun_env(tiny_data, tiny_cache, ARUN_HOME=str(tmp_path / "reference-machine"))
     assert run(repo, ref_env, "-m", "baseline").returncode == 0
-    assert run_arun(repo, ref_env, "set", "--backend", "cuda", *GOOD).returncode == 0
+    assert run_arun(repo, ref_env, "set", "--backend", BACKEND, *GOOD, backend=BACKEND).returncode == 0
     assert "arun: KEEP" in run(repo, ref_env, "-m", "learning rates restored").stdout
     ref_branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD")
     git(repo, "checkout", "-q", "-f", "main")
@@ -196,10 +198,10 @@ def test_transfer_from_a_tag_takes_this_machines_own_winner_over_a_shipped_refer
     assert shipped.record["status"] == "keep" and "other machines' records" in shipped.source
 
     env = arun_env(tiny_data, tiny_cache)
-    assert run_arun(repo, env, "start", "mine").returncode == 0
+    assert run_arun(repo, env, "start", "mine", backend=BACKEND).returncode == 0
     assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
     before = ledger_records(repo)
-    p = run_arun(repo, env, "transfer", "--backend", "cuda", "--device", "cpu", "--from", tag, timeout=300)
+    p = run_arun(repo, env, "transfer", "--backend", BACKEND, "--from", tag, timeout=300, backend=BACKEND)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert f"the winner comes from this machine's own records in bench/{tag}/ledger.jsonl (1 of its 3" in p.stdout
     assert before[-1]["id"] in p.stdout and shipped.record["id"] not in p.stdout
@@ -237,13 +239,13 @@ def test_a_deleted_and_restarted_branch_starts_afresh(project: tuple[Path, dict]
     """Delete a run branch and `arun start` the same name (what arun advises to start afresh): the old
     branch's records stay in the journal but are never put back onto the new one, nor missed by it."""
     repo, env = project
-    assert run_arun(repo, env, "start", "again").returncode == 0
+    assert run_arun(repo, env, "start", "again", backend=BACKEND).returncode == 0
     assert "arun: BASELINE" in run(repo, env, "-m", "baseline").stdout
     old = [r["id"] for r in ledger_records(repo)]
     git(repo, "checkout", "-q", "-f", "main")
     git(repo, "branch", "-D", "autoresearch/again")
     time.sleep(1.1)                                                           # (records carry whole seconds)
-    assert run_arun(repo, env, "start", "again").returncode == 0
+    assert run_arun(repo, env, "start", "again", backend=BACKEND).returncode == 0
     p = run(repo, env, "-m", "afresh")
     assert p.returncode == 0 and "put back" not in p.stdout and "lacks" not in p.stdout + p.stderr, p.stdout[-2000:]
     assert "baseline run" in p.stdout and "arun: BASELINE" in p.stdout, p.stdout[-2000:]
@@ -276,7 +278,7 @@ def test_a_keep_edited_out_of_the_ledger_refuses_the_run_and_fails_the_audit(pro
     p = run(repo, env, "-m", "ratchet against a worse best")
     assert p.returncode != 0 and keep in p.stderr and "arun start NAME" in p.stderr, p.stdout[-2000:] + p.stderr[-2000:]
     assert "arun: KEEP" not in p.stdout and "arun: BASELINE" not in p.stdout
-    a = run_arun(repo, env, "audit", timeout=300)
+    a = run_arun(repo, env, "audit", timeout=300, backend=BACKEND)
     assert a.returncode == 1 and "missing from the ledger" in a.stdout and keep in a.stdout, a.stdout[-2000:]
 
 

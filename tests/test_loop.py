@@ -1,6 +1,7 @@
 """
-arun loop end to end: real loops on a copy of the project in a tmp git repo, the torch engine
-on the CPU, a tiny model, 1.5 s budgets, the built-in sweep and a scripted fake agent
+arun loop end to end: real loops on a copy of the project in a tmp git repo, the MLX engine
+on the CPU (the loop is the same for both engines, and an MLX run costs a third of a torch one
+here: no torch import in either process), a tiny model, 1.5 s budgets, the built-in sweep and a scripted fake agent
 (tests/fake_agent.py). The project starts with every learning rate at zero: the weights never
 move, so val_bpb depends on the seed alone (deterministic on the CPU, however many steps fit
 in the budget), and "restore the learning rates" is a change known to win by far more than
@@ -25,7 +26,8 @@ from helpers_repo import arun_env, git, ledger_records, make_project
 REPO = Path(__file__).resolve().parents[1]
 FAKE = f"{sys.executable} {REPO / 'tests' / 'fake_agent.py'}"
 BUDGET = 1.5
-TRAIN = "train_cuda.py"
+BACKEND, DEVICE, TRAIN = "mlx", None, "train_mlx.py"
+ENGINE = ["--backend", BACKEND]
 GOOD_LR = {"EMBEDDING_LR": 0.6, "UNEMBEDDING_LR": 0.004, "MATRIX_LR": 0.04, "SCALAR_LR": 0.5}
 ZERO_LR = {k: 0.0 for k in GOOD_LR}
 
@@ -41,7 +43,7 @@ def base_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path, tiny
     saved = {k: os.environ.get(k) for k in ("ARUN_CACHE", "ARUN_DATA_DIR", "OMP_NUM_THREADS")}
     os.environ.update(ARUN_CACHE=str(tiny_cache), ARUN_DATA_DIR=str(tiny_data), OMP_NUM_THREADS="1")
     try:
-        rec = run_experiment(repo, "cuda", "baseline", budget=BUDGET, device="cpu", show_progress=False, log=lambda s: None)
+        rec = run_experiment(repo, BACKEND, "baseline", budget=BUDGET, device=DEVICE, show_progress=False, log=lambda s: None)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -82,7 +84,7 @@ def loop(repo: Path, agent, **kw):
     lines: list[str] = []
     kw.setdefault("iterations", 1)
     kw.setdefault("measure", False)  # the spread is measured by the tests that are about it
-    result = run_loop(repo, "cuda", agent, budget=BUDGET, device="cpu", show_progress=False, log=lines.append, **kw)
+    result = run_loop(repo, BACKEND, agent, budget=BUDGET, device=DEVICE, show_progress=False, log=lines.append, **kw)
     result.lines = lines
     return result
 
@@ -304,7 +306,7 @@ def test_no_change_is_recorded_invalid_without_running_and_the_prompt_follows_th
     prompt = seen["stdin"]
     assert prompt == Path(seen["env"]["ARUN_PROMPT_FILE"]).read_text()
     assert seen["argv"] == ["nochange", seen["env"]["ARUN_PROMPT_FILE"]]  # {prompt_file} was filled in
-    assert seen["env"]["ARUN_TRAIN_FILE"] == TRAIN and seen["env"]["ARUN_BACKEND"] == "cuda"
+    assert seen["env"]["ARUN_TRAIN_FILE"] == TRAIN and seen["env"]["ARUN_BACKEND"] == BACKEND
     assert "PROGRAM-MD-MARKER" in prompt and f"Edit `{TRAIN}` only" in prompt
     assert "best val_bpb:" in prompt and "agent made no change" in prompt  # the first attempt is in the history
 
@@ -316,8 +318,8 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
     with pytest.raises(ArunError, match="arun noise"):
         loop(project, f"{FAKE} set SEED=43", confidence=0.99)  # one seed and no noise measured yet
     from arun.search.loop import preflight  # (a loop that measures the spread first is not refused)
-    assert preflight(project, "cuda", BUDGET, "cpu", 1, 0.99, print, measures=True).key_id
-    out = cli(project, "noise", "--backend", "cuda", "--device", "cpu", "--budget", str(BUDGET), "--seeds", "3")
+    assert preflight(project, BACKEND, BUDGET, DEVICE, 1, 0.99, print, measures=True).key_id
+    out = cli(project, "noise", *ENGINE, "--budget", str(BUDGET), "--seeds", "3")
     (entry,) = json.loads(next((project / "bench").glob("*/noise.json")).read_text()).values()
     assert entry["n"] == 3 and entry["std"] > 0 and entry["seeds"] == [42, 43, 44]
     assert f"std {entry['std']:.6f}" in out and "DISCARD" not in out  # noise runs get no verdict
@@ -334,7 +336,9 @@ def test_significance_gate_refuses_noise_and_keeps_a_clear_win(project: Path, mo
     assert (rec["status"], rec["near_miss"]) == ("discard", True), rec.get("error")
     assert rec["description"] == "another seed"  # from $ARUN_DESCRIPTION_FILE, first line
     if rec["val_bpb"] < rec["best_before"]:
-        assert any("significance at 0.99: p = " in line and "(near miss)" in line for line in result.lines)
+        # (the gate's line gives p, whichever way it then goes: fresh seeds, or none for a win too small)
+        assert any("significance at 0.99: p = " in line for line in result.lines), "\n".join(result.lines)
+        assert any(line.startswith("arun: DISCARD") and "(near miss)" in line for line in result.lines), result.lines
 
     # Learning rates restored: a win far outside the noise.
     monkeypatch.delenv("FAKE_AGENT_DESCRIBE")
@@ -385,7 +389,7 @@ def test_a_measurement_cut_short_by_a_full_disk_leaves_the_best_file_whole(proje
     # A best that is not the baseline: a later keep, recorded as the harness records one.
     (project / TRAIN).write_text(rewrite_constants((project / TRAIN).read_text(), GOOD_LR))
     git(project, "commit", "-qam", "a later keep")
-    info = cached_context(project, "cuda", BUDGET, "cpu")
+    info = cached_context(project, BACKEND, BUDGET, DEVICE)
     Ledger(ledger_path(project, info.tag)).append({
         **{k: baseline[k] for k in ("key", "key_id", "tag", "backend", "confined")}, "status": "keep", "baseline": False,
         "commit": git(project, "rev-parse", "HEAD"), "parent_commit": baseline["commit"],
@@ -395,7 +399,7 @@ def test_a_measurement_cut_short_by_a_full_disk_leaves_the_best_file_whole(proje
     old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, old_limit[1]))  # the ~20 KB train file cannot be written
     try:
-        assert spread_measured(project, "cuda", budget=BUDGET, device="cpu", hard_timeout=None, allowance=None,
+        assert spread_measured(project, BACKEND, budget=BUDGET, device=DEVICE, hard_timeout=None, allowance=None,
                                show_progress=False, log=lines.append)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
@@ -409,8 +413,8 @@ def test_the_early_stop_takes_its_margins_from_a_noise_entry_it_is_handed(projec
     """A swarm worktree has no noise.json: the margins measured in the main repo are handed over."""
     from arun.search.loop import stopper_for
     assert not list((project / "bench").glob("*/noise.json"))
-    here = stopper_for(project, "cuda", BUDGET, "cpu", log=lambda s: None)
-    handed = stopper_for(project, "cuda", BUDGET, "cpu", log=lambda s: None, noise={"loss_trajectory_std": [0.5] * 20})
+    here = stopper_for(project, BACKEND, BUDGET, DEVICE, log=lambda s: None)
+    handed = stopper_for(project, BACKEND, BUDGET, DEVICE, log=lambda s: None, noise={"loss_trajectory_std": [0.5] * 20})
     assert (here.source, handed.source) == ("default margin", "measured spread")
 
 
@@ -444,7 +448,7 @@ def test_ctrl_c_ends_the_loop_cleanly_with_the_train_file_at_the_best(project: P
     pids = tmp_path / "agent-out" / "pids"
     env = arun_env(tiny_data, tiny_cache, FAKE_AGENT_PIDS=str(pids), ARUN_AGENT_EXTRA_WRITE=str(pids.parent))
     cmd = [sys.executable, "-c", "import sys; from arun.cli import main; sys.argv[0] = 'arun'; main()",
-           "loop", "--backend", "cuda", "--device", "cpu", "--budget", str(BUDGET), "--agent", f"{FAKE} hang",
+           "loop", *ENGINE, "--budget", str(BUDGET), "--agent", f"{FAKE} hang",
            "--no-measure-noise"]
     proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -182,11 +182,11 @@ UPSTREAM_LOG = '''def log(budget, loss, tokens_per_step, dt, mfu, epoch, force=F
 
 def cli_run(tmp_path: Path, data: Path, log_code: str) -> tuple[object, dict, str]:
     repo = tmp_path / "repo"
-    make_project(repo)
-    path = repo / "train_cuda.py"
+    make_project(repo, "train_mlx.py")   # (the step line is the harness's contract, the same for both engines)
+    path = repo / "train_mlx.py"
     path.write_text(replace_once(path.read_text(), "    log = StepLog()\n", "\n".join(
         "    " + ln if ln else "" for ln in log_code.splitlines()) + "\n"))
-    p = run_arun(repo, arun_env(data, data.parent), "--budget", "1", "-m", "step lines", timeout=300)
+    p = run_arun(repo, arun_env(data, data.parent), "--budget", "1", "-m", "step lines", timeout=300, backend="mlx")
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p, ledger_records(repo)[-1], (repo / "run.log").read_text()
 
