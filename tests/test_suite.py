@@ -1,6 +1,7 @@
-"""The suite's own scheduling: each test file runs whole on one xdist worker, and the Ray files on one
-worker together. When this breaks, nothing fails loudly: module fixtures are built twice (minutes of
-training each) and two Ray clusters fight over the cores."""
+"""The suite's own scheduling: each test file runs whole on one xdist worker, and the Ray files (and the
+files that compile MLX kernels) on one worker together. When this breaks, nothing fails loudly: module
+fixtures are built twice (minutes of training each), two Ray clusters fight over the cores, and MLX
+kernels are compiled twice from a cold cache."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os, pathlib, time, pytest
 def test_probe(i):
     out = pathlib.Path(os.environ["PROBE_OUT"])
     out.joinpath(f"{{__name__}}-{{i}}").write_text(os.environ.get("PYTEST_XDIST_WORKER", "none") + f" {{time.monotonic_ns()}}")
+    time.sleep({sleep})
 '''
 
 
@@ -47,10 +49,12 @@ def test_each_file_runs_on_one_worker_and_the_ray_files_on_one_worker_together(t
     # Real file names from the suite's tier table: two Ray files and four others, three of them with more
     # tests than the Ray unit (xdist's own order, by test count, would hand those out first).
     counts = {"test_swarm.py": 4, "test_swarm_cluster.py": 4, "test_stats.py": 12, "test_sweep.py": 12,
-              "test_chain.py": 12, "test_atomic.py": 4}
+              "test_chain.py": 12, "test_atomic.py": 4, "test_mlx.py": 2, "test_conformance.py": 2}
     names = list(counts)
+    # test_mlx.py is slow, so the other worker takes the units after it: test_conformance.py would land
+    # there if the two were not one unit.
     for name, count in counts.items():
-        (proj / "tests" / name).write_text(PROBE.format(count=count))
+        (proj / "tests" / name).write_text(PROBE.format(count=count, sleep=1.0 if name == "test_mlx.py" else 0))
     r = pytest_in(proj, PROBE_OUT=str(out))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     seen: dict[str, set[str]] = {}
@@ -62,6 +66,7 @@ def test_each_file_runs_on_one_worker_and_the_ray_files_on_one_worker_together(t
     assert sorted(seen) == sorted(n[:-3] for n in names), json.dumps(sorted(seen))
     assert all(len(w) == 1 and "none" not in w for w in seen.values()), seen
     assert seen["test_swarm"] == seen["test_swarm_cluster"], seen
+    assert seen["test_mlx"] == seen["test_conformance"], seen      # the MLX kernel cache is per worker
     assert len(set().union(*seen.values())) == 2, seen  # both workers had work
     # The slowest tier first: on its worker, the Ray unit ran before anything else.
     (ray_worker,) = seen["test_swarm"]
