@@ -1,7 +1,7 @@
 """arun swarm: git plumbing on real repos, then one real swarm on a local Ray cluster.
 
-The swarm test runs two workers of the torch engine on CPU (ARUN_DEVICE=cpu) with a tiny
-model and a 1.5 s budget, the built-in sweep proposer, worker w1 in a separate clone (as on
+The swarm test runs two workers of the MLX engine on the CPU (an MLX run costs a third of a
+torch one here; the swarm is the same for both engines) with a tiny model and a 1.5 s budget, the built-in sweep proposer, worker w1 in a separate clone (as on
 another machine, so adoption goes through git bundles), and kills w1 mid-experiment.
 Tier `swarm` (tests/conftest.py): deselect with `-m "not swarm"`.
 """
@@ -25,7 +25,7 @@ from arun.swarm.procs import _processes_with_cwd_under
 from arun.swarm.worker import probe_key
 from arun.swarm.worktrees import cleanup_worker, commit_ref, ensure_worktree
 
-# the project copied into a tmp git repo (with a tiny train_cuda.py); a worker log's misjudged runs
+# the project copied into a tmp git repo (with a tiny train file); a worker log's misjudged runs
 from helpers_repo import make_project, misjudged_runs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,15 +200,15 @@ def swarm_run(tmp_path_factory: pytest.TempPathFactory, cluster) -> dict:
     root = tmp_path_factory.mktemp("swarm")
     repo, clone = root / "repo", root / "clone"
     repo.mkdir()
-    base = make_project(repo, "train_cuda.py")
+    base = make_project(repo, "train_mlx.py")
     git(root, "clone", "-q", str(repo), str(clone))
-    probe = probe_key(repo, "cuda", 1.5, "cpu")
+    probe = probe_key(repo, "mlx", 1.5, None)
     Ledger(ledger_path(repo, probe["tag"])).append({
-        "key": probe["key"], "key_id": probe["key_id"], "tag": probe["tag"], "backend": "cuda", "status": "keep",
+        "key": probe["key"], "key_id": probe["key_id"], "tag": probe["tag"], "backend": "mlx", "status": "keep",
         "baseline": True, "commit": base, "parent_commit": base, "val_bpb": 9.0, "diff": "",
         "description": "an earlier, poor result", "swarm": None})
     lines: list[str] = []
-    opts = SwarmOptions(repo_dir=repo, backend="cuda", device="cpu", workers=2, run="t", agent="sweep",
+    opts = SwarmOptions(repo_dir=repo, backend="mlx", device=None, workers=2, run="t", agent="sweep",
                            budget=1.5, worker_repos={1: clone})
     swarm = Swarm(opts, log=lines.append)
     out: dict = {"repo": repo, "clone": clone, "base": base, "lines": lines, "probe": probe}

@@ -33,6 +33,9 @@ import pytest
 from arun.swarm.procs import _processes_with_cwd_under
 from helpers_repo import make_project, misjudged_runs
 
+# The swarm is the same for both engines; an MLX run costs a third of a torch one on this CPU.
+TRAIN = "train_mlx.py"
+
 REPO = Path(__file__).resolve().parents[1]
 ARUN = [sys.executable, "-m", "arun.cli"]
 
@@ -41,7 +44,7 @@ pytestmark = [pytest.mark.swarm,
 
 
 def _needs_ray() -> None:
-    for mod in ("ray", "torch", "arun.search.loop"):
+    for mod in ("ray", "mlx.core", "arun.search.loop"):
         pytest.importorskip(mod)
     import ray  # noqa: F401  (psutil comes with Ray: imported after it)
 
@@ -61,11 +64,11 @@ def _procs_with(text: str) -> list:
 
 
 def _training_under(wt: Path) -> list[int]:
-    """Pids of train processes (train_cuda.py on the command line) working inside the worktree wt."""
+    """Pids of train processes (TRAIN on the command line) working inside the worktree wt."""
     found = []
     for pid in _processes_with_cwd_under(wt):
         try:
-            if b"train_cuda.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if TRAIN.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)
         except OSError:
             pass
@@ -107,7 +110,7 @@ def test_two_nodes_with_auth_a_lost_node_is_accounted_for(tmp_path: Path, tiny_d
     _needs_ray()
     repo, clone = tmp_path / "repo", tmp_path / "clone"
     repo.mkdir()
-    make_project(repo, "train_cuda.py")
+    make_project(repo, TRAIN)
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     # Ray's unix sockets live under its temp folder: a short path, and it names this test's processes.
     temp = Path(tempfile.mkdtemp(prefix="arT", dir="/tmp"))
@@ -128,7 +131,7 @@ def test_two_nodes_with_auth_a_lost_node_is_accounted_for(tmp_path: Path, tiny_d
         _ray(["start", "--address", f"127.0.0.2:{port}", "--node-ip-address", "127.0.0.3", "--num-cpus", "1"],
              dict(env, ARUN_SWARM_REPO=str(clone)), clone)
         log = (tmp_path / "swarm.out").open("w")
-        swarm = subprocess.Popen([*ARUN, "swarm", "--backend", "cuda", "--device", "cpu", "--address",
+        swarm = subprocess.Popen([*ARUN, "swarm", "--backend", "mlx", "--address",
                                   f"127.0.0.2:{port}", "--agent", "sweep", "--budget", "2", "--iterations", "5",
                                   "--max-crashes", "0", "--run", run], cwd=repo, env=env, stdout=log,
                                  stderr=subprocess.STDOUT)
@@ -179,9 +182,9 @@ def test_join_failures_are_one_line_and_leave_no_ref(tmp_path: Path, tiny_data: 
     _needs_ray()
     repo = tmp_path / "repo"
     repo.mkdir()
-    make_project(repo, "train_cuda.py")
+    make_project(repo, TRAIN)
     port = _free_port("127.0.0.2")  # nothing listens there
-    out = subprocess.run([*ARUN, "swarm", "--backend", "cuda", "--device", "cpu", "--address", f"127.0.0.2:{port}",
+    out = subprocess.run([*ARUN, "swarm", "--backend", "mlx", "--address", f"127.0.0.2:{port}",
                           "--run", "nope"], cwd=repo, env=_env(tiny_data, tiny_cache), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1
@@ -209,9 +212,9 @@ def test_one_box_ray_listens_on_loopback_only(tmp_path: Path, tiny_data: Path, t
     from arun.swarm.cluster import is_loopback
     repo = tmp_path / "repo"
     repo.mkdir()
-    make_project(repo, "train_cuda.py")
+    make_project(repo, TRAIN)
     log = (tmp_path / "swarm.out").open("w")
-    swarm = subprocess.Popen([*ARUN, "swarm", "--backend", "cuda", "--device", "cpu", "--workers", "1", "--agent",
+    swarm = subprocess.Popen([*ARUN, "swarm", "--backend", "mlx", "--workers", "1", "--agent",
                               "sweep", "--budget", "2", "--iterations", "1", "--run", "lo"], cwd=repo,
                              env=_env(tiny_data, tiny_cache), stdout=log, stderr=subprocess.STDOUT)
     addresses: set[str] = set()
@@ -256,7 +259,7 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
     from arun.core import chain, trust
     repo, clone, third = tmp_path / "repo", tmp_path / "clone", tmp_path / "third"
     repo.mkdir()
-    make_project(repo, "train_cuda.py")
+    make_project(repo, TRAIN)
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     homes = {n: tmp_path / f"home-{n}" for n in ("head", "node", "third")}
     temp = Path(tempfile.mkdtemp(prefix="arK", dir="/tmp"))
@@ -273,7 +276,7 @@ def test_two_homes_remote_ratchet_on_the_verified_best_records_on_a_branch(tmp_p
              dict(head_env, ARUN_SWARM_REPO=str(repo)), repo)
         _ray(["start", "--address", f"127.0.0.2:{port}", "--node-ip-address", "127.0.0.3", "--num-cpus", "1"],
              dict(env, ARUN_HOME=str(homes["node"]), ARUN_SWARM_REPO=str(clone)), clone)
-        out = _arun(["swarm", "--backend", "cuda", "--device", "cpu", "--address", f"127.0.0.2:{port}", "--agent",
+        out = _arun(["swarm", "--backend", "mlx", "--address", f"127.0.0.2:{port}", "--agent",
                      "sweep", "--budget", "1", "--iterations", "4", "--max-crashes", "0", "--run", run], repo, head_env)
         assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
         # The README's teardown: this cluster's processes only, by its --temp-dir (both nodes are on this box).
