@@ -302,7 +302,9 @@ def test_the_evaluator_runs_no_planted_pth_even_unconfined(data_env: Path, tmp_p
     monkeypatch.delenv("ARUN_REQUIRE_CONFINEMENT", raising=False)
     marker = tmp_path / "pth-ran"
     pth = Path(sysconfig.get_paths()["purelib"]) / f"zz_jail_{os.getpid()}.pth"
-    pth.write_text(f"import os; open({str(marker)!r}, 'a').write('ran')\n")
+    # Every Python of this venv sees the .pth while it is there, other xdist workers' included: only a process
+    # working in a scoring folder (the evaluator's cwd, arun.core.scoring) leaves the mark.
+    pth.write_text(f"import os; 'arun-score-' in os.getcwd() and open({str(marker)!r}, 'a').write('ran')\n")
     try:
         bogus = tmp_path / "forward.pt2"
         bogus.write_bytes(b"not an artifact")
