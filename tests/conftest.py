@@ -95,8 +95,8 @@ TIER_OF_FILE = {
 # through a pytest internal that pytest 9.2 no longer reads, and then silently spreads every test alone.
 MAX_WORKERS = 4          # beyond this, more workers only fight over memory and the disk
 # One worker more than the cores: a test spends part of its time waiting (a subprocess starting, git, a
-# poll), and the extra worker fills it. Measured on an idle 2-core box, the whole suite: 765 s with 3
-# workers against 874 s with 2 (and 798 s with 4).
+# poll), and the extra worker fills it. The whole suite on an idle 2-core box: 765 s with 3 workers and
+# 798 s with 4 (one session, same tree), 874 s with 2 (the same tests, the session before).
 EXTRA_WORKERS = 1
 FIRST = ("swarm", "faults", "e2e", "browser", "unit")
 # pyproject's 600 s timeout is a hang guard. A whole swarm scenario (a module fixture, timed with the

@@ -2,7 +2,7 @@
 A real project in a tmp git repo, for tests that drive `arun` end to end.
 
     repo = make_project(tmp_path / "repo")          # fixed files + a tiny train_cuda.py, committed
-    proc = run_arun(repo, "--budget", "1.5")         # the real CLI in a subprocess
+    proc = run_arun(repo, env, "--budget", "1.5")    # the real CLI in a subprocess (torch; backend="mlx": MLX)
     recs = ledger_records(repo)                      # every line of every ledger, parsed strictly
 
 The copy holds what a user's clone holds (the project's tracked and untracked,
