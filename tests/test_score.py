@@ -83,14 +83,20 @@ def test_only_the_line_with_the_nonce_is_the_verdict() -> None:
     assert read_verdict(f"{real}\n{real}\n", "n1") is None   # two lines with our nonce: neither is trusted
 
 
+# Ctrl-C while the harness waits on the evaluator: a real SIGINT, sent the moment the wait begins (a
+# timer raced the scoring, which a bad artifact ends in a quarter of a second: the alarm could come after
+# it, even during the interpreter's exit).
 INTERRUPTED = '''
-import signal, sys
+import os, signal, subprocess, sys
 from pathlib import Path
 from arun.core.scoring import score_artifact
-def stop(*_):
-    raise KeyboardInterrupt
-signal.signal(signal.SIGALRM, stop)
-signal.setitimer(signal.ITIMER_REAL, 0.5)
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (a background job's children start with it ignored)
+wait = subprocess.Popen.communicate
+def ctrl_c_while_waiting(self, *args, **kwargs):
+    print("evaluator", self.pid, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    return wait(self, *args, **kwargs)
+subprocess.Popen.communicate = ctrl_c_while_waiting
 try:
     score_artifact("mlx", Path(sys.argv[1]), Path(sys.argv[2]))
 except KeyboardInterrupt:
@@ -106,4 +112,8 @@ def test_the_scratch_folder_is_removed_when_scoring_is_interrupted(tiny_data: Pa
     p = subprocess.run([sys.executable, "-c", INTERRUPTED, str(artifact), str(tiny_data)], capture_output=True,
                        text=True, timeout=120, env={**os.environ, "TMPDIR": str(temp)})
     assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("evaluator ") and lines[-1] == "interrupted", p.stdout + p.stderr
     assert list(temp.iterdir()) == [], list(temp.iterdir())
+    pid = int(lines[0].split()[1])
+    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
