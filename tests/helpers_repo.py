@@ -163,6 +163,20 @@ def processes_under(root: Path) -> list[int]:
     return pids
 
 
+def pid_alive(pid: int) -> bool:
+    """Is this process still running? A zombie (exited, not yet reaped) answers kill(0) but counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process (a pid reused since): alive, and not ours
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def kill_under(root: Path, grace: float = 0.0) -> list[int]:
     """Waits up to `grace` seconds for processes under root to exit by themselves, then SIGKILLs the
     rest by pid (only ever processes this test started: their cwd is its tmp repo). Returns the

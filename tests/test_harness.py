@@ -30,6 +30,7 @@ from arun.core.process import last_error_line
 from arun.core.steplines import parse_step_line
 from arun.core.trainfile import rewrite_constants
 from engines.forward_file import SUFFIX
+from helpers_repo import pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,19 +242,6 @@ def run(repo: Path, backend: str = "mlx", description: str = "", **kw) -> dict:
 
 def ledger(repo: Path, rec: dict) -> list[dict]:
     return Ledger(ledger_path(repo, rec["tag"])).records()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is dead for our purpose.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def wait_dead(pid: int, seconds: float = 5.0) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_repo import arun_env, git, ledger_records, make_project
+from helpers_repo import arun_env, git, ledger_records, make_project, pid_alive
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = f"{sys.executable} {REPO / 'tests' / 'fake_agent.py'}"
@@ -119,17 +119,6 @@ def assert_clean_at_best(repo: Path) -> None:
                                capture_output=True, text=True, check=True).stdout
     status = [line for line in porcelain.splitlines() if not line[3:].startswith("bench/")]
     assert status == []
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 # --------------------------------------------------------------------------- program.md and the prompt (no runs)

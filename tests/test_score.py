@@ -17,6 +17,7 @@ import pytest
 from arun.core.scoring import BoundaryError, copy_artifact, read_verdict
 from engines import sandbox
 from engines.score import verdict_line
+from helpers_repo import pid_alive
 
 landlock = pytest.mark.skipif(sandbox.landlock_abi() < 4, reason="needs Landlock ABI >= 4 (Linux >= 6.7)")
 
@@ -116,4 +117,4 @@ def test_the_scratch_folder_is_removed_when_scoring_is_interrupted(tiny_data: Pa
     assert lines[0].startswith("evaluator ") and lines[-1] == "interrupted", p.stdout + p.stderr
     assert list(temp.iterdir()) == [], list(temp.iterdir())
     pid = int(lines[0].split()[1])
-    assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+    assert not pid_alive(pid)

@@ -20,19 +20,10 @@ from pathlib import Path
 import pytest
 
 from attacks.test_confinement import BUDGET, FAKE, TRAIN, attack_file, base, project, propose, run, snapshot, unchanged  # noqa: F401
-from helpers_repo import git, ledger_records
+from helpers_repo import git, ledger_records, pid_alive
 
 pytestmark = pytest.mark.timeout(300)
 SECRET = "sk-fake-harness-secret-0123456789"
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{pid}/stat").exists() else "X"
-    return state not in ("Z", "X")
 
 
 def run_log(repo: Path) -> str:
@@ -75,7 +66,7 @@ def test_a_trainer_that_detaches_does_not_outlive_its_run(project: Path) -> None
     folder = project / rec["run_dir"]
     pids = {k: int(re.search(rf"helper {k} pid (\d+)", run_log(project)).group(1)) for k in ("setsid", "dfork")}
     try:
-        assert not any(alive(p) for p in pids.values()), pids
+        assert not any(pid_alive(p) for p in pids.values()), pids
         time.sleep(1)  # a survivor would have written its marker again after the harness pruned the folder
         assert not list(folder.glob("*.marker"))
         unchanged(project, before)
@@ -93,7 +84,7 @@ def test_an_agent_that_leaves_helpers_running_loses_them(project: Path) -> None:
         proposal = propose(project, f"detach {folder}")
         assert proposal.extra["agent_exit"] == 0
         pids = [int((folder / f"{k}.pid").read_text()) for k in ("setsid", "dfork")]
-        assert not any(alive(p) for p in pids), pids
+        assert not any(pid_alive(p) for p in pids), pids
         time.sleep(3.5)
         assert not list(folder.glob("*.marker"))
     finally:
