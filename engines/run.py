@@ -41,21 +41,31 @@ def mfu_percent(flops_per_token: float, tokens: float, seconds: float, peak_flop
 
 class StepLog:
     """Step lines for people and for the harness (its kill clock, progress bar and loss trajectory), at
-    most a few per second. The format, and upstream's that the harness also reads: arun/core/steplines.py."""
+    most a few per second. The format, and upstream's that the harness also reads: arun/core/steplines.py.
+
+    Call it every step. The loss it prints is the mean over the steps since the previous line, not the
+    last step's alone: one batch's loss jitters by several percent (a tiny model's, on 512 tokens, by
+    about 0.25 nats), and the early stop (arun.core.early) reads this loss at every 5 % of the budget,
+    where a few single batches would swamp any real difference between two runs."""
 
     def __init__(self, every_seconds: float = 0.5):
         self.every = every_seconds
         self.last = 0.0
+        self.total, self.count = 0.0, 0
 
     def __call__(self, budget: TimeBudget, loss: float, tokens_per_step: int, dt: float, mfu: float | None,
                  epoch: int, force: bool = False) -> None:
+        self.total += loss
+        self.count += 1
         now = time.perf_counter()
         if not force and now - self.last < self.every:
             return
         self.last = now
+        mean = self.total / self.count
+        self.total, self.count = 0.0, 0
         tok_s = tokens_per_step / dt if dt > 0 else 0.0
         mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
-        print(f"step {budget.step:05d} | progress {100 * budget.progress:5.1f}% | loss {loss:.6f} | dt {dt * 1000:.0f}ms | "
+        print(f"step {budget.step:05d} | progress {100 * budget.progress:5.1f}% | loss {mean:.6f} | dt {dt * 1000:.0f}ms | "
               f"tok/s {tok_s:,.0f} | mfu {mfu_text} | epoch {epoch} | remaining {budget.remaining:.0f}s", flush=True)
 
 

@@ -65,6 +65,24 @@ def feed(w: Watch, line: str) -> bool:
 # --------------------------------------------------------------------------- trajectories
 
 @pytest.mark.unit
+def test_a_step_line_prints_the_mean_loss_of_the_steps_since_the_line_before() -> None:
+    """One batch's loss jitters far more than two runs' losses differ; the trajectory averages whole bins
+    only if each printed loss covers every step, not the last one before the line."""
+    import contextlib
+    import io
+
+    from engines.run import StepLog
+    out = io.StringIO()
+    log = StepLog(every_seconds=3600.0)   # prints the first call, then only when forced
+    calls = [(9.0, False), (4.0, False), (5.0, False), (9.0, True), (2.0, True)]
+    with contextlib.redirect_stdout(out):
+        for i, (loss, force) in enumerate(calls):
+            log(Budget(i + 1, (i + 1) / 10), loss, 512, 0.01, None, 1, force=force)
+    printed = [(s.step, s.loss) for s in map(parse_step_line, out.getvalue().splitlines()) if s]
+    assert printed == [(1, 9.0), (4, pytest.approx(6.0)), (5, 2.0)]
+
+
+@pytest.mark.unit
 def test_step_lines_become_a_trajectory_at_every_5_percent() -> None:
     w = Watch()
     lines = step_lines([(1, 9.0), (3, 7.0), (12, 5.0), (14, 4.0), (40, 3.0)])

@@ -4,8 +4,9 @@ Loss trajectories and early discard: stop a run that is clearly behind the best,
 A trajectory is the train loss at fixed fractions of the budget (every 5 % of progress), read
 from the step lines every train file prints (engines.run.StepLog, parsed by
 arun.core.steplines.parse_step_line). The value at 35 % is the mean of the losses printed in
-(30 %, 35 %], which averages out batch-to-batch jitter; a bin with no step line in it (a tiny
-budget, slow steps) carries the previous value forward.
+(30 %, 35 %], and each printed loss is itself the mean over the steps since the line before
+(StepLog), so a point averages every step in its bin and batch-to-batch jitter mostly cancels; a
+bin with no step line in it (a tiny budget, slow steps) carries the previous value forward.
 
 Trajectories are claims, like every figure a train process prints: they are used only to STOP a
 run, never to keep one (the evaluator's val_bpb decides every keep). A train file that prints

@@ -18,7 +18,8 @@ terminal rewrites one line in place):
 Both are read alike. A line may end in \\n, \\r or \\r\\n (split_lines); only `step N` is required
 (the kill clock needs nothing more); progress (`progress P%` or `(P%)` after the step), loss, tok/s
 (or tok/sec) and remaining are read when present and None when not. The progress bar, the loss
-trajectory and early stop need progress and loss.
+trajectory and early stop need progress and loss. The loss is whatever the line says: StepLog prints
+the mean over the steps since its previous line, upstream's train.py a smoothed (EMA) loss.
 """
 
 from __future__ import annotations
