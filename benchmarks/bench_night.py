@@ -132,12 +132,24 @@ def correlations(records: list[dict], kinds: dict[str, str]) -> dict[str, dict[i
     return out
 
 
-def counterfactual(records: list[dict], kinds: dict[str, str], std: list | None, z: float | None = None) -> dict[str, dict]:
+def rule_group(candidate: dict, best: dict) -> str:
+    """Which side of the protection rule (arun.core.early.protected_changes) a change falls on."""
+    from arun.core.early import kind_of, protected_changes
+    names = protected_changes(candidate, best)
+    if any(kind_of(n) in ("batch", "size") for n in names):
+        return "protected: batch or size"
+    return ("protected: a higher rate or weight decay, or a warm-up change" if names
+            else "stoppable: a lower rate, or no rate change")
+
+
+def counterfactual(records: list[dict], kinds: dict[str, str], std: list | None, z: float | None = None,
+                   by_rule: bool = False) -> dict[str, dict]:
     """The early-stop rule (arun.core.early.behind), protection aside, replayed on the plain policy's runs
-    that went to the end, against the best of their time: by kind of change, how many it would have
-    stopped, how many of those ended as keeps (a wrong stop), and the share of training it would have
-    saved. What decides whether a kind may be stopped early. z: the rule's Z (standard deviations of a
-    two-run difference) in place of arun.core.early.Z, to see what a looser or stricter rule would do."""
+    that went to the end, against the best of their time: by kind of change (by_rule: by the side of the
+    protection rule it falls on), how many it would have stopped, how many of those ended as keeps (a
+    wrong stop), and the share of training it would have saved. What decides whether a kind may be
+    stopped early. z: the rule's Z (standard deviations of a two-run difference) in place of
+    arun.core.early.Z, to see what a looser or stricter rule would do."""
     from arun.core import early
     from arun.core.early import GRID, behind, margins
     out: dict[str, dict] = {}
@@ -151,8 +163,9 @@ def counterfactual(records: list[dict], kinds: dict[str, str], std: list | None,
                           for m, b in zip(margin, best["loss_trajectory"])]
             at = next((GRID[j - 1] for j in range(1, len(GRID) + 1)
                        if behind(traj[:j] + [None] * (len(GRID) - j), best["loss_trajectory"], margin)), None)
-            row = out.setdefault(kinds.get(r.get("description") or "", "other"),
-                                 {"runs": 0, "stopped": 0, "wrong": 0, "saved": 0.0})
+            group = (rule_group(r.get("config") or {}, best.get("config") or {}) if by_rule
+                     else kinds.get(r.get("description") or "", "other"))
+            row = out.setdefault(group, {"runs": 0, "stopped": 0, "wrong": 0, "saved": 0.0})
             row["runs"] += 1
             if at is not None:
                 row["stopped"] += 1
@@ -286,10 +299,14 @@ def report(data: dict) -> None:
         print()
         print(f"The early-stop rule replayed on the plain policy's runs, protection aside "
               f"({f'measured spread, Z = {z:g}' if std else 'default margin'}):")
-        print("| change kind | runs | would stop | of them kept (wrong) | training saved |")
-        print("|---|---:|---:|---:|---:|")
-        for name, row in sorted(counterfactual(recs["plain"], kinds, std, z).items()):
-            print(f"| {name} | {row['runs']} | {row['stopped']} | {row['wrong']} | {row['saved'] / row['runs']:.0%} |")
+        for by_rule in (False, True):
+            print(f"| {'side of the rule' if by_rule else 'change kind'} | runs | would stop | of them kept (wrong) "
+                  f"| training saved |")
+            print("|---|---:|---:|---:|---:|")
+            for name, row in sorted(counterfactual(recs["plain"], kinds, std, z, by_rule).items()):
+                print(f"| {name} | {row['runs']} | {row['stopped']} | {row['wrong']} | "
+                      f"{row['saved'] / row['runs']:.0%} |")
+            print()
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,7 @@ from arun.core.early import (
 )
 from arun.core.steplines import parse_step_line
 from arun.search.policy import ConfirmingDecider
-from helpers_repo import ledger_records, make_project
+from helpers_repo import ledger_records, make_project, replace_once
 
 BACKEND, DEVICE, TRAIN = "mlx", None, "train_mlx.py"   # (an MLX run is the cheaper here: no torch import)
 BUDGET = 1.5
@@ -149,21 +149,79 @@ def best_record(config: dict, traj: list | None = None, **kw) -> dict:
     return {"id": "b", "val_bpb": 2.0, "config": config, "loss_trajectory": traj or BEST, **kw}
 
 
+CONFIG = {"DEPTH": 4, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "TOTAL_BATCH_SIZE": 2**16, "DEVICE_BATCH_SIZE": 16,
+          "WARMUP_RATIO": 0.05, "WARMDOWN_RATIO": 0.5, "FINAL_LR_FRAC": 0.1, "MATRIX_LR": 0.04, "LR_SCHEDULE": "linear",
+          "DECAY_RATIO": 0.5, "WEIGHT_DECAY": 0.2, "LEARNING_RATE": 1e-3, "LR_SCALE": 1.0, "MIN_LR_FRAC": 0.0,
+          "WARMUP_ITERS": 100, "N_LAYERS": 4, "MLP_RATIO": 4, "BATCH_SIZE_WARMUP_RATIO": 0.1, "COOLDOWN_FRAC": 0.2,
+          "FINAL_LR": 1e-4, "ADAM_BETAS": (0.8, 0.95)}
+
+
 @pytest.mark.unit
-@pytest.mark.parametrize("name,value", [("WARMDOWN_RATIO", 0.7), ("WARMUP_RATIO", 0.1), ("FINAL_LR_FRAC", 0.1),
-                                        ("TOTAL_BATCH_SIZE", 2**15), ("DEVICE_BATCH_SIZE", 4), ("DEPTH", 6),
-                                        ("ASPECT_RATIO", 96), ("HEAD_DIM", 64)])
-def test_schedule_batch_and_size_changes_are_never_stopped_early(name: str, value: object) -> None:
-    config = {"DEPTH": 4, "ASPECT_RATIO": 64, "HEAD_DIM": 128, "TOTAL_BATCH_SIZE": 2**16, "DEVICE_BATCH_SIZE": 16,
-              "WARMUP_RATIO": 0.0, "WARMDOWN_RATIO": 0.5, "FINAL_LR_FRAC": 0.0, "MATRIX_LR": 0.04}
+@pytest.mark.parametrize("name,value", [
+    ("WARMDOWN_RATIO", 0.3), ("COOLDOWN_FRAC", 0.1), ("FINAL_LR_FRAC", 0.2), ("MATRIX_LR", 0.08),
+    ("LEARNING_RATE", 2e-3), ("FINAL_LR", 2e-4), ("WEIGHT_DECAY", 0.4),          # higher rates
+    ("WARMUP_RATIO", 0.0), ("WARMUP_RATIO", 0.2), ("WARMUP_ITERS", 0), ("WARMUP_ITERS", 200),   # any warm-up
+    ("MATRIX_LR", "0.04 * 2"), ("LR_SCHEDULE", "cosine"), ("DECAY_RATIO", 0.3), ("LR_SCALE", 2.0),
+    ("LR_SCALE", 0.5), ("MIN_LR_FRAC", 0.1),                                    # a direction the name does not tell
+    ("TOTAL_BATCH_SIZE", 2**15), ("DEVICE_BATCH_SIZE", 4), ("BATCH_SIZE_WARMUP_RATIO", 0.2),
+    ("DEPTH", 6), ("ASPECT_RATIO", 96), ("HEAD_DIM", 64), ("N_LAYERS", 8), ("MLP_RATIO", 2)])
+def test_a_higher_rate_a_warm_up_batch_and_size_changes_are_never_stopped_early(name: str, value: object) -> None:
+    """Behind mid-run by design, possibly ahead at the end: a higher learning rate or weight decay until it
+    anneals (a later warm-down, a larger final LR or *_LR; a direction the name does not tell counts as
+    higher), any warm-up change (a longer one is behind while it ramps), a batch or model-size change
+    (fewer or slower steps)."""
     said: list[str] = []
-    assert protected_changes({**config, name: value}, config) == [name]
-    assert make_stopper(best_record(config), None, {**config, name: value}, log=said.append) is None
+    assert protected_changes({**CONFIG, name: value}, CONFIG) == [name]
+    assert make_stopper(best_record(CONFIG), None, {**CONFIG, name: value}, log=said.append) is None
     assert name in said[0] and "misjudges" in said[0]
-    # the same kind of change against a best with the same constants: stopped like any other
-    assert isinstance(make_stopper(best_record(config), None, {**config, "MATRIX_LR": 0.08}), Stopper)
-    assert change_kinds({**config, "MATRIX_LR": 0.08, "EVAL_BATCH_SIZE": 8}, config) == \
+    assert change_kinds({**CONFIG, "MATRIX_LR": 0.08, "EVAL_BATCH_SIZE": 8}, CONFIG) == \
         {"lr": ["MATRIX_LR"], "other": ["EVAL_BATCH_SIZE"]}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("changes", [{"WARMDOWN_RATIO": 0.7}, {"COOLDOWN_FRAC": 0.3}, {"FINAL_LR_FRAC": 0.0},
+                                     {"MATRIX_LR": 0.02}, {"LEARNING_RATE": 5e-4, "FINAL_LR": 5e-5},
+                                     {"WEIGHT_DECAY": 0.1}, {"MATRIX_LR": 0.02, "WARMDOWN_RATIO": 0.6},
+                                     {"ADAM_BETAS": (0.9, 0.95)}, {"EVAL_BATCH_SIZE": 8}])
+def test_a_lower_learning_rate_or_another_change_is_stopped_like_any_other(changes: dict) -> None:
+    """A lower rate looks better mid-run than it ends (the short-horizon bias runs that way), so one that is
+    behind mid-run even so is behind at the end: stopped."""
+    assert protected_changes({**CONFIG, **changes}, CONFIG) == []
+    assert isinstance(make_stopper(best_record(CONFIG), None, {**CONFIG, **changes}), Stopper)
+    # one raising change among lowering ones protects the run
+    assert protected_changes({**CONFIG, **changes, "SCALAR_LR": 1.0}, {**CONFIG, "SCALAR_LR": 0.5}) == ["SCALAR_LR"]
+
+
+TRAIN_TEXT = """MATRIX_LR = 0.04         # block matrices (Muon)
+WARMDOWN_RATIO = 0.5
+
+def get_lr_multiplier(progress):
+    return 1.0 if progress < 1.0 - WARMDOWN_RATIO else (1.0 - progress) / WARMDOWN_RATIO
+
+def build_model():
+    return GPT(n_layer=4, dropout=0.0)
+"""
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("old,new,edited", [
+    ("MATRIX_LR = 0.04         # block matrices (Muon)", "MATRIX_LR = 0.02   # halved", False),  # the constants decide
+    ("GPT(n_layer=4, dropout=0.0)", "GPT(n_layer=4, dropout=0.1)", False),                       # no rate in the line
+    ("    return 1.0 if progress", "    return 2.0 if progress", True),                          # the schedule's code
+    ("def build_model():", "def build_model():\n    opt.param_groups[0]['lr'] *= 2", True),
+    ("def build_model():", "def build_model():\n    momentum = 0.99  # was 0.95", True),
+    ("def build_model():", "def build_model():\n    scale = 1 + FINAL_LR_FRAC", True),
+    ("def build_model():", "def build_model():\n    ctrl = control(GPT)", False),
+])
+def test_an_edit_to_rate_setting_code_outside_the_constants_is_never_stopped_early(old: str, new: str,
+                                                                                  edited: bool) -> None:
+    """A rate changed in code leaves the constants as they were: the diff against the best's file decides."""
+    candidate = replace_once(TRAIN_TEXT, old, new)
+    edits = early.rate_code_edits(TRAIN_TEXT, candidate)
+    assert bool(edits) == edited, edits
+    said: list[str] = []
+    stopper = make_stopper(best_record({}), None, {}, log=said.append, code_edits=edits)
+    assert (stopper is None) == edited and (not edited or "edits code that sets a learning rate" in said[0])
 
 
 @pytest.mark.unit
@@ -189,6 +247,19 @@ def test_a_best_whose_trajectory_is_too_low_for_its_val_bpb_is_not_believed() ->
     said: list[str] = []
     assert make_stopper(liar, baseline, {}, log=said.append) is None and "believable" in said[0]
     assert not believable(best_record({}, [None] * 20), baseline)       # no trajectory: nothing to compare
+
+
+@pytest.mark.unit
+def test_a_best_that_printed_its_final_level_from_the_start_is_not_believed() -> None:
+    """Attack (review of the early stop): a flat trajectory at exactly the level its val_bpb allows passes the
+    final-level check and would stop every honest run behind it mid-run. Mid-run points are held to the
+    baseline's curve, scaled by the val ratio, with a wider slack than the end's."""
+    baseline = {"id": "a", "val_bpb": 2.2, "loss_trajectory": list(BEST)}
+    floor = BEST[-1] * 2.0 / 2.2 * (1 - early.BELIEVE_REL)
+    assert not believable(best_record({}, [floor] * 20), baseline)
+    # an honest best that gains more early (8 % below the scaled baseline mid-run) than at the end is believed
+    scaled = [b * 2.0 / 2.2 for b in BEST]
+    assert believable(best_record({}, [x * 0.92 for x in scaled[:-1]] + [scaled[-1]]), baseline)
 
 
 # --------------------------------------------------------------------------- confirmation (pure)
@@ -433,8 +504,9 @@ def test_a_best_that_lied_mid_run_but_not_at_the_end_is_not_believed() -> None:
     """Attack (redteam-trust early_stop_lie): ~0 losses for 19 points and an honest last one. Train loss
     only falls over a run, so every point, not just the last, must fit the best's val_bpb."""
     baseline = {"id": "a", "val_bpb": 2.2, "loss_trajectory": [b + 0.4 for b in BEST]}
-    honest = best_record({}, [b + 0.2 for b in BEST])
-    liar = best_record({}, [0.01] * 19 + [BEST[-1] + 0.2])
+    honest = best_record({"MATRIX_LR": 0.05}, [b + 0.2 for b in BEST])
+    liar = best_record({"MATRIX_LR": 0.05}, [0.01] * 19 + [BEST[-1] + 0.2])
     assert believable(honest, baseline)
     assert not believable(liar, baseline)
+    assert isinstance(make_stopper(honest, baseline, {"MATRIX_LR": 0.045}), Stopper)  # (a lower rate: stoppable)
     assert make_stopper(liar, baseline, {"MATRIX_LR": 0.045}, log=lambda s: None) is None

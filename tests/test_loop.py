@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_repo import arun_env, git, ledger_records, make_project, pid_alive
+from helpers_repo import arun_env, git, ledger_records, make_project, pid_alive, replace_once
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE = f"{sys.executable} {REPO / 'tests' / 'fake_agent.py'}"
@@ -405,6 +405,21 @@ def test_the_early_stop_takes_its_margins_from_a_noise_entry_it_is_handed(projec
     here = stopper_for(project, BACKEND, BUDGET, DEVICE, log=lambda s: None)
     handed = stopper_for(project, BACKEND, BUDGET, DEVICE, log=lambda s: None, noise={"loss_trajectory_std": [0.5] * 20})
     assert (here.source, handed.source) == ("default margin", "measured spread")
+
+
+def test_an_edit_to_the_schedule_s_code_is_never_stopped_early(project: Path) -> None:
+    """The constants unchanged, the learning-rate schedule's code edited: the diff against the best's
+    file (from its commit) protects the run; an edit that sets no rate leaves it stoppable."""
+    from arun.search.loop import stopper_for
+    path = project / TRAIN
+    text = path.read_text()
+    path.write_text(replace_once(text, "return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0",
+                                 "return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 2.0"))
+    said: list[str] = []
+    assert stopper_for(project, BACKEND, BUDGET, DEVICE, log=said.append) is None
+    assert any("edits code that sets a learning rate" in s and "2.0" in s for s in said), said
+    path.write_text(replace_once(text, "WEIGHT_DECAY = 0.2", "WEIGHT_DECAY = 0.1"))   # a lower decay: stoppable
+    assert stopper_for(project, BACKEND, BUDGET, DEVICE, log=said.append) is not None
 
 
 def test_the_loop_measures_the_spread_once_before_its_first_proposal(project: Path) -> None:

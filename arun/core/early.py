@@ -21,11 +21,13 @@ spread at that progress (from `arun noise` or the best's own seeds): Z standard 
 difference of two runs, floored at FLOOR_REL of the best's loss; with nothing measured,
 DEFAULT_REL of the best's loss.
 
-Changes a mid-run look misjudges are never stopped early unless the best has the same value for
-them (`protected_changes`): the learning-rate schedule (warm-up, warm-down, final LR), batch size
-and model size. A longer warm-down or a bigger model is behind mid-run by design and catches up
-at the end (the short-horizon bias of greedy schedule search; and a bigger model takes fewer,
-slower steps).
+Changes a mid-run look misjudges are never stopped early (`protected_changes`): any change that
+raises a learning rate somewhere in the budget (a larger *_LR, a shorter warm-up or warm-down, a
+larger final LR), a schedule constant whose direction cannot be told, the batch size and the model
+size. A higher learning rate is behind while it is high and gains when it anneals (the short-horizon
+bias of greedy learning-rate search: a short look favours the lower rate), and a bigger model or
+batch takes fewer, slower steps. A change that lowers the learning rate is the other way round: it
+looks better mid-run than it ends, so one that is behind mid-run even so is stopped like any other.
 """
 
 from __future__ import annotations
@@ -49,14 +51,32 @@ FLOOR_REL = 0.005                # the margin is never below 0.5 % of the best's
 # measured here yet (arun noise stores it per key: loss_trajectory_std, which then replaces this default).
 DEFAULT_REL = 0.03
 BELIEVE_REL = 0.05               # a best's final train loss may be this much below what its val_bpb predicts
+MIDRUN_BELIEVE_REL = 0.10        # ... and a point from MIN_PROGRESS on this much below the baseline's, scaled
 
-# The constants whose change a mid-run look misjudges, by kind (matched on the constant's name).
-PROTECTED = {
-    "schedule": re.compile(r"WARMUP_RATIO|WARMDOWN|COOLDOWN|FINAL_LR|LR_SCHEDULE|DECAY_RATIO"),
+# The kinds of constant, matched on the name, first match wins. A batch or size change takes fewer or
+# slower steps: always protected. A learning rate (larger is higher) and the schedule, or any other name
+# that mentions a rate or its decay: protected unless `holds_back` can tell the change lowers the rate.
+KINDS = {
     "batch": re.compile(r"BATCH_SIZE|GRAD_ACCUM"),
-    "size": re.compile(r"^(DEPTH|ASPECT_RATIO|HEAD_DIM|N_LAYER|N_HEAD|N_EMBD|MODEL_DIM|WIDTH|N_KV_HEAD)$"),
+    "size": re.compile(r"^(DEPTH|ASPECT_RATIO|HEAD_DIM|(N|NUM)_(LAYERS?|HEADS?|KV_HEADS?|EMBD|EMBED)|MODEL_DIM|D_MODEL"
+                       r"|EMBED_DIM|WIDTH|HIDDEN_DIM|MLP_RATIO)$"),
+    "lr": re.compile(r"^(\w+_)?(LR|LEARNING_RATE)$"),
+    "schedule": re.compile(r"WARMUP|WARMDOWN|COOLDOWN|SCHEDULE|ANNEAL|(?<!WEIGHT_)DECAY|(^|_)(LR|LEARNING_RATE)(_|$)"),
 }
+ALWAYS_PROTECTED = ("batch", "size")
 NOT_TRAINING = frozenset({"EVAL_BATCH_SIZE"})  # (how the evaluator batches: moves no training)
+# The schedule constants whose direction is known: a longer warm-down or cool-down anneals earlier (a lower
+# rate everywhere), a larger final fraction ends higher. A warm-up change is protected either way: a longer
+# one is behind while it ramps up, by design, and one longer than the plateau raises the late rate.
+LOWER_WHEN_LARGER = re.compile(r"^(WARMDOWN|COOLDOWN)_(RATIO|FRAC)$")
+HIGHER_WHEN_LARGER = re.compile(r"^FINAL_LR_FRAC$")
+# Weight decay that anneals with progress (as in both train files) holds a run back mid-run like a higher rate.
+WEIGHT_DECAY = re.compile(r"(^|_)WEIGHT_DECAY$")
+# Code outside the constants that sets a rate, its schedule, weight decay or momentum: an edit there is a
+# rate change the constants do not show.
+RATE_CODE = re.compile(r"(?<![a-z])lr(?![a-z])|learning_rate|schedul|warmup|warmdown|cooldown|anneal|weight_decay|"
+                       r"momentum", re.IGNORECASE)
+CONSTANT_LINE = re.compile(r"^[A-Z][A-Z0-9_]*\s*(:[^=]*)?=")
 
 
 # --------------------------------------------------------------------------- trajectories
@@ -80,11 +100,14 @@ def resample(points: list[tuple[float, float]], upto: float | None = None) -> li
 
 
 def kind_of(name: str) -> str:
-    """The kind of change a constant is: schedule, batch, size, lr (other learning rates) or other."""
-    for kind, pattern in PROTECTED.items():
-        if pattern.search(name) and name not in NOT_TRAINING:
+    """The kind of change a constant is: batch, size, lr (a learning rate), schedule (anything else that
+    names a rate or its schedule) or other."""
+    if name in NOT_TRAINING:
+        return "other"
+    for kind, pattern in KINDS.items():
+        if pattern.search(name):
             return kind
-    return "lr" if name.endswith("_LR") or name == "LR" else "other"
+    return "other"
 
 
 def change_kinds(candidate: dict, best: dict) -> dict[str, list[str]]:
@@ -96,10 +119,45 @@ def change_kinds(candidate: dict, best: dict) -> dict[str, list[str]]:
     return out
 
 
+def holds_back(name: str, new: object, old: object) -> bool:
+    """Could changing this constant from `old` to `new` put a run behind mid-run that ends ahead? A higher
+    learning rate or weight decay anywhere in the budget, any warm-up change, a batch or size change, and
+    any rate or schedule change whose direction cannot be told (not two numbers, a name of unknown meaning)."""
+    kind = kind_of(name)
+    if kind in ALWAYS_PROTECTED:
+        return True
+    rate = kind in ("lr", "schedule") or bool(WEIGHT_DECAY.search(name))
+    if not rate:
+        return False
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (new, old)):
+        return True
+    if kind == "lr" or HIGHER_WHEN_LARGER.search(name) or WEIGHT_DECAY.search(name):
+        return new > old   # type: ignore[operator]
+    if LOWER_WHEN_LARGER.search(name):
+        return new < old   # type: ignore[operator]
+    return True
+
+
 def protected_changes(candidate: dict, best: dict) -> list[str]:
-    """The changed constants a mid-run look misjudges (schedule, batch, size): with any, never stop early."""
-    kinds = change_kinds(candidate or {}, best or {})
-    return [n for k in PROTECTED for n in kinds.get(k, [])]
+    """The changed constants a mid-run look misjudges (`holds_back`): with any, never stop early."""
+    candidate, best = candidate or {}, best or {}
+    return [name for names in change_kinds(candidate, best).values() for name in names
+            if holds_back(name, candidate.get(name), best.get(name))]
+
+
+def rate_code_edits(best_text: str, candidate_text: str) -> list[str]:
+    """The lines outside the constants that the candidate added or removed and that set a rate, its
+    schedule, weight decay or momentum (RATE_CODE): a rate change the constants do not show."""
+    import difflib
+    added: list[str] = []
+    removed: list[str] = []
+    for line in difflib.unified_diff(best_text.splitlines(), candidate_text.splitlines(), lineterm="", n=0):
+        if line.startswith(("+++", "---", "@@")) or line[:1] not in ("+", "-"):
+            continue
+        code = line[1:].split("#", 1)[0]
+        if code.strip() and not CONSTANT_LINE.match(code) and RATE_CODE.search(code):
+            (added if line[0] == "+" else removed).append(code.strip())
+    return added + removed   # (the new lines first: what the run will do)
 
 
 def mean_trajectory(trajectories: list[list]) -> list[float | None]:
@@ -172,7 +230,13 @@ def believable(best: dict, baseline: dict | None) -> bool:
             and bv > 0 and v > 0):
         return False
     # Train loss only falls over a run, so no point (not just the last) may sit below what val_bpb implies.
-    return low >= base[-1] * v / bv * (1.0 - BELIEVE_REL)
+    if low < base[-1] * v / bv * (1.0 - BELIEVE_REL):
+        return False
+    # Nor may a point mid-run sit far below the baseline's at the same progress, scaled the same way: a
+    # best that printed its final level from 5 % on would pass the check above and stop every honest run.
+    # (The slack is wider: a real improvement can gain more early than it keeps at the end.)
+    return all(not (isinstance(t, (int, float)) and isinstance(b, (int, float)) and g >= MIN_PROGRESS
+                    and t < b * v / bv * (1.0 - MIDRUN_BELIEVE_REL)) for g, t, b in zip(GRID, traj, base))
 
 
 # --------------------------------------------------------------------------- watching a run
@@ -220,9 +284,10 @@ class Stopper:
 
 
 def make_stopper(best: dict | None, baseline: dict | None, candidate_config: dict, noise: dict | None = None,
-                 log: Callable[[str], None] | None = None) -> Stopper | None:
+                 log: Callable[[str], None] | None = None, code_edits: list[str] | None = None) -> Stopper | None:
     """The stopper for a candidate against the best, or None (with the reason logged) when the rule
-    leaves it alone: no best, no believable trajectory, or a change a mid-run look misjudges."""
+    leaves it alone: no best, no believable trajectory, or a change a mid-run look misjudges (among the
+    constants, or `code_edits`: lines outside them that set a rate, from rate_code_edits)."""
     def say(msg: str) -> None:
         if log:
             log(f"arun: early stop off for this run: {msg}")
@@ -231,9 +296,17 @@ def make_stopper(best: dict | None, baseline: dict | None, candidate_config: dic
     if not believable(best, baseline):
         say("the best has no believable loss trajectory")
         return None
-    changed = protected_changes(candidate_config, best.get("config") or {})
+    config = best.get("config")
+    changed = protected_changes(candidate_config if isinstance(candidate_config, dict) else {},
+                                config if isinstance(config, dict) else {})
     if changed:
-        say(f"it changes {', '.join(changed)} (schedule, batch or size: a mid-run look misjudges those)")
+        say(f"it changes {', '.join(changed)} (a higher learning rate or weight decay, the warm-up, the batch "
+            f"or model size: a mid-run look misjudges those)")
+        return None
+    if code_edits:
+        say(f"it edits code that sets a learning rate, its schedule, weight decay or momentum "
+            f"({code_edits[0][:80]!r}{f' and {len(code_edits) - 1} more' if len(code_edits) > 1 else ''}): "
+            f"a mid-run look misjudges those")
         return None
     std = None
     if noise and isinstance(noise.get("loss_trajectory_std"), list):

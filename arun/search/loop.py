@@ -31,7 +31,7 @@ from typing import Any
 from arun.core import confine as confinement
 from arun.core import gitops
 from arun.core.context import ExperimentContext, cached_context, open_data
-from arun.core.early import Stopper, make_stopper
+from arun.core.early import Stopper, make_stopper, rate_code_edits
 from arun.core.errors import ArunError
 from arun.core.experiment import DecideFn, check_scope, repo_lock, run_experiment, train_constants
 from arun.core.ledger import Ledger, new_id, read_records
@@ -241,8 +241,14 @@ def stopper_for(repo_dir: Path | str, backend: str, budget: float | None, device
     info = cached_context(Path(repo_dir).resolve(), backend, budget, device)
     recs = key_records(read_records(Path(repo_dir), info.tag, ledger), info.key_id)
     text = (Path(repo_dir) / info.train_file).read_text(encoding="utf-8", errors="replace")
-    return make_stopper(best_record(recs, info.key_id), baseline_record(recs, info.key_id), train_constants(text),
-                        noise if noise is not None else load_noise(repo_dir, info.tag, info.key_id), log=log)
+    best = best_record(recs, info.key_id)
+    try:  # the best's file as it ran: edits to rate-setting code outside the constants protect the run
+        best_text = gitops.file_at(repo_dir, best["commit"], info.train_file).decode("utf-8", "replace") if best else text
+    except Exception:  # (its commit is not here: the constants alone decide)
+        best_text = text
+    return make_stopper(best, baseline_record(recs, info.key_id), train_constants(text),
+                        noise if noise is not None else load_noise(repo_dir, info.tag, info.key_id), log=log,
+                        code_edits=rate_code_edits(best_text, text))
 
 
 # --------------------------------------------------------------------------- the loop
