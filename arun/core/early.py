@@ -21,13 +21,16 @@ spread at that progress (from `arun noise` or the best's own seeds): Z standard 
 difference of two runs, floored at FLOOR_REL of the best's loss; with nothing measured,
 DEFAULT_REL of the best's loss.
 
-Changes a mid-run look misjudges are never stopped early (`protected_changes`): any change that
-raises a learning rate somewhere in the budget (a larger *_LR, a shorter warm-up or warm-down, a
-larger final LR), a schedule constant whose direction cannot be told, the batch size and the model
-size. A higher learning rate is behind while it is high and gains when it anneals (the short-horizon
-bias of greedy learning-rate search: a short look favours the lower rate), and a bigger model or
-batch takes fewer, slower steps. A change that lowers the learning rate is the other way round: it
-looks better mid-run than it ends, so one that is behind mid-run even so is stopped like any other.
+Changes a mid-run look misjudges are never stopped early (`protected_changes`, `holds_back`): any
+change that raises a learning rate or the (annealed) weight decay somewhere in the budget (a larger
+*_LR, a shorter warm-down, a larger final LR), any warm-up change, a rate or schedule constant whose
+direction cannot be told, the batch size and the model size; and (`rate_code_edits`) an edit to code
+outside the constants that sets a rate, its schedule, weight decay or momentum. A higher learning
+rate is behind while it is high and gains when it anneals (the short-horizon bias of greedy
+learning-rate search: a short look favours the lower rate), a longer warm-up is behind while it
+ramps up, and a bigger model or batch takes fewer, slower steps. A change that lowers the learning
+rate is the other way round: it looks better mid-run than it ends, so one that is behind mid-run
+even so is stopped like any other.
 """
 
 from __future__ import annotations
