@@ -37,6 +37,7 @@ from helpers_repo import (
     assert_worktree_at,
     best_commit,
     changed_paths,
+    empty_repo,
     git,
     inject,
     kill_under,
@@ -577,6 +578,64 @@ def test_a_kill_inside_the_keep_commit_does_not_block_the_next_keep(tmp_path: Pa
     recs = [r for r in ledger_records(repo) if r["key"]["time_budget"] == float(budget)]
     assert len(recs) == 1 and recs[0]["status"] == "keep"
     assert_worktree_at(repo, recs[0]["commit"])
+
+
+DIES_AFTER_THE_ADD = """
+import os, signal, subprocess, sys
+from arun.core.gitops import commit_keep
+spawn = subprocess.Popen.__init__
+def dies_after_the_add(self, args, *a, **k):
+    spawn(self, args, *a, **k)
+    if " add " in " ".join(map(str, args)) + " ":   # the child that stages: let it finish, then arun dies
+        self.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+subprocess.Popen.__init__ = dies_after_the_add
+commit_keep(sys.argv[1], [sys.argv[2]], "arun: record r1 (keep)")
+"""
+
+
+def test_arun_killed_between_staging_and_committing_leaves_nothing_staged(tmp_path: Path) -> None:
+    """Found beside four busy loops (a SIGKILL at a random moment left the ledger staged): staging and
+    committing are one child that outlives arun, so the kill lands before both or after both."""
+    repo = empty_repo(tmp_path / "repo")
+    ledger = repo / "bench" / "t" / "ledger.jsonl"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_text('{"id": "r1"}\n')
+    p = subprocess.run([sys.executable, "-c", DIES_AFTER_THE_ADD, str(repo), "bench/t/ledger.jsonl"],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    assert git(repo, "diff", "--cached", "--name-only") == ""               # nothing half-made is staged
+    assert git(repo, "log", "-1", "--format=%s") == "arun: record r1 (keep)"  # the commit happened
+    assert git(repo, "status", "--porcelain") == ""
+
+
+CTRL_C_DURING_THE_ADD = """
+import os, signal, subprocess, sys, time
+from arun.core.gitops import commit_keep
+spawn = subprocess.Popen.__init__
+def ctrl_c_during_the_add(self, args, *a, **k):
+    spawn(self, args, *a, **k)
+    if " add " in " ".join(map(str, args)) + " ":
+        try:
+            os.killpg(os.getpgid(0), signal.SIGINT)   # a terminal's Ctrl-C goes to the whole process group
+            time.sleep(2)
+        except KeyboardInterrupt:
+            pass
+subprocess.Popen.__init__ = ctrl_c_during_the_add
+commit_keep(sys.argv[1], [sys.argv[2]], "arun: record r1 (keep)")
+print("committed")
+"""
+
+
+def test_a_ctrl_c_during_the_commit_does_not_cut_it_in_half(tmp_path: Path) -> None:
+    """The add-and-commit child runs in its own session: the Ctrl-C that reaches arun does not reach it."""
+    repo = empty_repo(tmp_path / "repo")
+    (repo / "ledger.jsonl").write_text('{"id": "r1"}\n')
+    p = subprocess.run([sys.executable, "-c", CTRL_C_DURING_THE_ADD, str(repo), "ledger.jsonl"], capture_output=True,
+                       text=True, timeout=60, cwd=REPO, start_new_session=True)
+    assert p.returncode == 0 and "committed" in p.stdout, p.stderr[-2000:]
+    assert git(repo, "log", "-1", "--format=%s") == "arun: record r1 (keep)"
+    assert git(repo, "status", "--porcelain") == ""
 
 
 # =========================================================================== an interrupt during the scoring

@@ -219,28 +219,32 @@ def head_sha(repo_dir: Path | str) -> str:
     return open_repo(repo_dir).head.commit.hexsha
 
 
+# Stage, check and commit in ONE child: if arun dies between the steps (SIGKILL, the OOM killer) the
+# child still finishes, so no kill leaves the paths staged without their commit. It runs in its own
+# session, so a Ctrl-C meant for arun does not cut it between the two either (it takes milliseconds).
+_COMMIT_SCRIPT = ('git add -- "$@" || exit 1; git diff --cached --quiet -- "$@" && exit 0; '
+                  'exec git commit -q --no-verify -m "$0" -- "$@"')
+
+
 def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
     """Commits these paths (those that exist) on the current branch; returns the new sha (HEAD's if nothing changed).
 
-    Runs the git CLI (through gitpython's command wrapper) rather than gitpython's in-process index
-    writer: git takes and releases .git/index.lock itself, so if arun is killed mid-commit the git
-    child still finishes and no stale lock blocks the next keep."""
-    repo = open_repo(repo_dir)
+    The git CLI takes and releases .git/index.lock itself, so a kill of arun mid-commit leaves no stale
+    lock, and one child does the whole add-and-commit (_COMMIT_SCRIPT), so it leaves nothing staged."""
     paths = [p for p in paths if (Path(repo_dir) / p).exists()]
-    try:
-        repo.git.add("--", *paths)
-        if not repo.git.diff("--cached", "--name-only", "--", *paths).strip():
-            return head_sha(repo_dir)
-        with repo.git.custom_environment(**commit_identity(repo_dir)):
-            repo.git.execute(["git", "commit", "-q", "--no-verify", "-m", message, "--", *paths])
-    except git.GitCommandError as e:
-        try:
-            repo.git.reset("-q", "--", *paths)  # nothing half-made stays staged
-        except git.GitCommandError:
-            pass
+    if not paths:  # (an empty pathspec would commit whatever else is staged)
+        return head_sha(repo_dir)
+    proc = subprocess.run(["sh", "-c", _COMMIT_SCRIPT, message, *paths], cwd=str(repo_dir), capture_output=True,
+                          text=True, env=sealed_env({**os.environ, **commit_identity(repo_dir)}),
+                          start_new_session=True)
+    if proc.returncode != 0:
+        subprocess.run(["git", "reset", "-q", "--", *paths], cwd=str(repo_dir), capture_output=True,
+                       env=sealed_env())  # nothing half-made stays staged
+        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        reason = lines[0] if lines else f"git exited {proc.returncode}"
         hint = ("; another git process holds .git/index.lock (if none is running, delete that file)"
-                if "index.lock" in str(e) else "")
-        raise ArunError(f"could not commit the keep: {_git_reason(e)}{hint}") from None
+                if "index.lock" in reason or "index.lock" in proc.stderr else "")
+        raise ArunError(f"could not commit the keep: {reason}{hint}")
     return head_sha(repo_dir)
 
 
