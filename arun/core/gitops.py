@@ -238,8 +238,7 @@ def commit_keep(repo_dir: Path | str, paths: list[str], message: str) -> str:
                           text=True, env=sealed_env({**os.environ, **commit_identity(repo_dir)}),
                           start_new_session=True)
     if proc.returncode != 0:
-        subprocess.run(["git", "reset", "-q", "--", *paths], cwd=str(repo_dir), capture_output=True,
-                       env=sealed_env())  # nothing half-made stays staged
+        run_git(repo_dir, "reset", "-q", "--", *paths, check=False)  # nothing half-made stays staged
         lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
         reason = lines[0] if lines else f"git exited {proc.returncode}"
         hint = ("; another git process holds .git/index.lock (if none is running, delete that file)"
